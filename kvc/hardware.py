@@ -1,0 +1,37 @@
+"""HardwareConfig: what the cost model knows about a machine (a preset, a profile, or overrides)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+
+@dataclass
+class HardwareConfig:
+    name: str = "cpu"
+    device: str = "cpu"  # cuda | cpu: where the model computes
+    h2d_gbps: float = 10.0  # pinned host->device copy bandwidth, GB/s (1e9 bytes/s)
+    d2h_gbps: float = 10.0
+    bidir_gbps: float = 8.0  # each direction, when both run at once
+    link_latency_us: float = 10.0  # fixed cost of one copy
+    gemm_tflops: float = 0.1  # dense GEMM rate at large row counts, model dtype
+    gemm_half_rows: float = 0.0  # rows at which the GEMM reaches half its peak rate (0: flat)
+    attn_gbps: float = 20.0  # device-memory read rate of decode (K/V in attention; weights too)
+    attn_fixed_us: float = 10.0  # decode attention time at zero context (kernel floor)
+    gpu_mem_gb: float = 16.0  # device memory budget for weights + cache + staging
+    cpu_mem_gb: float = 16.0  # host memory budget for the pinned pools
+    mem_margin_gb: float = 1.0  # kept free on the device: CUDA context, allocator slack
+    compute_slowdown: float = 1.0  # compute time multiplier while copies run
+    copy_slowdown: float = 1.0  # copy time multiplier while compute runs
+    launch_us: float = 5.0  # host overhead per kernel / op launch
+    measured: dict = field(default_factory=dict)  # machine, date, torch/cuda versions of a profile
+
+    # GB everywhere means 1e9 bytes; GB/s likewise, TFLOP/s 1e12 FLOP/s.
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HardwareConfig":
+        """From a hardware YAML mapping; unknown keys are an error naming them."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            from kvc.errors import KvcError
+            raise KvcError(f"hardware: unknown keys {unknown}; expected some of {sorted(names)}")
+        return cls(**d)

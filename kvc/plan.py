@@ -1,0 +1,91 @@
+"""Plan: the split chosen per layer and per context length. Made by the scheduler, read by
+the passes and the runtime, stored in the artifact manifest.
+
+Per layer and context s (the number of cached tokens at a decode step), tokens
+[0, l) are recomputed from CPU activations and tokens [l, s) are transferred as K,V, unless
+the layer is resident (its whole cache lives on the GPU, growing). `l` is looked up for
+exactly the context asked: a Plan refuses a context it was not solved for.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+
+MODES = ("pipelined", "kvpr", "full_offload", "gpu_resident")
+
+
+@dataclass(frozen=True)
+class Plan:
+    mode: str
+    num_layers: int
+    prompt_len: int
+    gen_len: int
+    chunk_tokens: int
+    resident: tuple[bool, ...]  # per layer: whole cache on the GPU
+    # recompute[j][i]: l for layer i at context s = prompt_len + j (j in 0..gen_len)
+    recompute: tuple[tuple[int, ...], ...] = ()
+    forced_fraction: float | None = None  # set: l = round(fraction * s), any s
+    # how the runtime overlaps: prefetch this many layers ahead (0: kvpr, the paper's
+    # per-layer schedule; 1: pipelined and full_offload), and split the activation copy into
+    # this many chunks, each recomputed as soon as it lands (1 for kvpr)
+    lookahead: int = 1
+    act_chunks: int = 4
+    predicted_step_ms: tuple[float, ...] = ()  # per context index j, when solved
+    # what the plan was solved for: predict() refuses another batch or dtype
+    batch_size: int = 0
+    dtype: str = ""
+    notes: dict = field(default_factory=dict)  # JSON-able: memory terms, solver status, timings
+
+    @property
+    def offloaded(self) -> bool:
+        return not all(self.resident)
+
+    def recompute_tokens(self, layer: int, s: int) -> int:
+        if self.resident[layer]:
+            return 0
+        if self.forced_fraction is not None:
+            return min(s, max(0, round(self.forced_fraction * s)))
+        j = s - self.prompt_len
+        if not 0 <= j < len(self.recompute):
+            raise ValueError(
+                f"the plan covers contexts {self.prompt_len}..{self.prompt_len + len(self.recompute) - 1}"
+                f" tokens, not {s}; compile with a workload that covers it"
+            )
+        return self.recompute[j][layer]
+
+    def to_json(self) -> dict:
+        # asdict() walks every int of `recompute` (gen_len x layers): build lists directly
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["resident"] = list(self.resident)
+        d["recompute"] = [list(r) for r in self.recompute]
+        d["predicted_step_ms"] = list(self.predicted_step_ms)
+        d["notes"] = json.loads(json.dumps(self.notes))
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Plan":
+        d = dict(d)
+        d["resident"] = tuple(d["resident"])
+        d["recompute"] = tuple(tuple(r) for r in d.get("recompute", ()))
+        d["predicted_step_ms"] = tuple(d.get("predicted_step_ms", ()))
+        return cls(**d)
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), sort_keys=True)
+
+
+def overlap_for(mode: str, act_chunks: int) -> dict:
+    """The runtime overlap each mode uses: see Plan.lookahead / Plan.act_chunks."""
+    if mode == "kvpr":
+        return {"lookahead": 0, "act_chunks": 1}
+    if mode == "pipelined":
+        return {"lookahead": 1, "act_chunks": act_chunks}
+    return {"lookahead": 1, "act_chunks": 1}
+
+
+def forced_plan(mode: str, num_layers: int, prompt_len: int, gen_len: int, chunk_tokens: int,
+                fraction: float, act_chunks: int = 4) -> Plan:
+    """l = round(fraction * s) in every layer: for tests and experiments (schedule.recompute_fraction)."""
+    return Plan(mode=mode, num_layers=num_layers, prompt_len=prompt_len, gen_len=gen_len,
+                chunk_tokens=chunk_tokens, resident=(mode == "gpu_resident",) * num_layers,
+                forced_fraction=float(fraction), **overlap_for(mode, act_chunks))

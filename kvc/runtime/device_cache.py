@@ -1,0 +1,38 @@
+"""DeviceCache: the plain device-resident KV cache (reference decoder and gpu_resident layers).
+
+Token-major storage `[max_tokens, b, n_kv, hd]` per layer, like the CPU pools, so that one
+layout serves every schedule. `s` is the number of cached tokens; the executor advances it
+after each forward.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class DeviceCache:
+    def __init__(self, layers: int | list[int], batch: int, max_tokens: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str):
+        """`layers`: how many (all of them), or which layer indices this cache holds."""
+        shape = (max_tokens, batch, num_kv_heads, head_dim)
+        ids = range(layers) if isinstance(layers, int) else layers
+        self.k = {i: torch.zeros(shape, dtype=dtype, device=device) for i in ids}
+        self.v = {i: torch.zeros(shape, dtype=dtype, device=device) for i in ids}
+        self.max_tokens = max_tokens
+        self.s = 0
+
+    def kv_read(self, layer: int):
+        s = self.s
+        return self.k[layer][:s].transpose(0, 1), self.v[layer][:s].transpose(0, 1)
+
+    def kv_write(self, k: torch.Tensor, v: torch.Tensor, layer: int) -> None:
+        t = k.shape[1]
+        if self.s + t > self.max_tokens:
+            raise RuntimeError(f"KV cache full: {self.s} + {t} tokens > capacity {self.max_tokens}")
+        self.k[layer][self.s:self.s + t].copy_(k.transpose(0, 1))
+        self.v[layer][self.s:self.s + t].copy_(v.transpose(0, 1))
+
+    def advance(self, tokens: int) -> None:
+        self.s += tokens
+
+    def reset(self) -> None:
+        self.s = 0

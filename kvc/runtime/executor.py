@@ -1,0 +1,86 @@
+"""CompiledModel: runs the lowered prefill and decode graphs against an OffloadedCache.
+
+The generate loop is the only host-side logic per step: pick the split for this context
+(pure Python, from the Plan), call the decode graph, take the argmax on the device. Tokens
+stay on the device; the host synchronises once, at the end.
+"""
+from __future__ import annotations
+
+import torch
+
+from kvc.errors import KvcError
+from kvc.lowering import Lowered
+from kvc.models.spec import ModelSpec
+from kvc.plan import Plan
+from kvc.runtime import registry
+from kvc.runtime.offloaded import OffloadedCache
+
+
+class CompiledModel:
+    def __init__(self, lowered: Lowered, plan: Plan, spec: ModelSpec, dtype: torch.dtype,
+                 device: torch.device, manifest: dict | None = None):
+        self.lowered, self.plan, self.spec = lowered, plan, spec
+        self.dtype, self.device = dtype, torch.device(device)
+        self.manifest = manifest or {}
+        self._cache: OffloadedCache | None = None
+        self._rt: int | None = None
+
+    @property
+    def graph_code(self) -> str:
+        return self.lowered.code
+
+    def _runtime(self, batch: int, tokens: int) -> tuple[OffloadedCache, int]:
+        c = self._cache
+        if c is None or c.batch != batch or c.max_tokens < tokens:
+            self.close()
+            max_tokens = max(tokens, self.plan.prompt_len + self.plan.gen_len)
+            c = OffloadedCache(
+                self.plan, num_layers=self.spec.num_layers, batch=batch, max_tokens=max_tokens,
+                act_width=self.spec.hidden_size, num_kv_heads=self.spec.num_kv_heads,
+                head_dim=self.spec.head_dim, dtype=self.dtype, device=self.device,
+                num_events=self.lowered.num_events)
+            self._cache, self._rt = c, registry.register(c)
+        return c, self._rt
+
+    def close(self) -> None:
+        if self._rt is not None:
+            registry.release(self._rt)
+        self._cache, self._rt = None, None
+
+    def _check_contexts(self, prompt: int, new: int) -> None:
+        for s in {prompt, prompt + new - 2} if new > 1 else ():
+            for layer in range(self.spec.num_layers):
+                try:
+                    self.plan.recompute_tokens(layer, s)
+                except ValueError as e:
+                    raise KvcError(str(e)) from None
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, return_logits: bool = False):
+        """Greedy decoding. Returns tokens [b, s + n], or (tokens, logits [b, n, vocab])."""
+        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+            raise KvcError(f"input_ids must be [batch, tokens] with tokens >= 1, got {tuple(input_ids.shape)}")
+        if max_new_tokens < 1:
+            raise KvcError(f"max_new_tokens = {max_new_tokens}; expected >= 1")
+        b, p = input_ids.shape
+        if p + max_new_tokens > self.spec.max_positions:
+            raise KvcError(f"prompt {p} + {max_new_tokens} new tokens exceeds the model's "
+                           f"maximum positions ({self.spec.max_positions})")
+        self._check_contexts(p, max_new_tokens)
+        cache, rt = self._runtime(b, p + max_new_tokens)
+        ids = input_ids.to(self.device)
+        cache.begin_step(0)
+        logits = self.lowered.prefill(ids, cache.positions[:p], rt)[:, -1]
+        cache.end_step(p)
+        tokens, all_logits = [logits.argmax(-1)], [logits]
+        for _ in range(1, max_new_tokens):
+            s = cache.s
+            cache.begin_step(s)
+            logits = self.lowered.decode(tokens[-1][:, None], cache.positions[s:s + 1], rt)[:, -1]
+            cache.end_step(1)
+            tokens.append(logits.argmax(-1))
+            all_logits.append(logits)
+        out = torch.cat([ids, torch.stack(tokens, 1)], 1)
+        if return_logits:
+            return out, torch.stack(all_logits, 1).float()
+        return out

@@ -1,0 +1,124 @@
+"""OffloadedCache: the runtime behind an offloaded schedule.
+
+Per offloaded layer, pinned token-major CPU pools `[max_tokens, b, ...]` for the layer's
+input activations and for K and V, so that any token range is one contiguous block. Per
+staging slot (two: layer i uses slot i % 2), GPU buffers the prefetch copies land in.
+Resident layers keep a DeviceCache. Everything is allocated once, here.
+
+At each step the executor calls `begin_step(s)`: the plan gives l per layer for context s,
+and tokens [0, l) are recomputed from activations in `act_chunks` chunks, [l, s) arrive as K,V.
+"""
+from __future__ import annotations
+
+import torch
+
+from kvc.plan import Plan
+from kvc.runtime.device_cache import DeviceCache
+from kvc.runtime.streams import StreamSet
+
+
+def chunk_bounds(l: int, chunks: int) -> list[int]:
+    """Split [0, l) into `chunks` contiguous ranges of near-equal size (some may be empty)."""
+    return [(l * j) // chunks for j in range(chunks + 1)]
+
+
+class OffloadedCache:
+    def __init__(self, plan: Plan, *, num_layers: int, batch: int, max_tokens: int,
+                 act_width: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, num_events: int):
+        self.plan, self.batch, self.max_tokens = plan, batch, max_tokens
+        self.device = torch.device(device)
+        self.streams = StreamSet(self.device, num_events)
+        pin = self.streams.cuda
+        self.offloaded = [i for i in range(num_layers) if not plan.resident[i]]
+        n_off = len(self.offloaded)
+        kv_shape = (max_tokens, batch, num_kv_heads, head_dim)
+        act_shape = (max_tokens, batch, act_width)
+        # one allocation per kind: pool[i] is a contiguous block; pinned so copies are DMA
+        self.act_pool = torch.empty((n_off, *act_shape), dtype=dtype, pin_memory=pin)
+        self.k_pool = torch.empty((n_off, *kv_shape), dtype=dtype, pin_memory=pin)
+        self.v_pool = torch.empty((n_off, *kv_shape), dtype=dtype, pin_memory=pin)
+        self.pool_index = {layer: j for j, layer in enumerate(self.offloaded)}
+        slots = min(2, n_off)
+        self.act_stage = torch.empty((slots, *act_shape), dtype=dtype, device=self.device)
+        self.k_stage = torch.empty((slots, *kv_shape), dtype=dtype, device=self.device)
+        self.v_stage = torch.empty((slots, *kv_shape), dtype=dtype, device=self.device)
+        resident = [i for i in range(num_layers) if plan.resident[i]]
+        self.resident = DeviceCache(resident, batch, max_tokens,
+                                    num_kv_heads, head_dim, dtype, self.device)
+        self.positions = torch.arange(max_tokens, device=self.device)
+        self.s = 0
+        self.bounds: dict[int, list[int]] = {}
+
+    # --- step bookkeeping (host side only: no device work, no sync) ----------------------
+    def begin_step(self, s: int) -> None:
+        self.s = s
+        self.resident.s = s
+        if s == 0:
+            self.bounds = {}
+            return
+        chunks = self.plan.act_chunks
+        self.bounds = {i: chunk_bounds(self.plan.recompute_tokens(i, s), chunks)
+                       for i in self.offloaded}
+
+    def end_step(self, tokens: int) -> None:
+        self.s += tokens
+
+    def _slot(self, layer: int) -> int:
+        return self.pool_index[layer] % 2
+
+    # --- resident layers: the logical cache verbs ----------------------------------------
+    def kv_read(self, layer: int):
+        return self.resident.kv_read(layer)
+
+    def kv_write(self, k, v, layer: int) -> None:
+        self.resident.kv_write(k, v, layer)
+
+    # --- offload: new tokens to the CPU pools -------------------------------------------
+    def _to_pool(self, pool: torch.Tensor, x: torch.Tensor, stream: int) -> None:
+        t = x.shape[1]
+        with self.streams.use(stream):
+            self.streams.keep_alive(x, stream)
+            pool[self.s:self.s + t].copy_(x.transpose(0, 1), non_blocking=True)
+
+    def offload_act(self, h, stream: int, layer: int) -> None:
+        self._to_pool(self.act_pool[self.pool_index[layer]], h, stream)
+
+    def offload_kv(self, k, v, stream: int, layer: int) -> None:
+        j = self.pool_index[layer]
+        self._to_pool(self.k_pool[j], k, stream)
+        self._to_pool(self.v_pool[j], v, stream)
+
+    # --- prefetch: CPU pools -> staging --------------------------------------------------
+    def prefetch_act(self, stream: int, layer: int, chunk: int) -> None:
+        lo, hi = self.bounds[layer][chunk], self.bounds[layer][chunk + 1]
+        if hi > lo:
+            with self.streams.use(stream):
+                self.act_stage[self._slot(layer)][lo:hi].copy_(
+                    self.act_pool[self.pool_index[layer]][lo:hi], non_blocking=True)
+
+    def prefetch_kv(self, stream: int, layer: int) -> None:
+        l, s = self.bounds[layer][-1], self.s
+        if s > l:
+            j, slot = self.pool_index[layer], self._slot(layer)
+            with self.streams.use(stream):
+                self.k_stage[slot][:s - l].copy_(self.k_pool[j][l:s], non_blocking=True)
+                self.v_stage[slot][:s - l].copy_(self.v_pool[j][l:s], non_blocking=True)
+
+    def staged_act(self, layer: int, chunk: int):
+        lo, hi = self.bounds[layer][chunk], self.bounds[layer][chunk + 1]
+        return self.act_stage[self._slot(layer)][lo:hi].transpose(0, 1)
+
+    def staged_kv(self, layer: int):
+        n, slot = self.s - self.bounds[layer][-1], self._slot(layer)
+        return self.k_stage[slot][:n].transpose(0, 1), self.v_stage[slot][:n].transpose(0, 1)
+
+    def recompute_positions(self, layer: int, chunk: int):
+        return self.positions[self.bounds[layer][chunk]:self.bounds[layer][chunk + 1]]
+
+    # --- events --------------------------------------------------------------------------
+    def record_event(self, stream: int, event: int) -> None:
+        self.streams.record(stream, event)
+
+    def wait_event(self, stream: int, event: int) -> None:
+        self.streams.wait(stream, event)

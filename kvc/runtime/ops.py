@@ -1,0 +1,66 @@
+"""torch.library ops through which a graph touches the KV cache and the runtime.
+
+Each op looks up the runtime object by its integer id and calls the verb of the same name,
+so one traced graph runs against a device cache (reference, gpu_resident) or against
+offloaded pools and streams. Ops with side effects are registered with
+`torch.fx.node.has_side_effect`, so dead-code elimination keeps them.
+
+Cache layout seen by the model: K and V are [b, T, n_kv_heads, head_dim], RoPE applied.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from kvc.runtime import registry
+
+_lib = torch.library.Library("kvc", "DEF")
+_KEY = "CompositeExplicitAutograd"
+
+# name -> (schema, has side effects)
+_SCHEMAS: dict[str, tuple[str, bool]] = {
+    # logical cache I/O, written by the models
+    "kv_read": ("kv_read(int rt, int layer) -> (Tensor, Tensor)", False),
+    "kv_write": ("kv_write(Tensor k, Tensor v, int rt, int layer) -> ()", True),
+    # offload: the new tokens' activation and K,V to the CPU pools at rows [s, s+T)
+    "offload_act": ("offload_act(Tensor h, int rt, int stream, int layer) -> ()", True),
+    "offload_kv": ("offload_kv(Tensor k, Tensor v, int rt, int stream, int layer) -> ()", True),
+    # prefetch: CPU pools -> GPU staging slot of the layer (activation chunks, then the K,V tail)
+    "prefetch_act": ("prefetch_act(int rt, int stream, int layer, int chunk) -> ()", True),
+    "prefetch_kv": ("prefetch_kv(int rt, int stream, int layer) -> ()", True),
+    # views of what prefetch staged; layout [b, tokens, ...] like the model's tensors
+    "staged_act": ("staged_act(int rt, int layer, int chunk) -> Tensor", False),
+    "staged_kv": ("staged_kv(int rt, int layer) -> (Tensor, Tensor)", False),
+    "recompute_positions": ("recompute_positions(int rt, int layer, int chunk) -> Tensor", False),
+    # stream ordering: no buffer read before its copy ends or overwritten while in use
+    "record_event": ("record_event(int rt, int stream, int event) -> ()", True),
+    "wait_event": ("wait_event(int rt, int stream, int event) -> ()", True),
+}
+
+COMPUTE, PREFETCH, OFFLOAD = 0, 1, 2  # stream ids
+STREAM_NAMES = {COMPUTE: "compute", PREFETCH: "prefetch", OFFLOAD: "offload"}
+
+
+def _dispatch(name: str, schema: str):
+    # the op calls registry[rt].<name>(every other argument, in order)
+    arg_names = [a.strip().split(" ")[-1] for a in schema.split("(", 1)[1].split(")", 1)[0].split(",")]
+    idx = arg_names.index("rt")
+
+    def impl(*args):
+        return getattr(registry.get(args[idx]), name)(*args[:idx], *args[idx + 1:])
+
+    impl.__name__ = name
+    return impl
+
+
+def define(name: str, schema: str, side_effect: bool) -> None:
+    _lib.define(schema)
+    _lib.impl(name, _dispatch(name, schema), _KEY)
+    if side_effect:
+        packet = getattr(torch.ops.kvc, name)
+        torch.fx.node.has_side_effect(packet)
+        torch.fx.node.has_side_effect(packet.default)
+
+
+for _name, (_schema, _effect) in _SCHEMAS.items():
+    define(_name, _schema, _effect)

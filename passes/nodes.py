@@ -1,0 +1,133 @@
+"""What every pass needs to read and write graph nodes the same way.
+
+- `kvc_meta(node)` is the dict each pass records what it did in (`node.meta["kvc"]`).
+- `is_op(node, name)` matches a call of `torch.ops.kvc.<name>` (packet or overload).
+- `layer_nodes(gm)` finds the first node of every decoder layer from `nn_module_stack`.
+- `PassBase` subclasses declare `name`; `run_once` makes a second run a no-op, so every
+  pass is idempotent, and `gm.meta["kvc"]["passes"]` lists what ran, in order.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from kvc.plan import Plan
+
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)$")
+
+
+def kvc_meta(node: torch.fx.Node) -> dict:
+    return node.meta.setdefault("kvc", {})
+
+
+def op_name(node: torch.fx.Node) -> str | None:
+    """`kv_read` for a call of torch.ops.kvc.kv_read(.default), else None."""
+    if node.op != "call_function":
+        return None
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        target = target.overloadpacket
+    if isinstance(target, torch._ops.OpOverloadPacket) and target._qualified_op_name.startswith("kvc::"):
+        return target._qualified_op_name.split("::", 1)[1]
+    return None
+
+
+def is_op(node: torch.fx.Node, name: str) -> bool:
+    return op_name(node) == name
+
+
+def op_arg(node: torch.fx.Node, name: str):
+    """An argument of a kvc op by its schema name, whether passed by position or keyword."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    schema = getattr(torch.ops.kvc, op_name(node)).default._schema
+    names = [a.name for a in schema.arguments]
+    return node.args[names.index(name)]
+
+
+def call(graph: torch.fx.Graph, name: str, *args, node_name: str | None = None, meta=None, **kwargs):
+    """Insert `torch.ops.kvc.<name>(*args, **kwargs)` at the graph's insert point."""
+    node = graph.call_function(getattr(torch.ops.kvc, name), tuple(args), kwargs)
+    if node_name:
+        node._rename(node_name)
+    kvc_meta(node).update(meta or {})
+    return node
+
+
+def placeholder(gm: torch.fx.GraphModule, name: str) -> torch.fx.Node:
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" and n.target == name:
+            return n
+    raise ValueError(f"the traced graph has no input {name!r}")
+
+
+def layer_of(node: torch.fx.Node) -> int | None:
+    stack = node.meta.get("nn_module_stack") or {}
+    for key in reversed(list(stack)):
+        path = stack[key][0] if isinstance(stack[key], tuple) else key
+        m = _LAYER_RE.search(path)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def layer_nodes(gm: torch.fx.GraphModule) -> dict[int, torch.fx.Node]:
+    """The first node of each decoder layer, in graph order."""
+    first: dict[int, torch.fx.Node] = {}
+    for n in gm.graph.nodes:
+        i = layer_of(n)
+        if i is not None and i not in first:
+            first[i] = n
+    return first
+
+
+def first_compute_node(gm: torch.fx.GraphModule) -> torch.fx.Node:
+    for n in gm.graph.nodes:
+        if n.op not in ("placeholder", "get_attr"):
+            return n
+    raise ValueError("empty graph")
+
+
+def may_recompute(plan: Plan, layer: int) -> bool:
+    """Whether any context of the plan recomputes tokens of this layer."""
+    if plan.resident[layer]:
+        return False
+    if plan.forced_fraction is not None:
+        return plan.forced_fraction > 0
+    return any(row[layer] > 0 for row in plan.recompute)
+
+
+def offloaded_layers(plan: Plan) -> list[int]:
+    return [i for i, r in enumerate(plan.resident) if not r]
+
+
+def staging_slot(plan: Plan, layer: int) -> int:
+    """Double buffering: the k-th offloaded layer stages into slot k % 2 (as the runtime does)."""
+    return offloaded_layers(plan).index(layer) % 2
+
+
+class KvcPass(PassBase):
+    """A pass over a kvc GraphModule: runs once, records itself in gm.meta["kvc"]["passes"]."""
+
+    name = "pass"
+    after: tuple[str, ...] = ()
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        state = gm.meta.setdefault("kvc", {"passes": []})
+        done = state.setdefault("passes", [])
+        if self.name in done:
+            return PassResult(gm, False)  # idempotent: a second run changes nothing
+        missing = [r for r in self.after if r not in done]
+        if missing:
+            raise RuntimeError(f"pass {self.name!r} needs {missing} to run first")
+        modified = self.run(gm)
+        done.append(self.name)
+        gm.graph.lint()
+        gm.recompile()
+        return PassResult(gm, modified)
+
+    def run(self, gm: torch.fx.GraphModule) -> bool:
+        raise NotImplementedError

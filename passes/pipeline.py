@@ -1,0 +1,27 @@
+"""The pass pipeline, in its one fixed order. Each pass reads what the earlier ones recorded
+in node.meta["kvc"] / gm.meta["kvc"] and refuses to run before them (see README.md)."""
+from __future__ import annotations
+
+import torch.fx
+from torch.fx.passes.infra.pass_manager import PassManager
+
+from kvc.plan import Plan
+
+from .annotate import Annotate
+from .offload import Offload
+from .prefetch import Prefetch
+from .recompute import Recompute
+from .streams import Streams
+
+ORDER = ("annotate", "offload", "recompute", "prefetch", "streams")
+
+
+def build_passes(plan: Plan) -> list:
+    passes = [Annotate(), Offload(plan), Recompute(plan), Prefetch(plan), Streams(plan)]
+    assert tuple(p.name for p in passes) == ORDER
+    return passes
+
+
+def run_pipeline(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
+    result = PassManager(passes=build_passes(plan))(gm)
+    return result.graph_module

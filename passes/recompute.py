@@ -1,0 +1,87 @@
+"""recompute: rebuild K,V of tokens [0, l) from staged activations, by cloning the annotated
+K/V subgraph; the tail [l, s) comes staged as K,V.
+
+For every offloaded layer of a decode graph, the cache read `kv_read(rt, i)` is replaced by
+
+    a_j   = staged_act(rt, i, j)            # activation chunk j, [b, n_j, h]
+    pos_j = recompute_positions(rt, i, j)   # its absolute positions
+    k_j, v_j = <the layer's own K/V subgraph on (a_j, pos_j)>   for j < act_chunks
+    k_tail, v_tail = staged_kv(rt, i)
+    k_past = cat([k_0 .. k_last, k_tail], 1)    (v likewise)
+
+No family-specific code: the clone is whatever the annotate pass found (projection, bias,
+reshape, RoPE at the right positions). A layer the plan never recomputes gets no clones.
+"""
+from __future__ import annotations
+
+from operator import getitem as operator_getitem
+
+import torch
+import torch.fx
+
+from kvc.plan import Plan
+from .nodes import KvcPass, call, kvc_meta, may_recompute, placeholder
+
+
+def clone_kv_slice(g: torch.fx.Graph, slice_nodes: list[torch.fx.Node], inputs: dict,
+                   k_out: torch.fx.Node, v_out: torch.fx.Node, prefix: str, meta: dict):
+    """Copy `slice_nodes` (topologically ordered) at the insert point, reading `inputs`
+    (old node -> new node) in place of the activation and positions. Returns new (k, v)."""
+    env = dict(inputs)
+    for n in slice_nodes:
+        new = g.node_copy(n, lambda x: env.get(x, x))
+        new._rename(f"{prefix}_{n.name}")
+        new.meta = {k: v for k, v in n.meta.items() if k != "kvc"}
+        kvc_meta(new).update(meta)
+        env[n] = new
+    return env[k_out], env[v_out]
+
+
+class Recompute(KvcPass):
+    name = "recompute"
+    after = ("annotate", "offload")
+
+    def __init__(self, plan: Plan):
+        super().__init__()
+        self.plan = plan
+
+    def run(self, gm: torch.fx.GraphModule) -> bool:
+        g = gm.graph
+        nodes = {n.name: n for n in g.nodes}
+        rt = placeholder(gm, "rt")
+        changed = False
+        for i, info in gm.meta["kvc"]["layers"].items():
+            if self.plan.resident[i] or info["kv_read"] is None:
+                continue
+            read = nodes[info["kv_read"]]
+            act, pos = nodes[info["activation"]], nodes[info["positions"]]
+            slice_nodes = [nodes[name] for name in info["kv_slice"]]
+            w_k, w_v = nodes[info["k"]], nodes[info["v"]]
+            ks, vs = [], []
+            with g.inserting_before(read):
+                if may_recompute(self.plan, i):
+                    for j in range(self.plan.act_chunks):
+                        meta = {"role": "recompute", "layer": i, "chunk": j}
+                        a = call(g, "staged_act", rt, layer=i, chunk=j,
+                                 node_name=f"staged_act_{i}_{j}", meta=meta)
+                        p = call(g, "recompute_positions", rt, layer=i, chunk=j,
+                                 node_name=f"positions_{i}_{j}", meta=meta)
+                        k, v = clone_kv_slice(g, slice_nodes, {act: a, pos: p}, w_k, w_v,
+                                              f"re{i}_{j}", meta)
+                        ks.append(k)
+                        vs.append(v)
+                tail = call(g, "staged_kv", rt, layer=i, node_name=f"staged_kv_{i}",
+                            meta={"role": "kv_tail", "layer": i})
+                k_tail = g.call_function(operator_getitem, (tail, 0))
+                v_tail = g.call_function(operator_getitem, (tail, 1))
+                k_past = g.call_function(torch.cat, ([*ks, k_tail], 1))
+                v_past = g.call_function(torch.cat, ([*vs, v_tail], 1))
+                k_past._rename(f"k_past_{i}")
+                v_past._rename(f"v_past_{i}")
+            for user in list(read.users):
+                idx = user.args[1]
+                user.replace_all_uses_with(k_past if idx == 0 else v_past)
+                g.erase_node(user)
+            g.erase_node(read)
+            changed = True
+        return changed

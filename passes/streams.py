@@ -1,0 +1,123 @@
+"""streams: give every node a stream and insert the event record/wait pairs that order them.
+
+Streams: compute (0), prefetch (1, H2D), offload (2, D2H). Copy nodes were tagged by the
+passes that made them; every other node computes. The hazards, and the pair each gets
+(record on the producer's stream right after it, wait on the consumer's right before it):
+
+- new tokens -> write-back: offload_act / offload_kv read tensors made on compute;
+- staged chunk -> its reader: prefetch_act(i, j) -> staged_act(i, j), prefetch_kv(i) -> staged_kv(i);
+- write-back -> next step's prefetch of the same layer (the pools' newest row);
+- slot reuse: a staging slot is refilled only after the previous layer using it has
+  finished reading it (its k_past / v_past concatenations, which copy everything staged).
+
+Event ids are a fixed function of (layer, kind), the same in prefill and decode graphs, so
+a decode step's waits see the prefill's records, and a step's the previous step's.
+"""
+from __future__ import annotations
+
+import torch.fx
+
+from kvc.plan import Plan
+from kvc.runtime.ops import COMPUTE, OFFLOAD, PREFETCH
+
+from .nodes import KvcPass, call, is_op, kvc_meta, offloaded_layers, op_arg, placeholder
+
+OFFLOADED, SLOT_FREE, KV_READY, ACT_DATA, KV_DATA, ACT_READY = range(6)
+STREAM_IDS = {"compute": COMPUTE, "prefetch": PREFETCH, "offload": OFFLOAD}
+
+
+def events_per_layer(act_chunks: int) -> int:
+    return ACT_READY + act_chunks
+
+
+def event_id(plan: Plan, layer: int, kind: int, chunk: int = 0) -> int:
+    return layer * events_per_layer(plan.act_chunks) + kind + chunk
+
+
+def num_events(plan: Plan) -> int:
+    return plan.num_layers * events_per_layer(plan.act_chunks)
+
+
+def previous_slot_user(plan: Plan, layer: int) -> int:
+    """The offloaded layer that used `layer`'s staging slot last (cyclically: across steps)."""
+    off = offloaded_layers(plan)
+    k = off.index(layer)
+    for back in range(1, len(off) + 1):
+        other = off[(k - back) % len(off)]
+        if off.index(other) % 2 == k % 2:
+            return other
+    return layer
+
+
+class Streams(KvcPass):
+    name = "streams"
+    after = ("annotate", "offload", "recompute", "prefetch")
+
+    def __init__(self, plan: Plan):
+        super().__init__()
+        self.plan = plan
+
+    def run(self, gm: torch.fx.GraphModule) -> bool:
+        g, plan = gm.graph, self.plan
+        rt = placeholder(gm, "rt")
+        order = {n: k for k, n in enumerate(g.nodes)}
+        ev = lambda i, kind, j=0: event_id(plan, i, kind, j)  # noqa: E731
+
+        def record_after(node, stream, event, layer):
+            with g.inserting_after(node):
+                call(g, "record_event", rt, stream=stream, event=event,
+                     node_name=f"record_{layer}", meta={"role": "event", "layer": layer,
+                                                         "stream": _name(stream)})
+
+        def wait_before(node, stream, event, layer):
+            with g.inserting_before(node):
+                call(g, "wait_event", rt, stream=stream, event=event,
+                     node_name=f"wait_{layer}", meta={"role": "event", "layer": layer,
+                                                       "stream": _name(stream)})
+
+        nodes = list(g.nodes)
+        by_layer: dict[int, dict[str, list]] = {}
+        for n in nodes:
+            m = kvc_meta(n)
+            m.setdefault("stream", "compute")
+            name = next((o for o in ("offload_act", "offload_kv", "prefetch_act", "prefetch_kv",
+                                     "staged_act", "staged_kv") if is_op(n, o)), None)
+            if name:
+                by_layer.setdefault(op_arg(n, "layer"), {}).setdefault(name, []).append(n)
+        changed = False
+        for i, ops in sorted(by_layer.items()):
+            # compute -> write-back, and write-back -> the next step's prefetch of this layer
+            for name, kind in (("offload_act", ACT_DATA), ("offload_kv", KV_DATA)):
+                for n in ops.get(name, []):
+                    src = max((x for x in n.all_input_nodes if x is not rt), key=order.__getitem__)
+                    record_after(src, COMPUTE, ev(i, kind), i)
+                    wait_before(n, OFFLOAD, ev(i, kind), i)
+            offloads = ops.get("offload_act", []) + ops.get("offload_kv", [])
+            if offloads:
+                record_after(max(offloads, key=order.__getitem__), OFFLOAD, ev(i, OFFLOADED), i)
+            # staged copy -> reader
+            for n in ops.get("prefetch_act", []):
+                j = op_arg(n, "chunk")
+                record_after(n, PREFETCH, ev(i, ACT_READY, j), i)
+                for r in ops.get("staged_act", []):
+                    if op_arg(r, "chunk") == j:
+                        wait_before(r, COMPUTE, ev(i, ACT_READY, j), i)
+            for n in ops.get("prefetch_kv", []):
+                record_after(n, PREFETCH, ev(i, KV_READY), i)
+                for r in ops.get("staged_kv", []):
+                    wait_before(r, COMPUTE, ev(i, KV_READY), i)
+            prefetches = ops.get("prefetch_act", []) + ops.get("prefetch_kv", [])
+            if prefetches:
+                first = min(prefetches, key=order.__getitem__)
+                wait_before(first, PREFETCH, ev(i, OFFLOADED), i)
+                wait_before(first, PREFETCH, ev(previous_slot_user(plan, i), SLOT_FREE), i)
+            readers = [u for s in ops.get("staged_kv", []) for gi in s.users for u in gi.users]
+            if readers:  # the concatenations that copy everything staged for this layer
+                record_after(max(readers, key=order.__getitem__), COMPUTE, ev(i, SLOT_FREE), i)
+            changed = True
+        gm.meta["kvc"]["num_events"] = num_events(plan)
+        return changed
+
+
+def _name(stream: int) -> str:
+    return {v: k for k, v in STREAM_IDS.items()}[stream]
