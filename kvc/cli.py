@@ -47,9 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="compile, load and time decoding for a model.yaml")
     _add_config_args(p)
     p.add_argument("--device", default=None)
-    for name in ("--debug",):
-        for s in sub.choices.values():
-            s.add_argument(name, action="store_true", help=argparse.SUPPRESS)
+    for s in sub.choices.values():  # --debug also after the command, without resetting it
+        s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 

@@ -1,0 +1,83 @@
+"""kvc's decoder families and how to build one: dummy weights or a Hugging Face checkpoint.
+
+Models are built on the meta device first and then materialised straight on the target
+device in the target dtype, so a 13 GB model never makes a CPU round trip: dummy weights are
+filled in place by a generator on that device, checkpoint weights are copied in one tensor at
+a time. `device="meta"` stops after the first step (the compiler traces meta models).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kvc.models.checkpoint import checkpoint_files, load_checkpoint, spec_from_hf_config
+from kvc.models.llama import LlamaForCausalLM
+from kvc.models.opt import OPTForCausalLM
+from kvc.models.spec import PRESETS, ModelSpec, preset
+
+__all__ = ["ModelSpec", "PRESETS", "preset", "spec_from_hf_config", "build_model",
+           "load_checkpoint", "checkpoint_files", "model_class", "LlamaForCausalLM", "OPTForCausalLM"]
+
+INIT_STD = 0.02  # HF's initializer_range default: dummy logits look like an untrained model's
+
+_CLASSES = {"opt": OPTForCausalLM, "llama": LlamaForCausalLM}
+
+
+def model_class(spec: ModelSpec) -> type[nn.Module]:
+    return _CLASSES[spec.family]
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; expected e.g. 'float16', 'bfloat16', 'float32'")
+    return value
+
+
+@torch.no_grad()
+def _init_dummy(model: nn.Module, device: torch.device, seed: int) -> None:
+    # one generator on the device, parameters visited in a fixed order: the same (seed,
+    # device) always gives the same weights
+    gen = torch.Generator(device=device).manual_seed(seed)
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue  # a tied lm_head is the embedding, already filled
+            seen.add(id(p))
+            if name == "bias":
+                p.zero_()
+            elif isinstance(module, (nn.Linear, nn.Embedding)):
+                p.normal_(0.0, INIT_STD, generator=gen)
+            else:
+                p.fill_(1.0)  # norm scales
+
+
+def build_model(spec: ModelSpec, device: torch.device | str = "cpu",
+                dtype: torch.dtype | str = torch.float16, seed: int = 0,
+                checkpoint: str | Path | None = None) -> nn.Module:
+    """A decoder for `spec` on `device` in `dtype`, in eval mode.
+
+    checkpoint=None: dummy weights, normal(0, 0.02) for matrices, ones for norms, zero biases,
+    deterministic for (seed, device). Otherwise the HF checkpoint folder's weights.
+    device="meta": shapes only, nothing initialised or loaded (for tracing).
+    """
+    device, dtype = torch.device(device), _as_dtype(dtype)
+    with torch.device("meta"):
+        model = model_class(spec)(spec)
+    # inference only: no autograd state on a 13 GB model
+    model = model.to(dtype).eval().requires_grad_(False)
+    if device.type == "meta":
+        return model
+    model.to_empty(device=device)
+    model.tie_weights()  # to_empty gives each module its own new tensor, untying them
+    model.init_buffers()
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    else:
+        _init_dummy(model, device, seed)
+    return model

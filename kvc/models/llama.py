@@ -1,0 +1,186 @@
+"""The Llama family: Llama 2/3, Mistral, Qwen2 (same math, different defaults and biases).
+
+RMSNorm, SwiGLU, RoPE (with rope_theta and the "llama3" / "linear" scalings), grouped-query
+attention. Qwen2 adds q/k/v biases; Llama's `attention_bias` also puts one on o_proj.
+Mistral's sliding window is not applied: config validation keeps contexts within it.
+
+The forward contract every family keeps (the compiler depends on it):
+
+    forward(input_ids[b, T], positions[T], rt, prefill=False, last_only=False) -> logits
+
+- `positions` are the absolute positions of the T tokens; every sequence has the same length.
+- Each layer writes the NEW tokens' K,V with `torch.ops.kvc.kv_write(k, v, rt, i)`, layout
+  [b, T, n_kv, hd], RoPE applied. Decode reads the cached [0, s) with `kv_read(rt, i)`
+  (indexed, never tuple-unpacked, so it traces), concatenates, and attends with no mask.
+- No Python control flow on tensor values or shapes, so `torch.fx.symbolic_trace` works with
+  `concrete_args={"prefill": ..., "last_only": ...}`. cos/sin are computed once from
+  `positions` at the top and handed to the layers, so the path from a layer's attention
+  input to its kv_write reads only that input, positions-derived nodes and weights: the
+  compiler clones that path to recompute K,V for any token range.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kvc.runtime.ops  # noqa: F401  (registers torch.ops.kvc.*)
+from kvc.models.spec import ModelSpec
+
+
+def rope_inv_freq(spec: ModelSpec, device=None) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2], float32, computed exactly as HF does (incl. llama3)."""
+    dim = spec.head_dim
+    inv_freq = 1.0 / (spec.rope_theta ** (
+        torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
+    scaling = spec.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind != "llama3":
+        raise ValueError(f"unsupported rope_scaling type {kind!r}")
+    # HF's _compute_llama3_parameters, step for step, so the float32 rounding agrees
+    factor = scaling["factor"]
+    low_freq_factor = scaling["low_freq_factor"]
+    high_freq_factor = scaling["high_freq_factor"]
+    old_context_len = scaling["original_max_position_embeddings"]
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth_factor = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, inv_freq_llama)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, width: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.eps = eps
+
+    def forward(self, x):
+        # HF normalises in float32, casts back, then scales: keep that order for parity
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.type_as(x)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        h = spec.hidden_size
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.groups = spec.num_heads // spec.num_kv_heads
+        self.q_proj = nn.Linear(h, spec.q_width, bias=spec.attention_bias)
+        self.k_proj = nn.Linear(h, spec.kv_width, bias=spec.attention_bias)
+        self.v_proj = nn.Linear(h, spec.kv_width, bias=spec.attention_bias)
+        # Llama's attention_bias covers o_proj too; Qwen2's covers only q/k/v
+        self.o_proj = nn.Linear(spec.q_width, h, bias=spec.attention_bias and spec.model_type == "llama")
+
+    def _rope(self, x, cos, sin):
+        # x [b, T, heads, hd]; cos/sin [T, hd] broadcast over batch and heads. HF's
+        # rotate_half, with the split point from the spec rather than from x.shape
+        half = self.head_dim // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+    def forward(self, x, cos, sin, rt, layer: int, prefill: bool):
+        k = self._rope(self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim)), cos, sin)
+        v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        torch.ops.kvc.kv_write(k, v, rt, layer)
+        q = self._rope(self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim)), cos, sin)
+        q = q.transpose(1, 2)  # [b, H, T, hd]
+        if prefill:
+            out = F.scaled_dot_product_attention(
+                q, k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                enable_gqa=self.groups > 1)
+        else:
+            kv = torch.ops.kvc.kv_read(rt, layer)
+            k_all = torch.cat([kv[0], k], dim=1).transpose(1, 2)  # [b, n_kv, s+T, hd]
+            v_all = torch.cat([kv[1], v], dim=1).transpose(1, 2)
+            if self.groups > 1:
+                # with no mask, the query heads sharing a KV head can be stacked as extra
+                # query rows: plain MHA kernels, and the cached K,V are never repeated
+                qg = q.unflatten(1, (self.num_kv_heads, self.groups)).flatten(2, 3)
+                out = F.scaled_dot_product_attention(qg, k_all, v_all)
+                out = out.unflatten(2, (self.groups, -1)).flatten(1, 2)
+            else:
+                out = F.scaled_dot_product_attention(q, k_all, v_all)
+        return self.o_proj(out.transpose(1, 2).flatten(-2))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.norm_eps)
+        self.self_attn = LlamaAttention(spec)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.norm_eps)
+        self.mlp = LlamaMLP(spec)
+
+    def forward(self, x, cos, sin, rt, prefill: bool):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, rt, self.layer, prefill)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        if spec.family != "llama":
+            raise ValueError(f"LlamaForCausalLM needs a llama-family spec, got {spec.model_type!r}")
+        if spec.activation != "silu":
+            raise ValueError(f"llama-family activation must be silu, got {spec.activation!r}")
+        if spec.num_heads % spec.num_kv_heads:
+            raise ValueError(f"num_heads {spec.num_heads} is not a multiple of num_kv_heads {spec.num_kv_heads}")
+        self.spec = spec
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList([LlamaDecoderLayer(spec, i) for i in range(spec.num_layers)])
+        self.norm = RMSNorm(spec.hidden_size, spec.norm_eps)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        # float32 always (see init_buffers); not persistent: HF checkpoints do not carry it
+        self.register_buffer("inv_freq", rope_inv_freq(spec), persistent=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share lm_head with the embedding when the spec says so (again after to_empty/load)."""
+        if self.spec.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def init_buffers(self) -> None:
+        """(Re)compute inv_freq in float32 on the weights' device: after to_empty, or after a
+        `.to(dtype)` that would otherwise have rounded it to half precision."""
+        device = self.embed_tokens.weight.device
+        if device.type != "meta":
+            self.inv_freq = rope_inv_freq(self.spec, device=device)
+
+    def forward(self, input_ids, positions, rt: int, prefill: bool = False,
+                last_only: bool = False):
+        x = self.embed_tokens(input_ids)
+        # as HF: angles in float32, cos/sin cast to the activation dtype. The dtype is taken
+        # from a weight, not from x, so cos/sin (and the K,V path) stay independent of input_ids
+        freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos().type_as(self.embed_tokens.weight)
+        sin = emb.sin().type_as(self.embed_tokens.weight)
+        for layer in self.layers:
+            x = layer(x, cos, sin, rt, prefill)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))

@@ -1,0 +1,66 @@
+"""The reference decoder: eager PyTorch, device-resident cache, greedy. What compiled schedules
+must reproduce token for token, and what the parity tests hold against Hugging Face.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kvc.models.spec import ModelSpec
+from kvc.runtime import registry
+from kvc.runtime.device_cache import DeviceCache
+
+
+class ReferenceDecoder:
+    def __init__(self, model: nn.Module, spec: ModelSpec):
+        self.model = model
+        self.spec = spec
+
+    def _cache(self, batch: int, max_tokens: int) -> tuple[DeviceCache, int]:
+        w = next(self.model.parameters())
+        cache = DeviceCache(self.spec.num_layers, batch, max_tokens, self.spec.num_kv_heads,
+                            self.spec.head_dim, w.dtype, w.device)
+        return cache, registry.register(cache)
+
+    @torch.inference_mode()
+    def prefill_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits at every prompt position, [b, s, vocab], in the model dtype."""
+        b, s = input_ids.shape
+        cache, rt = self._cache(b, s)
+        try:
+            positions = torch.arange(s, device=input_ids.device)
+            return self.model(input_ids, positions, rt, prefill=True)
+        finally:
+            registry.release(rt)
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, return_logits: bool = False):
+        """Greedy decoding: tokens [b, s+n], and with return_logits the logits [b, n, vocab]
+        that chose each new token (logits[:, 0] come from the prefill's last position)."""
+        b, s = input_ids.shape
+        device = input_ids.device
+        # the last new token is never fed back, so s + n - 1 slots would do; one spare is cheap
+        cache, rt = self._cache(b, s + max_new_tokens)
+        tokens, logits = [input_ids], []
+        try:
+            if max_new_tokens > 0:
+                out = self.model(input_ids, torch.arange(s, device=device), rt,
+                                 prefill=True, last_only=True)
+                cache.advance(s)
+                for i in range(max_new_tokens):
+                    step = out[:, -1]
+                    logits.append(step)
+                    nxt = step.argmax(-1, keepdim=True)
+                    tokens.append(nxt)
+                    if i + 1 == max_new_tokens:
+                        break
+                    out = self.model(nxt, torch.tensor([s + i], device=device), rt)
+                    cache.advance(1)
+        finally:
+            registry.release(rt)
+        out_tokens = torch.cat(tokens, dim=1)
+        if not return_logits:
+            return out_tokens
+        vocab = self.spec.vocab_size
+        stacked = torch.stack(logits, dim=1) if logits else input_ids.new_empty((b, 0, vocab), dtype=torch.float32)
+        return out_tokens, stacked
