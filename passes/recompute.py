@@ -1,22 +1,21 @@
 """recompute: rebuild K,V of tokens [0, l) from staged activations, by cloning the annotated
-K/V subgraph; the tail [l, s) comes staged as K,V.
+K/V subgraph, and assemble the layer's whole K,V in its staging slot.
 
 For every offloaded layer of a decode graph, the cache read `kv_read(rt, i)` is replaced by
 
     a_j   = staged_act(rt, i, j)            # activation chunk j, [b, n_j, h]
-    pos_j = recompute_positions(rt, i, j)   # its absolute positions
+    pos_j = recompute_positions(rt, i, j)   # its absolute positions (if the subgraph reads any)
     k_j, v_j = <the layer's own K/V subgraph on (a_j, pos_j)>   for j < act_chunks
-    k_tail, v_tail = staged_kv(rt, i)
-    k_past = cat([k_0 .. k_last, k_tail], 1)    (v likewise)
+    put_recomputed(k_j, v_j, rt, i, j)      # rows [lo_j, hi_j) of the slot
+    put_new(k, v, rt, i)                    # this step's tokens, rows [s, s+T)
+    staged_kv(rt, i)                        # rows [0, s+T); [l, s) came by prefetch_kv
 
-No family-specific code: the clone is whatever the annotate pass found (projection, bias,
-reshape, RoPE at the right positions). A layer the plan never recomputes gets no clones.
+so attention reads one buffer and nothing concatenates the cache. No family-specific code:
+the clone is whatever the annotate pass found (projection, bias, reshape, RoPE at the right
+positions). A layer the plan never recomputes gets no clones.
 """
 from __future__ import annotations
 
-from operator import getitem as operator_getitem
-
-import torch
 import torch.fx
 
 from kvc.plan import Plan
@@ -57,31 +56,26 @@ class Recompute(KvcPass):
             act, pos = nodes[info["activation"]], nodes[info["positions"]]
             slice_nodes = [nodes[name] for name in info["kv_slice"]]
             w_k, w_v = nodes[info["k"]], nodes[info["v"]]
-            ks, vs = [], []
+            reads_positions = any(pos in n.all_input_nodes for n in slice_nodes)
             with g.inserting_before(read):
                 if may_recompute(self.plan, i):
                     for j in range(self.plan.act_chunks):
                         meta = {"role": "recompute", "layer": i, "chunk": j}
                         a = call(g, "staged_act", rt, layer=i, chunk=j,
                                  node_name=f"staged_act_{i}_{j}", meta=meta)
-                        p = call(g, "recompute_positions", rt, layer=i, chunk=j,
-                                 node_name=f"positions_{i}_{j}", meta=meta)
-                        k, v = clone_kv_slice(g, slice_nodes, {act: a, pos: p}, w_k, w_v,
+                        inputs = {act: a}
+                        if reads_positions:  # RoPE families; OPT's K,V ignore positions
+                            inputs[pos] = call(g, "recompute_positions", rt, layer=i, chunk=j,
+                                               node_name=f"positions_{i}_{j}", meta=meta)
+                        k, v = clone_kv_slice(g, slice_nodes, inputs, w_k, w_v,
                                               f"re{i}_{j}", meta)
-                        ks.append(k)
-                        vs.append(v)
-                tail = call(g, "staged_kv", rt, layer=i, node_name=f"staged_kv_{i}",
-                            meta={"role": "kv_tail", "layer": i})
-                k_tail = g.call_function(operator_getitem, (tail, 0))
-                v_tail = g.call_function(operator_getitem, (tail, 1))
-                k_past = g.call_function(torch.cat, ([*ks, k_tail], 1))
-                v_past = g.call_function(torch.cat, ([*vs, v_tail], 1))
-                k_past._rename(f"k_past_{i}")
-                v_past._rename(f"v_past_{i}")
-            for user in list(read.users):
-                idx = user.args[1]
-                user.replace_all_uses_with(k_past if idx == 0 else v_past)
-                g.erase_node(user)
+                        call(g, "put_recomputed", k, v, rt, layer=i, chunk=j,
+                             node_name=f"put_recomputed_{i}_{j}", meta=meta)
+                call(g, "put_new", w_k, w_v, rt, layer=i, node_name=f"put_new_{i}",
+                     meta={"role": "put_new", "layer": i})
+                staged = call(g, "staged_kv", rt, layer=i, node_name=f"staged_kv_{i}",
+                              meta={"role": "staged_kv", "layer": i})
+            read.replace_all_uses_with(staged)
             g.erase_node(read)
             changed = True
         return changed

@@ -63,17 +63,20 @@ class Streams(KvcPass):
         order = {n: k for k, n in enumerate(g.nodes)}
         ev = lambda i, kind, j=0: event_id(plan, i, kind, j)  # noqa: E731
 
+        # node names say which event: `wait_slot_free_2` waits until layer 2 has freed its
+        # staging slot. Each (kind, event layer, chunk) is recorded and awaited at most once
+        # per graph, so fx never adds a counter suffix that would read like a layer number.
         def record_after(node, stream, event, layer):
             with g.inserting_after(node):
                 call(g, "record_event", rt, stream=stream, event=event,
-                     node_name=f"record_{layer}", meta={"role": "event", "layer": layer,
-                                                         "stream": _name(stream)})
+                     node_name=f"record_{_event_label(plan, event)}",
+                     meta={"role": "event", "layer": layer, "stream": _name(stream)})
 
         def wait_before(node, stream, event, layer):
             with g.inserting_before(node):
                 call(g, "wait_event", rt, stream=stream, event=event,
-                     node_name=f"wait_{layer}", meta={"role": "event", "layer": layer,
-                                                       "stream": _name(stream)})
+                     node_name=f"wait_{_event_label(plan, event)}",
+                     meta={"role": "event", "layer": layer, "stream": _name(stream)})
 
         nodes = list(g.nodes)
         by_layer: dict[int, dict[str, list]] = {}
@@ -111,12 +114,45 @@ class Streams(KvcPass):
                 first = min(prefetches, key=order.__getitem__)
                 wait_before(first, PREFETCH, ev(i, OFFLOADED), i)
                 wait_before(first, PREFETCH, ev(previous_slot_user(plan, i), SLOT_FREE), i)
-            readers = [u for s in ops.get("staged_kv", []) for gi in s.users for u in gi.users]
-            if readers:  # the concatenations that copy everything staged for this layer
+            readers = [r for n in ops.get("staged_kv", []) for r in _readers(n)]
+            if readers:  # attention: the last kernel that reads the slot's K,V
                 record_after(max(readers, key=order.__getitem__), COMPUTE, ev(i, SLOT_FREE), i)
             changed = True
         gm.meta["kvc"]["num_events"] = num_events(plan)
         return changed
+
+
+# ops that only make a view: the data is read by whatever consumes the view
+_VIEW_OPS = {"getitem", "transpose", "permute", "view", "unflatten", "unsqueeze", "squeeze",
+             "expand", "narrow", "select", "as_strided"}
+
+
+def _is_view(n: torch.fx.Node) -> bool:
+    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+    return n.op in ("call_method", "call_function") and name in _VIEW_OPS
+
+
+def _readers(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The nodes that read `node`'s data: its users, looking through views."""
+    out, todo = [], list(node.users)
+    while todo:
+        u = todo.pop()
+        if _is_view(u):
+            todo.extend(u.users)
+        else:
+            out.append(u)
+    return out
+
+
+_KIND_NAMES = ("offloaded", "slot_free", "kv_ready", "act_data", "kv_data")
+
+
+def _event_label(plan: Plan, event: int) -> str:
+    """`slot_free_2`, `act_ready_1_0` (layer 1, chunk 0): the inverse of event_id."""
+    layer, kind = divmod(event, events_per_layer(plan.act_chunks))
+    if kind >= ACT_READY:
+        return f"act_ready_{layer}_{kind - ACT_READY}"
+    return f"{_KIND_NAMES[kind]}_{layer}"
 
 
 def _name(stream: int) -> str:

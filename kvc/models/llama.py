@@ -101,9 +101,9 @@ class LlamaAttention(nn.Module):
                 q, k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                 enable_gqa=self.groups > 1)
         else:
-            kv = torch.ops.kvc.kv_read(rt, layer)
-            k_all = torch.cat([kv[0], k], dim=1).transpose(1, 2)  # [b, n_kv, s+T, hd]
-            v_all = torch.cat([kv[1], v], dim=1).transpose(1, 2)
+            kv = torch.ops.kvc.kv_read(rt, layer)  # tokens [0, s+T): this step's included
+            k_all = kv[0].transpose(1, 2)  # [b, n_kv, s+T, hd]
+            v_all = kv[1].transpose(1, 2)
             if self.groups > 1:
                 # with no mask, the query heads sharing a KV head can be stacked as extra
                 # query rows: plain MHA kernels, and the cached K,V are never repeated

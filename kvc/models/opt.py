@@ -54,9 +54,8 @@ class OPTAttention(nn.Module):
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=1.0)
         else:
-            kv = torch.ops.kvc.kv_read(rt, layer)
-            k_all = torch.cat([kv[0], k], dim=1)
-            v_all = torch.cat([kv[1], v], dim=1)
+            kv = torch.ops.kvc.kv_read(rt, layer)  # tokens [0, s+T): this step's included
+            k_all, v_all = kv[0], kv[1]
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), scale=1.0)
         return self.o_proj(out.transpose(1, 2).flatten(-2))

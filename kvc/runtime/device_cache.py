@@ -19,20 +19,23 @@ class DeviceCache:
         self.v = {i: torch.zeros(shape, dtype=dtype, device=device) for i in ids}
         self.max_tokens = max_tokens
         self.s = 0
+        self.t = 0  # tokens of the step in flight, written at [s, s+t)
 
     def kv_read(self, layer: int):
-        s = self.s
-        return self.k[layer][:s].transpose(0, 1), self.v[layer][:s].transpose(0, 1)
+        n = self.s + self.t
+        return self.k[layer][:n].transpose(0, 1), self.v[layer][:n].transpose(0, 1)
 
     def kv_write(self, k: torch.Tensor, v: torch.Tensor, layer: int) -> None:
         t = k.shape[1]
         if self.s + t > self.max_tokens:
             raise RuntimeError(f"KV cache full: {self.s} + {t} tokens > capacity {self.max_tokens}")
+        self.t = t
         self.k[layer][self.s:self.s + t].copy_(k.transpose(0, 1))
         self.v[layer][self.s:self.s + t].copy_(v.transpose(0, 1))
 
     def advance(self, tokens: int) -> None:
         self.s += tokens
+        self.t = 0
 
     def reset(self) -> None:
         self.s = 0

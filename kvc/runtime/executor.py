@@ -69,13 +69,13 @@ class CompiledModel:
         self._check_contexts(p, max_new_tokens)
         cache, rt = self._runtime(b, p + max_new_tokens)
         ids = input_ids.to(self.device)
-        cache.begin_step(0)
+        cache.begin_step(0, p)
         logits = self.lowered.prefill(ids, cache.positions[:p], rt)[:, -1]
         cache.end_step(p)
         tokens, all_logits = [logits.argmax(-1)], [logits]
         for _ in range(1, max_new_tokens):
             s = cache.s
-            cache.begin_step(s)
+            cache.begin_step(s, 1)
             logits = self.lowered.decode(tokens[-1][:, None], cache.positions[s:s + 1], rt)[:, -1]
             cache.end_step(1)
             tokens.append(logits.argmax(-1))

@@ -5,8 +5,11 @@ input activations and for K and V, so that any token range is one contiguous blo
 staging slot (two: layer i uses slot i % 2), GPU buffers the prefetch copies land in.
 Resident layers keep a DeviceCache. Everything is allocated once, here.
 
-At each step the executor calls `begin_step(s)`: the plan gives l per layer for context s,
+At each step the executor calls `begin_step(s, t)`: the plan gives l per layer for context s,
 and tokens [0, l) are recomputed from activations in `act_chunks` chunks, [l, s) arrive as K,V.
+The staging slot's K,V buffers are assembled in place, in token order: recomputed rows
+[0, l) (put_recomputed), copied rows [l, s) (prefetch_kv), the step's own rows [s, s+t)
+(put_new); attention then reads rows [0, s+t) of one buffer (staged_kv).
 """
 from __future__ import annotations
 
@@ -51,8 +54,8 @@ class OffloadedCache:
         self.bounds: dict[int, list[int]] = {}
 
     # --- step bookkeeping (host side only: no device work, no sync) ----------------------
-    def begin_step(self, s: int) -> None:
-        self.s = s
+    def begin_step(self, s: int, t: int = 1) -> None:
+        self.s, self.t = s, t
         self.resident.s = s
         if s == 0:
             self.bounds = {}
@@ -63,6 +66,7 @@ class OffloadedCache:
 
     def end_step(self, tokens: int) -> None:
         self.s += tokens
+        self.resident.advance(0)
 
     def _slot(self, layer: int) -> int:
         return self.pool_index[layer] % 2
@@ -102,15 +106,25 @@ class OffloadedCache:
         if s > l:
             j, slot = self.pool_index[layer], self._slot(layer)
             with self.streams.use(stream):
-                self.k_stage[slot][:s - l].copy_(self.k_pool[j][l:s], non_blocking=True)
-                self.v_stage[slot][:s - l].copy_(self.v_pool[j][l:s], non_blocking=True)
+                self.k_stage[slot][l:s].copy_(self.k_pool[j][l:s], non_blocking=True)
+                self.v_stage[slot][l:s].copy_(self.v_pool[j][l:s], non_blocking=True)
 
     def staged_act(self, layer: int, chunk: int):
         lo, hi = self.bounds[layer][chunk], self.bounds[layer][chunk + 1]
         return self.act_stage[self._slot(layer)][lo:hi].transpose(0, 1)
 
+    def put_recomputed(self, k, v, layer: int, chunk: int) -> None:
+        lo, hi, slot = self.bounds[layer][chunk], self.bounds[layer][chunk + 1], self._slot(layer)
+        self.k_stage[slot][lo:hi].copy_(k.transpose(0, 1))
+        self.v_stage[slot][lo:hi].copy_(v.transpose(0, 1))
+
+    def put_new(self, k, v, layer: int) -> None:
+        s, t, slot = self.s, k.shape[1], self._slot(layer)
+        self.k_stage[slot][s:s + t].copy_(k.transpose(0, 1))
+        self.v_stage[slot][s:s + t].copy_(v.transpose(0, 1))
+
     def staged_kv(self, layer: int):
-        n, slot = self.s - self.bounds[layer][-1], self._slot(layer)
+        n, slot = self.s + self.t, self._slot(layer)
         return self.k_stage[slot][:n].transpose(0, 1), self.v_stage[slot][:n].transpose(0, 1)
 
     def recompute_positions(self, layer: int, chunk: int):

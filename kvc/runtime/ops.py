@@ -6,6 +6,9 @@ offloaded pools and streams. Ops with side effects are registered with
 `torch.fx.node.has_side_effect`, so dead-code elimination keeps them.
 
 Cache layout seen by the model: K and V are [b, T, n_kv_heads, head_dim], RoPE applied.
+A layer writes its new tokens first (`kv_write`, rows [s, s+T)), then reads the whole cache
+(`kv_read`, rows [0, s+T), its own tokens included): the runtime assembles K,V in place, so
+attention reads one buffer and no step concatenates (copies) the cache.
 """
 from __future__ import annotations
 
@@ -28,6 +31,9 @@ _SCHEMAS: dict[str, tuple[str, bool]] = {
     # prefetch: CPU pools -> GPU staging slot of the layer (activation chunks, then the K,V tail)
     "prefetch_act": ("prefetch_act(int rt, int stream, int layer, int chunk) -> ()", True),
     "prefetch_kv": ("prefetch_kv(int rt, int stream, int layer) -> ()", True),
+    # assemble K,V in the staging slot: recomputed chunks at rows [lo, hi), new tokens at [s, s+T)
+    "put_recomputed": ("put_recomputed(Tensor k, Tensor v, int rt, int layer, int chunk) -> ()", True),
+    "put_new": ("put_new(Tensor k, Tensor v, int rt, int layer) -> ()", True),
     # views of what prefetch staged; layout [b, tokens, ...] like the model's tensors
     "staged_act": ("staged_act(int rt, int layer, int chunk) -> Tensor", False),
     "staged_kv": ("staged_kv(int rt, int layer) -> (Tensor, Tensor)", False),

@@ -1,0 +1,278 @@
+"""Benchmark every schedule on one GPU, check it against the reference first, write a table.
+
+    python tools/bench.py --grid main --out benchmarks/results      # on the GPU machine
+    python tools/bench.py --grid quick --check-only                  # correctness only
+
+For each grid point (model preset, batch, context = prompt length, gen 32) one model with
+dummy fp16 weights is built on the GPU and every mode is lowered from it with the LP's plan
+for the card's hardware preset, with `hardware.gpu_mem_gb` set so that the KV cache does not
+fit next to the weights (gpu_resident is measured with the card's whole memory, where it
+fits). Decode time per token = (time of generate(n=1+STEPS) - time of generate(n=1)) / STEPS,
+medians of REPEATS, CUDA-synchronised; the first call of each mode is a warm-up.
+Transformers' offloaded cache runs the same shape with `cache_implementation="offloaded"`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kvc import cost  # noqa: E402
+from kvc.config import load_config  # noqa: E402
+from kvc.api import make_plan, resolve  # noqa: E402
+from kvc.lowering import lower  # noqa: E402
+from kvc.models import build_model, preset  # noqa: E402
+from kvc.models.reference import ReferenceDecoder  # noqa: E402
+from kvc.runtime.executor import CompiledModel  # noqa: E402
+from kvc.scheduler import predict  # noqa: E402
+from kvc.errors import KvcError  # noqa: E402
+
+MODES = ("gpu_resident", "full_offload", "kvpr", "pipelined")
+GRIDS = {
+    "quick": [("opt-1.3b", 8, 512)],
+    "main": [("opt-6.7b", 32, 1024)],
+    "full": [("opt-6.7b", 8, 512), ("opt-6.7b", 8, 1024), ("opt-6.7b", 8, 1536),
+             ("opt-6.7b", 32, 512), ("opt-6.7b", 32, 1024), ("opt-6.7b", 32, 1536),
+             ("llama-2-7b", 32, 2048), ("llama-2-7b", 32, 3584),
+             ("opt-13b", 32, 1024), ("llama-3-8b", 32, 2048)],
+}
+GEN_LEN = 32
+
+
+def card_preset() -> str:
+    name = torch.cuda.get_device_name()
+    return "h200-pcie5" if "H200" in name else "h100-pcie5"
+
+
+def offload_budget_gb(spec, batch: int, s_max: int) -> float:
+    """A GPU budget that holds the weights and staging but not the whole KV cache."""
+    weights = spec.param_count() * 2 / 1e9
+    kv = cost.kv_bytes(spec, batch, s_max, 2) * spec.num_layers / 1e9
+    return round(weights + 0.5 * kv + 6.0, 1)
+
+
+def compiled(model, spec, mode, batch, context, hw_name, budget, fraction=None):
+    overrides = [f"hardware={hw_name}", f"schedule.mode={mode}",
+                 f"workload.batch_size={batch}", f"workload.prompt_len={context}",
+                 f"workload.gen_len={GEN_LEN}", f"hardware.gpu_mem_gb={budget}"]
+    if fraction is not None:
+        overrides.append(f"schedule.recompute_fraction={fraction}")
+    cfg = load_config({"model": {"preset": spec_name(spec), "dtype": "float16"}}, overrides)
+    r = resolve(cfg)
+    plan = make_plan(r)
+    return CompiledModel(lower(model, plan), plan, spec, torch.float16, torch.device("cuda")), r
+
+
+_names: dict = {}
+
+
+def spec_name(spec) -> str:
+    return _names[id(spec)]
+
+
+def get_spec(name):
+    spec = preset(name)
+    _names[id(spec)] = name
+    return spec
+
+
+def timed(fn) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def decode_ms(gen, ids, steps: int, repeats: int) -> float:
+    gen(ids, 2)  # warm-up: allocator, kernels, pinned pools
+    full = [timed(lambda: gen(ids, 1 + steps)) for _ in range(repeats)]
+    pre = [timed(lambda: gen(ids, 1)) for _ in range(repeats)]
+    return (statistics.median(full) - statistics.median(pre)) / steps * 1e3
+
+
+# --- correctness ---------------------------------------------------------------------------
+
+def check(names, hw_name, steps=32, log=print) -> list[dict]:
+    """Greedy tokens equal and fp16 logits close to the reference, every mode, on the GPU."""
+    rows = []
+    for name in names:
+        spec = get_spec(name)
+        model = build_model(spec, "cuda", torch.float16, seed=0)
+        with torch.no_grad():  # wider weights: greedy choices with clear margins
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.mul_(4.0)
+        ids = torch.randint(0, spec.vocab_size, (4, 64), device="cuda",
+                            generator=torch.Generator("cuda").manual_seed(0))
+        ref_t, ref_l = ReferenceDecoder(model, spec).generate(ids, steps, return_logits=True)
+        for mode in MODES:
+            for frac in (None, 0.5, 1.0) if mode in ("kvpr", "pipelined") else (None,):
+                cm, _ = compiled(model, spec, mode, 4, 64, hw_name, 1000.0, frac)
+                t, l = cm.generate(ids, steps, return_logits=True)
+                cm.close()
+                err = (l - ref_l.float()).abs().max().item()
+                scale = ref_l.float().abs().max().item()
+                same = bool(torch.equal(t, ref_t))
+                rows.append({"model": name, "mode": mode, "fraction": frac, "tokens_equal": same,
+                             "max_abs_logit_err": err, "max_abs_logit": scale})
+                log(f"check {name:10s} {mode:13s} frac={frac}: tokens_equal={same} "
+                    f"max|dlogit|={err:.3e} (max|logit| {scale:.1f})")
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rows
+
+
+# --- timing --------------------------------------------------------------------------------
+
+def bench_point(name, batch, context, hw_name, steps, repeats, with_hf, log=print) -> list[dict]:
+    spec = get_spec(name)
+    model = build_model(spec, "cuda", torch.float16, seed=0)
+    ids = torch.randint(0, spec.vocab_size, (batch, context), device="cuda")
+    s_max = context + GEN_LEN
+    budget = offload_budget_gb(spec, batch, s_max)
+    card_gb = torch.cuda.get_device_properties(0).total_memory / 1e9
+    rows = []
+    for mode in MODES:
+        try:
+            cm, r = compiled(model, spec, mode, batch, context, hw_name,
+                             card_gb if mode == "gpu_resident" else budget)
+        except KvcError as e:
+            log(f"{name} b={batch} s={context} {mode}: skipped ({e})")
+            continue
+        try:
+            ms = decode_ms(cm.generate, ids, steps, repeats)
+        except torch.OutOfMemoryError as e:
+            log(f"{name} b={batch} s={context} {mode}: out of memory ({str(e)[:80]})")
+            cm.close()
+            continue
+        pred = predict(spec, r.hardware, cm.plan, context + steps // 2, batch, "float16")
+        moved = int(pred["h2d_bytes"])
+        rows.append({
+            "model": name, "batch": batch, "context": context, "setting": "latency", "mode": mode,
+            "decode_ms_per_token": round(ms, 3), "predicted_ms": round(pred["predicted_step_ms"], 3),
+            "decode_tokens_per_s": round(batch * 1e3 / ms, 2), "bytes_per_step": moved,
+            "link_utilization": round(moved / (ms / 1e3) / (r.hardware.h2d_gbps * 1e9), 3),
+            "recompute_fraction_mid": round(sum(cm.plan.recompute_tokens(i, context) for i in range(spec.num_layers))
+                                            / max(1, spec.num_layers * context), 3),
+            "gpu_mem_gb_budget": round(card_gb if mode == "gpu_resident" else budget, 1),
+        })
+        log(f"{name} b={batch} s={context} {mode:13s} {ms:8.2f} ms/token "
+            f"(LP {pred['predicted_step_ms']:.2f}) moved {moved / 1e9:.2f} GB")
+        cm.close()
+        del cm
+        gc.collect()
+        torch.cuda.empty_cache()
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    if with_hf:
+        rows += hf_offloaded(name, spec, batch, context, min(steps, 4), log)
+    return rows
+
+
+def hf_config(spec):
+    import transformers
+
+    if spec.family == "opt":
+        return transformers.OPTConfig(
+            vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, ffn_dim=spec.intermediate_size,
+            num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
+            max_position_embeddings=spec.max_positions, word_embed_proj_dim=spec.word_embed_proj_dim,
+            do_layer_norm_before=spec.do_layer_norm_before)
+    return transformers.LlamaConfig(
+        vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads, max_position_embeddings=spec.max_positions,
+        rope_theta=spec.rope_theta)
+
+
+def hf_offloaded(name, spec, batch, context, steps, log) -> list[dict]:
+    """Transformers' own offloaded KV cache on the same shape (random weights)."""
+    import transformers
+
+    cfg = hf_config(spec)
+    cfg.bos_token_id = cfg.eos_token_id = cfg.pad_token_id = None
+    with torch.device("cuda"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float16).eval()
+    model.generation_config.eos_token_id = model.generation_config.pad_token_id = None
+    ids = torch.randint(0, spec.vocab_size, (batch, context), device="cuda")
+
+    def gen(x, n):
+        with torch.inference_mode():
+            return model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                  cache_implementation="offloaded")
+
+    ms = decode_ms(gen, ids, steps, 1)
+    log(f"{name} b={batch} s={context} hf_offloaded  {ms:8.2f} ms/token "
+        f"(transformers {transformers.__version__})")
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    kv = cost.kv_bytes(spec, batch, context, 2) * spec.num_layers
+    return [{"model": name, "batch": batch, "context": context, "setting": "latency",
+             "mode": "hf_offloaded", "decode_ms_per_token": round(ms, 3), "predicted_ms": None,
+             "decode_tokens_per_s": round(batch * 1e3 / ms, 2), "bytes_per_step": int(kv),
+             "link_utilization": None}]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--grid", choices=sorted(GRIDS), default="main")
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--steps", type=int, default=8, help="decode steps timed per measurement")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--check", default="opt-125m", help="comma-separated presets to check, or ''")
+    ap.add_argument("--check-only", action="store_true")
+    ap.add_argument("--hf", action="store_true", help="also time transformers' offloaded cache")
+    args = ap.parse_args(argv)
+    hw_name = card_preset()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines: list[str] = []
+
+    def log(msg):
+        print(msg, flush=True)
+        lines.append(msg)
+
+    log(f"card: {torch.cuda.get_device_name()}  torch {torch.__version__}  hardware preset {hw_name}")
+    checks = check([n for n in args.check.split(",") if n], hw_name, log=log) if args.check else []
+    rows = []
+    if not args.check_only:
+        for name, batch, context in GRIDS[args.grid]:
+            rows += bench_point(name, batch, context, hw_name, args.steps, args.repeats, args.hf, log)
+    date = time.strftime("%Y-%m-%d")
+    card = torch.cuda.get_device_name().replace(" ", "-")
+    result = {"card": torch.cuda.get_device_name(), "date": date, "torch": torch.__version__,
+              "command": "python " + " ".join(sys.argv), "hardware_preset": hw_name,
+              "checks": checks, "rows": rows}
+    path = out / f"{date}-{card}.json"
+    path.write_text(json.dumps(result, indent=1))
+    (out / "bench.log").write_text("\n".join(lines) + "\n")
+    print(table(rows))
+    return 0 if all(c["tokens_equal"] for c in checks) else 1
+
+
+def table(rows) -> str:
+    head = "| model | batch | context | mode | ms/token | LP ms | tokens/s | GB/step | link util |"
+    out = [head, "|" + "---|" * 9]
+    for r in rows:
+        pred = "-" if r["predicted_ms"] is None else f"{r['predicted_ms']:.1f}"
+        out.append(f"| {r['model']} | {r['batch']} | {r['context']} | {r['mode']} | "
+                   f"{r['decode_ms_per_token']:.1f} | {pred} | {r['decode_tokens_per_s']:.0f} | "
+                   f"{r['bytes_per_step'] / 1e9:.2f} | {r.get('link_utilization') or 0:.2f} |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
