@@ -14,7 +14,7 @@ from pathlib import Path
 from kvc.config import Config, check_fits_model, load_config
 from kvc.hardware import HardwareConfig
 from kvc.models.spec import ModelSpec
-from kvc.plan import Plan, forced_plan
+from kvc.plan import Plan
 
 
 @dataclass
@@ -47,16 +47,15 @@ def resolve(config, overrides: list[str] | tuple = (), progress: bool = False) -
 
 
 def make_plan(r: Resolved) -> Plan:
-    cfg, s, w = r.config, r.config.schedule, r.config.workload
-    if s.recompute_fraction is not None:
-        return forced_plan(s.mode, r.spec.num_layers, w.prompt_len, w.gen_len, s.chunk_tokens,
-                           s.recompute_fraction, act_chunks=s.act_chunks)
+    """The scheduler's plan (a forced recompute_fraction still gets its memory check and
+    predicted step times from the same cost model)."""
     from kvc.scheduler import make_plan as solve
 
+    cfg, s, w = r.config, r.config.schedule, r.config.workload
     return solve(r.spec, r.hardware, batch_size=w.batch_size, prompt_len=w.prompt_len,
                  gen_len=w.gen_len, dtype=cfg.model.dtype, mode=s.mode,
                  chunk_tokens=s.chunk_tokens, act_chunks=s.act_chunks,
-                 recompute_fraction=None, time_limit_s=s.solver_time_limit_s)
+                 recompute_fraction=s.recompute_fraction, time_limit_s=s.solver_time_limit_s)
 
 
 def compile_artifact(config, overrides: list[str] | tuple = (), output=None,

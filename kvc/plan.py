@@ -41,17 +41,17 @@ class Plan:
         return not all(self.resident)
 
     def recompute_tokens(self, layer: int, s: int) -> int:
-        if self.resident[layer]:
-            return 0
         if self.forced_fraction is not None:
-            return min(s, max(0, round(self.forced_fraction * s)))
+            return 0 if self.resident[layer] else min(s, max(0, round(self.forced_fraction * s)))
         j = s - self.prompt_len
+        if self.resident[layer] and not self.recompute:
+            return 0  # a hand-made all-resident plan may carry no rows
         if not 0 <= j < len(self.recompute):
             raise ValueError(
                 f"the plan covers contexts {self.prompt_len}..{self.prompt_len + len(self.recompute) - 1}"
                 f" tokens, not {s}; compile with a workload that covers it"
             )
-        return self.recompute[j][layer]
+        return 0 if self.resident[layer] else self.recompute[j][layer]
 
     def to_json(self) -> dict:
         # asdict() walks every int of `recompute` (gen_len x layers): build lists directly

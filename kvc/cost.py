@@ -1,0 +1,216 @@
+"""Cost model: bytes, FLOPs and milliseconds per layer per decode step, from shapes alone.
+
+Every time here is affine in the token counts (a per-token slope plus a fixed part), so the
+scheduler's LP can use the slopes directly and `simulate` can evaluate any rounded plan
+exactly with the same numbers. Units: bytes, FLOPs, milliseconds; `*_gbps` is 1e9 bytes/s.
+
+GEMM time follows the profiler's fit `t = flops_per_row * (rows + r0) / F`: F is the peak
+rate and r0 (`gemm_half_rows`) the rows at which the rate reaches half of F. Summed over the
+chunks of a recompute, that is a slope in tokens plus r0 rows per chunk: still affine.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvc.errors import KvcError
+from kvc.hardware import HardwareConfig
+from kvc.models.spec import DTYPE_BYTES, ModelSpec
+
+GB = 1e9
+# kernels one decoder layer launches for the new token (norms, projections, RoPE, attention,
+# residual adds, MLP, cache writes); only their launch overhead matters, so a round count
+LAYER_OPS = 16
+# per recompute chunk: K GEMM, V GEMM, cache writes (+ RoPE for the llama family)
+RECOMPUTE_OPS = {"opt": 4, "llama": 5}
+
+
+def dtype_bytes(dtype: str) -> int:
+    try:
+        return DTYPE_BYTES[dtype]
+    except KeyError:
+        raise KvcError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPE_BYTES)}") from None
+
+
+# --- bytes and FLOPs ----------------------------------------------------------------------
+
+def act_bytes(spec: ModelSpec, b: int, tokens, p: int):
+    """A layer's input activations for `tokens` cached tokens: what ships instead of K,V."""
+    return b * tokens * spec.hidden_size * p
+
+
+def kv_bytes(spec: ModelSpec, b: int, tokens, p: int):
+    return 2 * b * tokens * spec.kv_width * p
+
+
+def recompute_flops(spec: ModelSpec, b: int, tokens):
+    """K and V projections of `tokens` activations: 2 GEMMs of [b*l, h] @ [h, h_kv]."""
+    return 2 * b * tokens * spec.hidden_size * 2 * spec.kv_width
+
+
+def weight_bytes(spec: ModelSpec, p: int) -> int:
+    return spec.param_count() * p
+
+
+def writeback_bytes(spec: ModelSpec, b: int, p: int) -> int:
+    """The new token's activation and K,V, back to the CPU pools each step (per layer)."""
+    return b * (spec.hidden_size + 2 * spec.kv_width) * p
+
+
+# --- times ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LayerCosts:
+    """Per-layer time coefficients (ms) for one model, batch, dtype and machine.
+
+    `*_per_tok` are slopes in tokens; `*_fixed` are paid once per copy / chunk / layer.
+    The slowdown factors are applied here, once, because in every offloaded schedule the
+    copies and the compute of a step run side by side for most of it.
+    """
+    act_per_tok: float  # H2D activation copy
+    kv_per_tok: float  # H2D K+V copy
+    rec_per_tok: float  # K/V recompute on the GPU
+    attn_per_tok: float  # decode attention reading K,V from GPU memory
+    copy_fixed: float  # one H2D copy's latency
+    rec_chunk_fixed: float  # one recompute chunk: GEMM r0 rows, weight read, launches
+    layer_fixed: float  # the new token through the layer (weights GEMMs, launches)
+    writeback: float  # D2H of the new token's activation and K,V (3 copies)
+    head: float  # final norm + LM head for the step
+    compute_slowdown: float
+    copy_slowdown: float
+
+
+def layer_costs(spec: ModelSpec, hw: HardwareConfig, b: int, dtype: str, offloaded=True) -> LayerCosts:
+    p = dtype_bytes(dtype)
+    h, hkv = spec.hidden_size, spec.kv_width
+    F = hw.gemm_tflops * 1e12
+    r0 = hw.gemm_half_rows
+    h2d = hw.h2d_gbps * GB
+    mem = hw.attn_gbps * GB
+    lat = hw.link_latency_us * 1e-3
+    launch = hw.launch_us * 1e-3
+    cs = hw.compute_slowdown if offloaded else 1.0
+    ks = hw.copy_slowdown if offloaded else 1.0
+    ms = 1e3
+
+    P = spec.layer_param_count()
+    # decode GEMMs read every weight once; at small batch that read, not the FLOPs, bounds it
+    weights_ms = max(2 * P * (b + r0) / F, P * p / mem) * ms
+    rec_w = 2 * h * hkv  # K and V projection weights
+    rec_chunk = (2 * rec_w * r0 / F + rec_w * p / mem) * ms + RECOMPUTE_OPS[spec.family] * launch
+    head_p = spec.vocab_size * spec.word_embed_proj_dim
+    head = max(2 * head_p * (b + r0) / F, head_p * p / mem) * ms + 4 * launch
+    # the D2H stream shares the link with H2D copies, so it gets the both-directions rate
+    wb = writeback_bytes(spec, b, p) / (min(hw.d2h_gbps, hw.bidir_gbps) * GB) * ms + 3 * lat
+    return LayerCosts(
+        act_per_tok=act_bytes(spec, b, 1, p) / h2d * ms * ks,
+        kv_per_tok=kv_bytes(spec, b, 1, p) / h2d * ms * ks,
+        rec_per_tok=recompute_flops(spec, b, 1) / F * ms * cs,
+        attn_per_tok=kv_bytes(spec, b, 1, p) / mem * ms * cs,
+        copy_fixed=lat * ks,
+        rec_chunk_fixed=rec_chunk * cs,
+        layer_fixed=(weights_ms + LAYER_OPS * launch + hw.attn_fixed_us * 1e-3) * cs,
+        writeback=wb,
+        head=head * cs,
+        compute_slowdown=cs,
+        copy_slowdown=ks,
+    )
+
+
+def durations(c: LayerCosts, s, l, resident, act_chunks: int):
+    """Per-layer stream durations (ms) at context s with l recomputed: arrays broadcast.
+
+    Returns (A, K, R, C, D): activation copy, K,V copy, recompute, the layer's own compute,
+    write-back. Fixed parts are only paid when the work they belong to exists, so a plan that
+    recomputes nothing costs exactly what full offload costs.
+    """
+    s = np.asarray(s, dtype=float)
+    l = np.asarray(l, dtype=float)
+    off = ~np.asarray(resident, dtype=bool)
+    kv = np.where(off, s - l, 0.0)
+    l = np.where(off, l, 0.0)
+    uses = l > 0
+    A = np.where(uses, c.act_per_tok * l + act_chunks * c.copy_fixed, 0.0)
+    K = np.where(kv > 0, c.kv_per_tok * kv + 2 * c.copy_fixed, 0.0)
+    R = np.where(uses, c.rec_per_tok * l + act_chunks * c.rec_chunk_fixed, 0.0)
+    # attention reads the s cached tokens plus the new one, resident or not
+    C = c.layer_fixed + c.attn_per_tok * (s + 1) + 0 * l
+    D = np.where(off, c.writeback, 0.0) + 0 * l
+    return A, K, R, C, D
+
+
+def simulate(A, K, R, C, D, head: float, lookahead: int, act_chunks: int):
+    """Earliest-start schedule of one decode step, as the runtime issues it.
+
+    Arrays are [layers, ...] (any trailing shape, e.g. contexts). Streams: one H2D copy
+    stream (per layer: activation chunks, then the K,V tail), the compute stream (recompute
+    chunk k once chunk k has landed and chunk k-1 is done, then the layer once its K,V tail
+    has landed), and a D2H stream for write-back. Layer i's copies go into staging buffer
+    i mod (lookahead+1), so they wait for layer i-1-lookahead to finish computing: lookahead 1
+    (pipelined, full_offload) overlaps layer i+1's copies with layer i's compute; lookahead 0
+    (kvpr) runs layer by layer. The LP in scheduler.py states exactly these inequalities;
+    this is their earliest solution for fixed durations.
+    Returns (step, link_busy, gpu_busy) in ms.
+    """
+    L = A.shape[0]
+    zero = np.zeros(A.shape[1:])
+    ends = []  # compute end per layer
+    copy_end = zero
+    d2h_end = zero
+    c = act_chunks
+    for i in range(L):
+        j = i - 1 - lookahead
+        start = np.maximum(copy_end, ends[j]) if j >= 0 else copy_end
+        t = ends[i - 1] if i else zero
+        for k in range(1, c + 1):
+            t = np.maximum(t, start + k * A[i] / c) + R[i] / c
+        copy_end = start + A[i] + K[i]
+        end = np.maximum(t, copy_end) + C[i]
+        ends.append(end)
+        d2h_end = np.maximum(d2h_end, end) + D[i]
+    step = np.maximum(ends[-1] + head, d2h_end)
+    link = (A + K).sum(axis=0)
+    gpu = (R + C).sum(axis=0) + head
+    return step, link, gpu
+
+
+# --- memory ----------------------------------------------------------------------------------
+
+def workspace_bytes(spec: ModelSpec, b: int, s_max: int, p: int) -> int:
+    """Transient activations of one step: MLP intermediates, fp32 logits, attention scores."""
+    inter = b * (4 * spec.hidden_size + 2 * spec.intermediate_size) * p
+    return inter + b * spec.vocab_size * 4 + b * spec.num_heads * (s_max + 1) * 4
+
+
+def staging_bytes(spec: ModelSpec, b: int, s_max: int, p: int, buffers: int, with_act: bool) -> int:
+    """GPU staging for offloaded layers: per buffer, K,V of all s tokens (transferred tail and
+    recomputed head land in the same buffer, so attention reads one tensor), plus the
+    activations of the recomputed head when the plan recomputes anything."""
+    per = kv_bytes(spec, b, s_max + 1, p) + (act_bytes(spec, b, s_max, p) if with_act else 0)
+    return buffers * per
+
+
+def memory_terms(spec: ModelSpec, hw: HardwareConfig, b: int, s_max: int, dtype: str,
+                 buffers: int, with_act: bool) -> dict:
+    """GB figures for the GPU budget; `free_gb` is what is left for resident KV caches.
+
+    Weights are all resident today; weight streaming (issue 6) will subtract the streamed
+    fraction here and add its bytes to the copy stream in `durations`.
+    """
+    p = dtype_bytes(dtype)
+    t = {
+        "weights_gb": weight_bytes(spec, p) / GB,
+        "staging_gb": staging_bytes(spec, b, s_max, p, buffers, with_act) / GB if buffers else 0.0,
+        "workspace_gb": workspace_bytes(spec, b, s_max, p) / GB,
+        "margin_gb": hw.mem_margin_gb,
+        "layer_kv_gb": kv_bytes(spec, b, s_max + 1, p) / GB,
+    }
+    t["free_gb"] = hw.gpu_mem_gb - t["weights_gb"] - t["staging_gb"] - t["workspace_gb"] - t["margin_gb"]
+    return t
+
+
+def cpu_pool_gb(spec: ModelSpec, b: int, s_max: int, dtype: str) -> float:
+    """Pinned host pools: activations and K,V of every token of every layer."""
+    p = dtype_bytes(dtype)
+    return spec.num_layers * (act_bytes(spec, b, s_max + 1, p) + kv_bytes(spec, b, s_max + 1, p)) / GB

@@ -1,0 +1,125 @@
+"""What `kvc plan` prints: the chosen split per layer at one context, the predicted decode
+step and where its time goes, and every other mode's prediction beside it.
+
+Both forms come from the same dict (`plan_json`), so the text never says something the JSON
+does not. No Hydra here: the CLI passes plain values from its Config.
+"""
+from __future__ import annotations
+
+from kvc import cost
+from kvc.errors import KvcError
+from kvc.hardware import HardwareConfig
+from kvc.models.spec import ModelSpec
+from kvc.plan import MODES
+from kvc.scheduler import make_plan, predict
+
+
+def plan_json(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_len: int,
+              gen_len: int, dtype: str, mode: str, chunk_tokens: int, act_chunks: int,
+              recompute_fraction: float | None, context: int | None = None,
+              time_limit_s: float = 10.0) -> dict:
+    s = prompt_len if context is None else int(context)
+    if not prompt_len <= s <= prompt_len + gen_len:
+        raise KvcError(f"--context {s}: the plan covers contexts {prompt_len}.."
+                       f"{prompt_len + gen_len} (workload.prompt_len .. prompt_len + gen_len)")
+    kw = dict(batch_size=batch_size, prompt_len=prompt_len, gen_len=gen_len, dtype=dtype,
+              chunk_tokens=chunk_tokens, act_chunks=act_chunks, time_limit_s=time_limit_s)
+    plan = make_plan(spec, hw, mode=mode, recompute_fraction=recompute_fraction, **kw)
+    pred = predict(spec, hw, plan, s, batch_size, dtype)
+    p = cost.dtype_bytes(dtype)
+    layers = []
+    for i in range(spec.num_layers):
+        res = plan.resident[i]
+        l = plan.recompute_tokens(i, s)
+        kv = 0 if res else s - l
+        layers.append({
+            "layer": i, "recompute_tokens": l, "kv_tokens": kv, "gpu_tokens": s if res else 0,
+            "act_bytes": int(cost.act_bytes(spec, batch_size, l, p)),
+            "kv_bytes": int(cost.kv_bytes(spec, batch_size, kv, p)),
+        })
+    modes = {}
+    for m in MODES:
+        if m == mode:
+            modes[m] = {"predicted_step_ms": pred["predicted_step_ms"]}
+            continue
+        try:
+            # a forced fraction is an experiment on the chosen mode; the others are solved
+            other = make_plan(spec, hw, mode=m, recompute_fraction=None, **kw)
+        except KvcError as e:
+            modes[m] = {"predicted_step_ms": None, "infeasible": str(e)}
+            continue
+        modes[m] = {"predicted_step_ms": predict(spec, hw, other, s, batch_size, dtype)["predicted_step_ms"]}
+    base = pred["predicted_step_ms"]
+    for v in modes.values():
+        if v["predicted_step_ms"] is not None:
+            v["ratio_to_" + mode] = round(v["predicted_step_ms"] / base, 4) if base else None
+    return {
+        "model": {"num_layers": spec.num_layers, "hidden_size": spec.hidden_size,
+                  "kv_width": spec.kv_width, "dtype": dtype},
+        "hardware": hw.name,
+        "mode": mode, "context": s, "batch_size": batch_size,
+        "prompt_len": prompt_len, "gen_len": gen_len,
+        "chunk_tokens": chunk_tokens, "act_chunks": plan.act_chunks, "lookahead": plan.lookahead,
+        "forced_fraction": plan.forced_fraction,
+        "layers": layers,
+        **pred,
+        "modes": modes,
+        "memory_gb": plan.notes.get("memory_gb", {}),
+        "cpu_pool_gb": round(cost.cpu_pool_gb(spec, batch_size, prompt_len + gen_len, dtype), 3),
+        "notes": {k: v for k, v in plan.notes.items() if k != "memory_gb"},
+    }
+
+
+def plan_text(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_len: int,
+              gen_len: int, dtype: str, mode: str, chunk_tokens: int, act_chunks: int,
+              recompute_fraction: float | None, context: int | None = None,
+              time_limit_s: float = 10.0) -> str:
+    d = plan_json(spec, hw, batch_size=batch_size, prompt_len=prompt_len, gen_len=gen_len,
+                  dtype=dtype, mode=mode, chunk_tokens=chunk_tokens, act_chunks=act_chunks,
+                  recompute_fraction=recompute_fraction, context=context, time_limit_s=time_limit_s)
+    s = d["context"]
+    out = [f"kvc plan: {mode} on {d['hardware']}, batch {batch_size}, {dtype}, context {s} "
+           f"(contexts {prompt_len}..{prompt_len + gen_len})"]
+    if d["forced_fraction"] is not None:
+        out.append(f"  forced: l = round({d['forced_fraction']:g} * s) in every offloaded layer")
+    out.append(f"  {'layer':>5}  {'recompute':>9}  {'kv':>7}  {'on gpu':>7}  {'act MB':>9}  {'kv MB':>9}")
+    for row in _fold(d["layers"]):
+        first, last, r = row
+        name = f"{first}" if first == last else f"{first}-{last}"
+        out.append(f"  {name:>5}  {r['recompute_tokens']:>9}  {r['kv_tokens']:>7}  {r['gpu_tokens']:>7}"
+                   f"  {r['act_bytes'] / 1e6:>9.2f}  {r['kv_bytes'] / 1e6:>9.2f}")
+    tot = d["h2d_bytes"] / 1e6
+    out.append(f"  H2D per step: {tot:,.3f} MB")
+    step = d["predicted_step_ms"]
+    out.append(f"predicted decode step: {step:.3f} ms  (link busy {d['link_busy_ms']:.3f} ms, "
+               f"GPU busy {d['gpu_busy_ms']:.3f} ms, GPU idle {d['gpu_idle_ms']:.3f} ms)")
+    out.append("all modes at this context:")
+    for m, v in d["modes"].items():
+        mark = " <- chosen" if m == mode else ""
+        if v["predicted_step_ms"] is None:
+            out.append(f"  {m:<13} infeasible: {v['infeasible']}")
+        else:
+            out.append(f"  {m:<13} {v['predicted_step_ms']:>10.3f} ms  x{v['ratio_to_' + mode]:.2f}{mark}")
+    mem = d["memory_gb"]
+    if mem:
+        out.append("GPU memory (GB): " + ", ".join(
+            f"{k[:-3]} {v:.2f}" for k, v in mem.items() if isinstance(v, float)) +
+                   (f" (staging holds {mem['staging_for']})" if "staging_for" in mem else ""))
+    if d["cpu_pool_gb"] > hw.cpu_mem_gb:
+        out.append(f"warning: the CPU pools need {d['cpu_pool_gb']:.1f} GB, more than "
+                   f"hardware.cpu_mem_gb = {hw.cpu_mem_gb:g}")
+    for k, v in d["notes"].items():
+        out.append(f"note: {k}: {v}")
+    return "\n".join(out)
+
+
+def _fold(layers):
+    """Consecutive layers with the same split print as one row."""
+    keys = ("recompute_tokens", "kv_tokens", "gpu_tokens")
+    rows = []
+    for r in layers:
+        if rows and all(rows[-1][2][k] == r[k] for k in keys):
+            rows[-1][1] = r["layer"]
+        else:
+            rows.append([r["layer"], r["layer"], r])
+    return rows

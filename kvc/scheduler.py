@@ -1,0 +1,285 @@
+"""The scheduler: a linear program (pulp + CBC) that splits each layer's context between
+recomputed-from-activations, transferred-as-K,V and kept-on-GPU, for every decode step.
+
+How a plan is made (`make_plan`):
+1. Memory: weights, staging buffers, workspace and a margin come off `gpu_mem_gb`; what is
+   left may hold whole resident layers. Too little even to stream one layer is an error.
+2. pipelined only: one LP at the longest context, with a free per-layer GPU fraction z_i
+   under the memory budget, says which layers to keep resident (the largest z_i, rounded down
+   to whole layers: the runtime keeps a layer's cache entirely on one side).
+3. For a few representative contexts (geometric from one chunk to the longest), an LP with
+   that residency fixed gives each layer's recompute fraction l_i/s. A context between two
+   representatives interpolates the fraction in log s; l is rounded to `chunk_tokens`.
+4. The rounded plan is evaluated at every context with cost.simulate (the same inequalities
+   as the LP, with fixed costs only where paid); where recomputing nothing is predicted
+   faster, that context recomputes nothing. So pipelined is never predicted slower than
+   full_offload, and grouped-query models, whose activations are bigger than their K,V,
+   recompute nothing: the LP's slope says so, no special case.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import replace
+
+import numpy as np
+import pulp
+
+from kvc import cost
+from kvc.errors import KvcError
+from kvc.hardware import HardwareConfig
+from kvc.models.spec import ModelSpec
+from kvc.plan import MODES, Plan, forced_plan, overlap_for
+
+MAX_BUCKETS = 7
+
+
+def make_plan(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_len: int,
+              gen_len: int, dtype: str, mode: str, chunk_tokens: int = 64, act_chunks: int = 4,
+              recompute_fraction: float | None = None, time_limit_s: float = 10.0) -> Plan:
+    if mode not in MODES:
+        raise KvcError(f"schedule.mode {mode!r}: expected one of {list(MODES)}")
+    for name, v, least in (("batch_size", batch_size, 1), ("prompt_len", prompt_len, 1),
+                           ("gen_len", gen_len, 0), ("chunk_tokens", chunk_tokens, 1),
+                           ("act_chunks", act_chunks, 1)):
+        if int(v) != v or v < least:
+            raise KvcError(f"{name} = {v!r}: expected an integer >= {least}")
+    t0 = time.perf_counter()
+    L, s_max = spec.num_layers, prompt_len + gen_len
+    ov = overlap_for(mode, act_chunks)
+    look, chunks = ov["lookahead"], ov["act_chunks"]
+    ctx = np.arange(prompt_len, s_max + 1)
+    common = dict(mode=mode, num_layers=L, prompt_len=prompt_len, gen_len=gen_len,
+                  chunk_tokens=chunk_tokens, batch_size=batch_size, dtype=dtype, **ov)
+
+    if mode == "gpu_resident":
+        mem = _check_memory(spec, hw, batch_size, s_max, dtype, mode, buffers=0, with_act=False)
+        resident, fractions_needed = (True,) * L, False
+    elif mode == "full_offload":
+        mem = _check_memory(spec, hw, batch_size, s_max, dtype, mode, buffers=look + 1, with_act=False)
+        resident, fractions_needed = (False,) * L, False
+    else:
+        mem = _check_memory(spec, hw, batch_size, s_max, dtype, mode, buffers=look + 1,
+                            with_act=recompute_fraction != 0)
+        resident, fractions_needed = (False,) * L, True
+    notes: dict = {"memory_gb": _round(mem)}
+
+    if recompute_fraction is not None:
+        if not 0.0 <= recompute_fraction <= 1.0:
+            raise KvcError(f"schedule.recompute_fraction = {recompute_fraction}: expected 0..1")
+        plan = forced_plan(mode, L, prompt_len, gen_len, chunk_tokens, recompute_fraction, act_chunks)
+        plan = replace(plan, batch_size=batch_size, dtype=dtype)
+        steps = _evaluate(spec, hw, plan, ctx, batch_size, dtype)[0]
+        return replace(plan, predicted_step_ms=tuple(float(round(v, 6)) for v in steps),
+                       notes={**notes, "forced": True})
+
+    c = cost.layer_costs(spec, hw, batch_size, dtype, offloaded=mode != "gpu_resident")
+    recompute = np.zeros((L, len(ctx)), dtype=np.int64)
+    if fractions_needed and mem.get("recompute_disabled"):
+        notes["recompute_disabled"] = mem["recompute_disabled"]
+    elif fractions_needed:
+        deadline = t0 + time_limit_s
+        if mode == "pipelined" and mem["free_gb"] >= mem["layer_kv_gb"]:
+            z = _solve(c, L, s_max, look, chunks, resident, deadline,
+                       mem_budget=(mem["free_gb"], mem["layer_kv_gb"]))[1]
+            n_res = min(L, int(math.floor(sum(z) + 1e-6)),
+                        int(mem["free_gb"] // mem["layer_kv_gb"]))
+            keep = sorted(range(L), key=lambda i: (-round(z[i], 6), i))[:n_res]
+            resident = tuple(i in keep for i in range(L))
+        if all(resident):
+            fractions_needed = False  # everything fits on the GPU: nothing left to split
+    if fractions_needed and not mem.get("recompute_disabled"):
+        reps = _representatives(prompt_len, s_max, chunk_tokens)
+        fr = np.array([_solve(c, L, s, look, chunks, resident, deadline)[0] for s in reps]).T
+        notes["buckets"] = [int(s) for s in reps]
+        recompute = _round_to_chunks(fr, reps, ctx, chunk_tokens)
+    plan = Plan(resident=resident, recompute=(), **common)
+    steps, _, _ = _evaluate_arrays(spec, hw, plan, ctx, recompute, batch_size, dtype)
+    if recompute.any():
+        # the LP charged per-copy / per-chunk fixed costs to every layer, and rounding moved
+        # l; wherever recomputing nothing is predicted faster, recompute nothing
+        none = np.zeros_like(recompute)
+        steps0 = _evaluate_arrays(spec, hw, plan, ctx, none, batch_size, dtype)[0]
+        worse = steps0 < steps
+        recompute[:, worse] = 0
+        steps = np.where(worse, steps0, steps)
+    if mode == "pipelined" and not recompute.any() and "act" in mem.get("staging_for", ""):
+        # nothing recomputed (e.g. grouped-query models): the activation staging is not
+        # needed, and its memory holds more resident layers, which never slow a step
+        bare = cost.memory_terms(spec, hw, batch_size, s_max, dtype, look + 1, False)
+        n_max = min(L, int(max(0.0, bare["free_gb"]) // bare["layer_kv_gb"]))
+        extra = [i for i in range(L) if not resident[i]][:max(0, n_max - sum(resident))]
+        if extra:
+            resident = tuple(r or i in extra for i, r in enumerate(resident))
+            plan = replace(plan, resident=resident)
+            steps = _evaluate_arrays(spec, hw, plan, ctx, recompute, batch_size, dtype)[0]
+            notes["memory_gb"] = _round({**bare, "staging_for": "kv"})
+    notes["solve_s"] = round(time.perf_counter() - t0, 4)
+    return replace(plan, recompute=tuple(map(tuple, recompute.T.tolist())),
+                   predicted_step_ms=tuple(float(round(v, 6)) for v in steps), notes=notes)
+
+
+def predict(spec: ModelSpec, hw: HardwareConfig, plan: Plan, s: int, batch_size: int,
+            dtype: str) -> dict:
+    """Predicted decode step at context s: total and the busy time of the link and the GPU."""
+    if plan.batch_size and (plan.batch_size, plan.dtype) != (batch_size, dtype):
+        raise KvcError(f"the plan was made for batch {plan.batch_size} {plan.dtype}, "
+                       f"not batch {batch_size} {dtype}; make a plan for this workload")
+    step, link, gpu, moved = _evaluate(spec, hw, plan, np.array([s]), batch_size, dtype)
+    step, link, gpu = float(step[0]), float(link[0]), float(gpu[0])
+    return {"predicted_step_ms": step, "link_busy_ms": link, "gpu_busy_ms": gpu,
+            "gpu_idle_ms": max(0.0, step - gpu), "link_idle_ms": max(0.0, step - link),
+            "h2d_bytes": int(moved[0])}
+
+
+# --- evaluation ------------------------------------------------------------------------------
+
+def _evaluate(spec, hw, plan: Plan, ctx: np.ndarray, b: int, dtype: str):
+    l = np.array([[plan.recompute_tokens(i, int(s)) for s in ctx] for i in range(plan.num_layers)])
+    step, link, gpu = _evaluate_arrays(spec, hw, plan, ctx, l, b, dtype)
+    p = cost.dtype_bytes(dtype)
+    off = ~np.array(plan.resident)[:, None]
+    moved = (cost.act_bytes(spec, b, l, p) + cost.kv_bytes(spec, b, ctx[None, :] - l, p)) * off
+    return step, link, gpu, moved.sum(axis=0)
+
+
+def _evaluate_arrays(spec, hw, plan: Plan, ctx, l, b, dtype):
+    c = cost.layer_costs(spec, hw, b, dtype, offloaded=plan.offloaded)
+    res = np.array(plan.resident)[:, None]
+    A, K, R, C, D = cost.durations(c, ctx[None, :], l, res, plan.act_chunks)
+    return cost.simulate(A, K, R, C, D, c.head, plan.lookahead, plan.act_chunks)
+
+
+# --- memory ----------------------------------------------------------------------------------
+
+def _check_memory(spec, hw, b, s_max, dtype, mode, buffers, with_act) -> dict:
+    if mode == "gpu_resident":
+        m = cost.memory_terms(spec, hw, b, s_max, dtype, 0, False)
+        need = m["layer_kv_gb"] * spec.num_layers - m["free_gb"]
+        if need > 0:
+            raise KvcError(
+                f"gpu_resident does not fit: needs {need:.1f} GB more than hardware.gpu_mem_gb = "
+                f"{hw.gpu_mem_gb:g} (weights {m['weights_gb']:.1f} GB + KV cache "
+                f"{m['layer_kv_gb'] * spec.num_layers:.1f} GB + workspace {m['workspace_gb']:.1f} GB"
+                f" + margin {m['margin_gb']:g} GB); use an offloading mode")
+        return m
+    bare = {**cost.memory_terms(spec, hw, b, s_max, dtype, buffers, False), "staging_for": "kv"}
+    if bare["free_gb"] < 0:
+        raise KvcError(
+            f"{mode}: GPU memory is {-bare['free_gb']:.2f} GB short of streaming even one layer: "
+            f"weights {bare['weights_gb']:.2f} GB + staging {bare['staging_gb']:.2f} GB + "
+            f"workspace {bare['workspace_gb']:.2f} GB + margin {bare['margin_gb']:g} GB > "
+            f"hardware.gpu_mem_gb = {hw.gpu_mem_gb:g}; lower workload.batch_size or the context")
+    if not with_act:
+        return bare
+    m = cost.memory_terms(spec, hw, b, s_max, dtype, buffers, True)
+    if m["free_gb"] < 0:
+        bare["recompute_disabled"] = (f"activation staging needs {-m['free_gb']:.2f} GB more "
+                                      f"GPU memory; planned without recompute")
+        return bare
+    return {**m, "staging_for": "kv+act"}
+
+
+# --- the LP ----------------------------------------------------------------------------------
+
+def _solve(c: cost.LayerCosts, L: int, s: int, look: int, chunks: int, resident, deadline: float,
+           mem_budget: tuple[float, float] | None = None):
+    """One decode step at context s as an LP. Returns (l_i/s, z_i) per layer.
+
+    Variables: x_i (recomputed fraction), z_i (kept-on-GPU fraction, only with mem_budget);
+    the K,V fraction is 1 - x_i - z_i. Times: P_i copy start, Q_ik recompute chunk k start,
+    E_i compute end, W_i write-back end, T the step. Same inequalities as cost.simulate.
+    """
+    prob = pulp.LpProblem("kvc_step", pulp.LpMinimize)
+    V = prob.add_variable  # pulp 3.3+: variables belong to their problem
+    T = V("T", 0)
+    prob += T
+    zero = pulp.LpAffineExpression()
+    x, z = [], []
+    for i in range(L):
+        if resident[i]:
+            x.append(zero)
+            z.append(zero)
+            continue
+        x.append(V(f"x{i}", 0, 1))
+        z.append(V(f"z{i}", 0, 1) if mem_budget else zero)
+        if mem_budget:
+            prob += x[i] + z[i] <= 1
+    E, P, copy_end = [], None, None
+    W = None
+    C = c.layer_fixed + c.attn_per_tok * (s + 1)
+    for i in range(L):
+        off = not resident[i]
+        A = (c.act_per_tok * s) * x[i] + chunks * c.copy_fixed if off else zero
+        K = ((c.kv_per_tok * s) * (1 - x[i] - z[i]) + 2 * c.copy_fixed) if off else zero
+        R = (c.rec_per_tok * s) * x[i] + chunks * c.rec_chunk_fixed if off else zero
+        P = V(f"P{i}", 0)
+        if copy_end is not None:
+            prob += P >= copy_end  # one copy stream
+        if i - 1 - look >= 0:
+            prob += P >= E[i - 1 - look]  # staging buffer i mod (look+1) is free
+        prev = None
+        for k in range(1, chunks + 1):
+            Q = V(f"Q{i}_{k}", 0)
+            if off:
+                prob += Q >= P + (k / chunks) * A  # chunk k has landed
+            if prev is not None:
+                prob += Q >= prev + (1.0 / chunks) * R
+            elif i:
+                prob += Q >= E[i - 1]
+            prev = Q
+        copy_end = P + A + K
+        E.append(V(f"E{i}", 0))
+        prob += E[i] >= prev + (1.0 / chunks) * R + C
+        if off:
+            prob += E[i] >= copy_end + C  # the K,V tail has landed
+        Dw = c.writeback if off else 0.0
+        Wn = V(f"W{i}", 0)
+        prob += Wn >= E[i] + Dw
+        if W is not None:
+            prob += Wn >= W + Dw
+        W = Wn
+    prob += T >= E[-1] + c.head
+    prob += T >= W
+    if mem_budget:
+        free, per_layer = mem_budget
+        prob += pulp.lpSum(z) * per_layer <= free, "gpu_memory"
+    left = max(0.5, deadline - time.perf_counter())
+    with warnings.catch_warnings():
+        # PULP_CBC_CMD (the CBC bundled with pulp) is deprecated for pulp 4, which drops the
+        # bundle; until then it is the one solver every install has
+        warnings.simplefilter("ignore", DeprecationWarning)
+        status = prob.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=left))
+    if pulp.LpStatus[status] != "Optimal" or prob.sol_status != pulp.LpSolutionOptimal:
+        what = pulp.LpStatus[status]
+        sol = pulp.LpSolution.get(prob.sol_status, str(prob.sol_status))
+        hint = ("the GPU memory constraint (resident layers vs gpu_mem_gb)" if what == "Infeasible"
+                else f"no optimal solution within schedule.solver_time_limit_s ({left:.1f} s left)")
+        raise KvcError(f"scheduler LP at context {s} failed: status {what}, solution {sol}; "
+                       f"binding: {hint}")
+    val = lambda e: float(pulp.value(e) or 0.0) if not isinstance(e, pulp.LpAffineExpression) else 0.0
+    return [min(1.0, max(0.0, val(v))) for v in x], [min(1.0, max(0.0, val(v))) for v in z]
+
+
+def _representatives(lo: int, hi: int, chunk: int) -> list[int]:
+    """Contexts to solve at: geometric between one chunk (below it, l rounds to 0) and hi."""
+    a = max(lo, min(chunk, hi))
+    if hi <= a:
+        return [hi]
+    n = min(MAX_BUCKETS, max(2, math.ceil(math.log2(hi / a)) + 1))
+    pts = sorted({int(round(a * (hi / a) ** (k / (n - 1)))) for k in range(n)})
+    return pts
+
+
+def _round_to_chunks(fr: np.ndarray, reps: list[int], ctx: np.ndarray, chunk: int) -> np.ndarray:
+    """Per-layer fraction at each context (log-interpolated), then l in whole chunks <= s."""
+    logs = np.log(np.asarray(reps, dtype=float))
+    lc = np.log(ctx.astype(float))
+    f = np.stack([np.interp(lc, logs, row) for row in fr]) if len(reps) > 1 else fr.repeat(len(ctx), 1)
+    l = np.rint(f * ctx / chunk).astype(np.int64) * chunk
+    return np.minimum(l, (ctx // chunk) * chunk)
+
+
+def _round(d: dict) -> dict:
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in d.items()}

@@ -1,0 +1,94 @@
+"""Cost model: bytes/FLOPs from shapes, and the step simulation each mode's timing rests on."""
+import numpy as np
+import pytest
+
+from kvc import cost
+from kvc.errors import KvcError
+from kvc.hardware import HardwareConfig
+from kvc.models.spec import PRESETS
+
+HW = HardwareConfig(name="t", h2d_gbps=32, d2h_gbps=32, bidir_gbps=32, gemm_tflops=312,
+                    gemm_half_rows=0, attn_gbps=2000, gpu_mem_gb=80, link_latency_us=0,
+                    launch_us=0, attn_fixed_us=0)
+
+
+def test_activations_are_half_the_kv_bytes_for_mha_and_more_for_gqa():
+    mha, gqa = PRESETS["opt-6.7b"], PRESETS["llama-3-8b"]
+    assert cost.act_bytes(mha, 4, 100, 2) * 2 == cost.kv_bytes(mha, 4, 100, 2)
+    assert cost.act_bytes(gqa, 4, 100, 2) == 2 * cost.kv_bytes(gqa, 4, 100, 2)  # h_kv = h/4
+
+
+def test_recompute_flops_match_design_formula():
+    s = PRESETS["llama-2-7b"]
+    b, l, h = 3, 50, s.hidden_size
+    assert cost.recompute_flops(s, b, l) == 2 * b * l * h * 2 * s.kv_width
+
+
+def test_unknown_dtype_is_a_kvc_error():
+    with pytest.raises(KvcError, match="dtype"):
+        cost.dtype_bytes("int3")
+
+
+def test_layer_costs_slopes():
+    s = PRESETS["opt-6.7b"]
+    c = cost.layer_costs(s, HW, 2, "float16")
+    assert c.kv_per_tok == pytest.approx(2 * c.act_per_tok)
+    assert c.act_per_tok == pytest.approx(2 * 4096 * 2 / 32e9 * 1e3)
+    assert c.rec_per_tok == pytest.approx(4 * 2 * 4096 * 4096 / 312e12 * 1e3)
+
+
+def _sim(c, s, l, resident, look, chunks):
+    L = len(l)
+    A, K, R, C, D = cost.durations(c, np.full((L, 1), s), np.array(l)[:, None],
+                                   np.array(resident)[:, None], chunks)
+    return cost.simulate(A, K, R, C, D, c.head, look, chunks), (A, K, R, C, D)
+
+
+def test_kvpr_layer_time_is_act_plus_max():
+    c = cost.layer_costs(PRESETS["opt-6.7b"], HW, 8, "float16")
+    (step, _, _), (A, K, R, C, D) = _sim(c, 1024, [512] * 4, [False] * 4, 0, 1)
+    expect = (A + np.maximum(R, K) + C).sum() + c.head
+    assert step[0] == pytest.approx(max(expect, step[0] - D[-1][0]))
+
+
+def test_full_offload_steady_state_is_max_of_copy_and_compute():
+    c = cost.layer_costs(PRESETS["opt-6.7b"], HW, 8, "float16")
+    L = 40
+    (step, link, gpu), (A, K, R, C, D) = _sim(c, 2048, [0] * L, [False] * L, 1, 1)
+    per = max(K[0, 0], C[0, 0])
+    # first copy exposed, then one max() per layer
+    assert step[0] == pytest.approx(K[0, 0] + (L - 1) * per + C[0, 0] + c.head, rel=1e-3)
+
+
+def test_pipelined_without_recompute_equals_full_offload():
+    c = cost.layer_costs(PRESETS["opt-6.7b"], HW, 8, "float16")
+    a = _sim(c, 1000, [0] * 6, [False] * 6, 1, 4)[0][0]
+    b = _sim(c, 1000, [0] * 6, [False] * 6, 1, 1)[0][0]
+    assert a[0] == pytest.approx(b[0])
+
+
+def test_resident_layers_never_slow_a_step():
+    c = cost.layer_costs(PRESETS["opt-6.7b"], HW, 8, "float16")
+    base = _sim(c, 3000, [1024] * 8, [False] * 8, 1, 4)[0][0][0]
+    for i in range(8):
+        res = [j == i for j in range(8)]
+        assert _sim(c, 3000, [1024] * 8, res, 1, 4)[0][0][0] <= base + 1e-9
+
+
+def test_chunks_overlap_the_activation_copy_with_recompute():
+    c = cost.layer_costs(PRESETS["opt-6.7b"], HW, 32, "float16")
+    # one layer, all recomputed: the recompute of chunk k hides under the copy of chunk k+1
+    (one, _, _), (A, K, R, C, D) = _sim(c, 2048, [2048], [False], 1, 1)
+    four = _sim(c, 2048, [2048], [False], 1, 4)[0][0]
+    assert one[0] == pytest.approx(A[0, 0] + R[0, 0] + C[0, 0] + c.head)
+    assert four[0] < one[0] - 0.5 * min(A[0, 0], R[0, 0])
+
+
+def test_memory_terms_budget():
+    s = PRESETS["opt-6.7b"]
+    m = cost.memory_terms(s, HW, 1, 2047, "float16", buffers=2, with_act=False)
+    assert m["weights_gb"] == pytest.approx(s.param_count() * 2 / 1e9)
+    assert m["layer_kv_gb"] == pytest.approx(2 * 2048 * 4096 * 2 / 1e9)
+    assert m["staging_gb"] == pytest.approx(2 * m["layer_kv_gb"])
+    assert m["free_gb"] == pytest.approx(80 - m["weights_gb"] - m["staging_gb"]
+                                         - m["workspace_gb"] - m["margin_gb"])

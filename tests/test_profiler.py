@@ -1,0 +1,94 @@
+"""Profiler: CPU measurement, the YAML it writes, and `hardware=auto` caching."""
+import dataclasses
+import time
+
+import pytest
+import torch
+import yaml
+
+from kvc import profiler
+from kvc.errors import KvcError
+from kvc.hardware import HardwareConfig
+
+
+@pytest.fixture(scope="module")
+def cpu_profile():
+    t = time.perf_counter()
+    hw = profiler.profile("cpu", progress=False)
+    return hw, time.perf_counter() - t
+
+
+def test_cpu_profile_is_quick_and_positive(cpu_profile):
+    hw, took = cpu_profile
+    assert took < 30  # the budget is ~20 s on 2 busy cores; leave CI some slack
+    assert hw.device == "cpu"
+    for f in ("h2d_gbps", "d2h_gbps", "bidir_gbps", "gemm_tflops", "attn_gbps", "gpu_mem_gb",
+              "cpu_mem_gb", "launch_us"):
+        assert getattr(hw, f) > 0, f
+    assert hw.compute_slowdown >= 1 and hw.copy_slowdown >= 1
+    assert hw.bidir_gbps <= min(hw.h2d_gbps, hw.d2h_gbps)
+    for k in ("machine", "date", "torch", "device_name"):
+        assert hw.measured[k]
+
+
+def test_profile_yaml_round_trips_and_is_a_flat_hardware_mapping(cpu_profile, tmp_path):
+    hw = cpu_profile[0]
+    path = tmp_path / "sub" / "mine.yaml"
+    profiler.write_profile_yaml(hw, path)
+    text = path.read_text()
+    assert text.startswith("# kvc profile of")
+    data = yaml.safe_load(text)
+    assert "defaults" not in data and set(data) == {f.name for f in dataclasses.fields(HardwareConfig)}
+    assert profiler.read_profile_yaml(path) == hw
+
+
+def test_fit_affine_recovers_latency_and_rate():
+    a, b = profiler._fit_affine([1e3, 1e5, 1e7], [10e-6 + x / 20e9 for x in (1e3, 1e5, 1e7)])
+    assert a == pytest.approx(10e-6, rel=1e-6) and 1 / b == pytest.approx(20e9, rel=1e-6)
+    a, b = profiler._fit_affine([1, 2, 4], [5.0, 4.0, 3.0])  # noise: no growth seen
+    assert a >= 0 and b > 0
+
+
+def test_progress_bar_goes_to_stderr(capsys):
+    bar = profiler._Progress(True, 2)
+    bar.step("one")
+    bar.step("two")
+    bar.finish()
+    err = capsys.readouterr().err
+    assert "kvc profile [" in err and "2/2 done" in err
+
+
+def test_resolve_hardware_profiles_once_and_keeps_overrides(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = []
+
+    def fake(device, progress=True, dtype=None):
+        calls.append(device)
+        return HardwareConfig(name="profiled", device=device, h2d_gbps=3.0, gemm_tflops=0.5,
+                              measured={"machine": "m"})
+
+    monkeypatch.setattr(profiler, "profile", fake)
+    named = HardwareConfig(name="h100-pcie5")
+    assert profiler.resolve_hardware(named) is named
+    got = profiler.resolve_hardware(HardwareConfig(name="auto", gemm_tflops=9.0))
+    assert calls and got.h2d_gbps == 3.0 and got.gemm_tflops == 9.0  # the override wins
+    again = profiler.resolve_hardware(HardwareConfig(name="auto"))
+    assert len(calls) == 1 and again.gemm_tflops == 0.5
+    path = profiler.cache_path(calls[0])
+    assert path.is_file() and str(path).startswith(str(tmp_path / "kvc"))
+    assert "torch" in path.name
+
+
+def test_profile_cuda_without_cuda_is_a_kvc_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(KvcError, match="no CUDA"):
+        profiler.profile("cuda", progress=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_profile():
+    hw = profiler.profile("cuda", progress=False)
+    assert hw.device == "cuda" and hw.h2d_gbps > 1 and hw.gemm_tflops > 1
+    assert hw.measured["cuda"] and hw.gpu_mem_gb > 1

@@ -1,0 +1,178 @@
+"""Scheduler LP: the paper's closed form, GQA, pipelined vs full_offload, memory errors, Plan I/O."""
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kvc.errors import KvcError
+from kvc.hardware import HardwareConfig
+from kvc.models.spec import PRESETS
+from kvc.plan import MODES, Plan
+from kvc.plan_report import plan_json, plan_text
+from kvc.scheduler import make_plan, predict
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "hardware"
+
+
+def hw(name, **kw):
+    base = HardwareConfig.from_dict(yaml.safe_load((CONF / f"{name}.yaml").read_text()))
+    return dataclasses.replace(base, **kw)
+
+
+def plan(spec, h, mode, b=8, P=1024, G=8, **kw):
+    return make_plan(PRESETS[spec] if isinstance(spec, str) else spec, h, batch_size=b,
+                     prompt_len=P, gen_len=G, dtype="float16", mode=mode, **kw)
+
+
+@pytest.mark.parametrize("b,P", [(8, 1024), (32, 2048), (4, 4000)])
+def test_kvpr_matches_closed_form_on_the_papers_machine(b, P):
+    h = hw("a100-pcie4")
+    pl = plan("opt-6.7b", h, "kvpr", b=b, P=P, G=16)
+    p, F, B, hid = 2, h.gemm_tflops * 1e12, h.h2d_gbps * 1e9, 4096
+    for s in (P, P + 7, P + 16):
+        closed = s * p * F / (2 * hid * B + p * F)
+        for i in range(pl.num_layers):
+            assert abs(pl.recompute_tokens(i, s) - closed) <= pl.chunk_tokens, (s, i)
+    assert pl.lookahead == 0 and pl.act_chunks == 1 and not any(pl.resident)
+
+
+@pytest.mark.parametrize("h", ["a100-pcie4", "h100-pcie5", "h200-pcie5", "cpu"])
+def test_gqa_never_recomputes(h):
+    spec = PRESETS["llama-3-8b"]
+    # memory tight enough that most layers must stream
+    m = hw(h, gpu_mem_gb=24.0)
+    for mode in ("pipelined", "kvpr", "full_offload"):
+        pl = plan(spec, m, mode, b=32, P=4096, G=64)
+        assert all(v == 0 for row in pl.recompute for v in row), mode
+        assert not all(pl.resident)
+
+
+def test_mha_does_recompute_when_link_bound():
+    pl = plan("opt-6.7b", hw("h100-pcie5", gpu_mem_gb=24.0), "pipelined", b=32, P=2048)
+    assert any(v > 0 for row in pl.recompute for v in row)
+
+
+def test_pipelined_never_slower_than_full_offload():
+    specs = ["opt-1.3b", "opt-6.7b", "opt-30b", "llama-2-7b", "llama-3-8b", "qwen2-7b"]
+    checked = 0
+    for hname in ("a100-pcie4", "h100-pcie5"):
+        for name in specs:
+            for b in (1, 16):
+                for P in (256, 4000):
+                    h = hw(hname)
+                    try:
+                        fo = plan(name, h, "full_offload", b=b, P=P, G=4)
+                    except KvcError:
+                        continue  # does not even stream: nothing to compare
+                    pi = plan(name, h, "pipelined", b=b, P=P, G=4)
+                    for s in range(P, P + 5):
+                        a = predict(PRESETS[name], h, pi, s, b, "float16")["predicted_step_ms"]
+                        f = predict(PRESETS[name], h, fo, s, b, "float16")["predicted_step_ms"]
+                        assert a <= f * (1 + 1e-9), (hname, name, b, s, a, f)
+                    checked += 1
+    assert checked >= 30
+
+
+def test_every_context_gets_a_valid_split():
+    pl = plan("opt-6.7b", hw("h100-pcie5", gpu_mem_gb=24.0), "pipelined", b=16, P=100, G=300)
+    assert len(pl.recompute) == 301 and len(pl.predicted_step_ms) == 301
+    for s in range(100, 401):
+        for i in range(pl.num_layers):
+            l = pl.recompute_tokens(i, s)
+            assert 0 <= l <= s and l % pl.chunk_tokens == 0
+    with pytest.raises(ValueError, match="covers contexts"):
+        pl.recompute_tokens(0, 402)
+
+
+def test_budget_too_small_to_stream_one_layer_states_the_shortfall():
+    spec = PRESETS["opt-6.7b"]
+    h = hw("h100-pcie5", gpu_mem_gb=16.0)  # weights 13.3 GB + margin 2 GB: ~0.7 GB left
+    with pytest.raises(KvcError, match=r"GB short of streaming even one layer") as e:
+        plan(spec, h, "pipelined", b=64, P=8000, G=0)
+    short = float(str(e.value).split(": GPU memory is ")[1].split(" GB")[0])
+    assert short > 0
+
+
+def test_weights_alone_too_big():
+    with pytest.raises(KvcError, match="short"):
+        plan("llama-2-70b", hw("h100-pcie5"), "full_offload", b=1, P=16, G=0)
+
+
+def test_gpu_resident_infeasible_says_how_many_gb():
+    with pytest.raises(KvcError, match=r"gpu_resident does not fit: needs [\d.]+ GB more"):
+        plan("opt-30b", hw("h100-pcie5"), "gpu_resident", b=8, P=4096, G=64)
+
+
+def test_recompute_disabled_when_activation_staging_does_not_fit():
+    spec = PRESETS["opt-6.7b"]
+    h = hw("h100-pcie5", gpu_mem_gb=17.7)
+    pl = plan(spec, h, "pipelined", b=16, P=4096, G=0)
+    assert "recompute_disabled" in pl.notes
+    assert all(v == 0 for row in pl.recompute for v in row)
+
+
+def test_plan_round_trips_through_json():
+    pl = plan("opt-6.7b", hw("h100-pcie5", gpu_mem_gb=24.0), "pipelined", b=16, P=512, G=40)
+    back = Plan.from_json(json.loads(json.dumps(pl.to_json())))
+    assert back == pl
+    forced = plan("opt-1.3b", hw("a100-pcie4"), "kvpr", recompute_fraction=0.5)
+    assert Plan.from_json(json.loads(forced.dumps())) == forced
+    assert forced.recompute_tokens(3, 1000) == 500 and forced.predicted_step_ms
+
+
+def test_predict_breakdown_is_consistent():
+    spec, h = PRESETS["opt-6.7b"], hw("h100-pcie5", gpu_mem_gb=24.0)
+    pl = plan(spec, h, "pipelined", b=16, P=1024)
+    d = predict(spec, h, pl, 1030, 16, "float16")
+    assert d["predicted_step_ms"] == pytest.approx(pl.predicted_step_ms[6])
+    assert d["gpu_busy_ms"] <= d["predicted_step_ms"] and d["link_busy_ms"] <= d["predicted_step_ms"]
+    assert d["gpu_idle_ms"] == pytest.approx(d["predicted_step_ms"] - d["gpu_busy_ms"])
+    with pytest.raises(KvcError, match="batch"):
+        predict(spec, h, pl, 1030, 4, "float16")
+
+
+def test_bad_mode_is_a_kvc_error():
+    with pytest.raises(KvcError, match="schedule.mode"):
+        plan("tiny-opt", hw("cpu"), "fastest")
+
+
+def test_plan_json_keys_and_modes():
+    spec, h = PRESETS["opt-30b"], hw("h100-pcie5")
+    kw = dict(batch_size=8, prompt_len=4096, gen_len=16, dtype="float16", mode="pipelined",
+              chunk_tokens=64, act_chunks=4, recompute_fraction=None)
+    d = plan_json(spec, h, **kw, context=4100)
+    assert len(d["layers"]) == spec.num_layers and d["context"] == 4100
+    for r in d["layers"]:
+        assert r["recompute_tokens"] + r["kv_tokens"] + r["gpu_tokens"] == 4100
+    assert set(d["modes"]) == set(MODES)
+    assert d["modes"]["gpu_resident"]["predicted_step_ms"] is None
+    assert "GB more" in d["modes"]["gpu_resident"]["infeasible"]
+    assert d["modes"]["pipelined"]["predicted_step_ms"] == d["predicted_step_ms"]
+    json.dumps(d)
+    text = plan_text(spec, h, **kw)
+    assert "link busy" in text and "full_offload" in text and "infeasible" in text
+    with pytest.raises(KvcError, match="--context"):
+        plan_json(spec, h, **kw, context=10)
+
+
+def test_tiny_presets_plan_on_cpu():
+    for name in ("tiny-opt", "tiny-llama", "tiny-llama-gqa"):
+        for mode in MODES:
+            pl = plan(name, hw("cpu"), mode, b=2, P=8, G=8)
+            assert len(pl.recompute) == 9
+
+
+def test_80_layer_4096_token_solve_time(capsys):
+    spec = PRESETS["llama-2-70b"]
+    h = hw("h200-pcie5", gpu_mem_gb=160.0)  # weights stream in issue 6; here they must fit
+    t = time.perf_counter()
+    pl = make_plan(spec, h, batch_size=16, prompt_len=1, gen_len=4096, dtype="float16",
+                   mode="pipelined")
+    dt = time.perf_counter() - t
+    with capsys.disabled():
+        print(f"\n[solve time] llama-2-70b (80 layers), contexts 1..4097, pipelined: {dt:.3f} s "
+              f"({len(pl.notes.get('buckets', []))} bucket LPs)")
+    assert len(pl.recompute) == 4097
