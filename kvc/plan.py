@@ -53,6 +53,13 @@ class Plan:
             )
         return 0 if self.resident[layer] else self.recompute[j][layer]
 
+    def max_recompute_tokens(self, max_context: int) -> int:
+        """The most tokens any layer recomputes at any context up to `max_context`: how many
+        rows of activations the CPU pools must keep (the rest are never read back)."""
+        if self.forced_fraction is not None:
+            return 0 if all(self.resident) else min(max_context, round(self.forced_fraction * max_context) + 1)
+        return max((max(row) for row in self.recompute), default=0)
+
     def to_json(self) -> dict:
         # asdict() walks every int of `recompute` (gen_len x layers): build lists directly
         d = {f.name: getattr(self, f.name) for f in fields(self)}

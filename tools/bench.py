@@ -17,14 +17,13 @@ import argparse
 import dataclasses
 import gc
 import json
+import math
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvc import cost  # noqa: E402
 from kvc.config import load_config  # noqa: E402
@@ -38,26 +37,50 @@ from kvc.errors import KvcError  # noqa: E402
 
 MODES = ("gpu_resident", "full_offload", "kvpr", "pipelined")
 GRIDS = {
+    "smoke": [("tiny-opt", 2, 32), ("tiny-llama", 2, 32)],
     "quick": [("opt-1.3b", 8, 512)],
     "main": [("opt-6.7b", 32, 1024)],
-    "full": [("opt-6.7b", 8, 512), ("opt-6.7b", 8, 1024), ("opt-6.7b", 8, 1536),
-             ("opt-6.7b", 32, 512), ("opt-6.7b", 32, 1024), ("opt-6.7b", 32, 1536),
+    "full": [("opt-6.7b", 32, 1024), ("opt-6.7b", 8, 512), ("opt-6.7b", 8, 1024),
+             ("opt-6.7b", 8, 1536), ("opt-6.7b", 32, 512), ("opt-6.7b", 32, 1536),
              ("llama-2-7b", 32, 2048), ("llama-2-7b", 32, 3584),
              ("opt-13b", 32, 1024), ("llama-3-8b", 32, 2048)],
 }
 GEN_LEN = 32
+DEVICE = "cuda"  # --device cpu: a smoke test of this script on a machine without CUDA
+DTYPE, DTYPE_NAME = torch.float16, "float16"
+
+
+def card_name() -> str:
+    return torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def card_preset() -> str:
+    if DEVICE != "cuda":
+        return "cpu"
     name = torch.cuda.get_device_name()
     return "h200-pcie5" if "H200" in name else "h100-pcie5"
 
 
-def offload_budget_gb(spec, batch: int, s_max: int) -> float:
-    """A GPU budget that holds the weights and staging but not the whole KV cache."""
-    weights = spec.param_count() * 2 / 1e9
-    kv = cost.kv_bytes(spec, batch, s_max, 2) * spec.num_layers / 1e9
-    return round(weights + 0.5 * kv + 6.0, 1)
+def offload_budget_gb(spec, hw, batch: int, s_max: int) -> float:
+    """A GPU budget with room for the weights, the staging buffers, workspace and margin, and
+    half a layer's KV cache more: no layer's cache fits, every mode streams all of it."""
+    t = cost.memory_terms(spec, hw, batch, s_max, DTYPE_NAME, 2, True)
+    need = t["weights_gb"] + t["staging_gb"] + t["workspace_gb"] + t["margin_gb"]
+    return math.ceil((need + 0.5 * t["layer_kv_gb"]) * 1000) / 1000
+
+
+def free_memory() -> None:
+    gc.collect()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+        empty_host = getattr(torch._C, "_host_emptyCache", None)
+        if empty_host is not None:  # pinned pools are cached by torch: give them back
+            empty_host()
 
 
 def compiled(model, spec, mode, batch, context, hw_name, budget, fraction=None):
@@ -66,10 +89,10 @@ def compiled(model, spec, mode, batch, context, hw_name, budget, fraction=None):
                  f"workload.gen_len={GEN_LEN}", f"hardware.gpu_mem_gb={budget}"]
     if fraction is not None:
         overrides.append(f"schedule.recompute_fraction={fraction}")
-    cfg = load_config({"model": {"preset": spec_name(spec), "dtype": "float16"}}, overrides)
+    cfg = load_config({"model": {"preset": spec_name(spec), "dtype": DTYPE_NAME}}, overrides)
     r = resolve(cfg)
     plan = make_plan(r)
-    return CompiledModel(lower(model, plan), plan, spec, torch.float16, torch.device("cuda")), r
+    return CompiledModel(lower(model, plan), plan, spec, DTYPE, torch.device(DEVICE)), r
 
 
 _names: dict = {}
@@ -86,10 +109,10 @@ def get_spec(name):
 
 
 def timed(fn) -> float:
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     fn()
-    torch.cuda.synchronize()
+    sync()
     return time.perf_counter() - t0
 
 
@@ -107,13 +130,13 @@ def check(names, hw_name, steps=32, log=print) -> list[dict]:
     rows = []
     for name in names:
         spec = get_spec(name)
-        model = build_model(spec, "cuda", torch.float16, seed=0)
+        model = build_model(spec, DEVICE, DTYPE, seed=0)
         with torch.no_grad():  # wider weights: greedy choices with clear margins
             for p in model.parameters():
                 if p.dim() == 2:
                     p.mul_(4.0)
-        ids = torch.randint(0, spec.vocab_size, (4, 64), device="cuda",
-                            generator=torch.Generator("cuda").manual_seed(0))
+        ids = torch.randint(0, spec.vocab_size, (4, 64), device=DEVICE,
+                            generator=torch.Generator(DEVICE).manual_seed(0))
         ref_t, ref_l = ReferenceDecoder(model, spec).generate(ids, steps, return_logits=True)
         for mode in MODES:
             for frac in (None, 0.5, 1.0) if mode in ("kvpr", "pipelined") else (None,):
@@ -128,20 +151,21 @@ def check(names, hw_name, steps=32, log=print) -> list[dict]:
                 log(f"check {name:10s} {mode:13s} frac={frac}: tokens_equal={same} "
                     f"max|dlogit|={err:.3e} (max|logit| {scale:.1f})")
         del model
-        gc.collect()
-        torch.cuda.empty_cache()
+        free_memory()
     return rows
 
 
 # --- timing --------------------------------------------------------------------------------
 
-def bench_point(name, batch, context, hw_name, steps, repeats, with_hf, log=print) -> list[dict]:
+def bench_point(name, batch, context, hw_name, steps, repeats, with_hf, log=print,
+                profile_dir=None) -> list[dict]:
     spec = get_spec(name)
-    model = build_model(spec, "cuda", torch.float16, seed=0)
-    ids = torch.randint(0, spec.vocab_size, (batch, context), device="cuda")
+    model = build_model(spec, DEVICE, DTYPE, seed=0)
+    ids = torch.randint(0, spec.vocab_size, (batch, context), device=DEVICE)
     s_max = context + GEN_LEN
-    budget = offload_budget_gb(spec, batch, s_max)
-    card_gb = torch.cuda.get_device_properties(0).total_memory / 1e9
+    hw = resolve(load_config({"model": {"preset": name}}, [f"hardware={hw_name}"])).hardware
+    budget = offload_budget_gb(spec, hw, batch, s_max)
+    card_gb = torch.cuda.get_device_properties(0).total_memory / 1e9 if DEVICE == "cuda" else 64.0
     rows = []
     for mode in MODES:
         try:
@@ -155,8 +179,9 @@ def bench_point(name, batch, context, hw_name, steps, repeats, with_hf, log=prin
         except torch.OutOfMemoryError as e:
             log(f"{name} b={batch} s={context} {mode}: out of memory ({str(e)[:80]})")
             cm.close()
+            free_memory()
             continue
-        pred = predict(spec, r.hardware, cm.plan, context + steps // 2, batch, "float16")
+        pred = predict(spec, r.hardware, cm.plan, context + steps // 2, batch, DTYPE_NAME)
         moved = int(pred["h2d_bytes"])
         rows.append({
             "model": name, "batch": batch, "context": context, "setting": "latency", "mode": mode,
@@ -169,16 +194,45 @@ def bench_point(name, batch, context, hw_name, steps, repeats, with_hf, log=prin
         })
         log(f"{name} b={batch} s={context} {mode:13s} {ms:8.2f} ms/token "
             f"(LP {pred['predicted_step_ms']:.2f}) moved {moved / 1e9:.2f} GB")
+        if profile_dir is not None and mode in ("full_offload", "pipelined"):
+            rows[-1]["stream_busy_ms"] = profile_step(cm, ids, profile_dir / f"trace-{name}-{mode}.json", log)
         cm.close()
         del cm
-        gc.collect()
-        torch.cuda.empty_cache()
+        free_memory()
     del model
-    gc.collect()
-    torch.cuda.empty_cache()
+    free_memory()
     if with_hf:
         rows += hf_offloaded(name, spec, batch, context, min(steps, 4), log)
     return rows
+
+
+def profile_step(cm, ids, path: Path, log) -> dict:
+    """torch.profiler trace of one decode step (generate 3 = prefill + 2 steps; the second
+    step is measured), saved as Chrome trace JSON; returns busy ms per CUDA stream in it."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    cm.generate(ids, 2)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with record_function("generate"):
+            cm.generate(ids, 3)
+    prof.export_chrome_trace(str(path))
+    events = json.loads(path.read_text())["traceEvents"]
+    gpu = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    if not gpu:
+        return {}
+    end = max(e["ts"] + e["dur"] for e in gpu)
+    # the last decode step: the window after the second-to-last lm_head GEMM is hard to find
+    # generically, so take the busy time of each stream over the whole run and its span
+    busy: dict = {}
+    for e in gpu:
+        s = str(e.get("args", {}).get("stream", "?"))
+        busy[s] = busy.get(s, 0.0) + e["dur"] / 1e3
+    span = (end - min(e["ts"] for e in gpu)) / 1e3
+    out = {"span_ms": round(span, 2), **{f"stream_{k}": round(v, 2) for k, v in busy.items()}}
+    log(f"  profile {path.name}: {out}")
+    if path.stat().st_size > 15e6:
+        path.unlink()  # too big to bring back; the numbers above stay
+    return out
 
 
 def hf_config(spec):
@@ -217,8 +271,7 @@ def hf_offloaded(name, spec, batch, context, steps, log) -> list[dict]:
     log(f"{name} b={batch} s={context} hf_offloaded  {ms:8.2f} ms/token "
         f"(transformers {transformers.__version__})")
     del model
-    gc.collect()
-    torch.cuda.empty_cache()
+    free_memory()
     kv = cost.kv_bytes(spec, batch, context, 2) * spec.num_layers
     return [{"model": name, "batch": batch, "context": context, "setting": "latency",
              "mode": "hf_offloaded", "decode_ms_per_token": round(ms, 3), "predicted_ms": None,
@@ -235,7 +288,12 @@ def main(argv=None) -> int:
     ap.add_argument("--check", default="opt-125m", help="comma-separated presets to check, or ''")
     ap.add_argument("--check-only", action="store_true")
     ap.add_argument("--hf", action="store_true", help="also time transformers' offloaded cache")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--profile", action="store_true", help="torch.profiler traces at opt-6.7b b=32 s=1024")
     args = ap.parse_args(argv)
+    global DEVICE, DTYPE, DTYPE_NAME
+    DEVICE = args.device
+    DTYPE, DTYPE_NAME = (torch.float16, "float16") if DEVICE == "cuda" else (torch.float32, "float32")
     hw_name = card_preset()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -245,20 +303,27 @@ def main(argv=None) -> int:
         print(msg, flush=True)
         lines.append(msg)
 
-    log(f"card: {torch.cuda.get_device_name()}  torch {torch.__version__}  hardware preset {hw_name}")
+    log(f"card: {card_name()}  torch {torch.__version__}  hardware preset {hw_name}")
     checks = check([n for n in args.check.split(",") if n], hw_name, log=log) if args.check else []
-    rows = []
+    date = time.strftime("%Y-%m-%d")
+    path = out / f"{date}-{card_name().replace(' ', '-')}.json"
+    result = {"card": card_name(), "date": date, "torch": torch.__version__,
+              "command": "python " + " ".join(sys.argv), "hardware_preset": hw_name,
+              "checks": checks, "rows": []}
+
+    def save():  # after every grid point: a run cut short still leaves its numbers
+        path.write_text(json.dumps(result, indent=1))
+        (out / "bench.log").write_text("\n".join(lines) + "\n")
+
+    save()
     if not args.check_only:
         for name, batch, context in GRIDS[args.grid]:
-            rows += bench_point(name, batch, context, hw_name, args.steps, args.repeats, args.hf, log)
-    date = time.strftime("%Y-%m-%d")
-    card = torch.cuda.get_device_name().replace(" ", "-")
-    result = {"card": torch.cuda.get_device_name(), "date": date, "torch": torch.__version__,
-              "command": "python " + " ".join(sys.argv), "hardware_preset": hw_name,
-              "checks": checks, "rows": rows}
-    path = out / f"{date}-{card}.json"
-    path.write_text(json.dumps(result, indent=1))
-    (out / "bench.log").write_text("\n".join(lines) + "\n")
+            main_point = (name, batch, context) == ("opt-6.7b", 32, 1024)
+            result["rows"] += bench_point(name, batch, context, hw_name, args.steps, args.repeats,
+                                          args.hf and main_point, log,
+                                          out if args.profile and main_point else None)
+            save()
+    rows = result["rows"]
     print(table(rows))
     return 0 if all(c["tokens_equal"] for c in checks) else 1
 

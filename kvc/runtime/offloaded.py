@@ -36,7 +36,9 @@ class OffloadedCache:
         self.offloaded = [i for i in range(num_layers) if not plan.resident[i]]
         n_off = len(self.offloaded)
         kv_shape = (max_tokens, batch, num_kv_heads, head_dim)
-        act_shape = (max_tokens, batch, act_width)
+        # activations are read back only for recomputed tokens: rows [0, max l)
+        self.act_rows = min(max_tokens, plan.max_recompute_tokens(max_tokens))
+        act_shape = (self.act_rows, batch, act_width)
         # one allocation per kind: pool[i] is a contiguous block; pinned so copies are DMA
         self.act_pool = torch.empty((n_off, *act_shape), dtype=dtype, pin_memory=pin)
         self.k_pool = torch.empty((n_off, *kv_shape), dtype=dtype, pin_memory=pin)
@@ -80,10 +82,12 @@ class OffloadedCache:
 
     # --- offload: new tokens to the CPU pools -------------------------------------------
     def _to_pool(self, pool: torch.Tensor, x: torch.Tensor, stream: int) -> None:
-        t = x.shape[1]
+        t = min(x.shape[1], pool.shape[0] - self.s)  # rows past the pool are never read
+        if t <= 0:
+            return
         with self.streams.use(stream):
             self.streams.keep_alive(x, stream)
-            pool[self.s:self.s + t].copy_(x.transpose(0, 1), non_blocking=True)
+            pool[self.s:self.s + t].copy_(x[:, :t].transpose(0, 1), non_blocking=True)
 
     def offload_act(self, h, stream: int, layer: int) -> None:
         self._to_pool(self.act_pool[self.pool_index[layer]], h, stream)
