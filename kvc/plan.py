@@ -53,6 +53,17 @@ class Plan:
             )
         return 0 if self.resident[layer] else self.recompute[j][layer]
 
+    @property
+    def staging_slots(self) -> int:
+        """GPU staging buffers: one per layer in flight (lookahead 1: double buffering; 0, the
+        paper's schedule: one, so layer i's copies wait until layer i-1 is done with it)."""
+        return self.lookahead + 1
+
+    def staging_slot(self, layer: int) -> int:
+        """The k-th offloaded layer stages into slot k % staging_slots."""
+        off = [i for i, r in enumerate(self.resident) if not r]
+        return off.index(layer) % self.staging_slots
+
     def max_recompute_tokens(self, max_context: int) -> int:
         """The most tokens any layer recomputes at any context up to `max_context`: how many
         rows of activations the CPU pools must keep (the rest are never read back)."""

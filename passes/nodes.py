@@ -104,11 +104,6 @@ def offloaded_layers(plan: Plan) -> list[int]:
     return [i for i, r in enumerate(plan.resident) if not r]
 
 
-def staging_slot(plan: Plan, layer: int) -> int:
-    """Double buffering: the k-th offloaded layer stages into slot k % 2 (as the runtime does)."""
-    return offloaded_layers(plan).index(layer) % 2
-
-
 class KvcPass(PassBase):
     """A pass over a kvc GraphModule: runs once, records itself in gm.meta["kvc"]["passes"]."""
 

@@ -44,7 +44,7 @@ def previous_slot_user(plan: Plan, layer: int) -> int:
     k = off.index(layer)
     for back in range(1, len(off) + 1):
         other = off[(k - back) % len(off)]
-        if off.index(other) % 2 == k % 2:
+        if plan.staging_slot(other) == plan.staging_slot(layer):
             return other
     return layer
 

@@ -496,7 +496,7 @@ def simulate(plan: Plan, graphs: list, skip: tuple = (None, ())) -> list[str]:
     """Issue the graphs' nodes in host order on CUDA-like streams (vector clocks); return the
     races found. `skip = (graph, names)` drops those nodes of that graph (negative controls)."""
     off = [i for i in range(plan.num_layers) if not plan.resident[i]]
-    slot = {i: off.index(i) % 2 for i in off}  # as OffloadedCache._slot
+    slot = {i: plan.staging_slot(i) for i in off}  # as OffloadedCache._slot
     clock = {s: {} for s in (COMPUTE, PREFETCH, OFFLOAD)}
     events, bad = {}, []
     pool_writes = defaultdict(list)  # (buf, layer) -> [(stamp, run)]

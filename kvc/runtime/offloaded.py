@@ -2,7 +2,8 @@
 
 Per offloaded layer, pinned token-major CPU pools `[max_tokens, b, ...]` for the layer's
 input activations and for K and V, so that any token range is one contiguous block. Per
-staging slot (two: layer i uses slot i % 2), GPU buffers the prefetch copies land in.
+staging slot (Plan.staging_slots: two for double buffering, one for kvpr), GPU buffers the
+prefetch copies land in.
 Resident layers keep a DeviceCache. Everything is allocated once, here.
 
 At each step the executor calls `begin_step(s, t)`: the plan gives l per layer for context s,
@@ -44,7 +45,7 @@ class OffloadedCache:
         self.k_pool = torch.empty((n_off, *kv_shape), dtype=dtype, pin_memory=pin)
         self.v_pool = torch.empty((n_off, *kv_shape), dtype=dtype, pin_memory=pin)
         self.pool_index = {layer: j for j, layer in enumerate(self.offloaded)}
-        slots = min(2, n_off)
+        slots = min(plan.staging_slots, n_off)
         self.act_stage = torch.empty((slots, *act_shape), dtype=dtype, device=self.device)
         self.k_stage = torch.empty((slots, *kv_shape), dtype=dtype, device=self.device)
         self.v_stage = torch.empty((slots, *kv_shape), dtype=dtype, device=self.device)
@@ -71,7 +72,7 @@ class OffloadedCache:
         self.resident.advance(0)
 
     def _slot(self, layer: int) -> int:
-        return self.pool_index[layer] % 2
+        return self.pool_index[layer] % self.plan.staging_slots
 
     # --- resident layers: the logical cache verbs ----------------------------------------
     def kv_read(self, layer: int):
