@@ -140,6 +140,14 @@ class LlamaDecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def rope_tables(spec: ModelSpec, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [max_positions, head_dim], float32, the same expression HF evaluates per step."""
+    positions = torch.arange(spec.max_positions, device=inv_freq.device)
+    freqs = positions.float()[:, None] * inv_freq.float()[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
 class LlamaForCausalLM(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -154,8 +162,11 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList([LlamaDecoderLayer(spec, i) for i in range(spec.num_layers)])
         self.norm = RMSNorm(spec.hidden_size, spec.norm_eps)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
-        # float32 always (see init_buffers); not persistent: HF checkpoints do not carry it
+        # float32 always (see init_buffers); not persistent: HF checkpoints do not carry them
         self.register_buffer("inv_freq", rope_inv_freq(spec), persistent=False)
+        cos, sin = rope_tables(spec, self.inv_freq)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -169,16 +180,16 @@ class LlamaForCausalLM(nn.Module):
         device = self.embed_tokens.weight.device
         if device.type != "meta":
             self.inv_freq = rope_inv_freq(self.spec, device=device)
+            self.rope_cos, self.rope_sin = rope_tables(self.spec, self.inv_freq)
 
     def forward(self, input_ids, positions, rt: int, prefill: bool = False,
                 last_only: bool = False):
         x = self.embed_tokens(input_ids)
         # as HF: angles in float32, cos/sin cast to the activation dtype. The dtype is taken
         # from a weight, not from x, so cos/sin (and the K,V path) stay independent of input_ids
-        freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = emb.cos().type_as(self.embed_tokens.weight)
-        sin = emb.sin().type_as(self.embed_tokens.weight)
+        # (a table lookup: recomputing K,V for a token range clones this too, so it stays short)
+        cos = self.rope_cos[positions].type_as(self.embed_tokens.weight)
+        sin = self.rope_sin[positions].type_as(self.embed_tokens.weight)
         for layer in self.layers:
             x = layer(x, cos, sin, rt, prefill)
         if last_only:
