@@ -26,6 +26,29 @@ LAYER_OPS = 16
 RECOMPUTE_OPS = {"opt": 4, "llama": 5}
 
 
+# memory passes over one of K or V per recomputed token, besides the GEMMs: the transposed
+# activation made contiguous, the recomputed K,V written into the token-major staging slot,
+# and for RoPE families the rotation (slice, negate, concatenate, two products, a sum)
+ELEMENTWISE_PASSES = {"opt": 4, "llama": 16}
+
+# nodes of the lowered decode graph the host issues, one at a time, per decode step: a layer,
+# an offloaded layer's write-back/prefetch/event nodes, a recomputing layer's fixed nodes and
+# each chunk's (the cloned K/V subgraph, staged_act, put_recomputed, its wait), the head.
+# tests/test_cost.py checks these against kvc.lowering; at small batch they bound the step.
+HOST_NODES = {"opt": {"layer": 25, "offload": 10, "recompute": 3, "chunk": 9, "head": 6},
+              "llama": {"layer": 58, "offload": 10, "recompute": 3, "chunk": 23, "head": 14}}
+
+
+def host_nodes(spec: ModelSpec, resident, recomputes, act_chunks: int):
+    """Nodes per decode step; `resident` and `recomputes` are per-layer booleans (arrays)."""
+    n = HOST_NODES[spec.family]
+    layer = n["layer"] + (4 if spec.family == "llama" and spec.num_kv_heads < spec.num_heads else 0)
+    off = ~np.asarray(resident, dtype=bool)
+    rec = np.asarray(recomputes, dtype=bool) & off
+    per_layer = layer + off * n["offload"] + rec * (n["recompute"] + act_chunks * n["chunk"])
+    return per_layer.sum(axis=0) + n["head"]
+
+
 def dtype_bytes(dtype: str) -> int:
     try:
         return DTYPE_BYTES[dtype]
@@ -106,7 +129,8 @@ def layer_costs(spec: ModelSpec, hw: HardwareConfig, b: int, dtype: str, offload
     return LayerCosts(
         act_per_tok=act_bytes(spec, b, 1, p) / h2d * ms * ks,
         kv_per_tok=kv_bytes(spec, b, 1, p) / h2d * ms * ks,
-        rec_per_tok=recompute_flops(spec, b, 1) / F * ms * cs,
+        rec_per_tok=(recompute_flops(spec, b, 1) / F
+                     + ELEMENTWISE_PASSES[spec.family] * kv_bytes(spec, b, 1, p) / 2 / mem) * ms * cs,
         attn_per_tok=kv_bytes(spec, b, 1, p) / mem * ms * cs,
         copy_fixed=lat * ks,
         rec_chunk_fixed=rec_chunk * cs,

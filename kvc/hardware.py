@@ -22,6 +22,7 @@ class HardwareConfig:
     compute_slowdown: float = 1.0  # compute time multiplier while copies run
     copy_slowdown: float = 1.0  # copy time multiplier while compute runs
     launch_us: float = 5.0  # host overhead per kernel / op launch
+    host_op_us: float = 20.0  # host time to issue one node of the compiled step (fx + dispatch)
     measured: dict = field(default_factory=dict)  # machine, date, torch/cuda versions of a profile
 
     # GB everywhere means 1e9 bytes; GB/s likewise, TFLOP/s 1e12 FLOP/s.

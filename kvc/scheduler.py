@@ -38,6 +38,23 @@ MAX_BUCKETS = 7
 def make_plan(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_len: int,
               gen_len: int, dtype: str, mode: str, chunk_tokens: int = 64, act_chunks: int = 4,
               recompute_fraction: float | None = None, time_limit_s: float = 10.0) -> Plan:
+    """The plan for `mode`. For pipelined, `act_chunks` is the most chunks the activation copy
+    may be split into: more chunks overlap recompute with the copy better but cost the host
+    more nodes to issue, so the plan with the lower predicted generation time wins (1 or all)."""
+    kw = dict(batch_size=batch_size, prompt_len=prompt_len, gen_len=gen_len, dtype=dtype,
+              mode=mode, chunk_tokens=chunk_tokens, recompute_fraction=recompute_fraction,
+              time_limit_s=time_limit_s)
+    plan = _make_plan(spec, hw, act_chunks=act_chunks, **kw)
+    if mode == "pipelined" and recompute_fraction is None and act_chunks > 1:
+        single = _make_plan(spec, hw, act_chunks=1, **kw)
+        if sum(single.predicted_step_ms) < sum(plan.predicted_step_ms):
+            plan = single
+    return plan
+
+
+def _make_plan(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_len: int,
+               gen_len: int, dtype: str, mode: str, chunk_tokens: int, act_chunks: int,
+               recompute_fraction: float | None, time_limit_s: float) -> Plan:
     if mode not in MODES:
         raise KvcError(f"schedule.mode {mode!r}: expected one of {list(MODES)}")
     for name, v, least in (("batch_size", batch_size, 1), ("prompt_len", prompt_len, 1),
@@ -148,7 +165,12 @@ def _evaluate_arrays(spec, hw, plan: Plan, ctx, l, b, dtype):
     c = cost.layer_costs(spec, hw, b, dtype, offloaded=plan.offloaded)
     res = np.array(plan.resident)[:, None]
     A, K, R, C, D = cost.durations(c, ctx[None, :], l, res, plan.act_chunks)
-    return cost.simulate(A, K, R, C, D, c.head, plan.lookahead, plan.act_chunks)
+    step, link, gpu = cost.simulate(A, K, R, C, D, c.head, plan.lookahead, plan.act_chunks)
+    # the host issues the step's nodes one by one; the GPU cannot finish before the last one.
+    # A layer that recomputes at any context carries its clone nodes at every context.
+    ever = (np.asarray(l) > 0).any(axis=-1) if np.ndim(l) > 1 else np.asarray(l) > 0
+    host = cost.host_nodes(spec, plan.resident, ever, plan.act_chunks) * hw.host_op_us * 1e-3
+    return np.maximum(step, host), link, gpu
 
 
 # --- memory ----------------------------------------------------------------------------------

@@ -34,7 +34,28 @@ def test_layer_costs_slopes():
     c = cost.layer_costs(s, HW, 2, "float16")
     assert c.kv_per_tok == pytest.approx(2 * c.act_per_tok)
     assert c.act_per_tok == pytest.approx(2 * 4096 * 2 / 32e9 * 1e3)
-    assert c.rec_per_tok == pytest.approx(4 * 2 * 4096 * 4096 / 312e12 * 1e3)
+    gemm = 4 * 2 * 4096 * 4096 / 312e12 * 1e3
+    passes = cost.ELEMENTWISE_PASSES["opt"] * 2 * 4096 * 2 / (HW.attn_gbps * 1e9) * 1e3
+    assert c.rec_per_tok == pytest.approx(gemm + passes)
+
+
+def test_host_nodes_match_the_lowered_graphs():
+    """HOST_NODES counts the decode graph's nodes: compare with what kvc.lowering makes."""
+    import dataclasses
+
+    from kvc.lowering import lower
+    from kvc.models import build_model
+    from kvc.plan import forced_plan
+
+    for name in ("tiny-opt", "tiny-llama", "tiny-llama-gqa"):
+        spec = dataclasses.replace(PRESETS[name], num_layers=3)
+        for mode, frac, chunks in (("gpu_resident", 0, 1), ("full_offload", 0, 1),
+                                   ("kvpr", 0.5, 1), ("pipelined", 0.5, 3)):
+            plan = forced_plan(mode, 3, 8, 8, 64, frac, act_chunks=chunks)
+            gm = lower(build_model(spec, "meta", "float16"), plan).decode
+            nodes = sum(n.op not in ("placeholder", "get_attr", "output") for n in gm.graph.nodes)
+            rec = [frac > 0 and mode != "gpu_resident"] * 3
+            assert cost.host_nodes(spec, plan.resident, rec, plan.act_chunks) == nodes, (name, mode)
 
 
 def _sim(c, s, l, resident, look, chunks):

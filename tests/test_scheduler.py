@@ -5,6 +5,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from kvc import cost
 import yaml
 
 from kvc.errors import KvcError
@@ -31,7 +33,12 @@ def plan(spec, h, mode, b=8, P=1024, G=8, **kw):
 def test_kvpr_matches_closed_form_on_the_papers_machine(b, P):
     h = hw("a100-pcie4")
     pl = plan("opt-6.7b", h, "kvpr", b=b, P=P, G=16)
-    p, F, B, hid = 2, h.gemm_tflops * 1e12, h.h2d_gbps * 1e9, 4096
+    # F: the recompute rate the cost model charges (GEMM FLOPs at the fitted rate plus the
+    # elementwise passes), so the closed form and the LP see the same machine
+    spec = PRESETS["opt-6.7b"]
+    c = cost.layer_costs(spec, h, b, "float16")
+    F = cost.recompute_flops(spec, b, 1) / (c.rec_per_tok / 1e3)
+    p, B, hid = 2, h.h2d_gbps * 1e9, 4096
     for s in (P, P + 7, P + 16):
         closed = s * p * F / (2 * hid * B + p * F)
         for i in range(pl.num_layers):
