@@ -36,13 +36,17 @@ def resolve_spec(cfg: Config) -> ModelSpec:
                                where=str(Path(cfg.model.checkpoint) / "config.json"))
 
 
-def resolve(config, overrides: list[str] | tuple = (), progress: bool = False) -> Resolved:
+def resolve(config, overrides: list[str] | tuple = (), progress: bool | None = None) -> Resolved:
+    """`progress`: draw the profiler's bar if `auto` hardware has to be measured (None:
+    follow kvc.progress.enabled, which the CLI switches on)."""
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
     spec = resolve_spec(cfg)
     check_fits_model(cfg, spec.max_positions, spec.sliding_window)
     from kvc.profiler import resolve_hardware
 
-    hw = resolve_hardware(cfg.hardware, progress=progress)
+    from kvc.progress import is_enabled
+
+    hw = resolve_hardware(cfg.hardware, progress=is_enabled() if progress is None else progress)
     return Resolved(replace(cfg, hardware=hw), spec, hw)
 
 
@@ -59,18 +63,28 @@ def make_plan(r: Resolved) -> Plan:
 
 
 def compile_artifact(config, overrides: list[str] | tuple = (), output=None,
-                     progress: bool = False) -> Path:
+                     progress: bool | None = None) -> Path:
     from kvc.artifact import write_artifact
     from kvc.lowering import lower
     from kvc.models import build_model
 
+    from kvc.progress import bar
+
     r = resolve(config, overrides, progress=progress)
-    plan = make_plan(r)
-    # shapes are all tracing needs: no weights are made or read at compile time
-    model = build_model(r.spec, "meta", r.config.model.dtype)
-    lowered = lower(model, plan)
-    out = Path(output) if output is not None else Path(default_output_name(config, r.config))
-    return write_artifact(out, r, plan, lowered)
+    with bar("kvc: compiling", total=3, unit="stage") as stages:
+        stages.set_description("kvc: compiling (solving the plan)")
+        plan = make_plan(r)
+        stages.update()
+        stages.set_description("kvc: compiling (trace + passes)")
+        # shapes are all tracing needs: no weights are made or read at compile time
+        model = build_model(r.spec, "meta", r.config.model.dtype)
+        lowered = lower(model, plan)
+        stages.update()
+        stages.set_description("kvc: compiling (writing the artifact)")
+        out = Path(output) if output is not None else Path(default_output_name(config, r.config))
+        path = write_artifact(out, r, plan, lowered)
+        stages.update()
+    return path
 
 
 def default_output_name(source, cfg: Config) -> str:

@@ -199,6 +199,46 @@ def simulate(A, K, R, C, D, head: float, lookahead: int, act_chunks: int):
     return step, link, gpu
 
 
+
+def intervals(A, K, R, C, D, head: float, lookahead: int, act_chunks: int) -> list[dict]:
+    """The same earliest-start schedule as `simulate`, for one context (arrays [layers]), as
+    the intervals each stream is busy: dicts with lane (copy-in | compute | copy-out), layer
+    (None for the head), kind (act_copy | kv_copy | recompute | compute | writeback | head),
+    start and end in ms. Zero-length work is left out. `simulate` stays the LP's evaluator;
+    this is its picture, so a test holds the two to the same step time.
+    """
+    A, K, R, C, D = (np.asarray(x, dtype=float).reshape(-1) for x in (A, K, R, C, D))
+    out: list[dict] = []
+
+    def add(lane, layer, kind, start, end):
+        if end > start:
+            out.append({"lane": lane, "layer": layer, "kind": kind, "start": float(start),
+                        "end": float(end)})
+
+    ends: list[float] = []
+    copy_end = d2h_end = 0.0
+    c = act_chunks
+    for i in range(len(A)):
+        j = i - 1 - lookahead
+        start = max(copy_end, ends[j]) if j >= 0 else copy_end
+        t = ends[i - 1] if i else 0.0
+        for k in range(1, c + 1):
+            add("copy-in", i, "act_copy", start + (k - 1) * A[i] / c, start + k * A[i] / c)
+            t0 = max(t, start + k * A[i] / c)
+            t = t0 + R[i] / c
+            add("compute", i, "recompute", t0, t)
+        copy_end = start + A[i] + K[i]
+        add("copy-in", i, "kv_copy", start + A[i], copy_end)
+        begin = max(t, copy_end)
+        ends.append(begin + C[i])
+        add("compute", i, "compute", begin, ends[-1])
+        wb = max(d2h_end, ends[-1])
+        d2h_end = wb + D[i]
+        add("copy-out", i, "writeback", wb, d2h_end)
+    last = ends[-1] if ends else 0.0
+    add("compute", None, "head", last, last + head)
+    return out
+
 # --- memory ----------------------------------------------------------------------------------
 
 def workspace_bytes(spec: ModelSpec, b: int, s_max: int, p: int) -> int:

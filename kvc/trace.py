@@ -12,10 +12,18 @@ import torch.fx
 import kvc.runtime.ops  # noqa: F401  (registers torch.ops.kvc before tracing)
 
 
+class _Tracer(torch.fx.Tracer):
+    # buffers become get_attr nodes rather than constants fx stores on the model under a
+    # counter that grows with every trace: the generated code (and its hash) stays the same
+    proxy_buffer_attributes = True
+
+
 def trace_step(model: torch.nn.Module, prefill: bool) -> torch.fx.GraphModule:
     """Prefill returns the last position's logits; the decode step returns [b, 1, vocab]."""
     flags = {"prefill": prefill, "last_only": prefill}
-    gm = torch.fx.symbolic_trace(model, concrete_args=flags)
+    tracer = _Tracer()
+    gm = torch.fx.GraphModule(tracer.root if hasattr(tracer, "root") else model,
+                              tracer.trace(model, concrete_args=flags), type(model).__name__)
     _drop_flag_inputs(gm, flags)
     gm.meta["kvc"] = {"phase": "prefill" if prefill else "decode", "passes": []}
     return gm

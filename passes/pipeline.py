@@ -23,5 +23,12 @@ def build_passes(plan: Plan) -> list:
 
 
 def run_pipeline(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
-    result = PassManager(passes=build_passes(plan))(gm)
+    try:
+        result = PassManager(passes=build_passes(plan))(gm)
+    except Exception as e:
+        # PassManager wraps a pass's error in a bare Exception naming the pass: keep the cause
+        # (e.g. annotate's "K,V cannot be recomputed") as the error callers see
+        if e.__cause__ is not None and type(e) is Exception:
+            raise e.__cause__ from e
+        raise
     return result.graph_module

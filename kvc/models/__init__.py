@@ -16,6 +16,7 @@ from kvc.models.checkpoint import checkpoint_files, load_checkpoint, spec_from_h
 from kvc.models.llama import LlamaForCausalLM
 from kvc.models.opt import OPTForCausalLM
 from kvc.models.spec import PRESETS, ModelSpec, preset
+from kvc.progress import bar
 
 __all__ = ["ModelSpec", "PRESETS", "preset", "spec_from_hf_config", "build_model",
            "load_checkpoint", "checkpoint_files", "model_class", "LlamaForCausalLM", "OPTForCausalLM"]
@@ -44,17 +45,20 @@ def _init_dummy(model: nn.Module, device: torch.device, seed: int) -> None:
     # device) always gives the same weights
     gen = torch.Generator(device=device).manual_seed(seed)
     seen: set[int] = set()
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if id(p) in seen:
-                continue  # a tied lm_head is the embedding, already filled
-            seen.add(id(p))
-            if name == "bias":
-                p.zero_()
-            elif isinstance(module, (nn.Linear, nn.Embedding)):
-                p.normal_(0.0, INIT_STD, generator=gen)
-            else:
-                p.fill_(1.0)  # norm scales
+    total = len({id(p) for p in model.parameters()})
+    with bar("kvc: making dummy weights", total=total, unit="tensor") as counter:
+        for module in model.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if id(p) in seen:
+                    continue  # a tied lm_head is the embedding, already filled
+                seen.add(id(p))
+                if name == "bias":
+                    p.zero_()
+                elif isinstance(module, (nn.Linear, nn.Embedding)):
+                    p.normal_(0.0, INIT_STD, generator=gen)
+                else:
+                    p.fill_(1.0)  # norm scales
+                counter.update()
 
 
 def build_model(spec: ModelSpec, device: torch.device | str = "cpu",

@@ -16,6 +16,7 @@ from torch import nn
 
 from kvc.errors import KvcError
 from kvc.models.spec import FAMILIES, ModelSpec
+from kvc.progress import bar
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -220,22 +221,9 @@ def load_checkpoint(model: nn.Module, folder: str | Path) -> nn.Module:
     tied = spec.tie_word_embeddings
     expected = {n for n in params if not (tied and n == "lm_head.weight")}
     loaded: set[str] = set()
-    for path in checkpoint_files(folder):
-        for hf_name, shape, load in _tensors(path):
-            name = kvc_name(hf_name, spec.family)
-            if name is None or (tied and name == "lm_head.weight"):
-                continue  # a tied head is the embedding; a saved copy of it adds nothing
-            if name not in params:
-                raise KvcError(f"{path}: unexpected tensor {hf_name!r} (no such parameter in a "
-                               f"{spec.model_type} model with this config.json)")
-            want = tuple(params[name].shape)
-            if shape != want:
-                raise KvcError(f"{path}: tensor {hf_name!r} has shape {list(shape)}, expected "
-                               f"{list(want)} from config.json")
-            if name in loaded:
-                raise KvcError(f"{path}: tensor {hf_name!r} appears twice in the checkpoint")
-            params[name].copy_(load())
-            loaded.add(name)
+    with bar("kvc: loading weights", total=len(expected), unit="tensor") as counter:
+        for path in checkpoint_files(folder):
+            _load_file(path, spec, params, tied, loaded, counter)
     missing = sorted(expected - loaded)
     if missing:
         shown = ", ".join(f"{to_hf_name(n, spec.family)!r} (expected shape {list(params[n].shape)})"
@@ -245,3 +233,22 @@ def load_checkpoint(model: nn.Module, folder: str | Path) -> nn.Module:
     model.tie_weights()
     model.init_buffers()
     return model
+
+
+def _load_file(path: Path, spec: ModelSpec, params: dict, tied: bool, loaded: set, counter) -> None:
+    for hf_name, shape, load in _tensors(path):
+        name = kvc_name(hf_name, spec.family)
+        if name is None or (tied and name == "lm_head.weight"):
+            continue  # a tied head is the embedding; a saved copy of it adds nothing
+        if name not in params:
+            raise KvcError(f"{path}: unexpected tensor {hf_name!r} (no such parameter in a "
+                           f"{spec.model_type} model with this config.json)")
+        want = tuple(params[name].shape)
+        if shape != want:
+            raise KvcError(f"{path}: tensor {hf_name!r} has shape {list(shape)}, expected "
+                           f"{list(want)} from config.json")
+        if name in loaded:
+            raise KvcError(f"{path}: tensor {hf_name!r} appears twice in the checkpoint")
+        params[name].copy_(load())
+        loaded.add(name)
+        counter.update()

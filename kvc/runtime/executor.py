@@ -6,12 +6,15 @@ stay on the device; the host synchronises once, at the end.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from kvc.errors import KvcError
 from kvc.lowering import Lowered
 from kvc.models.spec import ModelSpec
 from kvc.plan import Plan
+from kvc.progress import bar
 from kvc.runtime import registry
 from kvc.runtime.offloaded import OffloadedCache
 
@@ -34,13 +37,18 @@ class CompiledModel:
         if c is None or c.batch != batch or c.max_tokens < tokens:
             self.close()
             max_tokens = max(tokens, self.plan.prompt_len + self.plan.gen_len)
-            c = OffloadedCache(
-                self.plan, num_layers=self.spec.num_layers, batch=batch, max_tokens=max_tokens,
-                act_width=self.spec.hidden_size, num_kv_heads=self.spec.num_kv_heads,
-                head_dim=self.spec.head_dim, dtype=self.dtype, device=self.device,
-                num_events=self.lowered.num_events)
+            with bar("kvc: allocating KV/activation pools", total=1, unit="pool set") as shown:
+                c = self._allocate(batch, max_tokens)
+                shown.update()
             self._cache, self._rt = c, registry.register(c)
         return c, self._rt
+
+    def _allocate(self, batch: int, max_tokens: int) -> OffloadedCache:
+        return OffloadedCache(
+            self.plan, num_layers=self.spec.num_layers, batch=batch, max_tokens=max_tokens,
+            act_width=self.spec.hidden_size, num_kv_heads=self.spec.num_kv_heads,
+            head_dim=self.spec.head_dim, dtype=self.dtype, device=self.device,
+            num_events=self.lowered.num_events)
 
     def close(self) -> None:
         if self._rt is not None:
@@ -56,8 +64,13 @@ class CompiledModel:
                     raise KvcError(str(e)) from None
 
     @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, return_logits: bool = False):
-        """Greedy decoding. Returns tokens [b, s + n], or (tokens, logits [b, n, vocab])."""
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, return_logits: bool = False,
+                 on_token: Callable[[int, torch.Tensor], None] | None = None):
+        """Greedy decoding. Returns tokens [b, s + n], or (tokens, logits [b, n, vocab]).
+
+        `on_token(step, tokens[b])` is called after each new token (step 0 is the prefill's),
+        with the tokens still on the device: a caller that streams text pays the host sync it
+        asks for, one that does not pays nothing."""
         if input_ids.dim() != 2 or input_ids.shape[1] < 1:
             raise KvcError(f"input_ids must be [batch, tokens] with tokens >= 1, got {tuple(input_ids.shape)}")
         if max_new_tokens < 1:
@@ -69,17 +82,24 @@ class CompiledModel:
         self._check_contexts(p, max_new_tokens)
         cache, rt = self._runtime(b, p + max_new_tokens)
         ids = input_ids.to(self.device)
-        cache.begin_step(0, p)
-        logits = self.lowered.prefill(ids, cache.positions[:p], rt)[:, -1]
-        cache.end_step(p)
-        tokens, all_logits = [logits.argmax(-1)], [logits]
-        for _ in range(1, max_new_tokens):
-            s = cache.s
-            cache.begin_step(s, 1)
-            logits = self.lowered.decode(tokens[-1][:, None], cache.positions[s:s + 1], rt)[:, -1]
-            cache.end_step(1)
-            tokens.append(logits.argmax(-1))
-            all_logits.append(logits)
+        with bar("kvc: generating", total=max_new_tokens, unit="step") as steps:
+            cache.begin_step(0, p)
+            logits = self.lowered.prefill(ids, cache.positions[:p], rt)[:, -1]
+            cache.end_step(p)
+            tokens, all_logits = [logits.argmax(-1)], [logits]
+            if on_token is not None:
+                on_token(0, tokens[-1])
+            steps.update()
+            for step in range(1, max_new_tokens):
+                s = cache.s
+                cache.begin_step(s, 1)
+                logits = self.lowered.decode(tokens[-1][:, None], cache.positions[s:s + 1], rt)[:, -1]
+                cache.end_step(1)
+                tokens.append(logits.argmax(-1))
+                all_logits.append(logits)
+                if on_token is not None:
+                    on_token(step, tokens[-1])
+                steps.update()
         out = torch.cat([ids, torch.stack(tokens, 1)], 1)
         if return_logits:
             return out, torch.stack(all_logits, 1).float()

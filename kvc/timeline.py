@@ -1,0 +1,114 @@
+"""The predicted timeline of one decode step, as a picture (`kvc plan --timeline plan.png`)
+or as Chrome trace JSON (`kvc bench --trace DIR`, next to the measured trace).
+
+The intervals come from kvc.cost (`layer_costs`, `durations`, `intervals`): the same numbers
+and the same earliest-start rules the scheduler's prediction uses, so the picture shows the
+schedule the LP believed in, not a re-derivation of it. matplotlib is optional
+(`pip install 'kvc[plot]'`); only drawing needs it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from kvc import cost
+from kvc.errors import KvcError
+from kvc.hardware import HardwareConfig
+from kvc.models.spec import ModelSpec
+from kvc.plan import Plan
+
+LANES = ("copy-in", "compute", "copy-out")
+COLORS = {"act_copy": "#4c9be8", "kv_copy": "#f28e2b", "recompute": "#59a14f",
+          "compute": "#9c6ade", "writeback": "#e15759", "head": "#7f7f7f"}
+LABELS = {"act_copy": "activation copy (H2D)", "kv_copy": "KV copy (H2D)",
+          "recompute": "K/V recompute", "compute": "attention + MLP",
+          "writeback": "write-back (D2H)", "head": "final norm + LM head"}
+
+
+def predicted_intervals(spec: ModelSpec, hw: HardwareConfig, plan: Plan, s: int,
+                        batch_size: int, dtype: str) -> list[dict]:
+    """Per-stream busy intervals (ms) of the decode step at context s under `plan`."""
+    try:
+        l = np.array([plan.recompute_tokens(i, s) for i in range(plan.num_layers)])
+    except ValueError as e:
+        raise KvcError(str(e)) from None
+    c = cost.layer_costs(spec, hw, batch_size, dtype, offloaded=plan.offloaded)
+    A, K, R, C, D = cost.durations(c, s, l, np.array(plan.resident), plan.act_chunks)
+    return cost.intervals(A, K, R, C, D, c.head, plan.lookahead, plan.act_chunks)
+
+
+def chrome_trace(items: list[dict], name: str = "kvc predicted") -> dict:
+    """Intervals as Chrome trace events (one thread per stream lane, microseconds), so the
+    prediction opens in Perfetto / chrome://tracing beside torch.profiler's measured trace."""
+    events = [{"ph": "M", "name": "process_name", "pid": 0, "args": {"name": name}}]
+    for tid, lane in enumerate(LANES):
+        events.append({"ph": "M", "name": "thread_name", "pid": 0, "tid": tid, "args": {"name": lane}})
+    for it in items:
+        layer = "head" if it["layer"] is None else f"L{it['layer']}"
+        events.append({"ph": "X", "pid": 0, "tid": LANES.index(it["lane"]),
+                       "name": f"{layer} {LABELS[it['kind']]}", "cat": it["kind"],
+                       "ts": it["start"] * 1e3, "dur": (it["end"] - it["start"]) * 1e3})
+    return {"traceEvents": events, "displayTimeUnit": "ms"}
+
+
+def write_chrome_trace(items: list[dict], path, name: str = "kvc predicted") -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(chrome_trace(items, name)))
+    return path
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise KvcError("--timeline needs matplotlib, which is not installed; "
+                       "pip install 'kvc[plot]' (or pip install matplotlib)") from None
+    matplotlib.use("Agg")  # files only: never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def draw(items: list[dict], path, title: str = "", num_layers: int | None = None) -> Path:
+    """One row per layer, split into three lanes (copy-in, compute, copy-out), bars colored
+    by kind; the head gets a row of its own below the last layer."""
+    plt = _pyplot()
+    path = Path(path)
+    if path.suffix.lower() not in (".png", ".svg", ".pdf", ".jpg", ".jpeg"):
+        raise KvcError(f"--timeline {path}: expected a .png, .svg, .pdf or .jpg file name")
+    layers = num_layers if num_layers is not None else 1 + max(
+        (it["layer"] for it in items if it["layer"] is not None), default=-1)
+    rows = layers + 1  # + the head
+    lane_h = 1.0 / len(LANES)
+    fig, ax = plt.subplots(figsize=(12, max(3.0, 0.45 * rows + 1.5)))
+    for it in items:
+        row = layers if it["layer"] is None else it["layer"]
+        y = row + LANES.index(it["lane"]) * lane_h
+        ax.broken_barh([(it["start"], it["end"] - it["start"])], (y + 0.04, lane_h - 0.08),
+                       facecolors=COLORS[it["kind"]], edgecolor="none")
+    ax.set_ylim(rows, 0)  # layer 0 on top: time runs left to right, layers top to bottom
+    ax.set_yticks([r + 0.5 for r in range(rows)])
+    ax.set_yticklabels([f"layer {r}" for r in range(layers)] + ["head"])
+    if rows <= 8:  # few rows: name each lane; many: the legend says it
+        ax.set_yticks([r + (k + 0.5) * lane_h for r in range(rows) for k in range(len(LANES))],
+                      minor=True)
+        ax.set_yticklabels([lane for _ in range(rows) for lane in LANES], minor=True, fontsize=6)
+        ax.tick_params(axis="y", which="minor", pad=50)
+    for r in range(1, rows):
+        ax.axhline(r, color="#dddddd", linewidth=0.5)
+    ax.set_xlabel("ms from the start of the decode step (predicted)")
+    kinds = [k for k in COLORS if any(it["kind"] == k for it in items)]
+    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=COLORS[k]) for k in kinds],
+              labels=[LABELS[k] for k in kinds], loc="upper center", ncol=3, fontsize=8,
+              bbox_to_anchor=(0.5, -0.08 if rows > 8 else -0.18))
+    ax.set_title(title + "\nlanes per layer, top to bottom: copy-in, compute, copy-out", fontsize=9)
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as e:
+        raise KvcError(f"--timeline {path}: cannot write it ({e.strerror or e})") from None
+    finally:
+        plt.close(fig)
+    return path
