@@ -200,9 +200,8 @@ def test_annotate_refuses_k_from_another_token_path():
     gm = trace_step(ToyDecoder(leak=True), prefill=False)
     with pytest.raises(ValueError, match="cannot be recomputed"):
         Annotate()(gm)
-    with pytest.raises(Exception) as err:  # through the pipeline: the same cause
+    with pytest.raises(ValueError, match="cannot be recomputed"):  # the pipeline: same error
         run_pipeline(trace_step(ToyDecoder(leak=True), prefill=True), plan_for())
-    assert isinstance(err.value.__cause__, ValueError)
 
 
 @pytest.mark.parametrize("prefill", [False, True])
