@@ -325,6 +325,12 @@ def main(argv=None) -> int:
                                           out if args.profile and main_point else None)
             save()
     rows = result["rows"]
+    try:
+        from plot_bench import plot  # tools/ is the script's own folder
+
+        plot(result, path.with_suffix(".png"))
+    except ImportError as e:  # matplotlib is optional on the GPU machine
+        log(f"no plot: {e}")
     print(table(rows))
     return 0 if all(c["tokens_equal"] for c in checks) else 1
 
