@@ -21,26 +21,24 @@ import torch.fx
 from .nodes import KvcPass, is_op, kvc_meta, layer_nodes, op_arg, placeholder
 
 
-def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
-    seen, todo = set(), [node]
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        todo.extend(n.all_input_nodes)
-    return seen
-
-
-def _descendants(roots: list[torch.fx.Node]) -> set[torch.fx.Node]:
+def _closure(roots: list[torch.fx.Node], step) -> set[torch.fx.Node]:
+    """The roots and every node reached from them through `step(node)`."""
     seen, todo = set(), list(roots)
     while todo:
         n = todo.pop()
         if n in seen:
             continue
         seen.add(n)
-        todo.extend(n.users)
+        todo.extend(step(n))
     return seen
+
+
+def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
+    return _closure([node], lambda n: n.all_input_nodes)
+
+
+def _descendants(roots: list[torch.fx.Node]) -> set[torch.fx.Node]:
+    return _closure(roots, lambda n: n.users)
 
 
 def _needed(candidates: set, outputs: list) -> set:

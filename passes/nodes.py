@@ -126,3 +126,16 @@ class KvcPass(PassBase):
 
     def run(self, gm: torch.fx.GraphModule) -> bool:
         raise NotImplementedError
+
+
+class PlanPass(KvcPass):
+    """A pass that rewrites the graph as the Plan says."""
+
+    def __init__(self, plan: Plan):
+        super().__init__()
+        self.plan = plan
+
+
+def graph_parts(gm: torch.fx.GraphModule):
+    """(graph, nodes by name, the `rt` input): what every rewriting pass starts from."""
+    return gm.graph, {n.name: n for n in gm.graph.nodes}, placeholder(gm, "rt")

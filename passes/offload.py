@@ -11,23 +11,17 @@ from __future__ import annotations
 
 import torch.fx
 
-from kvc.plan import Plan
 from kvc.runtime.ops import OFFLOAD
-from .nodes import KvcPass, call, kvc_meta, may_recompute, placeholder
+
+from .nodes import PlanPass, call, graph_parts, may_recompute
 
 
-class Offload(KvcPass):
+class Offload(PlanPass):
     name = "offload"
     after = ("annotate",)
 
-    def __init__(self, plan: Plan):
-        super().__init__()
-        self.plan = plan
-
     def run(self, gm: torch.fx.GraphModule) -> bool:
-        g = gm.graph
-        nodes = {n.name: n for n in g.nodes}
-        rt = placeholder(gm, "rt")
+        g, nodes, rt = graph_parts(gm)
         changed = False
         for i, info in gm.meta["kvc"]["layers"].items():
             if self.plan.resident[i]:

@@ -14,19 +14,22 @@ from __future__ import annotations
 
 import torch.fx
 
-from kvc.plan import Plan
 from kvc.runtime.ops import PREFETCH
 
-from .nodes import KvcPass, call, first_compute_node, is_op, may_recompute, op_arg, placeholder
+from .nodes import (
+    PlanPass,
+    call,
+    first_compute_node,
+    is_op,
+    may_recompute,
+    op_arg,
+    placeholder,
+)
 
 
-class Prefetch(KvcPass):
+class Prefetch(PlanPass):
     name = "prefetch"
     after = ("annotate", "recompute")
-
-    def __init__(self, plan: Plan):
-        super().__init__()
-        self.plan = plan
 
     def run(self, gm: torch.fx.GraphModule) -> bool:
         g = gm.graph

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import torch.fx
 
-from kvc.plan import Plan
-from .nodes import KvcPass, call, kvc_meta, may_recompute, placeholder
+from .nodes import PlanPass, call, graph_parts, kvc_meta, may_recompute
 
 
 def clone_kv_slice(g: torch.fx.Graph, slice_nodes: list[torch.fx.Node], inputs: dict,
@@ -36,18 +35,12 @@ def clone_kv_slice(g: torch.fx.Graph, slice_nodes: list[torch.fx.Node], inputs: 
     return env[k_out], env[v_out]
 
 
-class Recompute(KvcPass):
+class Recompute(PlanPass):
     name = "recompute"
     after = ("annotate", "offload")
 
-    def __init__(self, plan: Plan):
-        super().__init__()
-        self.plan = plan
-
     def run(self, gm: torch.fx.GraphModule) -> bool:
-        g = gm.graph
-        nodes = {n.name: n for n in g.nodes}
-        rt = placeholder(gm, "rt")
+        g, nodes, rt = graph_parts(gm)
         changed = False
         for i, info in gm.meta["kvc"]["layers"].items():
             if self.plan.resident[i] or info["kv_read"] is None:

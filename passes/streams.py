@@ -20,7 +20,15 @@ import torch.fx
 from kvc.plan import Plan
 from kvc.runtime.ops import COMPUTE, OFFLOAD, PREFETCH
 
-from .nodes import KvcPass, call, is_op, kvc_meta, offloaded_layers, op_arg, placeholder
+from .nodes import (
+    PlanPass,
+    call,
+    is_op,
+    kvc_meta,
+    offloaded_layers,
+    op_arg,
+    placeholder,
+)
 
 OFFLOADED, SLOT_FREE, KV_READY, ACT_DATA, KV_DATA, ACT_READY = range(6)
 STREAM_IDS = {"compute": COMPUTE, "prefetch": PREFETCH, "offload": OFFLOAD}
@@ -49,13 +57,9 @@ def previous_slot_user(plan: Plan, layer: int) -> int:
     return layer
 
 
-class Streams(KvcPass):
+class Streams(PlanPass):
     name = "streams"
     after = ("annotate", "offload", "recompute", "prefetch")
-
-    def __init__(self, plan: Plan):
-        super().__init__()
-        self.plan = plan
 
     def run(self, gm: torch.fx.GraphModule) -> bool:
         g, plan = gm.graph, self.plan

@@ -1,7 +1,5 @@
 """Compile -> artifact folder -> load: same tokens as the reference; damaged artifacts refused."""
 import json
-import os
-import signal
 import subprocess
 import sys
 import textwrap

@@ -26,10 +26,9 @@ from kvc.passes.annotate import Annotate
 from kvc.passes.nodes import is_op, layer_of, op_arg, op_name
 from kvc.passes.offload import Offload
 from kvc.passes.pipeline import ORDER, build_passes, run_pipeline
-from kvc.passes.prefetch import Prefetch
 from kvc.passes.recompute import Recompute
 from kvc.passes.streams import (ACT_DATA, ACT_READY, KV_DATA, KV_READY, OFFLOADED, SLOT_FREE,
-                                Streams, event_id, num_events)
+                                event_id, num_events)
 from kvc.plan import Plan, forced_plan
 from kvc.runtime.ops import COMPUTE, OFFLOAD, PREFETCH
 from kvc.trace import trace_step

@@ -14,7 +14,6 @@ Transformers' offloaded cache runs the same shape with `cache_implementation="of
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import math
