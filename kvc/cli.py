@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvc", description="Compile LLM decoding with the KV cache offloaded to CPU memory.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("compile", help="compile a model.yaml into an artifact folder")
@@ -32,23 +33,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--context", type=int, default=None, help="context length S (default: prompt_len)")
+    p.add_argument("--timeline", metavar="PNG", default=None,
+                   help="draw the predicted per-stream timeline of one decode step (needs matplotlib)")
 
     p = sub.add_parser("profile", help="measure this machine into a hardware config YAML")
     p.add_argument("-o", "--output", help="where to write the YAML (default: print it)")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None)
 
-    p = sub.add_parser("run", help="generate with a compiled artifact")
+    p = sub.add_parser("run", help="generate with a compiled artifact (streams the text)")
     p.add_argument("artifact")
+    p.add_argument("--prompt", default=None, help="text, tokenized with the checkpoint's own tokenizer")
+    p.add_argument("--prompts-file", default=None, help="one prompt per line, each run in turn")
     p.add_argument("--prompt-ids", default=None,
                    help="comma-separated token ids (default: random ids of the compiled prompt length)")
     p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
 
     p = sub.add_parser("bench", help="compile, load and time decoding for a model.yaml")
     _add_config_args(p)
     p.add_argument("--device", default=None)
+    p.add_argument("--trace", metavar="DIR", default=None,
+                   help="write torch.profiler's Chrome trace of one decode step, and the predicted one")
+
+    p = sub.add_parser("inspect", help="what an artifact was compiled for, and its predicted speed-up")
+    p.add_argument("artifact")
     for s in sub.choices.values():  # --debug also after the command, without resetting it
         s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        s.add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS,
+                       help=argparse.SUPPRESS)
     return parser
 
 
@@ -77,6 +89,19 @@ def cmd_plan(args) -> int:
         print(json.dumps(plan_json(r.spec, r.hardware, **kw), indent=1))
     else:
         print(plan_text(r.spec, r.hardware, **kw))
+    if args.timeline:
+        from kvc.api import make_plan
+        from kvc.timeline import draw, predicted_intervals
+
+        s = args.context or c.workload.prompt_len
+        plan = make_plan(r)
+        items = predicted_intervals(r.spec, r.hardware, plan, s, c.workload.batch_size, c.model.dtype)
+        step = max(it["end"] for it in items)
+        draw(items, args.timeline, num_layers=r.spec.num_layers,
+             title=f"{args.config}: {plan.mode} on {r.hardware.name}, batch {c.workload.batch_size}, "
+                   f"{c.model.dtype}, context {s}: {step:.3f} ms per decode step (predicted)")
+        print(f"kvc: wrote {args.timeline} (predicted timeline of the decode step at context {s})",
+              file=sys.stderr)
     return 0
 
 
@@ -101,24 +126,131 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def _prompts(args) -> list[str] | None:
+    if args.prompt is not None and args.prompts_file is not None:
+        raise KvcError("give --prompt or --prompts-file, not both")
+    if args.prompts_file is not None:
+        try:
+            lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise KvcError(f"--prompts-file {args.prompts_file}: cannot read it "
+                           f"({getattr(e, 'strerror', None) or e})") from None
+        prompts = [line for line in lines if line.strip()]
+        if not prompts:
+            raise KvcError(f"--prompts-file {args.prompts_file}: no prompts (one per line)")
+        return prompts
+    return None if args.prompt is None else [args.prompt]
+
+
+def _new_tokens(model, p: int, asked: int | None) -> int:
+    """How many tokens to generate after a p-token prompt: as asked, else the compiled gen_len
+    clipped to the contexts the plan covers. A prompt the plan cannot serve is an error that
+    says which lengths it can."""
+    spec, plan = model.spec, model.plan
+    if p + (asked or 1) > spec.max_positions:
+        raise KvcError(f"the prompt is {p} tokens{f' + {asked} new' if asked else ''}; the "
+                       f"model's maximum positions is {spec.max_positions}")
+
+    def covers(s: int) -> bool:
+        try:
+            return all(plan.recompute_tokens(i, s) >= 0 for i in range(plan.num_layers))
+        except ValueError:
+            return False
+
+    lo, hi = plan.prompt_len, plan.prompt_len + plan.gen_len
+    if not covers(p):
+        raise KvcError(f"the prompt is {p} tokens; this artifact's plan covers prompts of {lo}.."
+                       f"{hi} tokens: recompile with workload.prompt_len={p} (or set "
+                       f"schedule.recompute_fraction, which covers any length)")
+    n = asked or max(1, min(plan.gen_len, hi - p + 2, spec.max_positions - p))
+    if n > 1 and not covers(p + n - 2):
+        raise KvcError(f"--max-new-tokens {n}: a {p}-token prompt may grow to {hi + 2 - p} new "
+                       f"tokens under this artifact's plan (contexts {lo}..{hi})")
+    return n
+
+
 def cmd_run(args) -> int:
     import torch
 
     import kvc
+    from kvc import progress
 
+    prompts = _prompts(args)
+    if prompts is not None and args.prompt_ids:
+        raise KvcError("give --prompt/--prompts-file or --prompt-ids, not both")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise KvcError(f"--max-new-tokens {args.max_new_tokens}: expected >= 1")
     model = kvc.load(args.artifact, device=args.device)
+    m = model.manifest
+    if m.get("hardware", {}).get("device") == "cuda" and model.device.type == "cpu":
+        print(f"kvc: note: compiled for CUDA ({m['hardware'].get('name')}); running the same "
+              "schedule on the CPU (streams are no-ops; slow)", file=sys.stderr)
+    dummy = m["weights"]["kind"] == "dummy"
+    if prompts is None:
+        return _run_ids(args, model, dummy)
+    tok = None
+    if dummy:
+        print("kvc: note: this artifact has dummy weights and no tokenizer: the prompt is "
+              "encoded as its UTF-8 bytes, the output printed as token ids, and both are "
+              "meaningless", file=sys.stderr)
+    else:
+        from kvc.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(m["weights"]["path"])
+    total, t0 = 0, time.perf_counter()
+    for k, text in enumerate(prompts):
+        ids = tok.encode(text) if tok else [b % model.spec.vocab_size for b in text.encode()]
+        if not ids:
+            raise KvcError(f"prompt {k + 1} is empty after tokenizing")
+        n = _new_tokens(model, len(ids), args.max_new_tokens)
+        if k:
+            print()
+        sys.stdout.write(text if tok else (" ".join(map(str, ids)) + " |"))
+        sys.stdout.flush()
+        out: list[int] = []
+        shown = ""
+
+        def stream(step, new, out=out):
+            nonlocal shown
+            out.append(int(new[0]))  # one host sync per token: the price of streaming
+            if tok is None:
+                sys.stdout.write(f" {out[-1]}")
+            else:  # decode the whole tail: a token may complete a character begun earlier
+                text_now = tok.decode(out)
+                sys.stdout.write(text_now[len(shown):] if text_now.startswith(shown) else "")
+                shown = text_now
+            sys.stdout.flush()
+
+        # the bar and the streamed text would share one terminal line: text wins
+        with progress.enabled(False):
+            model.generate(torch.tensor([ids]), n, on_token=stream)
+        print()
+        total += n
+    dt = time.perf_counter() - t0
+    print(f"kvc: {total} tokens in {dt:.2f} s ({total / dt:.1f} tokens/s)", file=sys.stderr)
+    return 0
+
+
+def _run_ids(args, model, dummy: bool) -> int:
+    import torch
+
     w = model.manifest["config"]["workload"]
-    n = args.max_new_tokens or w["gen_len"]
     if args.prompt_ids:
         try:
             ids = [[int(t) for t in args.prompt_ids.split(",")]]
         except ValueError:
             raise KvcError(f"--prompt-ids {args.prompt_ids!r}: expected comma-separated integers") from None
+        bad = [t for t in ids[0] if not 0 <= t < model.spec.vocab_size]
+        if bad:
+            raise KvcError(f"--prompt-ids: token id {bad[0]} is outside the vocabulary "
+                           f"(0..{model.spec.vocab_size - 1})")
         input_ids = torch.tensor(ids)
+        n = _new_tokens(model, input_ids.shape[1], args.max_new_tokens)
     else:
         gen = torch.Generator().manual_seed(0)
         input_ids = torch.randint(0, model.spec.vocab_size, (w["batch_size"], w["prompt_len"]), generator=gen)
-    if model.manifest["weights"]["kind"] == "dummy":
+        n = args.max_new_tokens or w["gen_len"]
+    if dummy:
         print("kvc: note: this artifact has dummy weights; its tokens are meaningless", file=sys.stderr)
     t0 = time.perf_counter()
     out = model.generate(input_ids, n)
@@ -149,11 +281,100 @@ def cmd_bench(args) -> int:
     print(f"kvc bench: mode={model.plan.mode} batch={w['batch_size']} prompt={w['prompt_len']} "
           f"gen={w['gen_len']}: {dt / w['gen_len'] * 1e3:.1f} ms/token (prefill included), "
           f"{w['batch_size'] * w['gen_len'] / dt:.1f} tokens/s")
+    if args.trace:
+        _trace_step(model, ids, Path(args.trace))
+    return 0
+
+
+def _trace_step(model, ids, folder: Path) -> None:
+    """torch.profiler around exactly one decode step (the first after prefill, context
+    prompt_len), and the cost model's prediction of that step, as two Chrome traces."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from kvc.hardware import HardwareConfig
+    from kvc.timeline import predicted_intervals, write_chrome_trace
+
+    if folder.exists() and not folder.is_dir():
+        raise KvcError(f"--trace {folder}: exists and is not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    cuda = model.device.type == "cuda"
+    prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+
+    def window(step, _tokens):
+        if cuda:
+            torch.cuda.synchronize(model.device)  # the step's kernels belong inside the window
+        if step == 0:
+            prof.start()
+        elif step == 1:
+            prof.stop()
+
+    model.generate(ids, 2, on_token=window)
+    measured = folder / "decode_step.json"
+    prof.export_chrome_trace(str(measured))
+    hw = HardwareConfig(**model.manifest["hardware"])
+    predicted = write_chrome_trace(
+        predicted_intervals(model.spec, hw, model.plan, ids.shape[1], ids.shape[0], model.plan.dtype),
+        folder / "predicted.json", name=f"kvc predicted ({hw.name})")
+    print(f"kvc bench: wrote {measured} (measured) and {predicted} (predicted for {hw.name}); "
+          "open both in https://ui.perfetto.dev", file=sys.stderr)
+
+
+def cmd_inspect(args) -> int:
+    """Reads the manifest only: no weights, no trace; the baselines are re-solved from it."""
+    from kvc.artifact import read_manifest
+    from kvc.hardware import HardwareConfig
+    from kvc.models.spec import ModelSpec
+    from kvc.plan import MODES, Plan
+    from kvc.scheduler import make_plan, predict
+
+    m = read_manifest(args.artifact)
+    try:
+        c, w, sch = m["config"], m["config"]["workload"], m["config"]["schedule"]
+        spec, hw, plan = ModelSpec(**m["model_spec"]), HardwareConfig(**m["hardware"]), Plan.from_json(m["plan"])
+    except (TypeError, KeyError, ValueError) as e:
+        raise KvcError(f"{args.artifact}: damaged manifest ({e}); recompile the artifact") from None
+    b, dtype, P, G = w["batch_size"], c["model"]["dtype"], w["prompt_len"], w["gen_len"]
+    wt = m["weights"]
+    src = (f"preset {wt.get('preset')} (dummy weights, seed {wt.get('seed')}: text is meaningless)"
+           if wt["kind"] == "dummy" else f"checkpoint {wt['path']} ({len(wt['sha256'])} files, sha256 "
+           "checked at load)")
+    measured = ", ".join(f"{k} {v}" for k, v in hw.measured.items()) or "a preset, not measured here"
+    off = [i for i, r in enumerate(plan.resident) if not r]
+    ls = [plan.recompute_tokens(i, s) for s in (P, P + G) for i in off]
+    out = [f"kvc inspect: {args.artifact}",
+           f"  built:    kvc {m.get('kvc_version')}, torch {m.get('torch_version')}, {m.get('created')}, "
+           f"format {m['format_version']}, code {m['code_hash'][:12]}",
+           f"  model:    {src}",
+           f"            {spec.model_type}, {spec.num_layers} layers, hidden {spec.hidden_size}, heads "
+           f"{spec.num_heads} ({spec.num_kv_heads} KV), vocab {spec.vocab_size}, {dtype}",
+           f"  workload: batch {b}, prompt {P}, generate {G} (decode contexts {P}..{P + G})",
+           f"  machine:  {hw.name} ({hw.device}): H2D {hw.h2d_gbps:g} GB/s, GEMM {hw.gemm_tflops:g} "
+           f"TFLOP/s, GPU memory {hw.gpu_mem_gb:g} GB; {measured}",
+           f"  plan:     {plan.mode}, {len(off)}/{plan.num_layers} layers offloaded, lookahead "
+           f"{plan.lookahead}, {plan.act_chunks} activation chunk(s), chunk {plan.chunk_tokens} tokens"
+           + (f", recomputes {min(ls)}..{max(ls)} tokens per offloaded layer" if ls else "")
+           + (f", forced fraction {plan.forced_fraction:g}" if plan.forced_fraction is not None else "")]
+    here = predict(spec, hw, plan, P, b, dtype)["predicted_step_ms"]
+    out.append(f"predicted decode step at context {P}: {here:.3f} ms; speed-up of this plan over:")
+    for mode in MODES:
+        if mode == plan.mode:
+            continue
+        try:
+            other = make_plan(spec, hw, batch_size=b, prompt_len=P, gen_len=G, dtype=dtype, mode=mode,
+                              chunk_tokens=sch["chunk_tokens"], act_chunks=sch["act_chunks"],
+                              time_limit_s=sch["solver_time_limit_s"])
+        except KvcError as e:
+            out.append(f"  {mode:<13} infeasible on this machine: {e}")
+            continue
+        t = predict(spec, hw, other, P, b, dtype)["predicted_step_ms"]
+        out.append(f"  {mode:<13} {t:>10.3f} ms   x{t / here:.2f}")
+    print("\n".join(out))
     return 0
 
 
 COMMANDS = {"compile": cmd_compile, "plan": cmd_plan, "profile": cmd_profile, "run": cmd_run,
-            "bench": cmd_bench}
+            "bench": cmd_bench, "inspect": cmd_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,13 +387,18 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     try:
-        return COMMANDS[args.command](args)
+        from kvc import progress
+
+        with progress.enabled(not args.no_progress):
+            return COMMANDS[args.command](args)
     except KvcError as e:
         if args.debug:
             raise
         print(f"kvc: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if args.debug:
+            raise
         print("kvc: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a bug in kvc, not the user's input: say so, in one line

@@ -101,9 +101,11 @@ def _read_user(source) -> tuple[dict, str]:
     if not path.is_file():
         raise KvcError(f"{path}: no such file; expected a model.yaml (see examples/)")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise KvcError(f"{path}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise KvcError(f"{path}: not UTF-8 text (byte {e.start}); expected a YAML file") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

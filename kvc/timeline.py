@@ -82,27 +82,27 @@ def draw(items: list[dict], path, title: str = "", num_layers: int | None = None
         (it["layer"] for it in items if it["layer"] is not None), default=-1)
     rows = layers + 1  # + the head
     lane_h = 1.0 / len(LANES)
-    fig, ax = plt.subplots(figsize=(12, max(3.0, 0.45 * rows + 1.5)))
+    fig, ax = plt.subplots(figsize=(13, max(3.0, 0.45 * rows + 1.5)))
     for it in items:
         row = layers if it["layer"] is None else it["layer"]
         y = row + LANES.index(it["lane"]) * lane_h
         ax.broken_barh([(it["start"], it["end"] - it["start"])], (y + 0.04, lane_h - 0.08),
                        facecolors=COLORS[it["kind"]], edgecolor="none")
     ax.set_ylim(rows, 0)  # layer 0 on top: time runs left to right, layers top to bottom
-    ax.set_yticks([r + 0.5 for r in range(rows)])
-    ax.set_yticklabels([f"layer {r}" for r in range(layers)] + ["head"])
-    if rows <= 8:  # few rows: name each lane; many: the legend says it
-        ax.set_yticks([r + (k + 0.5) * lane_h for r in range(rows) for k in range(len(LANES))],
-                      minor=True)
-        ax.set_yticklabels([lane for _ in range(rows) for lane in LANES], minor=True, fontsize=6)
-        ax.tick_params(axis="y", which="minor", pad=50)
+    names = [f"layer {r}" for r in range(layers)] + ["head"]
+    if rows <= 8:  # few rows: name every lane; many: the subtitle says the order
+        ax.set_yticks([r + (k + 0.5) * lane_h for r in range(rows) for k in range(len(LANES))])
+        ax.set_yticklabels([f"{n} {lane}" for n in names for lane in LANES], fontsize=7)
+    else:
+        ax.set_yticks([r + 0.5 for r in range(rows)])
+        ax.set_yticklabels(names)
     for r in range(1, rows):
         ax.axhline(r, color="#dddddd", linewidth=0.5)
     ax.set_xlabel("ms from the start of the decode step (predicted)")
     kinds = [k for k in COLORS if any(it["kind"] == k for it in items)]
     ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=COLORS[k]) for k in kinds],
-              labels=[LABELS[k] for k in kinds], loc="upper center", ncol=3, fontsize=8,
-              bbox_to_anchor=(0.5, -0.08 if rows > 8 else -0.18))
+              labels=[LABELS[k] for k in kinds], loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              fontsize=8, frameon=False)
     ax.set_title(title + "\nlanes per layer, top to bottom: copy-in, compute, copy-out", fontsize=9)
     fig.tight_layout()
     try:

@@ -6,7 +6,7 @@ stay on the device; the host synchronises once, at the end.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

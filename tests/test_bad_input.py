@@ -1,0 +1,218 @@
+"""Issue 7's bad-input audit, through the `kvc` command: one line, a non-zero exit, and a
+traceback only with --debug. Cases already tested elsewhere are not repeated:
+
+- model.yaml missing, YAML syntax error, unknown key: test_cli.py (test_missing_file,
+  test_yaml_syntax_error, test_unknown_key); wrong type: test_config.py
+  (test_bad_values_are_one_line_errors).
+- missing / mismatched / unexpected checkpoint tensor, pickle via pickle.dump, unknown
+  model_type through the API: test_models_parity.py.
+- negative or zero bandwidth: test_cli.py (test_bad_override), test_config.py.
+- prompt + generation over max positions in model.yaml: test_config.py.
+- truncated / edited / other-version artifact through the API, Ctrl-C inside
+  write_artifact through the API: test_artifact.py.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import kvc
+from kvc.cli import main
+from kvc.models import preset
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+TINY = {"model": {"preset": "tiny-opt", "dtype": "float32"}, "hardware": "cpu",
+        "workload": {"batch_size": 2, "prompt_len": 8, "gen_len": 8}}
+OPT_CONFIG = {"model_type": "opt", "vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "max_position_embeddings": 128, "ffn_dim": 128}
+
+
+def _one_line(rc, err, needle):
+    lines = err.strip().splitlines()
+    assert rc == 2, (rc, err)
+    assert len(lines) == 1 and lines[0].startswith("kvc: error:") and needle in lines[0], err
+
+
+def cli_error(capsys, argv, needle):
+    """In-process `kvc ARGV`: exit 2 and one line naming `needle`; --debug raises instead."""
+    capsys.readouterr()  # what earlier set-up printed is not this command's
+    rc = main(list(map(str, argv)))
+    _one_line(rc, capsys.readouterr().err, needle)
+    with pytest.raises(kvc.KvcError):
+        main(["--debug", *map(str, argv)])
+
+
+def _yaml(tmp_path, data) -> Path:
+    import yaml
+
+    p = tmp_path / "m.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    return kvc.compile(TINY, ["schedule.recompute_fraction=0.5"],
+                       output=tmp_path_factory.mktemp("a") / "t.kvc")
+
+
+def _copy(artifact, tmp_path) -> Path:
+    return Path(shutil.copytree(artifact, tmp_path / "copy.kvc"))
+
+
+# --------------------------------------------------------------------------- model.yaml
+
+
+def test_unreadable_model_yaml(tmp_path, capsys):
+    p = tmp_path / "m.yaml"
+    p.write_bytes(b"model: \xff\xfe\n")
+    _one_line(main(["compile", str(p)]), capsys.readouterr().err, "not UTF-8 text")
+
+
+# --------------------------------------------------------------------------- models, checkpoints
+
+
+def test_unknown_preset(tmp_path, capsys):
+    cfg = _yaml(tmp_path, {**TINY, "model": {"preset": "gpt-5"}})
+    cli_error(capsys, ["compile", cfg], "unknown model preset 'gpt-5'")
+
+
+def test_unknown_family(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({**OPT_CONFIG, "model_type": "gpt2"}))
+    cfg = _yaml(tmp_path, {**TINY, "model": {"checkpoint": str(ckpt)}})
+    cli_error(capsys, ["plan", cfg], "unsupported model_type 'gpt2'")
+
+
+class Payload:
+    """Stands for code hidden in a pickle: unpickling it would import and build this class."""
+
+
+def test_bin_checkpoint_with_pickled_code(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps(OPT_CONFIG))
+    torch.save({"model.decoder.embed_tokens.weight": torch.zeros(512, 64), "x": Payload()},
+               ckpt / "pytorch_model.bin")
+    cfg = _yaml(tmp_path, {**TINY, "model": {"checkpoint": str(ckpt), "dtype": "float32"}})
+    out = tmp_path / "c.kvc"
+    assert main(["compile", str(cfg), "-o", str(out), "schedule.recompute_fraction=0.5"]) == 0
+    capsys.readouterr()
+    rc = main(["run", str(out), "--max-new-tokens", "2"])
+    captured = capsys.readouterr()
+    _one_line(rc, captured.err, "refused by torch.load(weights_only=True)")
+    assert "Payload" in captured.err  # the line names what it refused
+
+
+def test_checkpoint_without_tokenizer_and_a_text_prompt(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from hf_fixtures import hf_model, save_checkpoint
+
+    ckpt = save_checkpoint(hf_model("opt-preln"), tmp_path / "ckpt")
+    cfg = {"model": {"checkpoint": str(ckpt), "dtype": "float32"}, "hardware": "cpu",
+           "workload": {"batch_size": 1, "prompt_len": 4, "gen_len": 4}}
+    art = kvc.compile(cfg, ["schedule.recompute_fraction=0.5"], output=tmp_path / "c.kvc")
+    cli_error(capsys, ["run", art, "--prompt", "hello"], "has no tokenizer")
+
+
+# --------------------------------------------------------------------------- values
+
+
+def test_prompt_longer_than_max_positions(artifact, capsys):
+    n = preset("tiny-opt").max_positions + 1
+    cli_error(capsys, ["run", artifact, "--prompt-ids", ",".join(["1"] * n)],
+              f"maximum positions is {n - 1}")
+
+
+def test_prompt_outside_the_plans_contexts(tmp_path, capsys):
+    art = kvc.compile(TINY, output=tmp_path / "solved.kvc")  # solved plan: contexts 8..16 only
+    cli_error(capsys, ["run", art, "--prompt-ids", "1,2,3"], "recompile with workload.prompt_len=3")
+
+
+def test_infeasible_memory_budget(capsys):
+    cli_error(capsys, ["compile", EXAMPLES / "opt-6.7b-h100.yaml", "hardware.gpu_mem_gb=10"],
+              "short of streaming even one layer")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--prompt", "a", "--prompt-ids", "1"], "not both"),
+    (["--prompts-file", "/nonexistent/p.txt"], "cannot read it"),
+    (["--prompt-ids", "1,x"], "expected comma-separated integers"),
+    (["--prompt-ids", "9999"], "outside the vocabulary"),
+    (["--max-new-tokens", "0"], "expected >= 1"),
+])
+def test_bad_run_arguments(artifact, capsys, args, needle):
+    cli_error(capsys, ["run", artifact, *args], needle)
+
+
+def test_trace_dir_is_a_file(tmp_path, capsys):
+    f = tmp_path / "f"
+    f.write_text("")
+    cli_error(capsys, ["bench", EXAMPLES / "tiny-opt.yaml", "--trace", f], "is not a folder")
+
+
+# --------------------------------------------------------------------------- artifacts
+
+
+def test_truncated_artifact(artifact, tmp_path, capsys):
+    a = _copy(artifact, tmp_path)
+    text = (a / "manifest.json").read_text()
+    (a / "manifest.json").write_text(text[: len(text) // 3])
+    cli_error(capsys, ["run", a], "damaged manifest")
+    cli_error(capsys, ["inspect", a], "damaged manifest")
+
+
+def test_edited_artifact(artifact, tmp_path, capsys):
+    a = _copy(artifact, tmp_path)
+    (a / "graph.py").write_text((a / "graph.py").read_text().replace("def ", "def  ", 1))
+    cli_error(capsys, ["run", a], "missing or edited")
+
+
+def test_other_format_version(artifact, tmp_path, capsys):
+    a = _copy(artifact, tmp_path)
+    m = json.loads((a / "manifest.json").read_text())
+    m["format_version"] = 0
+    (a / "manifest.json").write_text(json.dumps(m))
+    cli_error(capsys, ["run", a], "format version 0")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the CPU-only fallback")
+def test_cuda_artifact_on_a_cpu_machine(tmp_path, capsys):
+    """Documented fallback (README "Python"): a CUDA-compiled artifact runs on the CPU with
+    streams and events as no-ops; asking for CUDA explicitly is a one-line error."""
+    art = kvc.compile(TINY, ["hardware=h100-pcie5", "schedule.recompute_fraction=0.5"],
+                      output=tmp_path / "gpu.kvc")
+    assert json.loads((art / "manifest.json").read_text())["hardware"]["device"] == "cuda"
+    assert main(["run", str(art), "--max-new-tokens", "3"]) == 0
+    out, err = capsys.readouterr()
+    assert "compiled for CUDA (h100-pcie5); running the same schedule on the CPU" in err
+    assert [len(r.split()) for r in out.strip().splitlines()] == [3, 3]
+    cli_error(capsys, ["run", art, "--device", "cuda"], "no CUDA device")
+
+
+def test_ctrl_c_during_compile_via_cli(tmp_path):
+    """SIGINT while the artifact is written: exit 130, one line, no folder or temporary left."""
+    out = tmp_path / "y.kvc"
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        import kvc.artifact as art
+        real = art.json.dumps
+        def interrupted(*a, **k):
+            os.kill(os.getpid(), signal.SIGINT)
+            return real(*a, **k)
+        art.json.dumps = interrupted
+        from kvc.cli import main
+        sys.exit(main(["compile", {str(EXAMPLES / 'tiny-opt.yaml')!r}, "-o", {str(out)!r}]))
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert r.returncode == 130, r.stderr
+    assert r.stderr.strip().splitlines() == ["kvc: interrupted"]
+    assert list(tmp_path.iterdir()) == []
