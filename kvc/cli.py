@@ -321,55 +321,9 @@ def _trace_step(model, ids, folder: Path) -> None:
 
 
 def cmd_inspect(args) -> int:
-    """Reads the manifest only: no weights, no trace; the baselines are re-solved from it."""
-    from kvc.artifact import read_manifest
-    from kvc.hardware import HardwareConfig
-    from kvc.models.spec import ModelSpec
-    from kvc.plan import MODES, Plan
-    from kvc.scheduler import make_plan, predict
+    from kvc.inspection import inspect_text
 
-    m = read_manifest(args.artifact)
-    try:
-        c, w, sch = m["config"], m["config"]["workload"], m["config"]["schedule"]
-        spec, hw, plan = ModelSpec(**m["model_spec"]), HardwareConfig(**m["hardware"]), Plan.from_json(m["plan"])
-    except (TypeError, KeyError, ValueError) as e:
-        raise KvcError(f"{args.artifact}: damaged manifest ({e}); recompile the artifact") from None
-    b, dtype, P, G = w["batch_size"], c["model"]["dtype"], w["prompt_len"], w["gen_len"]
-    wt = m["weights"]
-    src = (f"preset {wt.get('preset')} (dummy weights, seed {wt.get('seed')}: text is meaningless)"
-           if wt["kind"] == "dummy" else f"checkpoint {wt['path']} ({len(wt['sha256'])} files, sha256 "
-           "checked at load)")
-    measured = ", ".join(f"{k} {v}" for k, v in hw.measured.items()) or "a preset, not measured here"
-    off = [i for i, r in enumerate(plan.resident) if not r]
-    ls = [plan.recompute_tokens(i, s) for s in (P, P + G) for i in off]
-    out = [f"kvc inspect: {args.artifact}",
-           f"  built:    kvc {m.get('kvc_version')}, torch {m.get('torch_version')}, {m.get('created')}, "
-           f"format {m['format_version']}, code {m['code_hash'][:12]}",
-           f"  model:    {src}",
-           f"            {spec.model_type}, {spec.num_layers} layers, hidden {spec.hidden_size}, heads "
-           f"{spec.num_heads} ({spec.num_kv_heads} KV), vocab {spec.vocab_size}, {dtype}",
-           f"  workload: batch {b}, prompt {P}, generate {G} (decode contexts {P}..{P + G})",
-           f"  machine:  {hw.name} ({hw.device}): H2D {hw.h2d_gbps:g} GB/s, GEMM {hw.gemm_tflops:g} "
-           f"TFLOP/s, GPU memory {hw.gpu_mem_gb:g} GB; {measured}",
-           f"  plan:     {plan.mode}, {len(off)}/{plan.num_layers} layers offloaded, lookahead "
-           f"{plan.lookahead}, {plan.act_chunks} activation chunk(s), chunk {plan.chunk_tokens} tokens"
-           + (f", recomputes {min(ls)}..{max(ls)} tokens per offloaded layer" if ls else "")
-           + (f", forced fraction {plan.forced_fraction:g}" if plan.forced_fraction is not None else "")]
-    here = predict(spec, hw, plan, P, b, dtype)["predicted_step_ms"]
-    out.append(f"predicted decode step at context {P}: {here:.3f} ms; speed-up of this plan over:")
-    for mode in MODES:
-        if mode == plan.mode:
-            continue
-        try:
-            other = make_plan(spec, hw, batch_size=b, prompt_len=P, gen_len=G, dtype=dtype, mode=mode,
-                              chunk_tokens=sch["chunk_tokens"], act_chunks=sch["act_chunks"],
-                              time_limit_s=sch["solver_time_limit_s"])
-        except KvcError as e:
-            out.append(f"  {mode:<13} infeasible on this machine: {e}")
-            continue
-        t = predict(spec, hw, other, P, b, dtype)["predicted_step_ms"]
-        out.append(f"  {mode:<13} {t:>10.3f} ms   x{t / here:.2f}")
-    print("\n".join(out))
+    print(inspect_text(args.artifact))
     return 0
 
 
