@@ -168,15 +168,14 @@ def profile(device: str, progress: bool = True, dtype: str | None = None) -> Har
     k = 200
     t = timer(lambda: [tiny.add_(1) for _ in range(k)], 3)
     launch_us = t / k * 1e6
+    host_op_us = _host_op_us(tiny)
 
     bar.finish()
     if cuda:
         props = torch.cuda.get_device_properties(dev)
         gpu_mem = props.total_memory / GB
-        name = props.name
     else:
         gpu_mem = _host_mem_gb() / 2  # on a CPU the model and the "offloaded" pools share RAM
-        name = _cpu_name()
     return HardwareConfig(
         name="profiled", device="cuda" if cuda else "cpu",
         h2d_gbps=_r(1 / h2d_b / GB), d2h_gbps=_r(1 / d2h_b / GB), bidir_gbps=_r(bidir_gbps),
@@ -186,10 +185,56 @@ def profile(device: str, progress: bool = True, dtype: str | None = None) -> Har
         gpu_mem_gb=_r(gpu_mem), cpu_mem_gb=_r(_host_mem_gb() / (1 if cuda else 2)),
         mem_margin_gb=2.0 if cuda else 1.0,
         compute_slowdown=_r(comp_slow, 3), copy_slowdown=_r(copy_slow, 3), launch_us=_r(launch_us),
+        host_op_us=_r(host_op_us),
         measured={**machine_info(device), "dtype": str(dt).replace("torch.", ""),
                   "gemm_shape": f"[rows x {h}] @ [{h} x {2 * hkv}]",
                   "gemm_rows": shape["rows"], "gemm_ms": [_r(t * 1e3, 4) for t in gts]},
     )
+
+
+class _NoEvents:
+    def wait_event(self, stream: int, event: int) -> None:
+        pass
+
+
+def _host_op_us(x: torch.Tensor, repeats: int = 40) -> float:
+    """Host time per node of an fx GraphModule with the compiled step's mix of nodes (a module
+    call, views, an elementwise op, a kvc custom op), issued one after another with the GPU
+    left to run behind (no sync inside the timing)."""
+    import statistics
+    import time
+
+    import torch.fx
+
+    import kvc.runtime.ops  # noqa: F401
+    from kvc.runtime import registry
+
+    class Chain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8, device=x.device, dtype=x.dtype)
+
+        def forward(self, t, rt: int):
+            for _ in range(repeats):
+                t = self.proj(t).unflatten(-1, (2, 4)).flatten(-2) + 1.0
+                torch.ops.kvc.wait_event(rt, 0, 0)
+            return t
+
+    rt = registry.register(_NoEvents())
+    try:
+        gm = torch.fx.symbolic_trace(Chain())
+        t = torch.zeros(2, 8, device=x.device, dtype=x.dtype)
+        gm(t, rt)
+        times = []
+        for _ in range(7):
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            gm(t, rt)
+            times.append(time.perf_counter() - t0)
+    finally:
+        registry.release(rt)
+    return statistics.median(times) / (5 * repeats) * 1e6
 
 
 def _both_directions(cuda, timer, h_src, d_dst, d_src, h_dst, reps) -> float:
