@@ -11,7 +11,6 @@ compute made it. Each record/wait the streams pass inserts is shown to be necess
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 from dataclasses import replace
 
 import pytest
@@ -32,13 +31,11 @@ from kvc.passes.streams import (ACT_DATA, ACT_READY, KV_DATA, KV_READY, OFFLOADE
 from kvc.plan import Plan, forced_plan
 from kvc.runtime.ops import COMPUTE, OFFLOAD, PREFETCH
 from kvc.trace import trace_step
+from stream_simulator import COPY_OPS, VIEW_OPS, is_view, simulate, sources  # noqa: F401
 
 H, HEADS = 8, 2
-COPY_OPS = ("offload_act", "offload_kv", "prefetch_act", "prefetch_kv")
 PUT_OPS = ("put_recomputed", "put_new")  # assemble K,V in the staging slot, on compute
 EFFECT_OPS = COPY_OPS + PUT_OPS + ("record_event", "wait_event", "kv_write")
-VIEW_OPS = {"getitem", "transpose", "permute", "view", "unflatten", "unsqueeze", "squeeze",
-            "expand", "narrow", "select", "as_strided"}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -445,7 +442,7 @@ def test_streams_pairs_per_layer():
         # the slot is free once attention (reached through views of staged_kv) has read it
         (attn,) = [n for n in gm.graph.nodes if n.op == "call_function" and layer_of(n) == i
                    and "scaled_dot_product_attention" in str(n.target)]
-        assert nodes[f"staged_kv_{i}"] in _sources(attn)
+        assert nodes[f"staged_kv_{i}"] in sources(attn)
         rec = attn.next
         assert is_op(rec, "record_event") and event_args(rec) == (COMPUTE, event_id(plan, i, SLOT_FREE))
         # write-back: record on compute after the producer, wait on offload before the copy
@@ -460,25 +457,6 @@ def test_streams_pairs_per_layer():
     assert 0 <= min(ids) and max(ids) < num_events(plan) == gm.meta["kvc"]["num_events"]
 
 
-def _target_name(n) -> str:
-    return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
-
-
-def is_view(n) -> bool:
-    return n.op in ("call_method", "call_function") and _target_name(n) in VIEW_OPS
-
-
-def _sources(n) -> set:
-    """What `n` reads, looking through views."""
-    out, todo = set(), list(n.all_input_nodes)
-    while todo:
-        x = todo.pop()
-        out.add(x)
-        if is_view(x):
-            todo.extend(x.all_input_nodes)
-    return out
-
-
 def test_streams_tag_every_node():
     gm = compiled(tiny("tiny-opt"), plan_for())
     for n in gm.graph.nodes:
@@ -489,91 +467,7 @@ def test_streams_tag_every_node():
             assert stream == "compute", n.name
 
 
-# --- a happens-before simulator of streams and events --------------------------------------
-
-def simulate(plan: Plan, graphs: list, skip: tuple = (None, ())) -> list[str]:
-    """Issue the graphs' nodes in host order on CUDA-like streams (vector clocks); return the
-    races found. `skip = (graph, names)` drops those nodes of that graph (negative controls)."""
-    off = [i for i in range(plan.num_layers) if not plan.resident[i]]
-    slot = {i: plan.staging_slot(i) for i in off}  # as OffloadedCache._slot
-    clock = {s: {} for s in (COMPUTE, PREFETCH, OFFLOAD)}
-    events, bad = {}, []
-    pool_writes = defaultdict(list)  # (buf, layer) -> [(stamp, run)]
-    slot_writes = {}  # (buf, slot, chunk) -> (stamp, layer, run)
-    slot_reads = defaultdict(list)  # (buf, slot) -> [stamp]
-    slot_owners = defaultdict(list)  # (buf, slot) -> [(stamp, (layer, run))] of every write
-
-    def hb(a, b):
-        return b[2].get(a[0], 0) >= a[1]
-
-    for run, gm in enumerate(graphs):
-        stamps, staged = {}, {}
-        for n in gm.graph.nodes:
-            if gm is skip[0] and n.name in skip[1]:
-                continue
-            name = op_name(n)
-            if name == "record_event":
-                events[op_arg(n, "event")] = dict(clock[op_arg(n, "stream")])
-                continue
-            if name == "wait_event":
-                c = clock[op_arg(n, "stream")]
-                for s, t in events.get(op_arg(n, "event"), {}).items():
-                    c[s] = max(c.get(s, 0), t)
-                continue
-            if n.op in ("placeholder", "get_attr", "output"):
-                continue
-            s = op_arg(n, "stream") if name in COPY_OPS else COMPUTE
-            clock[s][s] = clock[s].get(s, 0) + 1
-            st = stamps[n] = (s, clock[s][s], dict(clock[s]))
-            where = f"run {run} {n.name}"
-            for inp in n.all_input_nodes:
-                if inp in staged:
-                    slot_reads[staged[inp]].append(st)
-                    if is_view(n):  # a view of staged data: its readers read the slot
-                        staged[n] = staged[inp]
-
-            def write(buf, i, region):
-                key = (buf, slot[i])
-                if any(not hb(rd, st) for rd in slot_reads[key]):
-                    bad.append(f"{where} refills slot {slot[i]} while it is still read")
-                if any(not hb(w, st) for w, who in slot_owners[key] if who != (i, run)):
-                    bad.append(f"{where} overwrites slot {slot[i]} before an earlier copy landed")
-                slot_owners[key].append((st, (i, run)))
-                slot_writes[(buf, slot[i], region)] = (st, i, run)
-            if name in ("offload_act", "offload_kv"):
-                i = op_arg(n, "layer")  # pool rows [s, s+T) of layer i
-                for inp in n.all_input_nodes:
-                    if inp in stamps and not hb(stamps[inp], st):
-                        bad.append(f"{where} reads {inp.name} before compute made it")
-                pool_writes[(name[8:], i)].append((st, run))
-            elif name in ("prefetch_act", "prefetch_kv"):
-                i, buf = op_arg(n, "layer"), name[9:]
-                for w, r in pool_writes[(buf, i)]:
-                    if r < run and not hb(w, st):
-                        bad.append(f"{where} reads pool rows before their write-back landed")
-                write(buf, i, op_arg(n, "chunk") if buf == "act" else "tail")
-            elif name == "put_recomputed":
-                write("kv", op_arg(n, "layer"), op_arg(n, "chunk"))
-            elif name == "put_new":
-                write("kv", op_arg(n, "layer"), "new")
-            elif name in ("staged_act", "staged_kv"):
-                i, buf = op_arg(n, "layer"), name[7:]
-                if buf == "act":
-                    regions = [op_arg(n, "chunk")]
-                else:  # rows [0, l) recomputed (if the layer ever is), [l, s) copied, [s, s+T) new
-                    recomputes = bool(ops(gm, "put_recomputed", i))
-                    regions = ["tail", "new"] + (list(range(plan.act_chunks)) if recomputes else [])
-                for region in regions:
-                    w = slot_writes.get((buf, slot[i], region))
-                    if w is None or w[1:] != (i, run):
-                        bad.append(f"{where} reads slot {slot[i]} ({region}) holding another "
-                                   "layer's or step's data")
-                    elif not hb(w[0], st):
-                        bad.append(f"{where} reads before its copy ({region}) landed")
-                slot_reads[(buf, slot[i])].append(st)
-                staged[n] = (buf, slot[i])
-    return bad
-
+# --- the happens-before simulator (tests/stream_simulator.py) on real schedules -------------
 
 def steps(model, plan, decode_steps=4):
     pre, dec = compiled(model, plan, prefill=True), compiled(model, plan)
