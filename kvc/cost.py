@@ -274,6 +274,13 @@ def memory_terms(spec: ModelSpec, hw: HardwareConfig, b: int, s_max: int, dtype:
     return t
 
 
+def host_pool_bytes(spec: ModelSpec, b: int, max_tokens: int, p: int, offloaded: int,
+                    act_rows: int) -> int:
+    """What OffloadedCache pins: K,V of every token, activations of the recomputed rows, for
+    each offloaded layer."""
+    return offloaded * (kv_bytes(spec, b, max_tokens, p) + act_bytes(spec, b, act_rows, p))
+
+
 def cpu_pool_gb(spec: ModelSpec, b: int, s_max: int, dtype: str) -> float:
     """Pinned host pools: activations and K,V of every token of every layer."""
     p = dtype_bytes(dtype)

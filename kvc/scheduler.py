@@ -49,7 +49,21 @@ def make_plan(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_le
         single = _make_plan(spec, hw, act_chunks=1, **kw)
         if sum(single.predicted_step_ms) < sum(plan.predicted_step_ms):
             plan = single
+    _check_host_memory(spec, hw, plan, batch_size, dtype)
     return plan
+
+
+def _check_host_memory(spec: ModelSpec, hw: HardwareConfig, plan: Plan, b: int, dtype: str) -> None:
+    """The pinned pools must fit `hardware.cpu_mem_gb`: refused here, before any allocation."""
+    s_max = plan.prompt_len + plan.gen_len
+    need = cost.host_pool_bytes(spec, b, s_max, cost.dtype_bytes(dtype),
+                                sum(not r for r in plan.resident),
+                                plan.max_recompute_tokens(s_max)) / cost.GB
+    if need > hw.cpu_mem_gb:
+        raise KvcError(
+            f"{plan.mode}: the pinned CPU pools need {need:.1f} GB, more than hardware.cpu_mem_gb = "
+            f"{hw.cpu_mem_gb:g}; lower workload.batch_size or the context, or raise cpu_mem_gb "
+            "if the machine has the memory")
 
 
 def _make_plan(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_len: int,

@@ -50,7 +50,7 @@ def test_kvpr_matches_closed_form_on_the_papers_machine(b, P):
 def test_gqa_never_recomputes(h):
     spec = PRESETS["llama-3-8b"]
     # memory tight enough that most layers must stream
-    m = hw(h, gpu_mem_gb=24.0)
+    m = hw(h, gpu_mem_gb=24.0, cpu_mem_gb=512.0)  # about recompute, not host memory
     for mode in ("pipelined", "kvpr", "full_offload"):
         pl = plan(spec, m, mode, b=32, P=4096, G=64)
         assert all(v == 0 for row in pl.recompute for v in row), mode
@@ -183,3 +183,12 @@ def test_80_layer_4096_token_solve_time(capsys):
         print(f"\n[solve time] llama-2-70b (80 layers), contexts 1..4097, pipelined: {dt:.3f} s "
               f"({len(pl.notes.get('buckets', []))} bucket LPs)")
     assert len(pl.recompute) == 4097
+
+
+def test_host_memory_budget_is_checked_before_any_allocation():
+    from kvc.errors import KvcError
+
+    h = hw("h100-pcie5", gpu_mem_gb=24.0, cpu_mem_gb=8.0)
+    with pytest.raises(KvcError, match=r"pinned CPU pools need [\d.]+ GB, more than hardware.cpu_mem_gb = 8"):
+        plan("opt-6.7b", h, "full_offload", b=32, P=1024)
+    plan("opt-6.7b", hw("h100-pcie5", gpu_mem_gb=24.0, cpu_mem_gb=64.0), "full_offload", b=32, P=1024)

@@ -14,7 +14,12 @@ The staging slot's K,V buffers are assembled in place, in token order: recompute
 """
 from __future__ import annotations
 
+import math
+import os
+
 import torch
+
+from kvc.errors import KvcError
 
 from kvc.plan import Plan
 from kvc.runtime.device_cache import DeviceCache
@@ -24,6 +29,18 @@ from kvc.runtime.streams import StreamSet
 def chunk_bounds(l: int, chunks: int) -> list[int]:
     """Split [0, l) into `chunks` contiguous ranges of near-equal size (some may be empty)."""
     return [(l * j) // chunks for j in range(chunks + 1)]
+
+
+def _check_host_memory(nbytes: int) -> None:
+    """Refuse pools larger than the machine's memory before pinning any of it (pinning too
+    much can stall the whole host, not just this process)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if nbytes > 0.9 * total:
+        raise KvcError(f"the CPU pools need {nbytes / 1e9:.1f} GB, more than 90% of this machine's "
+                       f"{total / 1e9:.1f} GB; lower the batch size or the context")
 
 
 class OffloadedCache:
@@ -40,6 +57,8 @@ class OffloadedCache:
         # activations are read back only for recomputed tokens: rows [0, max l)
         self.act_rows = min(max_tokens, plan.max_recompute_tokens(max_tokens))
         act_shape = (self.act_rows, batch, act_width)
+        item = torch.empty((), dtype=dtype).element_size()
+        _check_host_memory(n_off * (math.prod(act_shape) + 2 * math.prod(kv_shape)) * item)
         # one allocation per kind: pool[i] is a contiguous block; pinned so copies are DMA
         self.act_pool = torch.empty((n_off, *act_shape), dtype=dtype, pin_memory=pin)
         self.k_pool = torch.empty((n_off, *kv_shape), dtype=dtype, pin_memory=pin)
