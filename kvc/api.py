@@ -59,7 +59,9 @@ def make_plan(r: Resolved) -> Plan:
     return solve(r.spec, r.hardware, batch_size=w.batch_size, prompt_len=w.prompt_len,
                  gen_len=w.gen_len, dtype=cfg.model.dtype, mode=s.mode,
                  chunk_tokens=s.chunk_tokens, act_chunks=s.act_chunks,
-                 recompute_fraction=s.recompute_fraction, time_limit_s=s.solver_time_limit_s)
+                 recompute_fraction=s.recompute_fraction,
+                 weight_stream_fraction=s.weight_stream_fraction,
+                 time_limit_s=s.solver_time_limit_s)
 
 
 def compile_artifact(config, overrides: list[str] | tuple = (), output=None,

@@ -84,7 +84,8 @@ def cmd_plan(args) -> int:
     kw = dict(batch_size=c.workload.batch_size, prompt_len=c.workload.prompt_len,
               gen_len=c.workload.gen_len, dtype=c.model.dtype, mode=c.schedule.mode,
               chunk_tokens=c.schedule.chunk_tokens, act_chunks=c.schedule.act_chunks,
-              recompute_fraction=c.schedule.recompute_fraction, context=args.context)
+              recompute_fraction=c.schedule.recompute_fraction, context=args.context,
+              weight_stream_fraction=c.schedule.weight_stream_fraction)
     if args.json:
         print(json.dumps(plan_json(r.spec, r.hardware, **kw), indent=1))
     else:

@@ -42,6 +42,9 @@ class WorkloadConfig:
 class ScheduleConfig:
     mode: Literal["pipelined", "kvpr", "full_offload", "gpu_resident"] = "pipelined"
     recompute_fraction: float | None = None
+    # set: stream this fraction of the layers' weights from pinned CPU memory (whole layers,
+    # spread evenly); null: stream only what gpu_mem_gb forces (tests and experiments)
+    weight_stream_fraction: float | None = None
     chunk_tokens: int = 64
     act_chunks: int = 4
     solver_time_limit_s: float = 10.0
@@ -260,6 +263,8 @@ def _check_ranges(cfg: Config) -> None:
         need(v > 0, f"hardware.{name} = {v}; expected a positive number of GB")
     f = s.recompute_fraction
     need(f is None or 0.0 <= f <= 1.0, f"schedule.recompute_fraction = {f}; expected null or 0..1")
+    f = s.weight_stream_fraction
+    need(f is None or 0.0 <= f <= 1.0, f"schedule.weight_stream_fraction = {f}; expected null or 0..1")
     need(s.chunk_tokens >= 1, f"schedule.chunk_tokens = {s.chunk_tokens}; expected >= 1")
     need(s.act_chunks >= 1, f"schedule.act_chunks = {s.act_chunks}; expected >= 1")
 

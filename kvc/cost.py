@@ -35,18 +35,24 @@ ELEMENTWISE_PASSES = {"opt": 4, "llama": 16}
 # an offloaded layer's write-back/prefetch/event nodes, a recomputing layer's fixed nodes and
 # each chunk's (the cloned K/V subgraph, staged_act, put_recomputed, its wait), the head.
 # tests/test_cost.py checks these against kvc.lowering; at small batch they bound the step.
-HOST_NODES = {"opt": {"layer": 25, "offload": 10, "recompute": 3, "chunk": 9, "head": 6},
-              "llama": {"layer": 58, "offload": 10, "recompute": 3, "chunk": 23, "head": 14}}
+# A weight-streamed layer adds 5: prefetch_weights and the weights-ready / weight-slot-free
+# record and wait pairs.
+HOST_NODES = {"opt": {"layer": 25, "offload": 10, "recompute": 3, "chunk": 9, "head": 6, "weights": 5},
+              "llama": {"layer": 58, "offload": 10, "recompute": 3, "chunk": 23, "head": 14, "weights": 5}}
 
 
-def host_nodes(spec: ModelSpec, resident, recomputes, act_chunks: int):
-    """Nodes per decode step; `resident` and `recomputes` are per-layer booleans (arrays)."""
+def host_nodes(spec: ModelSpec, resident, recomputes, act_chunks: int, streamed=None):
+    """Nodes per decode step; `resident`, `recomputes` and `streamed` (weights) are per-layer
+    booleans (arrays)."""
     n = HOST_NODES[spec.family]
     layer = n["layer"] + (4 if spec.family == "llama" and spec.num_kv_heads < spec.num_heads else 0)
     off = ~np.asarray(resident, dtype=bool)
     rec = np.asarray(recomputes, dtype=bool) & off
     per_layer = layer + off * n["offload"] + rec * (n["recompute"] + act_chunks * n["chunk"])
-    return per_layer.sum(axis=0) + n["head"]
+    total = per_layer.sum(axis=0) + n["head"]
+    if streamed is not None and len(streamed):
+        total = total + n["weights"] * int(np.sum(np.asarray(streamed, dtype=bool)))
+    return total
 
 
 def dtype_bytes(dtype: str) -> int:
@@ -76,6 +82,11 @@ def weight_bytes(spec: ModelSpec, p: int) -> int:
     return spec.param_count() * p
 
 
+def layer_weight_bytes(spec: ModelSpec, p: int) -> int:
+    """One decoder layer's parameters: what a weight-streamed layer copies each step."""
+    return spec.layer_param_count() * p
+
+
 def writeback_bytes(spec: ModelSpec, b: int, p: int) -> int:
     """The new token's activation and K,V, back to the CPU pools each step (per layer)."""
     return b * (spec.hidden_size + 2 * spec.kv_width) * p
@@ -102,6 +113,7 @@ class LayerCosts:
     head: float  # final norm + LM head for the step
     compute_slowdown: float
     copy_slowdown: float
+    weight_copy: float = 0.0  # H2D of one layer's weights, when the layer streams them
 
 
 def layer_costs(spec: ModelSpec, hw: HardwareConfig, b: int, dtype: str, offloaded=True) -> LayerCosts:
@@ -139,6 +151,7 @@ def layer_costs(spec: ModelSpec, hw: HardwareConfig, b: int, dtype: str, offload
         head=head * cs,
         compute_slowdown=cs,
         copy_slowdown=ks,
+        weight_copy=(layer_weight_bytes(spec, p) / h2d * ms + lat) * ks,
     )
 
 
@@ -164,7 +177,14 @@ def durations(c: LayerCosts, s, l, resident, act_chunks: int):
     return A, K, R, C, D
 
 
-def simulate(A, K, R, C, D, head: float, lookahead: int, act_chunks: int):
+def weight_durations(c: LayerCosts, streamed, shape=()) -> np.ndarray:
+    """W per layer (ms): the weight copy a streamed layer puts on the copy stream ahead of its
+    activation / K,V copies; 0 for resident weights. `shape`: trailing (context) shape."""
+    w = np.where(np.asarray(streamed, dtype=bool), c.weight_copy, 0.0)
+    return w.reshape(w.shape + (1,) * len(shape)) + np.zeros(shape)
+
+
+def simulate(A, K, R, C, D, head: float, lookahead: int, act_chunks: int, W=None):
     """Earliest-start schedule of one decode step, as the runtime issues it.
 
     Arrays are [layers, ...] (any trailing shape, e.g. contexts). Streams: one H2D copy
@@ -175,9 +195,13 @@ def simulate(A, K, R, C, D, head: float, lookahead: int, act_chunks: int):
     (pipelined, full_offload) overlaps layer i+1's copies with layer i's compute; lookahead 0
     (kvpr) runs layer by layer. The LP in scheduler.py states exactly these inequalities;
     this is their earliest solution for fixed durations.
+    `W` (optional, [layers, ...]): a weight-streamed layer's weight copy, issued on the copy
+    stream before its activation / K,V copies; nothing of the layer (recompute included, it
+    reads the K/V projections) starts before it lands.
     Returns (step, link_busy, gpu_busy) in ms.
     """
     L = A.shape[0]
+    W = np.zeros_like(A) if W is None else np.broadcast_to(W, A.shape)
     zero = np.zeros(A.shape[1:])
     ends = []  # compute end per layer
     copy_end = zero
@@ -187,20 +211,21 @@ def simulate(A, K, R, C, D, head: float, lookahead: int, act_chunks: int):
         j = i - 1 - lookahead
         start = np.maximum(copy_end, ends[j]) if j >= 0 else copy_end
         t = ends[i - 1] if i else zero
+        wt = start + W[i]  # the layer's weights have landed
         for k in range(1, c + 1):
-            t = np.maximum(t, start + k * A[i] / c) + R[i] / c
-        copy_end = start + A[i] + K[i]
+            t = np.maximum(t, wt + k * A[i] / c) + R[i] / c
+        copy_end = wt + A[i] + K[i]
         end = np.maximum(t, copy_end) + C[i]
         ends.append(end)
         d2h_end = np.maximum(d2h_end, end) + D[i]
     step = np.maximum(ends[-1] + head, d2h_end)
-    link = (A + K).sum(axis=0)
+    link = (W + A + K).sum(axis=0)
     gpu = (R + C).sum(axis=0) + head
     return step, link, gpu
 
 
 
-def intervals(A, K, R, C, D, head: float, lookahead: int, act_chunks: int) -> list[dict]:
+def intervals(A, K, R, C, D, head: float, lookahead: int, act_chunks: int, W=None) -> list[dict]:
     """The same earliest-start schedule as `simulate`, for one context (arrays [layers]), as
     the intervals each stream is busy: dicts with lane (copy-in | compute | copy-out), layer
     (None for the head), kind (act_copy | kv_copy | recompute | compute | writeback | head),
@@ -208,6 +233,7 @@ def intervals(A, K, R, C, D, head: float, lookahead: int, act_chunks: int) -> li
     this is its picture, so a test holds the two to the same step time.
     """
     A, K, R, C, D = (np.asarray(x, dtype=float).reshape(-1) for x in (A, K, R, C, D))
+    W = np.zeros_like(A) if W is None else np.asarray(W, dtype=float).reshape(-1)
     out: list[dict] = []
 
     def add(lane, layer, kind, start, end):
@@ -222,6 +248,8 @@ def intervals(A, K, R, C, D, head: float, lookahead: int, act_chunks: int) -> li
         j = i - 1 - lookahead
         start = max(copy_end, ends[j]) if j >= 0 else copy_end
         t = ends[i - 1] if i else 0.0
+        add("copy-in", i, "weight_copy", start, start + W[i])
+        start = start + W[i]
         for k in range(1, c + 1):
             add("copy-in", i, "act_copy", start + (k - 1) * A[i] / c, start + k * A[i] / c)
             t0 = max(t, start + k * A[i] / c)
@@ -256,21 +284,27 @@ def staging_bytes(spec: ModelSpec, b: int, s_max: int, p: int, buffers: int, wit
 
 
 def memory_terms(spec: ModelSpec, hw: HardwareConfig, b: int, s_max: int, dtype: str,
-                 buffers: int, with_act: bool) -> dict:
+                 buffers: int, with_act: bool, streamed_layers: int = 0) -> dict:
     """GB figures for the GPU budget; `free_gb` is what is left for resident KV caches.
 
-    Weights are all resident today; weight streaming (issue 6) will subtract the streamed
-    fraction here and add its bytes to the copy stream in `durations`.
+    `streamed_layers` layers keep their weights in pinned CPU memory: they come off the
+    resident weights, and two GPU weight slots of one layer each (one if only one layer
+    streams) come on as `weight_slots_gb`. The keys appear only when something streams.
     """
     p = dtype_bytes(dtype)
+    n = max(0, min(spec.num_layers, int(streamed_layers)))
     t = {
-        "weights_gb": weight_bytes(spec, p) / GB,
+        "weights_gb": (weight_bytes(spec, p) - n * layer_weight_bytes(spec, p)) / GB,
         "staging_gb": staging_bytes(spec, b, s_max, p, buffers, with_act) / GB if buffers else 0.0,
         "workspace_gb": workspace_bytes(spec, b, s_max, p) / GB,
         "margin_gb": hw.mem_margin_gb,
         "layer_kv_gb": kv_bytes(spec, b, s_max + 1, p) / GB,
     }
     t["free_gb"] = hw.gpu_mem_gb - t["weights_gb"] - t["staging_gb"] - t["workspace_gb"] - t["margin_gb"]
+    if n:
+        t["weights_streamed"] = n
+        t["weight_slots_gb"] = min(n, 2) * layer_weight_bytes(spec, p) / GB
+        t["free_gb"] -= t["weight_slots_gb"]
     return t
 
 

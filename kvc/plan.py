@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field, fields
 
 MODES = ("pipelined", "kvpr", "full_offload", "gpu_resident")
+WEIGHT_SLOTS = 2  # GPU buffers of one layer's weights: one computing, one being filled
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,9 @@ class Plan:
     batch_size: int = 0
     dtype: str = ""
     notes: dict = field(default_factory=dict)  # JSON-able: memory terms, solver status, timings
+    # per layer: its weights live in a pinned CPU pool and are copied into one of two GPU
+    # weight slots one layer ahead of use (issue 6). Empty: every layer's weights resident.
+    weights_streamed: tuple[bool, ...] = ()
 
     @property
     def offloaded(self) -> bool:
@@ -64,6 +68,18 @@ class Plan:
         off = [i for i, r in enumerate(self.resident) if not r]
         return off.index(layer) % self.staging_slots
 
+    def streams_weights(self, layer: int) -> bool:
+        return bool(self.weights_streamed) and bool(self.weights_streamed[layer])
+
+    @property
+    def streamed_layers(self) -> list[int]:
+        return [i for i in range(self.num_layers) if self.streams_weights(i)]
+
+    def weight_slot(self, layer: int) -> int:
+        """The k-th weight-streamed layer's parameters live in GPU weight slot k % 2 (the
+        runtime and the streams pass both ask here)."""
+        return self.streamed_layers.index(layer) % WEIGHT_SLOTS
+
     def max_recompute_tokens(self, max_context: int) -> int:
         """The most tokens any layer recomputes at any context up to `max_context`: how many
         rows of activations the CPU pools must keep (the rest are never read back)."""
@@ -78,6 +94,10 @@ class Plan:
         d["recompute"] = [list(r) for r in self.recompute]
         d["predicted_step_ms"] = list(self.predicted_step_ms)
         d["notes"] = json.loads(json.dumps(self.notes))
+        if self.weights_streamed:
+            d["weights_streamed"] = list(self.weights_streamed)
+        else:  # manifests of plans that stream nothing stay as they were
+            del d["weights_streamed"]
         return d
 
     @classmethod
@@ -86,6 +106,7 @@ class Plan:
         d["resident"] = tuple(d["resident"])
         d["recompute"] = tuple(tuple(r) for r in d.get("recompute", ()))
         d["predicted_step_ms"] = tuple(d.get("predicted_step_ms", ()))
+        d["weights_streamed"] = tuple(bool(x) for x in d.get("weights_streamed", ()))
         return cls(**d)
 
     def dumps(self) -> str:
@@ -107,3 +128,18 @@ def forced_plan(mode: str, num_layers: int, prompt_len: int, gen_len: int, chunk
     return Plan(mode=mode, num_layers=num_layers, prompt_len=prompt_len, gen_len=gen_len,
                 chunk_tokens=chunk_tokens, resident=(mode == "gpu_resident",) * num_layers,
                 forced_fraction=float(fraction), **overlap_for(mode, act_chunks))
+
+
+def spread_layers(num_layers: int, count: int) -> tuple[bool, ...]:
+    """`count` of `num_layers` layers, spread evenly (centred in equal bands): which layers
+    stream their weights for a given number of streamed layers."""
+    count = max(0, min(num_layers, int(count)))
+    if count == 0:
+        return ()
+    chosen = {int((k + 0.5) * num_layers / count) for k in range(count)}
+    return tuple(i in chosen for i in range(num_layers))
+
+
+def weights_for_fraction(num_layers: int, fraction: float) -> tuple[bool, ...]:
+    """schedule.weight_stream_fraction -> the streamed layers (rounded to whole layers)."""
+    return spread_layers(num_layers, int(fraction * num_layers + 0.5))

@@ -17,14 +17,15 @@ from kvc.scheduler import make_plan, predict
 def plan_json(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_len: int,
               gen_len: int, dtype: str, mode: str, chunk_tokens: int, act_chunks: int,
               recompute_fraction: float | None, context: int | None = None,
-              time_limit_s: float = 10.0) -> dict:
+              time_limit_s: float = 10.0, weight_stream_fraction: float | None = None) -> dict:
     s = prompt_len if context is None else int(context)
     if not prompt_len <= s <= prompt_len + gen_len:
         raise KvcError(f"--context {s}: the plan covers contexts {prompt_len}.."
                        f"{prompt_len + gen_len} (workload.prompt_len .. prompt_len + gen_len)")
     kw = dict(batch_size=batch_size, prompt_len=prompt_len, gen_len=gen_len, dtype=dtype,
               chunk_tokens=chunk_tokens, act_chunks=act_chunks, time_limit_s=time_limit_s)
-    plan = make_plan(spec, hw, mode=mode, recompute_fraction=recompute_fraction, **kw)
+    plan = make_plan(spec, hw, mode=mode, recompute_fraction=recompute_fraction,
+                     weight_stream_fraction=weight_stream_fraction, **kw)
     pred = predict(spec, hw, plan, s, batch_size, dtype)
     p = cost.dtype_bytes(dtype)
     layers = []
@@ -61,6 +62,7 @@ def plan_json(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_le
         "prompt_len": prompt_len, "gen_len": gen_len,
         "chunk_tokens": chunk_tokens, "act_chunks": plan.act_chunks, "lookahead": plan.lookahead,
         "forced_fraction": plan.forced_fraction,
+        "weights_streamed": plan.streamed_layers,
         "layers": layers,
         **pred,
         "modes": modes,
@@ -73,10 +75,11 @@ def plan_json(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_le
 def plan_text(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_len: int,
               gen_len: int, dtype: str, mode: str, chunk_tokens: int, act_chunks: int,
               recompute_fraction: float | None, context: int | None = None,
-              time_limit_s: float = 10.0) -> str:
+              time_limit_s: float = 10.0, weight_stream_fraction: float | None = None) -> str:
     d = plan_json(spec, hw, batch_size=batch_size, prompt_len=prompt_len, gen_len=gen_len,
                   dtype=dtype, mode=mode, chunk_tokens=chunk_tokens, act_chunks=act_chunks,
-                  recompute_fraction=recompute_fraction, context=context, time_limit_s=time_limit_s)
+                  recompute_fraction=recompute_fraction, context=context, time_limit_s=time_limit_s,
+                  weight_stream_fraction=weight_stream_fraction)
     s = d["context"]
     out = [f"kvc plan: {mode} on {d['hardware']}, batch {batch_size}, {dtype}, context {s} "
            f"(contexts {prompt_len}..{prompt_len + gen_len})"]
@@ -88,6 +91,9 @@ def plan_text(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_le
         name = f"{first}" if first == last else f"{first}-{last}"
         out.append(f"  {name:>5}  {r['recompute_tokens']:>9}  {r['kv_tokens']:>7}  {r['gpu_tokens']:>7}"
                    f"  {r['act_bytes'] / 1e6:>9.2f}  {r['kv_bytes'] / 1e6:>9.2f}")
+    if d["weights_streamed"]:
+        out.append(f"  weights streamed from CPU: {len(d['weights_streamed'])} of "
+                   f"{spec.num_layers} layers {d['weights_streamed']}")
     tot = d["h2d_bytes"] / 1e6
     out.append(f"  H2D per step: {tot:,.3f} MB")
     step = d["predicted_step_ms"]

@@ -15,6 +15,12 @@ How a plan is made (`make_plan`):
    faster, that context recomputes nothing. So pipelined is never predicted slower than
    full_offload, and grouped-query models, whose activations are bigger than their K,V,
    recompute nothing: the LP's slope says so, no special case.
+
+Weights (issue 6, first step): when they do not fit next to the staging buffers, the fewest
+whole layers whose weights make the budget fit stream from pinned CPU memory (spread evenly;
+`schedule.weight_stream_fraction` forces a count). This is a greedy placement made before
+the LP, not yet a variable inside it: the LP and `cost.simulate` only charge each streamed
+layer's weight copy (a constant W_i on the copy stream, ahead of its activation / K,V copies).
 """
 from __future__ import annotations
 
@@ -30,20 +36,28 @@ from kvc import cost
 from kvc.errors import KvcError
 from kvc.hardware import HardwareConfig
 from kvc.models.spec import ModelSpec
-from kvc.plan import MODES, Plan, forced_plan, overlap_for
+from kvc.plan import (
+    MODES,
+    Plan,
+    forced_plan,
+    overlap_for,
+    spread_layers,
+    weights_for_fraction,
+)
 
 MAX_BUCKETS = 7
 
 
 def make_plan(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_len: int,
               gen_len: int, dtype: str, mode: str, chunk_tokens: int = 64, act_chunks: int = 4,
-              recompute_fraction: float | None = None, time_limit_s: float = 10.0) -> Plan:
+              recompute_fraction: float | None = None,
+              weight_stream_fraction: float | None = None, time_limit_s: float = 10.0) -> Plan:
     """The plan for `mode`. For pipelined, `act_chunks` is the most chunks the activation copy
     may be split into: more chunks overlap recompute with the copy better but cost the host
     more nodes to issue, so the plan with the lower predicted generation time wins (1 or all)."""
     kw = dict(batch_size=batch_size, prompt_len=prompt_len, gen_len=gen_len, dtype=dtype,
               mode=mode, chunk_tokens=chunk_tokens, recompute_fraction=recompute_fraction,
-              time_limit_s=time_limit_s)
+              weight_stream_fraction=weight_stream_fraction, time_limit_s=time_limit_s)
     plan = _make_plan(spec, hw, act_chunks=act_chunks, **kw)
     if mode == "pipelined" and recompute_fraction is None and act_chunks > 1:
         single = _make_plan(spec, hw, act_chunks=1, **kw)
@@ -56,9 +70,10 @@ def make_plan(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_le
 def _check_host_memory(spec: ModelSpec, hw: HardwareConfig, plan: Plan, b: int, dtype: str) -> None:
     """The pinned pools must fit `hardware.cpu_mem_gb`: refused here, before any allocation."""
     s_max = plan.prompt_len + plan.gen_len
-    need = cost.host_pool_bytes(spec, b, s_max, cost.dtype_bytes(dtype),
-                                sum(not r for r in plan.resident),
-                                plan.max_recompute_tokens(s_max)) / cost.GB
+    p = cost.dtype_bytes(dtype)
+    need = (cost.host_pool_bytes(spec, b, s_max, p, sum(not r for r in plan.resident),
+                                 plan.max_recompute_tokens(s_max))
+            + len(plan.streamed_layers) * cost.layer_weight_bytes(spec, p)) / cost.GB
     if need > hw.cpu_mem_gb:
         raise KvcError(
             f"{plan.mode}: the pinned CPU pools need {need:.1f} GB, more than hardware.cpu_mem_gb = "
@@ -68,7 +83,8 @@ def _check_host_memory(spec: ModelSpec, hw: HardwareConfig, plan: Plan, b: int, 
 
 def _make_plan(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_len: int,
                gen_len: int, dtype: str, mode: str, chunk_tokens: int, act_chunks: int,
-               recompute_fraction: float | None, time_limit_s: float) -> Plan:
+               recompute_fraction: float | None, weight_stream_fraction: float | None,
+               time_limit_s: float) -> Plan:
     if mode not in MODES:
         raise KvcError(f"schedule.mode {mode!r}: expected one of {list(MODES)}")
     for name, v, least in (("batch_size", batch_size, 1), ("prompt_len", prompt_len, 1),
@@ -81,31 +97,46 @@ def _make_plan(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_l
     ov = overlap_for(mode, act_chunks)
     look, chunks = ov["lookahead"], ov["act_chunks"]
     ctx = np.arange(prompt_len, s_max + 1)
+    buffers = 0 if mode == "gpu_resident" else look + 1
+    if weight_stream_fraction is not None:
+        if not 0.0 <= weight_stream_fraction <= 1.0:
+            raise KvcError(f"schedule.weight_stream_fraction = {weight_stream_fraction}: expected 0..1")
+        streamed = weights_for_fraction(L, weight_stream_fraction)
+    else:
+        streamed = _fewest_streamed(spec, hw, batch_size, s_max, dtype, mode, buffers)
+    n_w = sum(streamed)
     common = dict(mode=mode, num_layers=L, prompt_len=prompt_len, gen_len=gen_len,
-                  chunk_tokens=chunk_tokens, batch_size=batch_size, dtype=dtype, **ov)
+                  chunk_tokens=chunk_tokens, batch_size=batch_size, dtype=dtype,
+                  weights_streamed=streamed, **ov)
 
     if mode == "gpu_resident":
-        mem = _check_memory(spec, hw, batch_size, s_max, dtype, mode, buffers=0, with_act=False)
+        mem = _check_memory(spec, hw, batch_size, s_max, dtype, mode, buffers=0, with_act=False,
+                            streamed=n_w)
         resident, fractions_needed = (True,) * L, False
     elif mode == "full_offload":
-        mem = _check_memory(spec, hw, batch_size, s_max, dtype, mode, buffers=look + 1, with_act=False)
+        mem = _check_memory(spec, hw, batch_size, s_max, dtype, mode, buffers=look + 1,
+                            with_act=False, streamed=n_w)
         resident, fractions_needed = (False,) * L, False
     else:
         mem = _check_memory(spec, hw, batch_size, s_max, dtype, mode, buffers=look + 1,
-                            with_act=recompute_fraction != 0)
+                            with_act=recompute_fraction != 0, streamed=n_w)
         resident, fractions_needed = (False,) * L, True
     notes: dict = {"memory_gb": _round(mem)}
+    if n_w and weight_stream_fraction is None:
+        notes["weights"] = (f"{n_w} of {L} layers stream their weights: the fewest that fit "
+                            "gpu_mem_gb (greedy, spread evenly; not an LP variable yet)")
 
     if recompute_fraction is not None:
         if not 0.0 <= recompute_fraction <= 1.0:
             raise KvcError(f"schedule.recompute_fraction = {recompute_fraction}: expected 0..1")
         plan = forced_plan(mode, L, prompt_len, gen_len, chunk_tokens, recompute_fraction, act_chunks)
-        plan = replace(plan, batch_size=batch_size, dtype=dtype)
+        plan = replace(plan, batch_size=batch_size, dtype=dtype, weights_streamed=streamed)
         steps = _evaluate(spec, hw, plan, ctx, batch_size, dtype)[0]
         return replace(plan, predicted_step_ms=tuple(float(round(v, 6)) for v in steps),
                        notes={**notes, "forced": True})
 
-    c = cost.layer_costs(spec, hw, batch_size, dtype, offloaded=mode != "gpu_resident")
+    c = cost.layer_costs(spec, hw, batch_size, dtype, offloaded=mode != "gpu_resident" or n_w > 0)
+    wcopy = [c.weight_copy if w else 0.0 for w in (streamed or (False,) * L)]
     recompute = np.zeros((L, len(ctx)), dtype=np.int64)
     if fractions_needed and mem.get("recompute_disabled"):
         notes["recompute_disabled"] = mem["recompute_disabled"]
@@ -113,7 +144,7 @@ def _make_plan(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_l
         deadline = t0 + time_limit_s
         if mode == "pipelined" and mem["free_gb"] >= mem["layer_kv_gb"]:
             z = _solve(c, L, s_max, look, chunks, resident, deadline,
-                       mem_budget=(mem["free_gb"], mem["layer_kv_gb"]))[1]
+                       mem_budget=(mem["free_gb"], mem["layer_kv_gb"]), wcopy=wcopy)[1]
             n_res = min(L, int(math.floor(sum(z) + 1e-6)),
                         int(mem["free_gb"] // mem["layer_kv_gb"]))
             keep = sorted(range(L), key=lambda i: (-round(z[i], 6), i))[:n_res]
@@ -122,7 +153,8 @@ def _make_plan(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_l
             fractions_needed = False  # everything fits on the GPU: nothing left to split
     if fractions_needed and not mem.get("recompute_disabled"):
         reps = _representatives(prompt_len, s_max, chunk_tokens)
-        fr = np.array([_solve(c, L, s, look, chunks, resident, deadline)[0] for s in reps]).T
+        fr = np.array([_solve(c, L, s, look, chunks, resident, deadline, wcopy=wcopy)[0]
+                       for s in reps]).T
         notes["buckets"] = [int(s) for s in reps]
         recompute = _round_to_chunks(fr, reps, ctx, chunk_tokens)
     plan = Plan(resident=resident, recompute=(), **common)
@@ -138,7 +170,7 @@ def _make_plan(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_l
     if mode == "pipelined" and not recompute.any() and "act" in mem.get("staging_for", ""):
         # nothing recomputed (e.g. grouped-query models): the activation staging is not
         # needed, and its memory holds more resident layers, which never slow a step
-        bare = cost.memory_terms(spec, hw, batch_size, s_max, dtype, look + 1, False)
+        bare = cost.memory_terms(spec, hw, batch_size, s_max, dtype, look + 1, False, n_w)
         n_max = min(L, int(max(0.0, bare["free_gb"]) // bare["layer_kv_gb"]))
         extra = [i for i in range(L) if not resident[i]][:max(0, n_max - sum(resident))]
         if extra:
@@ -172,26 +204,55 @@ def _evaluate(spec, hw, plan: Plan, ctx: np.ndarray, b: int, dtype: str):
     p = cost.dtype_bytes(dtype)
     off = ~np.array(plan.resident)[:, None]
     moved = (cost.act_bytes(spec, b, l, p) + cost.kv_bytes(spec, b, ctx[None, :] - l, p)) * off
-    return step, link, gpu, moved.sum(axis=0)
+    weights = len(plan.streamed_layers) * cost.layer_weight_bytes(spec, p)
+    return step, link, gpu, moved.sum(axis=0) + weights
 
 
 def _evaluate_arrays(spec, hw, plan: Plan, ctx, l, b, dtype):
-    c = cost.layer_costs(spec, hw, b, dtype, offloaded=plan.offloaded)
+    streamed = plan.weights_streamed
+    c = cost.layer_costs(spec, hw, b, dtype, offloaded=plan.offloaded or any(streamed))
     res = np.array(plan.resident)[:, None]
     A, K, R, C, D = cost.durations(c, ctx[None, :], l, res, plan.act_chunks)
-    step, link, gpu = cost.simulate(A, K, R, C, D, c.head, plan.lookahead, plan.act_chunks)
+    W = cost.weight_durations(c, streamed, (len(ctx),)) if any(streamed) else None
+    step, link, gpu = cost.simulate(A, K, R, C, D, c.head, plan.lookahead, plan.act_chunks, W=W)
     # the host issues the step's nodes one by one; the GPU cannot finish before the last one.
     # A layer that recomputes at any context carries its clone nodes at every context.
     ever = (np.asarray(l) > 0).any(axis=-1) if np.ndim(l) > 1 else np.asarray(l) > 0
-    host = cost.host_nodes(spec, plan.resident, ever, plan.act_chunks) * hw.host_op_us * 1e-3
+    host = cost.host_nodes(spec, plan.resident, ever, plan.act_chunks,
+                           streamed) * hw.host_op_us * 1e-3
     return np.maximum(step, host), link, gpu
 
 
 # --- memory ----------------------------------------------------------------------------------
 
-def _check_memory(spec, hw, b, s_max, dtype, mode, buffers, with_act) -> dict:
+def _fits(spec, hw, b, s_max, dtype, buffers, streamed: int) -> float:
+    """GB to spare (negative: short) with `streamed` layers' weights on the CPU."""
+    return cost.memory_terms(spec, hw, b, s_max, dtype, buffers, False, streamed)["free_gb"]
+
+
+def _fewest_streamed(spec, hw, b, s_max, dtype, mode, buffers) -> tuple[bool, ...]:
+    """Greedy weight placement: the fewest whole layers whose weights, streamed from pinned CPU
+    memory through two GPU weight slots, make the budget fit; () when everything fits. Where
+    even streaming every layer does not fit, the error names the shortfall. gpu_resident is
+    the no-offload bound: it never streams on its own (weight_stream_fraction can force it)."""
+    L = spec.num_layers
+    if mode == "gpu_resident" or _fits(spec, hw, b, s_max, dtype, buffers, 0) >= 0:
+        return ()
+    for n in range(1, L + 1):
+        if _fits(spec, hw, b, s_max, dtype, buffers, n) >= 0:
+            return spread_layers(L, n)
+    m = cost.memory_terms(spec, hw, b, s_max, dtype, buffers, False, L)
+    raise KvcError(
+        f"{mode}: GPU memory is {-m['free_gb']:.2f} GB short of streaming even one layer, with "
+        f"every layer's weights streamed from CPU: resident weights {m['weights_gb']:.2f} GB + "
+        f"weight slots {m['weight_slots_gb']:.2f} GB + staging {m['staging_gb']:.2f} GB + "
+        f"workspace {m['workspace_gb']:.2f} GB + margin {m['margin_gb']:g} GB > "
+        f"hardware.gpu_mem_gb = {hw.gpu_mem_gb:g}; lower workload.batch_size or the context")
+
+
+def _check_memory(spec, hw, b, s_max, dtype, mode, buffers, with_act, streamed: int = 0) -> dict:
     if mode == "gpu_resident":
-        m = cost.memory_terms(spec, hw, b, s_max, dtype, 0, False)
+        m = cost.memory_terms(spec, hw, b, s_max, dtype, 0, False, streamed)
         need = m["layer_kv_gb"] * spec.num_layers - m["free_gb"]
         if need > 0:
             raise KvcError(
@@ -200,7 +261,8 @@ def _check_memory(spec, hw, b, s_max, dtype, mode, buffers, with_act) -> dict:
                 f"{m['layer_kv_gb'] * spec.num_layers:.1f} GB + workspace {m['workspace_gb']:.1f} GB"
                 f" + margin {m['margin_gb']:g} GB); use an offloading mode")
         return m
-    bare = {**cost.memory_terms(spec, hw, b, s_max, dtype, buffers, False), "staging_for": "kv"}
+    bare = {**cost.memory_terms(spec, hw, b, s_max, dtype, buffers, False, streamed),
+            "staging_for": "kv"}
     if bare["free_gb"] < 0:
         raise KvcError(
             f"{mode}: GPU memory is {-bare['free_gb']:.2f} GB short of streaming even one layer: "
@@ -209,7 +271,7 @@ def _check_memory(spec, hw, b, s_max, dtype, mode, buffers, with_act) -> dict:
             f"hardware.gpu_mem_gb = {hw.gpu_mem_gb:g}; lower workload.batch_size or the context")
     if not with_act:
         return bare
-    m = cost.memory_terms(spec, hw, b, s_max, dtype, buffers, True)
+    m = cost.memory_terms(spec, hw, b, s_max, dtype, buffers, True, streamed)
     if m["free_gb"] < 0:
         bare["recompute_disabled"] = (f"activation staging needs {-m['free_gb']:.2f} GB more "
                                       f"GPU memory; planned without recompute")
@@ -220,13 +282,17 @@ def _check_memory(spec, hw, b, s_max, dtype, mode, buffers, with_act) -> dict:
 # --- the LP ----------------------------------------------------------------------------------
 
 def _solve(c: cost.LayerCosts, L: int, s: int, look: int, chunks: int, resident, deadline: float,
-           mem_budget: tuple[float, float] | None = None):
+           mem_budget: tuple[float, float] | None = None, wcopy=None, with_step: bool = False):
     """One decode step at context s as an LP. Returns (l_i/s, z_i) per layer.
 
     Variables: x_i (recomputed fraction), z_i (kept-on-GPU fraction, only with mem_budget);
     the K,V fraction is 1 - x_i - z_i. Times: P_i copy start, Q_ik recompute chunk k start,
     E_i compute end, W_i write-back end, T the step. Same inequalities as cost.simulate.
+    `wcopy[i]`: the layer's weight copy (a constant, 0 unless it streams its weights), first
+    on the copy stream; nothing of the layer starts before it lands. `with_step`: also
+    return the optimal step time T (tests hold it to cost.simulate).
     """
+    wcopy = wcopy or [0.0] * L
     prob = pulp.LpProblem("kvc_step", pulp.LpMinimize)
     V = prob.add_variable  # pulp 3.3+: variables belong to their problem
     T = V("T", 0)
@@ -258,18 +324,18 @@ def _solve(c: cost.LayerCosts, L: int, s: int, look: int, chunks: int, resident,
         prev = None
         for k in range(1, chunks + 1):
             Q = V(f"Q{i}_{k}", 0)
-            if off:
-                prob += Q >= P + (k / chunks) * A  # chunk k has landed
+            if off or wcopy[i]:
+                prob += Q >= P + wcopy[i] + (k / chunks) * A  # chunk k (and the weights) landed
             if prev is not None:
                 prob += Q >= prev + (1.0 / chunks) * R
             elif i:
                 prob += Q >= E[i - 1]
             prev = Q
-        copy_end = P + A + K
+        copy_end = P + wcopy[i] + A + K if wcopy[i] else P + A + K
         E.append(V(f"E{i}", 0))
         prob += E[i] >= prev + (1.0 / chunks) * R + C
-        if off:
-            prob += E[i] >= copy_end + C  # the K,V tail has landed
+        if off or wcopy[i]:
+            prob += E[i] >= copy_end + C  # the K,V tail (and the weights) have landed
         Dw = c.writeback if off else 0.0
         Wn = V(f"W{i}", 0)
         prob += Wn >= E[i] + Dw
@@ -295,7 +361,8 @@ def _solve(c: cost.LayerCosts, L: int, s: int, look: int, chunks: int, resident,
         raise KvcError(f"scheduler LP at context {s} failed: status {what}, solution {sol}; "
                        f"binding: {hint}")
     val = lambda e: float(pulp.value(e) or 0.0) if not isinstance(e, pulp.LpAffineExpression) else 0.0
-    return [min(1.0, max(0.0, val(v))) for v in x], [min(1.0, max(0.0, val(v))) for v in z]
+    xs, zs = [min(1.0, max(0.0, val(v))) for v in x], [min(1.0, max(0.0, val(v))) for v in z]
+    return (xs, zs, float(pulp.value(T))) if with_step else (xs, zs)
 
 
 def _representatives(lo: int, hi: int, chunk: int) -> list[int]:

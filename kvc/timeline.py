@@ -24,7 +24,7 @@ COLORS = {"act_copy": "#4c9be8", "kv_copy": "#f28e2b", "recompute": "#59a14f",
           "compute": "#9c6ade", "writeback": "#e15759", "head": "#7f7f7f"}
 LABELS = {"act_copy": "activation copy (H2D)", "kv_copy": "KV copy (H2D)",
           "recompute": "K/V recompute", "compute": "attention + MLP",
-          "writeback": "write-back (D2H)", "head": "final norm + LM head"}
+          "writeback": "write-back (D2H)", "weight_copy": "weight copy (H2D)", "head": "final norm + LM head"}
 
 
 def predicted_intervals(spec: ModelSpec, hw: HardwareConfig, plan: Plan, s: int,
@@ -34,9 +34,11 @@ def predicted_intervals(spec: ModelSpec, hw: HardwareConfig, plan: Plan, s: int,
         l = np.array([plan.recompute_tokens(i, s) for i in range(plan.num_layers)])
     except ValueError as e:
         raise KvcError(str(e)) from None
-    c = cost.layer_costs(spec, hw, batch_size, dtype, offloaded=plan.offloaded)
+    streamed = plan.weights_streamed
+    c = cost.layer_costs(spec, hw, batch_size, dtype, offloaded=plan.offloaded or any(streamed))
     A, K, R, C, D = cost.durations(c, s, l, np.array(plan.resident), plan.act_chunks)
-    return cost.intervals(A, K, R, C, D, c.head, plan.lookahead, plan.act_chunks)
+    W = cost.weight_durations(c, streamed) if any(streamed) else None
+    return cost.intervals(A, K, R, C, D, c.head, plan.lookahead, plan.act_chunks, W=W)
 
 
 def chrome_trace(items: list[dict], name: str = "kvc predicted") -> dict:

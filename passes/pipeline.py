@@ -12,12 +12,14 @@ from .offload import Offload
 from .prefetch import Prefetch
 from .recompute import Recompute
 from .streams import Streams
+from .weights import Weights
 
-ORDER = ("annotate", "offload", "recompute", "prefetch", "streams")
+ORDER = ("annotate", "offload", "recompute", "prefetch", "weights", "streams")
 
 
 def build_passes(plan: Plan) -> list:
-    passes = [Annotate(), Offload(plan), Recompute(plan), Prefetch(plan), Streams(plan)]
+    passes = [Annotate(), Offload(plan), Recompute(plan), Prefetch(plan), Weights(plan),
+              Streams(plan)]
     assert tuple(p.name for p in passes) == ORDER
     return passes
 

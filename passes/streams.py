@@ -9,9 +9,14 @@ passes that made them; every other node computes. The hazards, and the pair each
 - write-back -> next step's prefetch of the same layer (the pools' newest row);
 - slot reuse: a staging slot is refilled only after the previous layer using it has
   finished reading it (its k_past / v_past concatenations, which copy everything staged).
+- weight-streamed layers: prefetch_weights(i) -> the first node of layer i that reads its
+  parameters (weights ready), and the last such node -> the next prefetch_weights into the
+  same weight slot (weight slot free).
 
 Event ids are a fixed function of (layer, kind), the same in prefill and decode graphs, so
-a decode step's waits see the prefill's records, and a step's the previous step's.
+a decode step's waits see the prefill's records, and a step's the previous step's. The two
+weight kinds get ids after every layer's cache events (`weight_event_id`), and only when the
+plan streams weights: a plan that streams none keeps the ids, and the code, it had before.
 """
 from __future__ import annotations
 
@@ -42,8 +47,27 @@ def event_id(plan: Plan, layer: int, kind: int, chunk: int = 0) -> int:
     return layer * events_per_layer(plan.act_chunks) + kind + chunk
 
 
+WEIGHTS_READY, WEIGHT_SLOT_FREE = range(2)  # weight event kinds, in their own block
+
+
+def weight_event_id(plan: Plan, layer: int, kind: int) -> int:
+    return plan.num_layers * events_per_layer(plan.act_chunks) + 2 * layer + kind
+
+
 def num_events(plan: Plan) -> int:
-    return plan.num_layers * events_per_layer(plan.act_chunks)
+    weights = 2 * plan.num_layers if plan.streamed_layers else 0
+    return plan.num_layers * events_per_layer(plan.act_chunks) + weights
+
+
+def previous_weight_slot_user(plan: Plan, layer: int) -> int:
+    """The weight-streamed layer that used `layer`'s weight slot last (cyclically)."""
+    st = plan.streamed_layers
+    k = st.index(layer)
+    for back in range(1, len(st) + 1):
+        other = st[(k - back) % len(st)]
+        if plan.weight_slot(other) == plan.weight_slot(layer):
+            return other
+    return layer
 
 
 def previous_slot_user(plan: Plan, layer: int) -> int:
@@ -59,7 +83,7 @@ def previous_slot_user(plan: Plan, layer: int) -> int:
 
 class Streams(PlanPass):
     name = "streams"
-    after = ("annotate", "offload", "recompute", "prefetch")
+    after = ("annotate", "offload", "recompute", "prefetch", "weights")
 
     def run(self, gm: torch.fx.GraphModule) -> bool:
         g, plan = gm.graph, self.plan
@@ -122,8 +146,43 @@ class Streams(PlanPass):
             if readers:  # attention: the last kernel that reads the slot's K,V
                 record_after(max(readers, key=order.__getitem__), COMPUTE, ev(i, SLOT_FREE), i)
             changed = True
+        changed |= self._weights(gm, rt, order, record_after, wait_before)
         gm.meta["kvc"]["num_events"] = num_events(plan)
         return changed
+
+    def _weights(self, gm, rt, order, record_after, wait_before) -> bool:
+        """weights ready: prefetch_weights(i) -> layer i's first parameter reader; weight slot
+        free: its last reader -> the next prefetch_weights into that slot (next step's too)."""
+        plan, g = self.plan, gm.graph
+        copies = {op_arg(n, "layer"): n for n in g.nodes if is_op(n, "prefetch_weights")}
+        layers = gm.meta["kvc"]["layers"]
+        nodes = {n.name: n for n in g.nodes}
+        for i, copy in sorted(copies.items()):
+            ready, free = (weight_event_id(plan, i, k) for k in (WEIGHTS_READY, WEIGHT_SLOT_FREE))
+            readers = weight_readers(gm, i)
+            if i in layers:
+                readers.append(nodes[layers[i]["first"]])
+            record_after(copy, PREFETCH, ready, i)
+            wait_before(min(readers, key=order.__getitem__), COMPUTE, ready, i)
+            record_after(max(readers, key=order.__getitem__), COMPUTE, free, i)
+            prev = previous_weight_slot_user(plan, i)
+            wait_before(copy, PREFETCH, weight_event_id(plan, prev, WEIGHT_SLOT_FREE), i)
+        return bool(copies)
+
+
+def weight_readers(gm: torch.fx.GraphModule, layer: int) -> list[torch.fx.Node]:
+    """The nodes that read layer `layer`'s parameters: its call_module nodes (recompute clones
+    included) and the users of its get_attr nodes, looking through views."""
+    prefix = f"layers.{layer}."
+    out = []
+    for n in gm.graph.nodes:
+        if not isinstance(n.target, str) or not n.target.startswith(prefix):
+            continue
+        if n.op == "call_module":
+            out.append(n)
+        elif n.op == "get_attr":
+            out.extend(_readers(n))
+    return out
 
 
 # ops that only make a view: the data is read by whatever consumes the view
@@ -152,7 +211,12 @@ _KIND_NAMES = ("offloaded", "slot_free", "kv_ready", "act_data", "kv_data")
 
 
 def _event_label(plan: Plan, event: int) -> str:
-    """`slot_free_2`, `act_ready_1_0` (layer 1, chunk 0): the inverse of event_id."""
+    """`slot_free_2`, `act_ready_1_0` (layer 1, chunk 0), `weights_ready_3`: the inverse of
+    event_id and weight_event_id."""
+    base = plan.num_layers * events_per_layer(plan.act_chunks)
+    if event >= base:
+        layer, kind = divmod(event - base, 2)
+        return f"{('weights_ready', 'weight_slot_free')[kind]}_{layer}"
     layer, kind = divmod(event, events_per_layer(plan.act_chunks))
     if kind >= ACT_READY:
         return f"act_ready_{layer}_{kind - ACT_READY}"

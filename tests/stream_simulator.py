@@ -2,7 +2,9 @@
 
 It issues compiled graphs' nodes in host order on CUDA-like streams with vector clocks and
 reports every read of a buffer that no event orders after its write (and every write over a
-buffer still being read): the races the streams pass must prevent.
+buffer still being read): the races the streams pass must prevent. Buffers: the CPU pools'
+rows, the staging slots, and (weight-streamed layers) the two GPU weight slots, which every
+node that reads a streamed layer's parameters reads.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from kvc.passes.nodes import op_arg, op_name
 from kvc.plan import Plan
 from kvc.runtime.ops import COMPUTE, OFFLOAD, PREFETCH
 
-COPY_OPS = ("offload_act", "offload_kv", "prefetch_act", "prefetch_kv")
+COPY_OPS = ("offload_act", "offload_kv", "prefetch_act", "prefetch_kv", "prefetch_weights")
 VIEW_OPS = {"getitem", "transpose", "permute", "view", "unflatten", "unsqueeze", "squeeze",
             "expand", "narrow", "select", "as_strided"}
 
@@ -36,6 +38,18 @@ def sources(n) -> set:
     return out
 
 
+def weight_layers(n) -> set[int]:
+    """The layers whose parameters node `n` reads (call_module, or a get_attr through views)."""
+    targets = [n.target] if n.op == "call_module" else [
+        x.target for x in sources(n) if x.op == "get_attr"]
+    out = set()
+    for t in targets:
+        parts = t.split(".") if isinstance(t, str) else []
+        if len(parts) > 2 and parts[0] == "layers" and parts[1].isdigit():
+            out.add(int(parts[1]))
+    return out
+
+
 def simulate(plan: Plan, graphs: list, skip: tuple = (None, ())) -> list[str]:
     """Issue the graphs' nodes in host order on CUDA-like streams (vector clocks); return the
     races found. `skip = (graph, names)` drops those nodes of that graph (negative controls)."""
@@ -47,6 +61,10 @@ def simulate(plan: Plan, graphs: list, skip: tuple = (None, ())) -> list[str]:
     slot_writes = {}  # (buf, slot, chunk) -> (stamp, layer, run)
     slot_reads = defaultdict(list)  # (buf, slot) -> [stamp]
     slot_owners = defaultdict(list)  # (buf, slot) -> [(stamp, (layer, run))] of every write
+    streamed = set(plan.streamed_layers)
+    wslot_writes = {}  # weight slot -> (stamp, layer) of its latest fill
+    wslot_reads = defaultdict(list)  # weight slot -> [stamp] of every parameter read
+    wslot_fills = defaultdict(list)  # weight slot -> [(stamp, layer)] of every fill
 
     def hb(a, b):
         return b[2].get(a[0], 0) >= a[1]
@@ -85,7 +103,24 @@ def simulate(plan: Plan, graphs: list, skip: tuple = (None, ())) -> list[str]:
                     bad.append(f"{where} overwrites slot {slot[i]} before an earlier copy landed")
                 slot_owners[key].append((st, (i, run)))
                 slot_writes[(buf, slot[i], region)] = (st, i, run)
-            if name in ("offload_act", "offload_kv"):
+            for i in weight_layers(n) & streamed if name is None else ():
+                ws = plan.weight_slot(i)
+                w = wslot_writes.get(ws)
+                if w is None or w[1] != i:
+                    bad.append(f"{where} reads weight slot {ws} holding another layer's weights")
+                elif not hb(w[0], st):
+                    bad.append(f"{where} reads layer {i}'s weights before their copy landed")
+                wslot_reads[ws].append(st)
+            if name == "prefetch_weights":
+                i = op_arg(n, "layer")
+                ws = plan.weight_slot(i)
+                if any(not hb(rd, st) for rd in wslot_reads[ws]):
+                    bad.append(f"{where} refills weight slot {ws} while it is still read")
+                if any(not hb(w, st) for w, who in wslot_fills[ws] if who != i):
+                    bad.append(f"{where} overwrites weight slot {ws} before an earlier copy landed")
+                wslot_fills[ws].append((st, i))
+                wslot_writes[ws] = (st, i)
+            elif name in ("offload_act", "offload_kv"):
                 i = op_arg(n, "layer")  # pool rows [s, s+T) of layer i
                 for inp in n.all_input_nodes:
                     if inp in stamps and not hb(stamps[inp], st):

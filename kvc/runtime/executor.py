@@ -17,6 +17,7 @@ from kvc.plan import Plan
 from kvc.progress import bar
 from kvc.runtime import registry
 from kvc.runtime.offloaded import OffloadedCache
+from kvc.runtime.weights import WeightStreamer
 
 
 class CompiledModel:
@@ -27,6 +28,10 @@ class CompiledModel:
         self.manifest = manifest or {}
         self._cache: OffloadedCache | None = None
         self._rt: int | None = None
+        # weight-streamed layers: their parameters move to pinned CPU pools now, at load time,
+        # and point into the GPU weight slots the graphs' prefetch_weights fill
+        self._weights = (WeightStreamer(plan, lowered.decode, self.device)
+                         if plan.streamed_layers else None)
 
     @property
     def graph_code(self) -> str:
@@ -48,7 +53,7 @@ class CompiledModel:
             self.plan, num_layers=self.spec.num_layers, batch=batch, max_tokens=max_tokens,
             act_width=self.spec.hidden_size, num_kv_heads=self.spec.num_kv_heads,
             head_dim=self.spec.head_dim, dtype=self.dtype, device=self.device,
-            num_events=self.lowered.num_events)
+            num_events=self.lowered.num_events, weights=self._weights)
 
     def close(self) -> None:
         if self._rt is not None:

@@ -46,8 +46,9 @@ def _check_host_memory(nbytes: int) -> None:
 class OffloadedCache:
     def __init__(self, plan: Plan, *, num_layers: int, batch: int, max_tokens: int,
                  act_width: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device, num_events: int):
+                 device: torch.device, num_events: int, weights=None):
         self.plan, self.batch, self.max_tokens = plan, batch, max_tokens
+        self.weights = weights  # a WeightStreamer when the plan streams any layer's weights
         self.device = torch.device(device)
         self.streams = StreamSet(self.device, num_events)
         pin = self.streams.cuda
@@ -153,6 +154,10 @@ class OffloadedCache:
 
     def recompute_positions(self, layer: int, chunk: int):
         return self.positions[self.bounds[layer][chunk]:self.bounds[layer][chunk + 1]]
+
+    # --- weights: a streamed layer's CPU pool -> its GPU weight slot ---------------------
+    def prefetch_weights(self, stream: int, layer: int) -> None:
+        self.weights.prefetch(self.streams, stream, layer)
 
     # --- events --------------------------------------------------------------------------
     def record_event(self, stream: int, event: int) -> None:

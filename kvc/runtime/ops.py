@@ -31,6 +31,8 @@ _SCHEMAS: dict[str, tuple[str, bool]] = {
     # prefetch: CPU pools -> GPU staging slot of the layer (activation chunks, then the K,V tail)
     "prefetch_act": ("prefetch_act(int rt, int stream, int layer, int chunk) -> ()", True),
     "prefetch_kv": ("prefetch_kv(int rt, int stream, int layer) -> ()", True),
+    # weight streaming: a layer's pinned CPU weight pool -> its GPU weight slot
+    "prefetch_weights": ("prefetch_weights(int rt, int stream, int layer) -> ()", True),
     # assemble K,V in the staging slot: recomputed chunks at rows [lo, hi), new tokens at [s, s+T)
     "put_recomputed": ("put_recomputed(Tensor k, Tensor v, int rt, int layer, int chunk) -> ()", True),
     "put_new": ("put_new(Tensor k, Tensor v, int rt, int layer) -> ()", True),

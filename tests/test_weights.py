@@ -1,0 +1,366 @@
+"""Weight streaming (issue 6, first piece): a layer's weights in a pinned CPU pool, copied into
+one of two GPU weight slots one layer ahead, through the same passes, events and runtime.
+
+CPU only: parity against the reference decoder, the pass's placement, the race simulator,
+the scheduler's greedy placement and the cost model's copy-stream charge, Plan I/O.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from kvc.passes.nodes import is_op, op_arg
+from kvc.passes.pipeline import run_pipeline
+from stream_simulator import simulate, weight_layers
+
+import kvc
+from kvc import cost
+from kvc.errors import KvcError
+from kvc.hardware import HardwareConfig
+from kvc.lowering import lower
+from kvc.models import build_model, preset
+from kvc.models.reference import ReferenceDecoder
+from kvc.models.spec import PRESETS
+from kvc.plan import MODES, Plan, forced_plan, spread_layers, weights_for_fraction
+from kvc.runtime.executor import CompiledModel
+from kvc.scheduler import make_plan, predict
+from kvc.trace import trace_step
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "hardware"
+ATOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def hw(name, **kw):
+    base = HardwareConfig.from_dict(yaml.safe_load((CONF / f"{name}.yaml").read_text()))
+    return dataclasses.replace(base, **kw)
+
+
+def model(name: str, layers: int | None = None):
+    """Dummy weights plus random biases and norm scales (as test_compiled_parity does); a new
+    object per call, since a weight-streaming CompiledModel takes its parameters over."""
+    spec = preset(name) if layers is None else replace(preset(name), num_layers=layers)
+    m = build_model(spec, "cpu", torch.float32, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for pname, p in m.named_parameters():
+            if pname.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+            elif p.dim() == 1:
+                p.copy_(1 + torch.randn(p.shape, generator=gen) * 0.1)
+    return spec, m
+
+
+def streaming_plan(mode, layers, fraction, prompt=7, gen=6, recompute=0.5, chunks=2) -> Plan:
+    plan = forced_plan(mode, layers, prompt, gen, 64, recompute, act_chunks=chunks)
+    return replace(plan, weights_streamed=weights_for_fraction(layers, fraction))
+
+
+# --- parity -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama", "tiny-llama-gqa"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("fraction", [0.5, 1.0])
+def test_parity_with_streamed_weights(name, mode, fraction):
+    spec, ref_model = model(name)
+    ids = torch.randint(0, spec.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))
+    ref_tokens, ref_logits = ReferenceDecoder(ref_model, spec).generate(ids, 6, return_logits=True)
+    _, m = model(name)  # built with the same seed: the compiled model re-points its parameters
+    plan = streaming_plan(mode, spec.num_layers, fraction)
+    assert sum(plan.weights_streamed) == round(fraction * spec.num_layers)
+    cm = CompiledModel(lower(m, plan), plan, spec, torch.float32, torch.device("cpu"))
+    try:
+        tokens, logits = cm.generate(ids, 6, return_logits=True)
+    finally:
+        cm.close()
+    assert torch.equal(tokens, ref_tokens), (name, mode, fraction)
+    assert (logits - ref_logits.float()).abs().max().item() <= ATOL
+
+
+def test_streamed_parameters_point_into_the_weight_slots():
+    spec, m = model("tiny-llama", layers=3)
+    plan = streaming_plan("pipelined", 3, 1.0)
+    before = [p.detach().clone() for p in m.layers[1].parameters()]
+    cm = CompiledModel(lower(m, plan), plan, spec, torch.float32, "cpu")
+    slots = cm._weights.slots
+    for i in range(3):
+        base = slots[plan.weight_slot(i)].data_ptr()
+        for p in m.layers[i].parameters():
+            assert base <= p.data_ptr() < base + slots.shape[1] * 4
+    assert [plan.weight_slot(i) for i in range(3)] == [0, 1, 0]
+    # the pool keeps the true values (a view per parameter); a second CompiledModel on the
+    # same model copies from it
+    pool = cm._weights.pools[1]
+    for p, want in zip(m.layers[1].parameters(), before):
+        src = p._kvc_weight_source
+        assert torch.equal(src, want) and src.untyped_storage().data_ptr() == pool.data_ptr()
+    assert pool.numel() == sum(b.numel() for b in before)
+    cm2 = CompiledModel(lower(m, plan), plan, spec, torch.float32, "cpu")
+    assert torch.equal(cm2._weights.pools[1], pool)
+
+
+def test_compile_and_load_with_streamed_weights(tmp_path):
+    cfg = {"model": {"preset": "tiny-opt", "dtype": "float32"}, "hardware": "cpu",
+           "workload": {"batch_size": 2, "prompt_len": 8, "gen_len": 8}}
+    art = kvc.compile(cfg, ["schedule.recompute_fraction=0.5", "schedule.weight_stream_fraction=1"],
+                      output=tmp_path / "w.kvc")
+    loaded = kvc.load(art, device="cpu")
+    assert loaded.plan.weights_streamed == (True, True)
+    assert "prefetch_weights_1" in (art / "graph.py").read_text()
+    ids = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(1))
+    ref = build_model(preset("tiny-opt"), "cpu", torch.float32, seed=0)
+    want = ReferenceDecoder(ref, preset("tiny-opt")).generate(ids, 8)
+    assert torch.equal(loaded.generate(ids, 8), want)
+
+
+def test_config_validates_the_fraction():
+    cfg = {"model": {"preset": "tiny-opt", "dtype": "float32"}, "hardware": "cpu"}
+    with pytest.raises(KvcError, match="schedule.weight_stream_fraction"):
+        kvc.compile(cfg, ["schedule.weight_stream_fraction=1.5"], output="/tmp/never.kvc")
+
+
+# --- the pass -----------------------------------------------------------------------------------
+
+def _first_nodes(gm) -> dict[int, str]:
+    return {i: d["first"] for i, d in gm.meta["kvc"]["layers"].items()}
+
+
+@pytest.mark.parametrize("prefill", [False, True])
+@pytest.mark.parametrize("mode", ["pipelined", "kvpr", "full_offload", "gpu_resident"])
+def test_prefetch_weights_one_layer_ahead(mode, prefill):
+    _, m = model("tiny-llama", layers=4)
+    plan = streaming_plan(mode, 4, 0.5)  # layers 0 and 2 (spread: (k + 0.5) * 4 / 2 -> 1, 3)
+    streamed = plan.streamed_layers
+    assert streamed == [1, 3]
+    gm = run_pipeline(trace_step(m, prefill=prefill), plan)
+    nodes = list(gm.graph.nodes)
+    pos = {n.name: k for k, n in enumerate(nodes)}
+    copies = [n for n in nodes if is_op(n, "prefetch_weights")]
+    assert [op_arg(n, "layer") for n in copies] == streamed
+    first = _first_nodes(gm)
+    for n in copies:
+        i = op_arg(n, "layer")
+        assert n.name == f"prefetch_weights_{i}" and n.meta["kvc"]["stream"] == "prefetch"
+        # before layer i-1's first node, after layer i-2's
+        assert pos[n.name] < pos[first[i - 1]]
+        if i >= 2:
+            assert pos[n.name] > pos[first[i - 2]]
+        # ahead of the layer's own cache prefetches on the copy stream
+        own = [x for x in nodes if (is_op(x, "prefetch_act") or is_op(x, "prefetch_kv"))
+               and op_arg(x, "layer") == i]
+        assert all(pos[n.name] < pos[x.name] for x in own)
+        # its events: ready before the layer's first node, slot free after its last reader
+        assert f"record_weights_ready_{i}" in pos and f"wait_weights_ready_{i}" in pos
+        assert pos[f"wait_weights_ready_{i}"] < pos[first[i]]
+        # (the last node that reads its parameters: the refill may start before the layer's
+        # trailing residual add)
+        last = max(k for k, x in enumerate(nodes) if i in weight_layers(x))
+        assert pos[f"record_weight_slot_free_{i}"] > last
+
+
+def test_no_streaming_leaves_the_code_as_it_was():
+    for name in ("tiny-opt", "tiny-llama-gqa"):
+        spec, m = model(name)
+        for mode in MODES:
+            plan = forced_plan(mode, spec.num_layers, 7, 6, 64, 0.5, act_chunks=2)
+            none = replace(plan, weights_streamed=(False,) * spec.num_layers)
+            a, b = lower(m, plan), lower(m, none)
+            assert a.code == b.code and a.num_events == b.num_events
+            assert "prefetch_weights" not in a.code and "weights_ready" not in a.code
+            assert "weight_slot_free" not in a.code
+
+
+def test_host_nodes_count_the_weight_nodes():
+    for name in ("tiny-opt", "tiny-llama", "tiny-llama-gqa"):
+        spec = replace(PRESETS[name], num_layers=3)
+        for mode, frac, chunks in (("gpu_resident", 0, 1), ("full_offload", 0, 1),
+                                   ("kvpr", 0.5, 1), ("pipelined", 0.5, 3)):
+            plan = replace(forced_plan(mode, 3, 8, 8, 64, frac, act_chunks=chunks),
+                           weights_streamed=(True, False, True))
+            gm = lower(build_model(spec, "meta", "float16"), plan).decode
+            nodes = sum(n.op not in ("placeholder", "get_attr", "output") for n in gm.graph.nodes)
+            rec = [frac > 0 and mode != "gpu_resident"] * 3
+            got = cost.host_nodes(spec, plan.resident, rec, plan.act_chunks, plan.weights_streamed)
+            assert got == nodes, (name, mode)
+
+
+# --- races ----------------------------------------------------------------------------------------
+
+def _graphs(m, plan, decode_steps=4):
+    pre = run_pipeline(trace_step(m, prefill=True), plan)
+    dec = run_pipeline(trace_step(m, prefill=False), plan)
+    return dec, [pre] + [dec] * decode_steps
+
+
+@pytest.mark.parametrize("mode", ["pipelined", "kvpr", "full_offload", "gpu_resident"])
+@pytest.mark.parametrize("streamed", [(True, True, True), (False, True, False), (True, False, True),
+                                      (True, True, True, True)])
+def test_no_race_with_streamed_weights(mode, streamed):
+    layers = len(streamed)
+    _, m = model("tiny-llama", layers=layers)
+    plan = replace(forced_plan(mode, layers, 6, 8, 64, 0.5, act_chunks=2), weights_streamed=streamed)
+    assert simulate(plan, _graphs(m, plan)[1]) == []
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
+@pytest.mark.parametrize("streamed", [(True, True, True), (True, False, True)])
+def test_every_weight_event_node_is_needed(name, streamed):
+    """Negative control: drop any one weight event (or the copy itself, where another layer
+    shares the slot) from the decode graph and the simulator finds a race.
+
+    One exception, as for the staging slots (test_passes.py::test_every_event_node_is_needed):
+    with 3 streamed layers, layer 1 alone uses weight slot 1, and the prefetch stream already
+    waited (before prefetch_weights_0) until layer 2 freed slot 0 in the previous step, which
+    is after layer 1 freed slot 1 there: wait_weight_slot_free_1 and its only record are
+    implied."""
+    _, m = model(name, layers=3)
+    plan = replace(forced_plan("pipelined", 3, 6, 8, 64, 0.5, act_chunks=2), weights_streamed=streamed)
+    dec, graphs = _graphs(m, plan)
+    assert simulate(plan, graphs) == []
+    names = [n.name for n in dec.graph.nodes
+             if n.name.startswith(("prefetch_weights", "record_weight", "wait_weight"))]
+    assert len(names) == 5 * sum(streamed)
+    implied = {"wait_weight_slot_free_1", "record_weight_slot_free_1"} if all(streamed) else set()
+    for name_ in names:
+        if name_.startswith("prefetch_weights"):
+            i = int(name_.rsplit("_", 1)[1])
+            if [plan.weight_slot(j) for j in plan.streamed_layers].count(plan.weight_slot(i)) == 1:
+                continue  # the layer owns its slot: it already holds its weights
+        found = simulate(plan, graphs, skip=(dec, {name_}))
+        assert bool(found) != (name_ in implied), f"dropping {name_}: {found}"
+
+
+# --- scheduler and cost model -------------------------------------------------------------------
+
+def test_spread_layers():
+    assert spread_layers(4, 2) == (False, True, False, True)
+    assert spread_layers(3, 3) == (True, True, True) and spread_layers(5, 0) == ()
+    assert sum(spread_layers(32, 7)) == 7
+
+
+def test_scheduler_streams_the_fewest_layers_that_fit():
+    spec, h = PRESETS["opt-6.7b"], hw("h100-pcie5", gpu_mem_gb=12.0, cpu_mem_gb=512.0)
+    for mode in ("full_offload", "pipelined", "kvpr"):
+        pl = make_plan(spec, h, batch_size=4, prompt_len=256, gen_len=8, dtype="float16", mode=mode)
+        n = sum(pl.weights_streamed)
+        assert 0 < n < spec.num_layers
+        look = pl.lookahead + 1
+        free = [cost.memory_terms(spec, h, 4, 264, "float16", look, False, k)["free_gb"]
+                for k in (n - 1, n)]
+        assert free[0] < 0 <= free[1], mode
+        assert pl.weights_streamed == spread_layers(spec.num_layers, n)
+        assert "greedy" in pl.notes["weights"]
+        assert pl.notes["memory_gb"]["weights_streamed"] == n
+    # enough memory: nothing streams, and the plan is what it was
+    roomy = make_plan(spec, hw("h100-pcie5"), batch_size=4, prompt_len=256, gen_len=8,
+                      dtype="float16", mode="pipelined")
+    assert roomy.weights_streamed == () and "weights_streamed" not in roomy.to_json()
+
+
+def test_gpu_resident_never_streams_on_its_own():
+    with pytest.raises(KvcError, match="gpu_resident does not fit"):
+        make_plan(PRESETS["opt-6.7b"], hw("h100-pcie5", gpu_mem_gb=12.0), batch_size=1,
+                  prompt_len=16, gen_len=2, dtype="float16", mode="gpu_resident")
+
+
+def test_streamed_weights_count_against_host_memory():
+    spec = PRESETS["opt-6.7b"]
+    with pytest.raises(KvcError, match="pinned CPU pools"):
+        make_plan(spec, hw("h100-pcie5", cpu_mem_gb=4.0), batch_size=1, prompt_len=16, gen_len=2,
+                  dtype="float16", mode="full_offload", weight_stream_fraction=1.0)
+
+
+def test_cost_charges_weight_bytes_on_the_copy_stream():
+    """full_offload at a long context is link-bound: streaming every layer's weights adds about
+    their bytes / h2d to the step, and exactly that to the link's busy time."""
+    spec = PRESETS["opt-6.7b"]
+    h = hw("h100-pcie5", cpu_mem_gb=512.0)
+    kw = {"batch_size": 8, "prompt_len": 4096, "gen_len": 1, "dtype": "float16",
+          "mode": "full_offload"}
+    base = make_plan(spec, h, **kw)
+    streamed = make_plan(spec, h, weight_stream_fraction=1.0, **kw)
+    a, b = (predict(spec, h, p, 4096, 8, "float16") for p in (base, streamed))
+    c = cost.layer_costs(spec, h, 8, "float16")
+    w_ms = spec.layer_param_count() * 2 / (h.h2d_gbps * 1e9) * 1e3 * c.copy_slowdown
+    assert c.weight_copy == pytest.approx(w_ms + h.link_latency_us * 1e-3 * c.copy_slowdown)
+    L = spec.num_layers
+    assert b["link_busy_ms"] - a["link_busy_ms"] == pytest.approx(L * c.weight_copy)
+    assert a["link_busy_ms"] > a["gpu_busy_ms"]  # the link is the bottleneck
+    grow = b["predicted_step_ms"] - a["predicted_step_ms"]
+    assert grow == pytest.approx(L * c.weight_copy, rel=0.05)
+
+
+@pytest.mark.parametrize("look,chunks", [(1, 2), (0, 1), (1, 1)])
+def test_simulate_and_lp_agree_with_weights(look, chunks):
+    """The LP's optimal step equals cost.simulate on the LP's own split: the weight copy W_i
+    enters both the same way. Fixed latencies are zeroed (the LP charges them to every layer,
+    durations only where the work exists) so the two are exactly comparable."""
+    from kvc import scheduler
+
+    spec = PRESETS["opt-6.7b"]
+    h = hw("h100-pcie5", link_latency_us=0, launch_us=0, attn_fixed_us=0, gemm_half_rows=0)
+    c = cost.layer_costs(spec, h, 16, "float16")
+    L, s = 6, 1024
+    streamed = [True, False, True, True, False, True]
+    wcopy = [c.weight_copy if w else 0.0 for w in streamed]
+    x, _, T = scheduler._solve(c, L, s, look, chunks, (False,) * L, 1e18, wcopy=wcopy, with_step=True)
+    l = np.array(x)[:, None] * s
+    A, K, R, C, D = cost.durations(c, np.full((L, 1), s), l, np.zeros((L, 1), bool), chunks)
+    R = np.where(l > 0, R, chunks * c.rec_chunk_fixed)  # the LP pays the chunk's weight read always
+    W = cost.weight_durations(c, streamed, (1,))
+    step = cost.simulate(A, K, R, C, D, c.head, look, chunks, W=W)[0][0]
+    assert step == pytest.approx(T, rel=1e-6)
+    _, _, T0 = scheduler._solve(c, L, s, look, chunks, (False,) * L, 1e18, with_step=True)
+    assert T > T0  # the weights cost the step something
+
+
+def test_memory_terms_with_streamed_weights():
+    spec, h = PRESETS["opt-6.7b"], hw("h100-pcie5")
+    base = cost.memory_terms(spec, h, 1, 2047, "float16", 2, False)
+    st = cost.memory_terms(spec, h, 1, 2047, "float16", 2, False, 10)
+    layer = spec.layer_param_count() * 2 / 1e9
+    assert "weights_streamed" not in base
+    assert st["weights_gb"] == pytest.approx(base["weights_gb"] - 10 * layer)
+    assert st["weight_slots_gb"] == pytest.approx(2 * layer)
+    assert st["free_gb"] == pytest.approx(base["free_gb"] + 8 * layer)
+
+
+# --- Plan I/O ---------------------------------------------------------------------------------
+
+def test_plan_json_round_trip_with_and_without_weights():
+    plan = forced_plan("pipelined", 4, 8, 8, 64, 0.5)
+    d = plan.to_json()
+    assert "weights_streamed" not in d  # manifests of non-streaming plans are unchanged
+    assert Plan.from_json(d) == plan
+    st = replace(plan, weights_streamed=(False, True, False, True))
+    d = st.to_json()
+    assert d["weights_streamed"] == [False, True, False, True]
+    back = Plan.from_json(d)
+    assert back == st and back.streamed_layers == [1, 3] and back.weight_slot(3) == 1
+    assert back.streams_weights(1) and not back.streams_weights(0)
+    assert not plan.streams_weights(0) and plan.streamed_layers == []
+
+
+def test_plan_report_shows_streamed_layers():
+    from kvc.plan_report import plan_json, plan_text
+
+    kw = {"batch_size": 4, "prompt_len": 256, "gen_len": 8, "dtype": "float16",
+          "mode": "full_offload", "chunk_tokens": 64, "act_chunks": 1, "recompute_fraction": None}
+    h = hw("h100-pcie5", gpu_mem_gb=12.0, cpu_mem_gb=512.0)
+    d = plan_json(PRESETS["opt-6.7b"], h, **kw)
+    n = len(d["weights_streamed"])
+    assert n > 0 and "weight_slots_gb" in d["memory_gb"]
+    assert d["h2d_bytes"] >= n * PRESETS["opt-6.7b"].layer_param_count() * 2
+    assert "weights streamed from CPU" in plan_text(PRESETS["opt-6.7b"], h, **kw)
