@@ -59,26 +59,25 @@ def num_events(plan: Plan) -> int:
     return plan.num_layers * events_per_layer(plan.act_chunks) + weights
 
 
-def previous_weight_slot_user(plan: Plan, layer: int) -> int:
-    """The weight-streamed layer that used `layer`'s weight slot last (cyclically)."""
-    st = plan.streamed_layers
-    k = st.index(layer)
-    for back in range(1, len(st) + 1):
-        other = st[(k - back) % len(st)]
-        if plan.weight_slot(other) == plan.weight_slot(layer):
+def _previous_user(layers: list[int], slot_of, layer: int) -> int:
+    """Among `layers` (in order), the one that used `layer`'s slot last, cyclically: across
+    steps, the last layers of the previous step."""
+    k = layers.index(layer)
+    for back in range(1, len(layers) + 1):
+        other = layers[(k - back) % len(layers)]
+        if slot_of(other) == slot_of(layer):
             return other
     return layer
+
+
+def previous_weight_slot_user(plan: Plan, layer: int) -> int:
+    """The weight-streamed layer that used `layer`'s weight slot last."""
+    return _previous_user(list(plan.streamed_layers), plan.weight_slot, layer)
 
 
 def previous_slot_user(plan: Plan, layer: int) -> int:
-    """The offloaded layer that used `layer`'s staging slot last (cyclically: across steps)."""
-    off = offloaded_layers(plan)
-    k = off.index(layer)
-    for back in range(1, len(off) + 1):
-        other = off[(k - back) % len(off)]
-        if plan.staging_slot(other) == plan.staging_slot(layer):
-            return other
-    return layer
+    """The offloaded layer that used `layer`'s staging slot last."""
+    return _previous_user(offloaded_layers(plan), plan.staging_slot, layer)
 
 
 class Streams(PlanPass):

@@ -40,13 +40,7 @@ VARIANTS = {
 SHAPES = [(1, 5), (3, 7), (2, 16)]  # (batch, prompt length)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only contend (on a busy 2-core box, 100x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fractions(s: int) -> list[float]:

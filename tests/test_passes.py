@@ -38,12 +38,7 @@ PUT_OPS = ("put_recomputed", "put_new")  # assemble K,V in the staging slot, on 
 EFFECT_OPS = COPY_OPS + PUT_OPS + ("record_event", "wait_event", "kv_write")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: extra intra-op threads only contend
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- a hand-built decoder that keeps the model forward contract ----------------------------

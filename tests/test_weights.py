@@ -35,12 +35,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "hardware"
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hw(name, **kw):
