@@ -11,6 +11,7 @@ import kvc
 from kvc.errors import KvcError
 from kvc.models import build_model, preset
 from kvc.models.reference import ReferenceDecoder
+from kvc_fixtures import INTERRUPT_WHILE_WRITING
 
 TINY = {"model": {"preset": "tiny-llama", "dtype": "float32"}, "hardware": "cpu",
         "workload": {"batch_size": 2, "prompt_len": 8, "gen_len": 8}}
@@ -120,13 +121,7 @@ def test_compile_replaces_atomically_and_leaves_no_temp(tmp_path):
 
 def test_interrupted_compile_leaves_nothing(tmp_path):
     """Ctrl-C while the artifact is being written: no folder, no temporary left behind."""
-    script = textwrap.dedent(f"""
-        import os, signal, kvc.artifact as art
-        real = art.json.dumps
-        def slow(*a, **k):
-            os.kill(os.getpid(), signal.SIGINT)
-            return real(*a, **k)
-        art.json.dumps = slow
+    script = INTERRUPT_WHILE_WRITING + textwrap.dedent(f"""
         import kvc
         kvc.compile({TINY!r}, overrides=["schedule.recompute_fraction=0.5"], output={str(tmp_path / 'y.kvc')!r})
     """)

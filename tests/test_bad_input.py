@@ -26,6 +26,7 @@ import torch
 import kvc
 from kvc.cli import main
 from kvc.models import preset
+from kvc_fixtures import INTERRUPT_WHILE_WRITING
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY = {"model": {"preset": "tiny-opt", "dtype": "float32"}, "hardware": "cpu",
@@ -203,14 +204,8 @@ def test_cuda_artifact_on_a_cpu_machine(tmp_path, capsys):
 def test_ctrl_c_during_compile_via_cli(tmp_path):
     """SIGINT while the artifact is written: exit 130, one line, no folder or temporary left."""
     out = tmp_path / "y.kvc"
-    script = textwrap.dedent(f"""
-        import os, signal, sys
-        import kvc.artifact as art
-        real = art.json.dumps
-        def interrupted(*a, **k):
-            os.kill(os.getpid(), signal.SIGINT)
-            return real(*a, **k)
-        art.json.dumps = interrupted
+    script = INTERRUPT_WHILE_WRITING + textwrap.dedent(f"""
+        import sys
         from kvc.cli import main
         sys.exit(main(["compile", {str(EXAMPLES / 'tiny-opt.yaml')!r}, "-o", {str(out)!r}]))
     """)

@@ -23,6 +23,7 @@ from kvc.models import build_model, preset
 from kvc.models.reference import ReferenceDecoder
 from kvc.plan import MODES, Plan, forced_plan
 from kvc.runtime.executor import CompiledModel
+from kvc_fixtures import perturb_small_params
 
 ATOL = 1e-5
 GEN = 10
@@ -52,14 +53,7 @@ def model(name: str):
     """Dummy weights, plus random biases and norm scales: the builder zeroes biases and sets
     norms to 1, which would hide a bias or norm the recompute clone dropped."""
     spec = VARIANTS[name]
-    m = build_model(spec, "cpu", torch.float32, seed=0)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for pname, p in m.named_parameters():
-            if pname.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-            elif p.dim() == 1:  # norm weights
-                p.copy_(1 + torch.randn(p.shape, generator=gen) * 0.1)
+    m = perturb_small_params(build_model(spec, "cpu", torch.float32, seed=0))
     return spec, m
 
 

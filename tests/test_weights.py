@@ -30,6 +30,7 @@ from kvc.plan import MODES, Plan, forced_plan, spread_layers, weights_for_fracti
 from kvc.runtime.executor import CompiledModel
 from kvc.scheduler import make_plan, predict
 from kvc.trace import trace_step
+from kvc_fixtures import perturb_small_params
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "hardware"
 ATOL = 1e-5
@@ -47,14 +48,7 @@ def model(name: str, layers: int | None = None):
     """Dummy weights plus random biases and norm scales (as test_compiled_parity does); a new
     object per call, since a weight-streaming CompiledModel takes its parameters over."""
     spec = preset(name) if layers is None else replace(preset(name), num_layers=layers)
-    m = build_model(spec, "cpu", torch.float32, seed=0)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for pname, p in m.named_parameters():
-            if pname.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-            elif p.dim() == 1:
-                p.copy_(1 + torch.randn(p.shape, generator=gen) * 0.1)
+    m = perturb_small_params(build_model(spec, "cpu", torch.float32, seed=0))
     return spec, m
 
 

@@ -1,0 +1,28 @@
+"""Shared helpers for tests that build kvc models or interrupt a compile."""
+import textwrap
+
+import torch
+
+# prepended to a subprocess script: SIGINT arrives while the artifact's manifest is written
+INTERRUPT_WHILE_WRITING = textwrap.dedent("""
+    import os, signal
+    import kvc.artifact as _art
+    _real = _art.json.dumps
+    def _interrupted(*a, **k):
+        os.kill(os.getpid(), signal.SIGINT)
+        return _real(*a, **k)
+    _art.json.dumps = _interrupted
+""")
+
+
+@torch.no_grad()
+def perturb_small_params(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """Random biases and norm scales: the builder zeroes biases and sets norms to 1, which
+    would hide a bias or norm that a recompute clone dropped."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        elif p.dim() == 1:  # norm weights
+            p.copy_(1 + torch.randn(p.shape, generator=gen) * 0.1)
+    return model
