@@ -85,7 +85,8 @@ def cmd_plan(args) -> int:
               gen_len=c.workload.gen_len, dtype=c.model.dtype, mode=c.schedule.mode,
               chunk_tokens=c.schedule.chunk_tokens, act_chunks=c.schedule.act_chunks,
               recompute_fraction=c.schedule.recompute_fraction, context=args.context,
-              weight_stream_fraction=c.schedule.weight_stream_fraction)
+              weight_stream_fraction=c.schedule.weight_stream_fraction,
+              micro_batches=c.workload.num_gpu_batches)
     if args.json:
         print(json.dumps(plan_json(r.spec, r.hardware, **kw), indent=1))
     else:
@@ -98,7 +99,7 @@ def cmd_plan(args) -> int:
         plan = make_plan(r)
         items = predicted_intervals(r.spec, r.hardware, plan, s, c.workload.batch_size, c.model.dtype)
         step = max(it["end"] for it in items)
-        draw(items, args.timeline, num_layers=r.spec.num_layers,
+        draw(items, args.timeline, num_layers=plan.num_units,
              title=f"{args.config}: {plan.mode} on {r.hardware.name}, batch {c.workload.batch_size}, "
                    f"{c.model.dtype}, context {s}: {step:.3f} ms per decode step (predicted)")
         print(f"kvc: wrote {args.timeline} (predicted timeline of the decode step at context {s})",
@@ -154,7 +155,7 @@ def _new_tokens(model, p: int, asked: int | None) -> int:
 
     def covers(s: int) -> bool:
         try:
-            return all(plan.recompute_tokens(i, s) >= 0 for i in range(plan.num_layers))
+            return all(plan.recompute_tokens(i, s) >= 0 for i in range(plan.num_units))
         except ValueError:
             return False
 

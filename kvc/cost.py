@@ -36,22 +36,31 @@ ELEMENTWISE_PASSES = {"opt": 4, "llama": 16}
 # each chunk's (the cloned K/V subgraph, staged_act, put_recomputed, its wait), the head.
 # tests/test_cost.py checks these against kvc.lowering; at small batch they bound the step.
 # A weight-streamed layer adds 5: prefetch_weights and the weights-ready / weight-slot-free
-# record and wait pairs.
-HOST_NODES = {"opt": {"layer": 25, "offload": 10, "recompute": 3, "chunk": 9, "head": 6, "weights": 5},
-              "llama": {"layer": 58, "offload": 10, "recompute": 3, "chunk": 23, "head": 14, "weights": 5}}
+# record and wait pairs. Micro-batches (passes/microbatch.py): the split and the final
+# concatenation, an embedding and head per micro-batch, and nodes that read no tokens once.
+HOST_NODES = {"opt": {"layer": 25, "offload": 10, "recompute": 3, "chunk": 9, "head": 6, "weights": 5,
+                      "head_per_micro_batch": 4, "shared_per_layer": 0},
+              "llama": {"layer": 58, "offload": 10, "recompute": 3, "chunk": 23, "head": 14, "weights": 5,
+                        "head_per_micro_batch": 10, "shared_per_layer": 4}}
 
 
-def host_nodes(spec: ModelSpec, resident, recomputes, act_chunks: int, streamed=None):
-    """Nodes per decode step; `resident`, `recomputes` and `streamed` (weights) are per-layer
-    booleans (arrays)."""
+def host_nodes(spec: ModelSpec, resident, recomputes, act_chunks: int, streamed=None,
+               micro_batches: int = 1):
+    """Nodes per decode step; `resident` and `recomputes` are per-unit booleans (arrays),
+    `streamed` per layer (weights). Micro-batches add the batch split and the concatenation
+    of the outputs, and each micro-batch runs its own embedding and head."""
     n = HOST_NODES[spec.family]
     layer = n["layer"] + (4 if spec.family == "llama" and spec.num_kv_heads < spec.num_heads else 0)
     off = ~np.asarray(resident, dtype=bool)
     rec = np.asarray(recomputes, dtype=bool) & off
     per_layer = layer + off * n["offload"] + rec * (n["recompute"] + act_chunks * n["chunk"])
     total = per_layer.sum(axis=0) + n["head"]
+    if micro_batches > 1:  # a layer's nodes that read no tokens (RoPE table slices) run once
+        layers = len(off) // micro_batches
+        total = total + 2 + micro_batches + (micro_batches - 1) * (
+            n["head_per_micro_batch"] - layers * n["shared_per_layer"])
     if streamed is not None and len(streamed):
-        total = total + n["weights"] * int(np.sum(np.asarray(streamed, dtype=bool)))
+        total = total + n["weights"] * int(np.count_nonzero(np.asarray(streamed, dtype=float)))
     return total
 
 
@@ -113,7 +122,7 @@ class LayerCosts:
     head: float  # final norm + LM head for the step
     compute_slowdown: float
     copy_slowdown: float
-    weight_copy: float = 0.0  # H2D of one layer's weights, when the layer streams them
+    weight_copy: float = 0.0  # H2D of one layer's weights (all of them), when it streams them
 
 
 def layer_costs(spec: ModelSpec, hw: HardwareConfig, b: int, dtype: str, offloaded=True) -> LayerCosts:
@@ -177,17 +186,29 @@ def durations(c: LayerCosts, s, l, resident, act_chunks: int):
     return A, K, R, C, D
 
 
-def weight_durations(c: LayerCosts, streamed, shape=()) -> np.ndarray:
-    """W per layer (ms): the weight copy a streamed layer puts on the copy stream ahead of its
-    activation / K,V copies; 0 for resident weights. `shape`: trailing (context) shape."""
-    w = np.where(np.asarray(streamed, dtype=bool), c.weight_copy, 0.0)
-    return w.reshape(w.shape + (1,) * len(shape)) + np.zeros(shape)
+def weight_durations(c: LayerCosts, streamed, shape=(), micro_batches: int = 1) -> np.ndarray:
+    """W per unit (ms): the weight copy a streamed layer puts on the copy stream ahead of the
+    activation / K,V copies of its first unit (its other micro-batches use the same copy); 0
+    for resident weights. `streamed`: per layer, the fraction of its weight bytes streamed
+    (booleans: all or nothing). `shape`: trailing (context) shape."""
+    f = np.asarray(streamed, dtype=float)
+    w = np.where(f > 0, f * (c.weight_copy - c.copy_fixed) + c.copy_fixed, 0.0)
+    units = np.zeros(len(w) * micro_batches)
+    units[::micro_batches] = w
+    return units.reshape(units.shape + (1,) * len(shape)) + np.zeros(shape)
 
 
-def simulate(A, K, R, C, D, head: float, lookahead: int, act_chunks: int, W=None):
+def per_unit(x, micro_batches: int):
+    """A per-layer array repeated for each of the layer's micro-batches (units, Plan "Units")."""
+    return np.repeat(np.asarray(x), micro_batches, axis=0)
+
+
+def simulate(A, K, R, C, D, head: float, lookahead: int, act_chunks: int, W=None,
+             weight_lag: int = 2):
     """Earliest-start schedule of one decode step, as the runtime issues it.
 
-    Arrays are [layers, ...] (any trailing shape, e.g. contexts). Streams: one H2D copy
+    Arrays are [units, ...] (any trailing shape, e.g. contexts); a unit is a layer on one
+    micro-batch, and units are layers when there is one micro-batch. Streams: one H2D copy
     stream (per layer: activation chunks, then the K,V tail), the compute stream (recompute
     chunk k once chunk k has landed and chunk k-1 is done, then the layer once its K,V tail
     has landed), and a D2H stream for write-back. Layer i's copies go into staging buffer
@@ -195,9 +216,11 @@ def simulate(A, K, R, C, D, head: float, lookahead: int, act_chunks: int, W=None
     (pipelined, full_offload) overlaps layer i+1's copies with layer i's compute; lookahead 0
     (kvpr) runs layer by layer. The LP in scheduler.py states exactly these inequalities;
     this is their earliest solution for fixed durations.
-    `W` (optional, [layers, ...]): a weight-streamed layer's weight copy, issued on the copy
-    stream before its activation / K,V copies; nothing of the layer (recompute included, it
-    reads the K/V projections) starts before it lands.
+    `W` (optional, [units, ...]): a weight-streamed layer's weight copy, issued on the copy
+    stream before its first unit's activation / K,V copies; nothing of the layer (recompute
+    included, it reads the K/V projections) starts before it lands. The copy waits for its
+    weight slot: the unit `weight_lag` before (micro_batches + 1: the last unit of the layer
+    two back, which used the same one of the two slots), not for the staging slot.
     Returns (step, link_busy, gpu_busy) in ms.
     """
     L = A.shape[0]
@@ -208,13 +231,15 @@ def simulate(A, K, R, C, D, head: float, lookahead: int, act_chunks: int, W=None
     d2h_end = zero
     c = act_chunks
     for i in range(L):
-        j = i - 1 - lookahead
-        start = np.maximum(copy_end, ends[j]) if j >= 0 else copy_end
+        j, jw = i - 1 - lookahead, i - weight_lag
+        w0 = np.maximum(copy_end, ends[jw]) if jw >= 0 else copy_end  # weight slot free
+        wt = w0 + W[i]  # the layer's weights have landed (W = 0: nothing copied, no wait)
+        wt = np.where(W[i] > 0, wt, copy_end)
+        start = np.maximum(wt, ends[j]) if j >= 0 else wt  # staging slot free
         t = ends[i - 1] if i else zero
-        wt = start + W[i]  # the layer's weights have landed
         for k in range(1, c + 1):
-            t = np.maximum(t, wt + k * A[i] / c) + R[i] / c
-        copy_end = wt + A[i] + K[i]
+            t = np.maximum(t, start + k * A[i] / c) + R[i] / c
+        copy_end = start + A[i] + K[i]
         end = np.maximum(t, copy_end) + C[i]
         ends.append(end)
         d2h_end = np.maximum(d2h_end, end) + D[i]
@@ -225,7 +250,8 @@ def simulate(A, K, R, C, D, head: float, lookahead: int, act_chunks: int, W=None
 
 
 
-def intervals(A, K, R, C, D, head: float, lookahead: int, act_chunks: int, W=None) -> list[dict]:
+def intervals(A, K, R, C, D, head: float, lookahead: int, act_chunks: int, W=None,
+              weight_lag: int = 2) -> list[dict]:
     """The same earliest-start schedule as `simulate`, for one context (arrays [layers]), as
     the intervals each stream is busy: dicts with lane (copy-in | compute | copy-out), layer
     (None for the head), kind (act_copy | kv_copy | recompute | compute | writeback | head),
@@ -245,11 +271,13 @@ def intervals(A, K, R, C, D, head: float, lookahead: int, act_chunks: int, W=Non
     copy_end = d2h_end = 0.0
     c = act_chunks
     for i in range(len(A)):
-        j = i - 1 - lookahead
+        j, jw = i - 1 - lookahead, i - weight_lag
+        if W[i] > 0:
+            w0 = max(copy_end, ends[jw]) if jw >= 0 else copy_end
+            add("copy-in", i, "weight_copy", w0, w0 + W[i])
+            copy_end = w0 + W[i]
         start = max(copy_end, ends[j]) if j >= 0 else copy_end
         t = ends[i - 1] if i else 0.0
-        add("copy-in", i, "weight_copy", start, start + W[i])
-        start = start + W[i]
         for k in range(1, c + 1):
             add("copy-in", i, "act_copy", start + (k - 1) * A[i] / c, start + k * A[i] / c)
             t0 = max(t, start + k * A[i] / c)
@@ -284,26 +312,38 @@ def staging_bytes(spec: ModelSpec, b: int, s_max: int, p: int, buffers: int, wit
 
 
 def memory_terms(spec: ModelSpec, hw: HardwareConfig, b: int, s_max: int, dtype: str,
-                 buffers: int, with_act: bool, streamed_layers: int = 0) -> dict:
+                 buffers: int, with_act: bool, streamed_layers=0, micro_batches: int = 1) -> dict:
     """GB figures for the GPU budget; `free_gb` is what is left for resident KV caches.
 
-    `streamed_layers` layers keep their weights in pinned CPU memory: they come off the
-    resident weights, and two GPU weight slots of one layer each (one if only one layer
-    streams) come on as `weight_slots_gb`. The keys appear only when something streams.
+    `streamed_layers`: how many whole layers keep their weights in pinned CPU memory, or per
+    layer the fraction of its weight bytes that does. Those bytes come off the resident
+    weights, and two GPU weight slots, each the size of the largest streamed part (one slot
+    if only one layer streams), come on as `weight_slots_gb`. The keys appear only when
+    something streams. With micro-batches, staging and the step's transients are per
+    micro-batch of b / micro_batches (the logits and hidden states of all of them live until
+    the step ends); a resident layer's cache holds the whole batch (`layer_kv_gb`).
     """
     p = dtype_bytes(dtype)
-    n = max(0, min(spec.num_layers, int(streamed_layers)))
+    lw = layer_weight_bytes(spec, p)
+    if np.ndim(streamed_layers):
+        frac = np.clip(np.asarray(streamed_layers, dtype=float), 0.0, 1.0)
+    else:
+        n = max(0, min(spec.num_layers, int(streamed_layers)))
+        frac = np.array([1.0] * n)
+    bm = b // max(1, micro_batches)
+    rest = (b - bm) * (spec.vocab_size * 4 + 2 * spec.hidden_size * p)
     t = {
-        "weights_gb": (weight_bytes(spec, p) - n * layer_weight_bytes(spec, p)) / GB,
-        "staging_gb": staging_bytes(spec, b, s_max, p, buffers, with_act) / GB if buffers else 0.0,
-        "workspace_gb": workspace_bytes(spec, b, s_max, p) / GB,
+        "weights_gb": (weight_bytes(spec, p) - float(frac.sum()) * lw) / GB,
+        "staging_gb": staging_bytes(spec, bm, s_max, p, buffers, with_act) / GB if buffers else 0.0,
+        "workspace_gb": (workspace_bytes(spec, bm, s_max, p) + rest) / GB,
         "margin_gb": hw.mem_margin_gb,
         "layer_kv_gb": kv_bytes(spec, b, s_max + 1, p) / GB,
     }
     t["free_gb"] = hw.gpu_mem_gb - t["weights_gb"] - t["staging_gb"] - t["workspace_gb"] - t["margin_gb"]
+    n = int(np.count_nonzero(frac))
     if n:
-        t["weights_streamed"] = n
-        t["weight_slots_gb"] = min(n, 2) * layer_weight_bytes(spec, p) / GB
+        t["weights_streamed"] = round(float(frac.sum()), 4)
+        t["weight_slots_gb"] = min(n, 2) * float(frac.max()) * lw / GB
         t["free_gb"] -= t["weight_slots_gb"]
     return t
 

@@ -5,6 +5,12 @@ Per layer and context s (the number of cached tokens at a decode step), tokens
 [0, l) are recomputed from CPU activations and tokens [l, s) are transferred as K,V, unless
 the layer is resident (its whole cache lives on the GPU, growing). `l` is looked up for
 exactly the context asked: a Plan refuses a context it was not solved for.
+
+Units (issue 6, the block schedule): with `micro_batches` m > 1 the batch is split into m
+equal micro-batches, and each layer runs once per micro-batch, in block order: unit
+u = layer * m + k is layer u // m on micro-batch k. Everything the cache touches (`resident`,
+`recompute` rows, staging slots, pools, events) is per unit; weights stay per layer, loaded
+once for all m units of their layer. With m = 1 units are layers.
 """
 from __future__ import annotations
 
@@ -18,12 +24,12 @@ WEIGHT_SLOTS = 2  # GPU buffers of one layer's weights: one computing, one being
 @dataclass(frozen=True)
 class Plan:
     mode: str
-    num_layers: int
+    num_layers: int  # decoder layers of the model
     prompt_len: int
     gen_len: int
     chunk_tokens: int
-    resident: tuple[bool, ...]  # per layer: whole cache on the GPU
-    # recompute[j][i]: l for layer i at context s = prompt_len + j (j in 0..gen_len)
+    resident: tuple[bool, ...]  # per unit: its whole cache on the GPU
+    # recompute[j][u]: l for unit u at context s = prompt_len + j (j in 0..gen_len)
     recompute: tuple[tuple[int, ...], ...] = ()
     forced_fraction: float | None = None  # set: l = round(fraction * s), any s
     # how the runtime overlaps: prefetch this many layers ahead (0: kvpr, the paper's
@@ -36,15 +42,35 @@ class Plan:
     batch_size: int = 0
     dtype: str = ""
     notes: dict = field(default_factory=dict)  # JSON-able: memory terms, solver status, timings
-    # per layer: its weights live in a pinned CPU pool and are copied into one of two GPU
-    # weight slots one layer ahead of use (issue 6). Empty: every layer's weights resident.
-    weights_streamed: tuple[bool, ...] = ()
+    # per layer: the fraction of its weight elements that live in a pinned CPU pool and are
+    # copied into one of two GPU weight slots one layer ahead of use (issue 6): its largest
+    # parameters first (`streamed_prefix`). Empty: every layer's weights resident.
+    weights_streamed: tuple[float, ...] = ()
+    # micro-batches per block (workload.num_gpu_batches): see "Units" above
+    micro_batches: int = 1
+
+    def __post_init__(self):
+        if len(self.resident) != self.num_units:
+            raise ValueError(f"plan: {len(self.resident)} resident flags for {self.num_units} units "
+                             f"({self.num_layers} layers x {self.micro_batches} micro-batches)")
+
+    @property
+    def num_units(self) -> int:
+        return self.num_layers * self.micro_batches
+
+    def unit_layer(self, unit: int) -> int:
+        return unit // self.micro_batches
+
+    def layer_units(self, layer: int) -> range:
+        m = self.micro_batches
+        return range(layer * m, layer * m + m)
 
     @property
     def offloaded(self) -> bool:
         return not all(self.resident)
 
     def recompute_tokens(self, layer: int, s: int) -> int:
+        """l for unit `layer` (a layer, when micro_batches is 1) at context s."""
         if self.forced_fraction is not None:
             return 0 if self.resident[layer] else min(s, max(0, round(self.forced_fraction * s)))
         j = s - self.prompt_len
@@ -64,7 +90,7 @@ class Plan:
         return self.lookahead + 1
 
     def staging_slot(self, layer: int) -> int:
-        """The k-th offloaded layer stages into slot k % staging_slots."""
+        """The k-th offloaded unit stages into slot k % staging_slots."""
         off = [i for i, r in enumerate(self.resident) if not r]
         return off.index(layer) % self.staging_slots
 
@@ -98,6 +124,8 @@ class Plan:
             d["weights_streamed"] = list(self.weights_streamed)
         else:  # manifests of plans that stream nothing stay as they were
             del d["weights_streamed"]
+        if self.micro_batches == 1:
+            del d["micro_batches"]
         return d
 
     @classmethod
@@ -106,7 +134,7 @@ class Plan:
         d["resident"] = tuple(d["resident"])
         d["recompute"] = tuple(tuple(r) for r in d.get("recompute", ()))
         d["predicted_step_ms"] = tuple(d.get("predicted_step_ms", ()))
-        d["weights_streamed"] = tuple(bool(x) for x in d.get("weights_streamed", ()))
+        d["weights_streamed"] = tuple(float(x) for x in d.get("weights_streamed", ()))
         return cls(**d)
 
     def dumps(self) -> str:
@@ -123,11 +151,13 @@ def overlap_for(mode: str, act_chunks: int) -> dict:
 
 
 def forced_plan(mode: str, num_layers: int, prompt_len: int, gen_len: int, chunk_tokens: int,
-                fraction: float, act_chunks: int = 4) -> Plan:
+                fraction: float, act_chunks: int = 4, micro_batches: int = 1) -> Plan:
     """l = round(fraction * s) in every layer: for tests and experiments (schedule.recompute_fraction)."""
     return Plan(mode=mode, num_layers=num_layers, prompt_len=prompt_len, gen_len=gen_len,
-                chunk_tokens=chunk_tokens, resident=(mode == "gpu_resident",) * num_layers,
-                forced_fraction=float(fraction), **overlap_for(mode, act_chunks))
+                chunk_tokens=chunk_tokens,
+                resident=(mode == "gpu_resident",) * (num_layers * micro_batches),
+                forced_fraction=float(fraction), micro_batches=micro_batches,
+                **overlap_for(mode, act_chunks))
 
 
 def spread_layers(num_layers: int, count: int) -> tuple[bool, ...]:
@@ -143,3 +173,24 @@ def spread_layers(num_layers: int, count: int) -> tuple[bool, ...]:
 def weights_for_fraction(num_layers: int, fraction: float) -> tuple[bool, ...]:
     """schedule.weight_stream_fraction -> the streamed layers (rounded to whole layers)."""
     return spread_layers(num_layers, int(fraction * num_layers + 0.5))
+
+
+def streamed_prefix(sizes: list[int], fraction: float) -> int:
+    """How many of a layer's parameters stream for `fraction` of its elements: parameters
+    are taken largest first (`sizes` sorted descending; ties are the same size, so any order
+    among them streams the same bytes), as few as reach the fraction. The scheduler rounds
+    its LP's fractions with this and the runtime picks the parameters with it."""
+    total, need, acc = sum(sizes), float(fraction) * sum(sizes) - 0.5, 0
+    if fraction <= 0:
+        return 0
+    for k, n in enumerate(sizes, 1):
+        acc += n
+        if acc >= need:
+            return k
+    return len(sizes)
+
+
+def rounded_fraction(sizes: list[int], fraction: float) -> float:
+    """The fraction of the layer's elements that `streamed_prefix` really streams."""
+    k = streamed_prefix(sizes, fraction)
+    return sum(sizes[:k]) / sum(sizes) if k else 0.0

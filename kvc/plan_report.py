@@ -17,21 +17,24 @@ from kvc.scheduler import make_plan, predict
 def plan_json(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_len: int,
               gen_len: int, dtype: str, mode: str, chunk_tokens: int, act_chunks: int,
               recompute_fraction: float | None, context: int | None = None,
-              time_limit_s: float = 10.0, weight_stream_fraction: float | None = None) -> dict:
+              time_limit_s: float = 10.0, weight_stream_fraction: float | None = None,
+              micro_batches: int = 1) -> dict:
     s = prompt_len if context is None else int(context)
     if not prompt_len <= s <= prompt_len + gen_len:
         raise KvcError(f"--context {s}: the plan covers contexts {prompt_len}.."
                        f"{prompt_len + gen_len} (workload.prompt_len .. prompt_len + gen_len)")
     kw = dict(batch_size=batch_size, prompt_len=prompt_len, gen_len=gen_len, dtype=dtype,
-              chunk_tokens=chunk_tokens, act_chunks=act_chunks, time_limit_s=time_limit_s)
+              chunk_tokens=chunk_tokens, act_chunks=act_chunks, time_limit_s=time_limit_s,
+              micro_batches=micro_batches)
     plan = make_plan(spec, hw, mode=mode, recompute_fraction=recompute_fraction,
                      weight_stream_fraction=weight_stream_fraction, **kw)
     pred = predict(spec, hw, plan, s, batch_size, dtype)
     p = cost.dtype_bytes(dtype)
     layers = []
-    for i in range(spec.num_layers):
-        res = plan.resident[i]
-        l = plan.recompute_tokens(i, s)
+    for i in range(spec.num_layers):  # a layer's micro-batches share its split: show the first
+        u = plan.layer_units(i)[0]
+        res = plan.resident[u]
+        l = plan.recompute_tokens(u, s)
         kv = 0 if res else s - l
         layers.append({
             "layer": i, "recompute_tokens": l, "kv_tokens": kv, "gpu_tokens": s if res else 0,
@@ -58,11 +61,12 @@ def plan_json(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_le
         "model": {"num_layers": spec.num_layers, "hidden_size": spec.hidden_size,
                   "kv_width": spec.kv_width, "dtype": dtype},
         "hardware": hw.name,
-        "mode": mode, "context": s, "batch_size": batch_size,
+        "mode": mode, "context": s, "batch_size": batch_size, "micro_batches": micro_batches,
         "prompt_len": prompt_len, "gen_len": gen_len,
         "chunk_tokens": chunk_tokens, "act_chunks": plan.act_chunks, "lookahead": plan.lookahead,
         "forced_fraction": plan.forced_fraction,
         "weights_streamed": plan.streamed_layers,
+        "weight_fractions": [round(f, 4) for f in plan.weights_streamed],
         "layers": layers,
         **pred,
         "modes": modes,
@@ -75,13 +79,15 @@ def plan_json(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_le
 def plan_text(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_len: int,
               gen_len: int, dtype: str, mode: str, chunk_tokens: int, act_chunks: int,
               recompute_fraction: float | None, context: int | None = None,
-              time_limit_s: float = 10.0, weight_stream_fraction: float | None = None) -> str:
+              time_limit_s: float = 10.0, weight_stream_fraction: float | None = None,
+              micro_batches: int = 1) -> str:
     d = plan_json(spec, hw, batch_size=batch_size, prompt_len=prompt_len, gen_len=gen_len,
                   dtype=dtype, mode=mode, chunk_tokens=chunk_tokens, act_chunks=act_chunks,
                   recompute_fraction=recompute_fraction, context=context, time_limit_s=time_limit_s,
-                  weight_stream_fraction=weight_stream_fraction)
+                  weight_stream_fraction=weight_stream_fraction, micro_batches=micro_batches)
     s = d["context"]
-    out = [f"kvc plan: {mode} on {d['hardware']}, batch {batch_size}, {dtype}, context {s} "
+    mb = f" in {micro_batches} micro-batches" if micro_batches > 1 else ""
+    out = [f"kvc plan: {mode} on {d['hardware']}, batch {batch_size}{mb}, {dtype}, context {s} "
            f"(contexts {prompt_len}..{prompt_len + gen_len})"]
     if d["forced_fraction"] is not None:
         out.append(f"  forced: l = round({d['forced_fraction']:g} * s) in every offloaded layer")
@@ -92,8 +98,8 @@ def plan_text(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_le
         out.append(f"  {name:>5}  {r['recompute_tokens']:>9}  {r['kv_tokens']:>7}  {r['gpu_tokens']:>7}"
                    f"  {r['act_bytes'] / 1e6:>9.2f}  {r['kv_bytes'] / 1e6:>9.2f}")
     if d["weights_streamed"]:
-        out.append(f"  weights streamed from CPU: {len(d['weights_streamed'])} of "
-                   f"{spec.num_layers} layers {d['weights_streamed']}")
+        out.append(f"  weights streamed from CPU: {sum(d['weight_fractions']):.2f} layers' worth, from "
+                   f"{len(d['weights_streamed'])} of {spec.num_layers} layers {d['weights_streamed']}")
     tot = d["h2d_bytes"] / 1e6
     out.append(f"  H2D per step: {tot:,.3f} MB")
     step = d["predicted_step_ms"]

@@ -41,7 +41,7 @@ from kvc.plan import (
     Plan,
     forced_plan,
     overlap_for,
-    spread_layers,
+    rounded_fraction,
     weights_for_fraction,
 )
 
@@ -51,13 +51,16 @@ MAX_BUCKETS = 7
 def make_plan(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_len: int,
               gen_len: int, dtype: str, mode: str, chunk_tokens: int = 64, act_chunks: int = 4,
               recompute_fraction: float | None = None,
-              weight_stream_fraction: float | None = None, time_limit_s: float = 10.0) -> Plan:
+              weight_stream_fraction: float | None = None, time_limit_s: float = 10.0,
+              micro_batches: int = 1) -> Plan:
     """The plan for `mode`. For pipelined, `act_chunks` is the most chunks the activation copy
     may be split into: more chunks overlap recompute with the copy better but cost the host
-    more nodes to issue, so the plan with the lower predicted generation time wins (1 or all)."""
+    more nodes to issue, so the plan with the lower predicted generation time wins (1 or all).
+    `micro_batches` (workload.num_gpu_batches): the block schedule's micro-batches per step."""
     kw = dict(batch_size=batch_size, prompt_len=prompt_len, gen_len=gen_len, dtype=dtype,
               mode=mode, chunk_tokens=chunk_tokens, recompute_fraction=recompute_fraction,
-              weight_stream_fraction=weight_stream_fraction, time_limit_s=time_limit_s)
+              weight_stream_fraction=weight_stream_fraction, time_limit_s=time_limit_s,
+              micro_batches=micro_batches)
     plan = _make_plan(spec, hw, act_chunks=act_chunks, **kw)
     if mode == "pipelined" and recompute_fraction is None and act_chunks > 1:
         single = _make_plan(spec, hw, act_chunks=1, **kw)
@@ -69,11 +72,7 @@ def make_plan(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_le
 
 def _check_host_memory(spec: ModelSpec, hw: HardwareConfig, plan: Plan, b: int, dtype: str) -> None:
     """The pinned pools must fit `hardware.cpu_mem_gb`: refused here, before any allocation."""
-    s_max = plan.prompt_len + plan.gen_len
-    p = cost.dtype_bytes(dtype)
-    need = (cost.host_pool_bytes(spec, b, s_max, p, sum(not r for r in plan.resident),
-                                 plan.max_recompute_tokens(s_max))
-            + len(plan.streamed_layers) * cost.layer_weight_bytes(spec, p)) / cost.GB
+    need = host_memory_gb(spec, plan, b, dtype)
     if need > hw.cpu_mem_gb:
         raise KvcError(
             f"{plan.mode}: the pinned CPU pools need {need:.1f} GB, more than hardware.cpu_mem_gb = "
@@ -81,70 +80,83 @@ def _check_host_memory(spec: ModelSpec, hw: HardwareConfig, plan: Plan, b: int, 
             "if the machine has the memory")
 
 
+def host_memory_gb(spec: ModelSpec, plan: Plan, b: int, dtype: str) -> float:
+    """What the runtime pins for this plan: the offloaded units' pools (each of b / m
+    sequences) and the streamed weights."""
+    s_max = plan.prompt_len + plan.gen_len
+    p = cost.dtype_bytes(dtype)
+    units_off = sum(not r for r in plan.resident)
+    pools = cost.host_pool_bytes(spec, b // plan.micro_batches, s_max, p, units_off,
+                                 plan.max_recompute_tokens(s_max))
+    weights = sum(plan.weights_streamed) * cost.layer_weight_bytes(spec, p)
+    return (pools + weights) / cost.GB
+
+
 def _make_plan(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_len: int,
                gen_len: int, dtype: str, mode: str, chunk_tokens: int, act_chunks: int,
                recompute_fraction: float | None, weight_stream_fraction: float | None,
-               time_limit_s: float) -> Plan:
+               time_limit_s: float, micro_batches: int) -> Plan:
     if mode not in MODES:
         raise KvcError(f"schedule.mode {mode!r}: expected one of {list(MODES)}")
     for name, v, least in (("batch_size", batch_size, 1), ("prompt_len", prompt_len, 1),
                            ("gen_len", gen_len, 0), ("chunk_tokens", chunk_tokens, 1),
-                           ("act_chunks", act_chunks, 1)):
+                           ("act_chunks", act_chunks, 1), ("num_gpu_batches", micro_batches, 1)):
         if int(v) != v or v < least:
             raise KvcError(f"{name} = {v!r}: expected an integer >= {least}")
+    m = micro_batches
+    if batch_size % m:
+        raise KvcError(f"workload.batch_size = {batch_size} does not split into "
+                       f"workload.num_gpu_batches = {m} equal micro-batches; use a multiple of {m}")
     t0 = time.perf_counter()
+    deadline = t0 + time_limit_s
     L, s_max = spec.num_layers, prompt_len + gen_len
     ov = overlap_for(mode, act_chunks)
     look, chunks = ov["lookahead"], ov["act_chunks"]
     ctx = np.arange(prompt_len, s_max + 1)
     buffers = 0 if mode == "gpu_resident" else look + 1
+    mem_args = (spec, hw, batch_size, s_max, dtype, mode)
+    c = cost.layer_costs(spec, hw, batch_size // m, dtype, offloaded=mode != "gpu_resident")
     if weight_stream_fraction is not None:
         if not 0.0 <= weight_stream_fraction <= 1.0:
             raise KvcError(f"schedule.weight_stream_fraction = {weight_stream_fraction}: expected 0..1")
-        streamed = weights_for_fraction(L, weight_stream_fraction)
+        streamed = tuple(float(w) for w in weights_for_fraction(L, weight_stream_fraction))
     else:
-        streamed = _fewest_streamed(spec, hw, batch_size, s_max, dtype, mode, buffers)
-    n_w = sum(streamed)
+        streamed = _place_weights(c, *mem_args, buffers, look, chunks, m, recompute_fraction,
+                                  deadline)
+    if any(streamed):
+        c = cost.layer_costs(spec, hw, batch_size // m, dtype, offloaded=True)
     common = dict(mode=mode, num_layers=L, prompt_len=prompt_len, gen_len=gen_len,
                   chunk_tokens=chunk_tokens, batch_size=batch_size, dtype=dtype,
-                  weights_streamed=streamed, **ov)
-
-    if mode == "gpu_resident":
-        mem = _check_memory(spec, hw, batch_size, s_max, dtype, mode, buffers=0, with_act=False,
-                            streamed=n_w)
-        resident, fractions_needed = (True,) * L, False
-    elif mode == "full_offload":
-        mem = _check_memory(spec, hw, batch_size, s_max, dtype, mode, buffers=look + 1,
-                            with_act=False, streamed=n_w)
-        resident, fractions_needed = (False,) * L, False
-    else:
-        mem = _check_memory(spec, hw, batch_size, s_max, dtype, mode, buffers=look + 1,
-                            with_act=recompute_fraction != 0, streamed=n_w)
-        resident, fractions_needed = (False,) * L, True
+                  weights_streamed=streamed, micro_batches=m, **ov)
+    with_act = mode in ("pipelined", "kvpr") and recompute_fraction != 0
+    mem = _check_memory(*mem_args, buffers=buffers, with_act=with_act, streamed=streamed,
+                        micro_batches=m)
+    resident = (mode == "gpu_resident",) * L
+    fractions_needed = mode in ("pipelined", "kvpr")
     notes: dict = {"memory_gb": _round(mem)}
-    if n_w and weight_stream_fraction is None:
-        notes["weights"] = (f"{n_w} of {L} layers stream their weights: the fewest that fit "
-                            "gpu_mem_gb (greedy, spread evenly; not an LP variable yet)")
+    if any(streamed) and weight_stream_fraction is None:
+        notes["weights"] = (f"{sum(streamed):.2f} of {L} layers' weights stream from CPU: the LP's "
+                            "per-layer fractions, rounded up to whole parameters")
 
     if recompute_fraction is not None:
         if not 0.0 <= recompute_fraction <= 1.0:
             raise KvcError(f"schedule.recompute_fraction = {recompute_fraction}: expected 0..1")
-        plan = forced_plan(mode, L, prompt_len, gen_len, chunk_tokens, recompute_fraction, act_chunks)
+        plan = forced_plan(mode, L, prompt_len, gen_len, chunk_tokens, recompute_fraction,
+                           act_chunks, micro_batches=m)
         plan = replace(plan, batch_size=batch_size, dtype=dtype, weights_streamed=streamed)
         steps = _evaluate(spec, hw, plan, ctx, batch_size, dtype)[0]
         return replace(plan, predicted_step_ms=tuple(float(round(v, 6)) for v in steps),
                        notes={**notes, "forced": True})
 
-    c = cost.layer_costs(spec, hw, batch_size, dtype, offloaded=mode != "gpu_resident" or n_w > 0)
-    wcopy = [c.weight_copy if w else 0.0 for w in (streamed or (False,) * L)]
+    wcopy = list(streamed) and [w * c.weight_copy for w in streamed]
+    lp = dict(look=look, chunks=chunks, deadline=deadline, wcopy=wcopy, m=m)
     recompute = np.zeros((L, len(ctx)), dtype=np.int64)
     if fractions_needed and mem.get("recompute_disabled"):
         notes["recompute_disabled"] = mem["recompute_disabled"]
     elif fractions_needed:
-        deadline = t0 + time_limit_s
         if mode == "pipelined" and mem["free_gb"] >= mem["layer_kv_gb"]:
-            z = _solve(c, L, s_max, look, chunks, resident, deadline,
-                       mem_budget=(mem["free_gb"], mem["layer_kv_gb"]), wcopy=wcopy)[1]
+            z = _solve(c, L, s_max, resident=resident,
+                       mem_budget=(mem["free_gb"], mem["layer_kv_gb"]), **lp)[1]
             n_res = min(L, int(math.floor(sum(z) + 1e-6)),
                         int(mem["free_gb"] // mem["layer_kv_gb"]))
             keep = sorted(range(L), key=lambda i: (-round(z[i], 6), i))[:n_res]
@@ -153,16 +165,15 @@ def _make_plan(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_l
             fractions_needed = False  # everything fits on the GPU: nothing left to split
     if fractions_needed and not mem.get("recompute_disabled"):
         reps = _representatives(prompt_len, s_max, chunk_tokens)
-        fr = np.array([_solve(c, L, s, look, chunks, resident, deadline, wcopy=wcopy)[0]
-                       for s in reps]).T
+        fr = np.array([_solve(c, L, s, resident=resident, **lp)[0] for s in reps]).T
         notes["buckets"] = [int(s) for s in reps]
         recompute = _round_to_chunks(fr, reps, ctx, chunk_tokens)
-    plan = Plan(resident=resident, recompute=(), **common)
-    steps, _, _ = _evaluate_arrays(spec, hw, plan, ctx, recompute, batch_size, dtype)
+    plan = Plan(resident=tuple(cost.per_unit(resident, m).tolist()), recompute=(), **common)
+    steps, _, _ = _evaluate_arrays(spec, hw, plan, ctx, cost.per_unit(recompute, m), batch_size, dtype)
     if recompute.any():
         # the LP charged per-copy / per-chunk fixed costs to every layer, and rounding moved
         # l; wherever recomputing nothing is predicted faster, recompute nothing
-        none = np.zeros_like(recompute)
+        none = np.zeros((plan.num_units, len(ctx)), dtype=np.int64)
         steps0 = _evaluate_arrays(spec, hw, plan, ctx, none, batch_size, dtype)[0]
         worse = steps0 < steps
         recompute[:, worse] = 0
@@ -170,16 +181,18 @@ def _make_plan(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_l
     if mode == "pipelined" and not recompute.any() and "act" in mem.get("staging_for", ""):
         # nothing recomputed (e.g. grouped-query models): the activation staging is not
         # needed, and its memory holds more resident layers, which never slow a step
-        bare = cost.memory_terms(spec, hw, batch_size, s_max, dtype, look + 1, False, n_w)
+        bare = cost.memory_terms(spec, hw, batch_size, s_max, dtype, look + 1, False, streamed, m)
         n_max = min(L, int(max(0.0, bare["free_gb"]) // bare["layer_kv_gb"]))
         extra = [i for i in range(L) if not resident[i]][:max(0, n_max - sum(resident))]
         if extra:
             resident = tuple(r or i in extra for i, r in enumerate(resident))
-            plan = replace(plan, resident=resident)
-            steps = _evaluate_arrays(spec, hw, plan, ctx, recompute, batch_size, dtype)[0]
+            plan = replace(plan, resident=tuple(cost.per_unit(resident, m).tolist()))
+            steps = _evaluate_arrays(spec, hw, plan, ctx, cost.per_unit(recompute, m),
+                                     batch_size, dtype)[0]
             notes["memory_gb"] = _round({**bare, "staging_for": "kv"})
     notes["solve_s"] = round(time.perf_counter() - t0, 4)
-    return replace(plan, recompute=tuple(map(tuple, recompute.T.tolist())),
+    rows = cost.per_unit(recompute, m)
+    return replace(plan, recompute=tuple(map(tuple, rows.T.tolist())),
                    predicted_step_ms=tuple(float(round(v, 6)) for v in steps), notes=notes)
 
 
@@ -199,69 +212,92 @@ def predict(spec: ModelSpec, hw: HardwareConfig, plan: Plan, s: int, batch_size:
 # --- evaluation ------------------------------------------------------------------------------
 
 def _evaluate(spec, hw, plan: Plan, ctx: np.ndarray, b: int, dtype: str):
-    l = np.array([[plan.recompute_tokens(i, int(s)) for s in ctx] for i in range(plan.num_layers)])
+    l = np.array([[plan.recompute_tokens(u, int(s)) for s in ctx] for u in range(plan.num_units)])
     step, link, gpu = _evaluate_arrays(spec, hw, plan, ctx, l, b, dtype)
     p = cost.dtype_bytes(dtype)
+    bm = b // plan.micro_batches
     off = ~np.array(plan.resident)[:, None]
-    moved = (cost.act_bytes(spec, b, l, p) + cost.kv_bytes(spec, b, ctx[None, :] - l, p)) * off
-    weights = len(plan.streamed_layers) * cost.layer_weight_bytes(spec, p)
+    moved = (cost.act_bytes(spec, bm, l, p) + cost.kv_bytes(spec, bm, ctx[None, :] - l, p)) * off
+    weights = sum(plan.weights_streamed) * cost.layer_weight_bytes(spec, p)
     return step, link, gpu, moved.sum(axis=0) + weights
 
 
 def _evaluate_arrays(spec, hw, plan: Plan, ctx, l, b, dtype):
-    streamed = plan.weights_streamed
-    c = cost.layer_costs(spec, hw, b, dtype, offloaded=plan.offloaded or any(streamed))
+    """Step time per context for per-unit l ([units, contexts])."""
+    streamed, m = plan.weights_streamed, plan.micro_batches
+    c = cost.layer_costs(spec, hw, b // m, dtype, offloaded=plan.offloaded or any(streamed))
     res = np.array(plan.resident)[:, None]
     A, K, R, C, D = cost.durations(c, ctx[None, :], l, res, plan.act_chunks)
-    W = cost.weight_durations(c, streamed, (len(ctx),)) if any(streamed) else None
-    step, link, gpu = cost.simulate(A, K, R, C, D, c.head, plan.lookahead, plan.act_chunks, W=W)
+    W = cost.weight_durations(c, streamed, (len(ctx),), m) if any(streamed) else None
+    step, link, gpu = cost.simulate(A, K, R, C, D, m * c.head, plan.lookahead, plan.act_chunks,
+                                    W=W, weight_lag=m + 1)
     # the host issues the step's nodes one by one; the GPU cannot finish before the last one.
-    # A layer that recomputes at any context carries its clone nodes at every context.
+    # A unit that recomputes at any context carries its clone nodes at every context.
     ever = (np.asarray(l) > 0).any(axis=-1) if np.ndim(l) > 1 else np.asarray(l) > 0
     host = cost.host_nodes(spec, plan.resident, ever, plan.act_chunks,
-                           streamed) * hw.host_op_us * 1e-3
+                           streamed, m) * hw.host_op_us * 1e-3
     return np.maximum(step, host), link, gpu
 
 
 # --- memory ----------------------------------------------------------------------------------
 
-def _fits(spec, hw, b, s_max, dtype, buffers, streamed: int) -> float:
-    """GB to spare (negative: short) with `streamed` layers' weights on the CPU."""
-    return cost.memory_terms(spec, hw, b, s_max, dtype, buffers, False, streamed)["free_gb"]
+def _place_weights(c, spec, hw, b, s_max, dtype, mode, buffers, look, chunks, m,
+                   recompute_fraction, deadline) -> tuple[float, ...]:
+    """Weight placement: () when every layer's weights fit next to the cache's staging;
+    otherwise per layer the fraction of its weights streamed from pinned CPU memory, as the LP
+    at the longest context chooses it under the GPU budget (with the split of that context
+    free, or fixed by the mode), each rounded up to whole parameters (largest first).
+    gpu_resident is the no-offload bound: it never streams on its own (weight_stream_fraction
+    can force it). Where even streaming every layer does not fit, the error names the
+    shortfall."""
+    from kvc.models import layer_param_sizes
 
-
-def _fewest_streamed(spec, hw, b, s_max, dtype, mode, buffers) -> tuple[bool, ...]:
-    """Greedy weight placement: the fewest whole layers whose weights, streamed from pinned CPU
-    memory through two GPU weight slots, make the budget fit; () when everything fits. Where
-    even streaming every layer does not fit, the error names the shortfall. gpu_resident is
-    the no-offload bound: it never streams on its own (weight_stream_fraction can force it)."""
     L = spec.num_layers
-    if mode == "gpu_resident" or _fits(spec, hw, b, s_max, dtype, buffers, 0) >= 0:
+    args = (spec, hw, b, s_max, dtype, buffers, False)
+    if mode == "gpu_resident" or cost.memory_terms(*args, 0, m)["free_gb"] >= 0:
         return ()
-    for n in range(1, L + 1):
-        if _fits(spec, hw, b, s_max, dtype, buffers, n) >= 0:
-            return spread_layers(L, n)
-    m = cost.memory_terms(spec, hw, b, s_max, dtype, buffers, False, L)
-    raise KvcError(
-        f"{mode}: GPU memory is {-m['free_gb']:.2f} GB short of streaming even one layer, with "
-        f"every layer's weights streamed from CPU: resident weights {m['weights_gb']:.2f} GB + "
-        f"weight slots {m['weight_slots_gb']:.2f} GB + staging {m['staging_gb']:.2f} GB + "
-        f"workspace {m['workspace_gb']:.2f} GB + margin {m['margin_gb']:g} GB > "
-        f"hardware.gpu_mem_gb = {hw.gpu_mem_gb:g}; lower workload.batch_size or the context")
+    every = cost.memory_terms(*args, L, m)
+    if every["free_gb"] < 0:
+        raise KvcError(
+            f"{mode}: GPU memory is {-every['free_gb']:.2f} GB short of streaming even one layer, "
+            f"with every layer's weights streamed from CPU: resident weights "
+            f"{every['weights_gb']:.2f} GB + weight slots {every['weight_slots_gb']:.2f} GB + "
+            f"staging {every['staging_gb']:.2f} GB + workspace {every['workspace_gb']:.2f} GB + "
+            f"margin {every['margin_gb']:g} GB > hardware.gpu_mem_gb = {hw.gpu_mem_gb:g}; "
+            "lower workload.batch_size or the context")
+    p = cost.dtype_bytes(dtype)
+    layer_gb = cost.layer_weight_bytes(spec, p) / cost.GB
+    # what is left for layer weights and their two slots with every layer streamed
+    room = every["free_gb"] + every["weight_slots_gb"] + L * layer_gb
+    fixed = None if mode in ("pipelined", "kvpr") and recompute_fraction is None else (
+        0.0 if recompute_fraction is None else recompute_fraction)
+    w = _solve(c, L, s_max, look=look, chunks=chunks, resident=(False,) * L, deadline=deadline,
+               m=m, weight_budget=(c.weight_copy, layer_gb, room), fixed_x=fixed)[2]
+    sizes = layer_param_sizes(spec)
+    out = [rounded_fraction(sizes, f) if f > 1e-6 else 0.0 for f in w]
+    # rounding up streams at least what the LP chose; a vertex at exactly the budget may
+    # still be a hair short after rounding: stream the next layer whole until it fits
+    for i in sorted(range(L), key=lambda i: -out[i]):
+        if cost.memory_terms(*args, out, m)["free_gb"] >= 0:
+            break
+        out[i] = 1.0
+    return tuple(out)
 
 
-def _check_memory(spec, hw, b, s_max, dtype, mode, buffers, with_act, streamed: int = 0) -> dict:
+def _check_memory(spec, hw, b, s_max, dtype, mode, buffers, with_act, streamed=(),
+                  micro_batches: int = 1) -> dict:
+    m = micro_batches
     if mode == "gpu_resident":
-        m = cost.memory_terms(spec, hw, b, s_max, dtype, 0, False, streamed)
-        need = m["layer_kv_gb"] * spec.num_layers - m["free_gb"]
+        t = cost.memory_terms(spec, hw, b, s_max, dtype, 0, False, streamed, m)
+        need = t["layer_kv_gb"] * spec.num_layers - t["free_gb"]
         if need > 0:
             raise KvcError(
                 f"gpu_resident does not fit: needs {need:.1f} GB more than hardware.gpu_mem_gb = "
-                f"{hw.gpu_mem_gb:g} (weights {m['weights_gb']:.1f} GB + KV cache "
-                f"{m['layer_kv_gb'] * spec.num_layers:.1f} GB + workspace {m['workspace_gb']:.1f} GB"
-                f" + margin {m['margin_gb']:g} GB); use an offloading mode")
-        return m
-    bare = {**cost.memory_terms(spec, hw, b, s_max, dtype, buffers, False, streamed),
+                f"{hw.gpu_mem_gb:g} (weights {t['weights_gb']:.1f} GB + KV cache "
+                f"{t['layer_kv_gb'] * spec.num_layers:.1f} GB + workspace {t['workspace_gb']:.1f} GB"
+                f" + margin {t['margin_gb']:g} GB); use an offloading mode")
+        return t
+    bare = {**cost.memory_terms(spec, hw, b, s_max, dtype, buffers, False, streamed, m),
             "staging_for": "kv"}
     if bare["free_gb"] < 0:
         raise KvcError(
@@ -271,79 +307,102 @@ def _check_memory(spec, hw, b, s_max, dtype, mode, buffers, with_act, streamed: 
             f"hardware.gpu_mem_gb = {hw.gpu_mem_gb:g}; lower workload.batch_size or the context")
     if not with_act:
         return bare
-    m = cost.memory_terms(spec, hw, b, s_max, dtype, buffers, True, streamed)
-    if m["free_gb"] < 0:
-        bare["recompute_disabled"] = (f"activation staging needs {-m['free_gb']:.2f} GB more "
+    t = cost.memory_terms(spec, hw, b, s_max, dtype, buffers, True, streamed, m)
+    if t["free_gb"] < 0:
+        bare["recompute_disabled"] = (f"activation staging needs {-t['free_gb']:.2f} GB more "
                                       f"GPU memory; planned without recompute")
         return bare
-    return {**m, "staging_for": "kv+act"}
+    return {**t, "staging_for": "kv+act"}
 
 
 # --- the LP ----------------------------------------------------------------------------------
 
-def _solve(c: cost.LayerCosts, L: int, s: int, look: int, chunks: int, resident, deadline: float,
-           mem_budget: tuple[float, float] | None = None, wcopy=None, with_step: bool = False):
-    """One decode step at context s as an LP. Returns (l_i/s, z_i) per layer.
+def _solve(c: cost.LayerCosts, L: int, s: int, *, look: int, chunks: int, resident, deadline: float,
+           mem_budget: tuple[float, float] | None = None, wcopy=None, with_step: bool = False,
+           m: int = 1, weight_budget: tuple[float, float, float] | None = None,
+           fixed_x: float | None = None):
+    """One decode step at context s as an LP. Returns (l_i/s, z_i, w_i) per layer.
 
-    Variables: x_i (recomputed fraction), z_i (kept-on-GPU fraction, only with mem_budget);
-    the K,V fraction is 1 - x_i - z_i. Times: P_i copy start, Q_ik recompute chunk k start,
-    E_i compute end, W_i write-back end, T the step. Same inequalities as cost.simulate.
-    `wcopy[i]`: the layer's weight copy (a constant, 0 unless it streams its weights), first
-    on the copy stream; nothing of the layer starts before it lands. `with_step`: also
-    return the optimal step time T (tests hold it to cost.simulate).
+    Variables per layer: x_i (recomputed fraction), z_i (kept-on-GPU fraction, only with
+    mem_budget), w_i (fraction of its weights streamed, only with weight_budget); the K,V
+    fraction is 1 - x_i - z_i. Times per unit u (layer u // m on micro-batch u % m, all m
+    sharing their layer's fractions): Pw_u weight copy start, P_u cache copy start, Q_uk
+    recompute chunk k start, E_u compute end, W_u write-back end, T the step. Same
+    inequalities as cost.simulate. `wcopy[i]`: a constant weight copy (ms) for layer i, or,
+    with `weight_budget = (full copy ms, layer GB, GB for layer weights and two slots)`, a
+    variable one w_i * full, under sum((1 - w_i) * layer GB) + 2 * slot <= budget, slot >=
+    w_i * layer GB. `fixed_x`: every x_i fixed (full_offload: 0). `with_step`: also return T.
     """
-    wcopy = wcopy or [0.0] * L
     prob = pulp.LpProblem("kvc_step", pulp.LpMinimize)
     V = prob.add_variable  # pulp 3.3+: variables belong to their problem
     T = V("T", 0)
     prob += T
     zero = pulp.LpAffineExpression()
-    x, z = [], []
+    x, z, w = [], [], []
     for i in range(L):
         if resident[i]:
             x.append(zero)
             z.append(zero)
-            continue
-        x.append(V(f"x{i}", 0, 1))
-        z.append(V(f"z{i}", 0, 1) if mem_budget else zero)
-        if mem_budget:
-            prob += x[i] + z[i] <= 1
-    E, P, copy_end = [], None, None
-    W = None
+        else:
+            x.append(V(f"x{i}", 0, 1) if fixed_x is None else fixed_x + zero)
+            z.append(V(f"z{i}", 0, 1) if mem_budget else zero)
+            if mem_budget and fixed_x is None:
+                prob += x[i] + z[i] <= 1
+        if weight_budget:
+            w.append(V(f"w{i}", 0, 1))
+    if weight_budget:
+        full, layer_gb, room = weight_budget
+        slot = V("slot", 0)
+        for i in range(L):
+            prob += slot >= layer_gb * w[i]
+        prob += pulp.lpSum(layer_gb * (1 - w[i]) for i in range(L)) + 2 * slot <= room, "weights"
+        wc = [full * w[i] for i in range(L)]
+    else:
+        wc = list(wcopy or [0.0] * L)
+    E, copy_end, Wn_prev = [], None, None
     C = c.layer_fixed + c.attn_per_tok * (s + 1)
-    for i in range(L):
+    for u in range(L * m):
+        i, first = u // m, u % m == 0
         off = not resident[i]
+        streams = first and (weight_budget is not None or wc[i])
         A = (c.act_per_tok * s) * x[i] + chunks * c.copy_fixed if off else zero
         K = ((c.kv_per_tok * s) * (1 - x[i] - z[i]) + 2 * c.copy_fixed) if off else zero
         R = (c.rec_per_tok * s) * x[i] + chunks * c.rec_chunk_fixed if off else zero
-        P = V(f"P{i}", 0)
-        if copy_end is not None:
+        P = V(f"P{u}", 0)
+        if streams:  # the weight copy: after the previous copies, once its slot is free
+            Pw = V(f"Pw{u}", 0)
+            if copy_end is not None:
+                prob += Pw >= copy_end
+            if u - (m + 1) >= 0:
+                prob += Pw >= E[u - (m + 1)]
+            prob += P >= Pw + wc[i]
+        elif copy_end is not None:
             prob += P >= copy_end  # one copy stream
-        if i - 1 - look >= 0:
-            prob += P >= E[i - 1 - look]  # staging buffer i mod (look+1) is free
+        if u - 1 - look >= 0:
+            prob += P >= E[u - 1 - look]  # staging buffer u mod (look+1) is free
         prev = None
         for k in range(1, chunks + 1):
-            Q = V(f"Q{i}_{k}", 0)
-            if off or wcopy[i]:
-                prob += Q >= P + wcopy[i] + (k / chunks) * A  # chunk k (and the weights) landed
+            Q = V(f"Q{u}_{k}", 0)
+            if off or streams:
+                prob += Q >= P + (k / chunks) * A  # chunk k (and the weights) landed
             if prev is not None:
                 prob += Q >= prev + (1.0 / chunks) * R
-            elif i:
-                prob += Q >= E[i - 1]
+            elif u:
+                prob += Q >= E[u - 1]
             prev = Q
-        copy_end = P + wcopy[i] + A + K if wcopy[i] else P + A + K
-        E.append(V(f"E{i}", 0))
-        prob += E[i] >= prev + (1.0 / chunks) * R + C
-        if off or wcopy[i]:
-            prob += E[i] >= copy_end + C  # the K,V tail (and the weights) have landed
+        copy_end = P + A + K
+        E.append(V(f"E{u}", 0))
+        prob += E[u] >= prev + (1.0 / chunks) * R + C
+        if off or streams:
+            prob += E[u] >= copy_end + C  # the K,V tail (and the weights) have landed
         Dw = c.writeback if off else 0.0
-        Wn = V(f"W{i}", 0)
-        prob += Wn >= E[i] + Dw
-        if W is not None:
-            prob += Wn >= W + Dw
-        W = Wn
-    prob += T >= E[-1] + c.head
-    prob += T >= W
+        Wn = V(f"W{u}", 0)
+        prob += Wn >= E[u] + Dw
+        if Wn_prev is not None:
+            prob += Wn >= Wn_prev + Dw
+        Wn_prev = Wn
+    prob += T >= E[-1] + m * c.head
+    prob += T >= Wn_prev
     if mem_budget:
         free, per_layer = mem_budget
         prob += pulp.lpSum(z) * per_layer <= free, "gpu_memory"
@@ -356,13 +415,16 @@ def _solve(c: cost.LayerCosts, L: int, s: int, look: int, chunks: int, resident,
     if pulp.LpStatus[status] != "Optimal" or prob.sol_status != pulp.LpSolutionOptimal:
         what = pulp.LpStatus[status]
         sol = pulp.LpSolution.get(prob.sol_status, str(prob.sol_status))
-        hint = ("the GPU memory constraint (resident layers vs gpu_mem_gb)" if what == "Infeasible"
+        hint = ("the GPU memory constraint (resident layers or weights vs gpu_mem_gb)"
+                if what == "Infeasible"
                 else f"no optimal solution within schedule.solver_time_limit_s ({left:.1f} s left)")
         raise KvcError(f"scheduler LP at context {s} failed: status {what}, solution {sol}; "
                        f"binding: {hint}")
     val = lambda e: float(pulp.value(e) or 0.0) if not isinstance(e, pulp.LpAffineExpression) else 0.0
     xs, zs = [min(1.0, max(0.0, val(v))) for v in x], [min(1.0, max(0.0, val(v))) for v in z]
-    return (xs, zs, float(pulp.value(T))) if with_step else (xs, zs)
+    ws = [min(1.0, max(0.0, val(v))) for v in w]
+    out = (xs, zs, ws)
+    return (*out, float(pulp.value(T))) if with_step else out
 
 
 def _representatives(lo: int, hi: int, chunk: int) -> list[int]:

@@ -29,16 +29,18 @@ LABELS = {"act_copy": "activation copy (H2D)", "kv_copy": "KV copy (H2D)",
 
 def predicted_intervals(spec: ModelSpec, hw: HardwareConfig, plan: Plan, s: int,
                         batch_size: int, dtype: str) -> list[dict]:
-    """Per-stream busy intervals (ms) of the decode step at context s under `plan`."""
+    """Per-stream busy intervals (ms) of the decode step at context s under `plan` (per unit:
+    with micro-batches, "layer" u is layer u // m on micro-batch u % m)."""
     try:
-        l = np.array([plan.recompute_tokens(i, s) for i in range(plan.num_layers)])
+        l = np.array([plan.recompute_tokens(u, s) for u in range(plan.num_units)])
     except ValueError as e:
         raise KvcError(str(e)) from None
-    streamed = plan.weights_streamed
-    c = cost.layer_costs(spec, hw, batch_size, dtype, offloaded=plan.offloaded or any(streamed))
+    streamed, m = plan.weights_streamed, plan.micro_batches
+    c = cost.layer_costs(spec, hw, batch_size // m, dtype, offloaded=plan.offloaded or any(streamed))
     A, K, R, C, D = cost.durations(c, s, l, np.array(plan.resident), plan.act_chunks)
-    W = cost.weight_durations(c, streamed) if any(streamed) else None
-    return cost.intervals(A, K, R, C, D, c.head, plan.lookahead, plan.act_chunks, W=W)
+    W = cost.weight_durations(c, streamed, (), m) if any(streamed) else None
+    return cost.intervals(A, K, R, C, D, m * c.head, plan.lookahead, plan.act_chunks, W=W,
+                          weight_lag=m + 1)
 
 
 def chrome_trace(items: list[dict], name: str = "kvc predicted") -> dict:

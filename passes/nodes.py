@@ -65,6 +65,13 @@ def placeholder(gm: torch.fx.GraphModule, name: str) -> torch.fx.Node:
 
 
 def layer_of(node: torch.fx.Node) -> int | None:
+    """The unit a node computes for (the microbatch pass records it), else its decoder layer."""
+    unit = node.meta.get("kvc", {}).get("unit")
+    return unit if unit is not None else module_layer(node)
+
+
+def module_layer(node: torch.fx.Node) -> int | None:
+    """The decoder layer whose module made this node (from `nn_module_stack`), if any."""
     stack = node.meta.get("nn_module_stack") or {}
     for key in reversed(list(stack)):
         path = stack[key][0] if isinstance(stack[key], tuple) else key
@@ -75,7 +82,7 @@ def layer_of(node: torch.fx.Node) -> int | None:
 
 
 def layer_nodes(gm: torch.fx.GraphModule) -> dict[int, torch.fx.Node]:
-    """The first node of each decoder layer, in graph order."""
+    """The first node of each decoder layer (unit), in graph order."""
     first: dict[int, torch.fx.Node] = {}
     for n in gm.graph.nodes:
         i = layer_of(n)
@@ -92,7 +99,7 @@ def first_compute_node(gm: torch.fx.GraphModule) -> torch.fx.Node:
 
 
 def may_recompute(plan: Plan, layer: int) -> bool:
-    """Whether any context of the plan recomputes tokens of this layer."""
+    """Whether any context of the plan recomputes tokens of this layer (unit)."""
     if plan.resident[layer]:
         return False
     if plan.forced_fraction is not None:
@@ -101,6 +108,7 @@ def may_recompute(plan: Plan, layer: int) -> bool:
 
 
 def offloaded_layers(plan: Plan) -> list[int]:
+    """The offloaded units, in order (layers when the plan has one micro-batch)."""
     return [i for i, r in enumerate(plan.resident) if not r]
 
 

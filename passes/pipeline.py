@@ -8,17 +8,18 @@ from torch.fx.passes.infra.pass_manager import PassManager
 from kvc.plan import Plan
 
 from .annotate import Annotate
+from .microbatch import MicroBatch
 from .offload import Offload
 from .prefetch import Prefetch
 from .recompute import Recompute
 from .streams import Streams
 from .weights import Weights
 
-ORDER = ("annotate", "offload", "recompute", "prefetch", "weights", "streams")
+ORDER = ("microbatch", "annotate", "offload", "recompute", "prefetch", "weights", "streams")
 
 
 def build_passes(plan: Plan) -> list:
-    passes = [Annotate(), Offload(plan), Recompute(plan), Prefetch(plan), Weights(plan),
+    passes = [MicroBatch(plan), Annotate(), Offload(plan), Recompute(plan), Prefetch(plan), Weights(plan),
               Streams(plan)]
     assert tuple(p.name for p in passes) == ORDER
     return passes

@@ -13,6 +13,7 @@ passes that made them; every other node computes. The hazards, and the pair each
   parameters (weights ready), and the last such node -> the next prefetch_weights into the
   same weight slot (weight slot free).
 
+Layers here are units (passes/microbatch.py) except for weights, which are per decoder layer.
 Event ids are a fixed function of (layer, kind), the same in prefill and decode graphs, so
 a decode step's waits see the prefill's records, and a step's the previous step's. The two
 weight kinds get ids after every layer's cache events (`weight_event_id`), and only when the
@@ -44,6 +45,7 @@ def events_per_layer(act_chunks: int) -> int:
 
 
 def event_id(plan: Plan, layer: int, kind: int, chunk: int = 0) -> int:
+    """`layer` is a unit (a layer with one micro-batch)."""
     return layer * events_per_layer(plan.act_chunks) + kind + chunk
 
 
@@ -51,12 +53,13 @@ WEIGHTS_READY, WEIGHT_SLOT_FREE = range(2)  # weight event kinds, in their own b
 
 
 def weight_event_id(plan: Plan, layer: int, kind: int) -> int:
-    return plan.num_layers * events_per_layer(plan.act_chunks) + 2 * layer + kind
+    """`layer` is a decoder layer: weights are loaded once for all its units."""
+    return plan.num_units * events_per_layer(plan.act_chunks) + 2 * layer + kind
 
 
 def num_events(plan: Plan) -> int:
     weights = 2 * plan.num_layers if plan.streamed_layers else 0
-    return plan.num_layers * events_per_layer(plan.act_chunks) + weights
+    return plan.num_units * events_per_layer(plan.act_chunks) + weights
 
 
 def _previous_user(layers: list[int], slot_of, layer: int) -> int:
@@ -158,9 +161,8 @@ class Streams(PlanPass):
         nodes = {n.name: n for n in g.nodes}
         for i, copy in sorted(copies.items()):
             ready, free = (weight_event_id(plan, i, k) for k in (WEIGHTS_READY, WEIGHT_SLOT_FREE))
-            readers = weight_readers(gm, i)
-            if i in layers:
-                readers.append(nodes[layers[i]["first"]])
+            readers = weight_readers(gm, i)  # every unit of the layer (its module calls)
+            readers += [nodes[layers[u]["first"]] for u in plan.layer_units(i) if u in layers]
             record_after(copy, PREFETCH, ready, i)
             wait_before(min(readers, key=order.__getitem__), COMPUTE, ready, i)
             record_after(max(readers, key=order.__getitem__), COMPUTE, free, i)
@@ -212,7 +214,7 @@ _KIND_NAMES = ("offloaded", "slot_free", "kv_ready", "act_data", "kv_data")
 def _event_label(plan: Plan, event: int) -> str:
     """`slot_free_2`, `act_ready_1_0` (layer 1, chunk 0), `weights_ready_3`: the inverse of
     event_id and weight_event_id."""
-    base = plan.num_layers * events_per_layer(plan.act_chunks)
+    base = plan.num_units * events_per_layer(plan.act_chunks)
     if event >= base:
         layer, kind = divmod(event - base, 2)
         return f"{('weights_ready', 'weight_slot_free')[kind]}_{layer}"

@@ -53,7 +53,7 @@ def weight_layers(n) -> set[int]:
 def simulate(plan: Plan, graphs: list, skip: tuple = (None, ())) -> list[str]:
     """Issue the graphs' nodes in host order on CUDA-like streams (vector clocks); return the
     races found. `skip = (graph, names)` drops those nodes of that graph (negative controls)."""
-    off = [i for i in range(plan.num_layers) if not plan.resident[i]]
+    off = [i for i in range(plan.num_units) if not plan.resident[i]]  # units
     slot = {i: plan.staging_slot(i) for i in off}  # as OffloadedCache._slot
     clock = {s: {} for s in (COMPUTE, PREFETCH, OFFLOAD)}
     events, bad = {}, []

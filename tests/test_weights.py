@@ -23,7 +23,7 @@ from kvc import cost
 from kvc.errors import KvcError
 from kvc.hardware import HardwareConfig
 from kvc.lowering import lower
-from kvc.models import build_model, preset
+from kvc.models import build_model, layer_param_sizes, preset
 from kvc.models.reference import ReferenceDecoder
 from kvc.models.spec import PRESETS
 from kvc.plan import MODES, Plan, forced_plan, spread_layers, weights_for_fraction
@@ -239,19 +239,25 @@ def test_spread_layers():
     assert sum(spread_layers(32, 7)) == 7
 
 
-def test_scheduler_streams_the_fewest_layers_that_fit():
+def test_scheduler_places_weights_with_the_lp():
+    """Weights that do not fit: the LP picks per-layer fractions, rounded up to whole
+    parameters; the result fits the budget and streams no more than the fewest whole layers
+    that would (the greedy placement it replaced), and smaller slots can make it stream less."""
     spec, h = PRESETS["opt-6.7b"], hw("h100-pcie5", gpu_mem_gb=12.0, cpu_mem_gb=512.0)
+    sizes = layer_param_sizes(spec)
+    allowed = {0.0} | {sum(sizes[:k]) / sum(sizes) for k in range(1, len(sizes) + 1)}
     for mode in ("full_offload", "pipelined", "kvpr"):
         pl = make_plan(spec, h, batch_size=4, prompt_len=256, gen_len=8, dtype="float16", mode=mode)
-        n = sum(pl.weights_streamed)
-        assert 0 < n < spec.num_layers
         look = pl.lookahead + 1
-        free = [cost.memory_terms(spec, h, 4, 264, "float16", look, False, k)["free_gb"]
-                for k in (n - 1, n)]
-        assert free[0] < 0 <= free[1], mode
-        assert pl.weights_streamed == spread_layers(spec.num_layers, n)
-        assert "greedy" in pl.notes["weights"]
-        assert pl.notes["memory_gb"]["weights_streamed"] == n
+        fits = lambda w: cost.memory_terms(spec, h, 4, 264, "float16", look, False, w)["free_gb"] >= 0  # noqa: E731
+        greedy = next(n for n in range(spec.num_layers + 1) if fits(n))
+        assert 0 < greedy < spec.num_layers
+        n = sum(pl.weights_streamed)
+        assert 0 < n <= greedy + 1e-9, mode
+        assert fits(list(pl.weights_streamed)), mode
+        assert all(min(abs(f - a) for a in allowed) < 1e-12 for f in pl.weights_streamed)
+        assert "LP" in pl.notes["weights"]
+        assert pl.notes["memory_gb"]["weights_streamed"] == round(n, 4)
     # enough memory: nothing streams, and the plan is what it was
     roomy = make_plan(spec, hw("h100-pcie5"), batch_size=4, prompt_len=256, gen_len=8,
                       dtype="float16", mode="pipelined")
@@ -291,11 +297,13 @@ def test_cost_charges_weight_bytes_on_the_copy_stream():
     assert grow == pytest.approx(L * c.weight_copy, rel=0.05)
 
 
+@pytest.mark.parametrize("m", [1, 2, 3])
 @pytest.mark.parametrize("look,chunks", [(1, 2), (0, 1), (1, 1)])
-def test_simulate_and_lp_agree_with_weights(look, chunks):
+def test_simulate_and_lp_agree_with_weights(look, chunks, m):
     """The LP's optimal step equals cost.simulate on the LP's own split: the weight copy W_i
-    enters both the same way. Fixed latencies are zeroed (the LP charges them to every layer,
-    durations only where the work exists) so the two are exactly comparable."""
+    enters both the same way, with one micro-batch or several (units). Fixed latencies are
+    zeroed (the LP charges them to every layer, durations only where the work exists) so the
+    two are exactly comparable."""
     from kvc import scheduler
 
     spec = PRESETS["opt-6.7b"]
@@ -304,15 +312,25 @@ def test_simulate_and_lp_agree_with_weights(look, chunks):
     L, s = 6, 1024
     streamed = [True, False, True, True, False, True]
     wcopy = [c.weight_copy if w else 0.0 for w in streamed]
-    x, _, T = scheduler._solve(c, L, s, look, chunks, (False,) * L, 1e18, wcopy=wcopy, with_step=True)
-    l = np.array(x)[:, None] * s
-    A, K, R, C, D = cost.durations(c, np.full((L, 1), s), l, np.zeros((L, 1), bool), chunks)
-    R = np.where(l > 0, R, chunks * c.rec_chunk_fixed)  # the LP pays the chunk's weight read always
-    W = cost.weight_durations(c, streamed, (1,))
-    step = cost.simulate(A, K, R, C, D, c.head, look, chunks, W=W)[0][0]
-    assert step == pytest.approx(T, rel=1e-6)
-    _, _, T0 = scheduler._solve(c, L, s, look, chunks, (False,) * L, 1e18, with_step=True)
+    kw = dict(look=look, chunks=chunks, resident=(False,) * L, deadline=1e18, m=m, with_step=True)
+
+    def simulated(x, w):
+        l = cost.per_unit(np.array(x)[:, None] * s, m)
+        U = L * m
+        A, K, R, C, D = cost.durations(c, np.full((U, 1), s), l, np.zeros((U, 1), bool), chunks)
+        R = np.where(l > 0, R, chunks * c.rec_chunk_fixed)  # the LP pays the chunk's weight read always
+        W = cost.weight_durations(c, w, (1,), m)
+        return cost.simulate(A, K, R, C, D, m * c.head, look, chunks, W=W, weight_lag=m + 1)[0][0]
+
+    x, _, _, T = scheduler._solve(c, L, s, wcopy=wcopy, **kw)
+    assert simulated(x, streamed) == pytest.approx(T, rel=1e-6)
+    _, _, _, T0 = scheduler._solve(c, L, s, **kw)
     assert T > T0  # the weights cost the step something
+    # weight placement as LP variables: the LP's own fractions simulate to its step
+    layer_gb = spec.layer_param_count() * 2 / 1e9
+    x, _, w, Tw = scheduler._solve(c, L, s, weight_budget=(c.weight_copy, layer_gb, 3.5 * layer_gb), **kw)
+    assert sum(layer_gb * (1 - f) for f in w) + 2 * max(w) * layer_gb <= 3.5 * layer_gb + 1e-6
+    assert simulated(x, w) == pytest.approx(Tw, rel=1e-6)
 
 
 def test_memory_terms_with_streamed_weights():

@@ -18,7 +18,7 @@ from kvc.models.opt import OPTForCausalLM
 from kvc.models.spec import PRESETS, ModelSpec, preset
 from kvc.progress import bar
 
-__all__ = ["ModelSpec", "PRESETS", "preset", "spec_from_hf_config", "build_model",
+__all__ = ["ModelSpec", "PRESETS", "preset", "spec_from_hf_config", "build_model", "layer_param_sizes",
            "load_checkpoint", "checkpoint_files", "model_class", "LlamaForCausalLM", "OPTForCausalLM"]
 
 INIT_STD = 0.02  # HF's initializer_range default: dummy logits look like an untrained model's
@@ -28,6 +28,20 @@ _CLASSES = {"opt": OPTForCausalLM, "llama": LlamaForCausalLM}
 
 def model_class(spec: ModelSpec) -> type[nn.Module]:
     return _CLASSES[spec.family]
+
+
+def layer_param_sizes(spec: ModelSpec) -> list[int]:
+    """The element counts of one decoder layer's parameters, in the order a weight-streamed
+    layer streams them (kvc.plan.streamed_prefix): shapes only, from a meta-device layer."""
+    with torch.device("meta"):
+        layer = model_class(spec)(_one_layer(spec)).layers[0]
+    return sorted((p.numel() for p in layer.parameters()), reverse=True)
+
+
+def _one_layer(spec: ModelSpec) -> ModelSpec:
+    from dataclasses import replace
+
+    return replace(spec, num_layers=1)
 
 
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:

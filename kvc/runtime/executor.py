@@ -38,8 +38,9 @@ class CompiledModel:
         return self.lowered.code
 
     def _runtime(self, batch: int, tokens: int) -> tuple[OffloadedCache, int]:
+        """The pools for `batch` sequences: with micro-batches, one set per unit of batch/m."""
         c = self._cache
-        if c is None or c.batch != batch or c.max_tokens < tokens:
+        if c is None or c.batch != batch // self.plan.micro_batches or c.max_tokens < tokens:
             self.close()
             max_tokens = max(tokens, self.plan.prompt_len + self.plan.gen_len)
             with bar("kvc: allocating KV/activation pools", total=1, unit="pool set") as shown:
@@ -50,7 +51,8 @@ class CompiledModel:
 
     def _allocate(self, batch: int, max_tokens: int) -> OffloadedCache:
         return OffloadedCache(
-            self.plan, num_layers=self.spec.num_layers, batch=batch, max_tokens=max_tokens,
+            self.plan, num_layers=self.plan.num_units, batch=batch // self.plan.micro_batches,
+            max_tokens=max_tokens,
             act_width=self.spec.hidden_size, num_kv_heads=self.spec.num_kv_heads,
             head_dim=self.spec.head_dim, dtype=self.dtype, device=self.device,
             num_events=self.lowered.num_events, weights=self._weights)
@@ -62,7 +64,7 @@ class CompiledModel:
 
     def _check_contexts(self, prompt: int, new: int) -> None:
         for s in {prompt, prompt + new - 2} if new > 1 else ():
-            for layer in range(self.spec.num_layers):
+            for layer in range(self.plan.num_units):
                 try:
                     self.plan.recompute_tokens(layer, s)
                 except ValueError as e:
@@ -81,6 +83,10 @@ class CompiledModel:
         if max_new_tokens < 1:
             raise KvcError(f"max_new_tokens = {max_new_tokens}; expected >= 1")
         b, p = input_ids.shape
+        m = self.plan.micro_batches
+        if b % m:
+            raise KvcError(f"batch {b} does not split into {m} equal micro-batches "
+                           f"(workload.num_gpu_batches = {m}); use a multiple of {m}")
         if p + max_new_tokens > self.spec.max_positions:
             raise KvcError(f"prompt {p} + {max_new_tokens} new tokens exceeds the model's "
                            f"maximum positions ({self.spec.max_positions})")

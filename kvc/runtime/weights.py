@@ -1,6 +1,7 @@
 """WeightStreamer: the weights of the Plan's weight-streamed layers live in pinned CPU memory.
 
-Per streamed layer, one flat CPU pool holds all of the layer's parameters back to back (one
+Per streamed layer, one flat CPU pool holds the layer's streamed parameters back to back (all
+of them, or the largest ones for a fraction: `streamed_parameters`; the rest stay on the GPU) (one
 large contiguous copy per layer and step: DESIGN.md, "Weights on CPU are pinned and streamed
 in large contiguous copies"); pinned only on CUDA, where it makes the copy a DMA. Two GPU
 weight slots, each sized for the largest streamed layer, take turns: the k-th streamed layer
@@ -23,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from kvc.errors import KvcError
-from kvc.plan import WEIGHT_SLOTS, Plan
+from kvc.plan import WEIGHT_SLOTS, Plan, streamed_prefix
 from kvc.runtime.streams import StreamSet
 
 # set on a streamed parameter: its true values, a view into its layer's CPU pool
@@ -37,6 +38,14 @@ def _layer_module(root: torch.nn.Module, layer: int) -> torch.nn.Module:
         raise KvcError(f"weight streaming: the model has no module layers.{layer}") from None
 
 
+def streamed_parameters(layer: torch.nn.Module, fraction: float) -> list:
+    """The parameters of `layer` that stream for `fraction` of its elements: the largest first
+    (ties by name), as kvc.plan.streamed_prefix rounds the scheduler's fraction."""
+    named = sorted(layer.named_parameters(), key=lambda kv: (-kv[1].numel(), kv[0]))
+    k = streamed_prefix([p.numel() for _, p in named], fraction)
+    return [p for _, p in named[:k]]
+
+
 class WeightStreamer:
     def __init__(self, plan: Plan, root: torch.nn.Module, device: torch.device):
         self.plan, self.device = plan, torch.device(device)
@@ -46,7 +55,7 @@ class WeightStreamer:
         params: dict[int, list] = {}
         dtype = None
         for i in self.layers:
-            plist = list(_layer_module(root, i).parameters())
+            plist = streamed_parameters(_layer_module(root, i), plan.weights_streamed[i])
             if not plist:
                 raise KvcError(f"weight streaming: layers.{i} has no parameters")
             kinds = {p.dtype for p in plist} | ({dtype} if dtype is not None else set())
