@@ -448,3 +448,33 @@ def _round_to_chunks(fr: np.ndarray, reps: list[int], ctx: np.ndarray, chunk: in
 
 def _round(d: dict) -> dict:
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in d.items()}
+
+
+# --- policy search ---------------------------------------------------------------------------
+
+def search_policy(spec: ModelSpec, hw: HardwareConfig, *, prompt_len: int, gen_len: int,
+                  dtype: str, mode: str, batch_sizes, micro_batches=(1, 2, 4, 8),
+                  **kw) -> tuple[Plan, float]:
+    """The outer search, like FlexGen's policy search but with recompute inside the LP: for
+    every total batch in `batch_sizes` and micro-batch count in `micro_batches` that divides
+    it, make the plan (its LP places weights, residency and recompute, and its memory checks
+    refuse what does not fit the GPU or the host); keep the one with the highest predicted
+    decode throughput, batch * gen_len / sum of predicted step times. Returns (plan, tokens/s).
+    Raises the last refusal when nothing fits."""
+    best, best_tps, last = None, -1.0, None
+    for b in sorted(set(batch_sizes)):
+        for m in sorted(set(micro_batches)):
+            if b % m:
+                continue
+            try:
+                plan = make_plan(spec, hw, batch_size=b, prompt_len=prompt_len, gen_len=gen_len,
+                                 dtype=dtype, mode=mode, micro_batches=m, **kw)
+            except KvcError as e:
+                last = e
+                continue
+            tps = b * len(plan.predicted_step_ms) / (sum(plan.predicted_step_ms) / 1e3)
+            if tps > best_tps:
+                best, best_tps = plan, tps
+    if best is None:
+        raise last or KvcError("search_policy: no batch size to try")
+    return best, best_tps
