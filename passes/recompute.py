@@ -13,25 +13,88 @@ For every offloaded layer of a decode graph, the cache read `kv_read(rt, i)` is 
 so attention reads one buffer and nothing concatenates the cache. No family-specific code:
 the clone is whatever the annotate pass found (projection, bias, reshape, RoPE at the right
 positions). A layer the plan never recomputes gets no clones.
+
+Layout. The staging slots are token-major (`act_stage[slot]` is [tokens, b, h], `k_stage`
+[tokens, b, heads, head_dim]), so `staged_act` is a transposed, non-contiguous [b, n, h]
+view and `put_recomputed` writes `k.transpose(0, 1)` into token-major rows. Cloned as traced,
+the projection reads that strided view (aten::matmul cannot fold it into one [b*n, h] GEMM:
+it runs a bmm of b small GEMMs against the expanded weight, the bias as a separate add, or
+a kernel makes the input contiguous first) and returns batch-major K,V, which put_recomputed
+then copies with a transposing (elementwise) kernel. A linear map commutes with the batch/token
+transpose, `linear(x.transpose(0, 1)) == linear(x).transpose(0, 1)`, so every clone of a
+linear node that reads the activation directly (an `nn.Linear` call_module, or
+`F.linear` / `torch._C._nn.linear`) reads the contiguous token-major chunk instead,
+
+    re{i}_{j}_tm_act = staged_act_{i}_{j}.transpose(0, 1)     # [n, b, h], contiguous
+    re{i}_{j}_tm_<proj> = <proj>(re{i}_{j}_tm_act)             # one plain GEMM, [n, b, out]
+    re{i}_{j}_<proj> = re{i}_{j}_tm_<proj>.transpose(0, 1)     # [b, n, out] view, as before
+
+and the rest of the clone sees the shapes it was traced with, in token-major memory: the
+head split (`unflatten` / `view` of the last dim) stays a view, elementwise ops (RoPE's
+negation and products) follow their inputs' strides, and K,V reach put_recomputed
+token-major, where the copy becomes a contiguous memcpy. (RoPE's `torch.cat` still returns
+batch-major memory; the sum after it follows its first operand, the token-major product.)
+Decided from node targets only; other readers of the activation keep the [b, n, h] view.
 """
 from __future__ import annotations
 
+import torch
 import torch.fx
 
 from .nodes import PlanPass, call, graph_parts, kvc_meta, may_recompute
 
+_LINEAR_FUNCTIONS = (torch.nn.functional.linear, torch._C._nn.linear)
 
-def clone_kv_slice(g: torch.fx.Graph, slice_nodes: list[torch.fx.Node], inputs: dict,
-                   k_out: torch.fx.Node, v_out: torch.fx.Node, prefix: str, meta: dict):
+
+def is_linear(gm: torch.fx.GraphModule, n: torch.fx.Node) -> bool:
+    """Whether `n` applies a linear map to its first argument (and so commutes with a
+    transpose of the leading dims)."""
+    if n.op == "call_module":
+        return isinstance(gm.get_submodule(n.target), torch.nn.Linear)
+    return n.op == "call_function" and n.target in _LINEAR_FUNCTIONS
+
+
+def _reads_once(n: torch.fx.Node, act: torch.fx.Node) -> bool:
+    """`act` is the linear map's input and nothing else (not its weight or bias)."""
+    first = n.args[0] if n.args else n.kwargs.get("input")
+    return first is act and sum(a is act for a in (*n.args, *n.kwargs.values())) == 1
+
+
+def clone_kv_slice(gm: torch.fx.GraphModule, slice_nodes: list[torch.fx.Node], act: torch.fx.Node,
+                   inputs: dict, k_out: torch.fx.Node, v_out: torch.fx.Node, prefix: str,
+                   meta: dict):
     """Copy `slice_nodes` (topologically ordered) at the insert point, reading `inputs`
-    (old node -> new node) in place of the activation and positions. Returns new (k, v)."""
+    (old node -> new node) in place of the activation `act` and positions. A linear node that
+    reads `act` directly reads it token-major and is transposed back (module docstring).
+    Returns new (k, v)."""
+    g = gm.graph
     env = dict(inputs)
-    for n in slice_nodes:
-        new = g.node_copy(n, lambda x: env.get(x, x))
-        new._rename(f"{prefix}_{n.name}")
+    token_major = None  # inputs[act].transpose(0, 1), made at the first linear reader
+
+    def copy(n: torch.fx.Node, name: str, reads: dict) -> torch.fx.Node:
+        new = g.node_copy(n, lambda x: reads.get(x, x))
+        new._rename(name)
         new.meta = {k: v for k, v in n.meta.items() if k != "kvc"}
         kvc_meta(new).update(meta)
-        env[n] = new
+        return new
+
+    def transposed(x: torch.fx.Node, name: str, like: torch.fx.Node) -> torch.fx.Node:
+        t = g.call_method("transpose", (x, 0, 1))
+        t._rename(name)
+        t.meta = {k: v for k, v in like.meta.items() if k in ("nn_module_stack", "stack_trace")}
+        kvc_meta(t).update(meta)
+        return t
+
+    for n in slice_nodes:
+        if is_linear(gm, n) and _reads_once(n, act):
+            if token_major is None:
+                token_major = transposed(inputs[act], f"{prefix}_tm_act", inputs[act])
+                kvc_meta(token_major)["layout"] = "token_major"
+            tm = copy(n, f"{prefix}_tm_{n.name}", {**env, act: token_major})
+            kvc_meta(tm)["layout"] = "token_major"
+            env[n] = transposed(tm, f"{prefix}_{n.name}", n)
+        else:
+            env[n] = copy(n, f"{prefix}_{n.name}", env)
     return env[k_out], env[v_out]
 
 
@@ -60,7 +123,7 @@ class Recompute(PlanPass):
                         if reads_positions:  # RoPE families; OPT's K,V ignore positions
                             inputs[pos] = call(g, "recompute_positions", rt, layer=i, chunk=j,
                                                node_name=f"positions_{i}_{j}", meta=meta)
-                        k, v = clone_kv_slice(g, slice_nodes, inputs, w_k, w_v,
+                        k, v = clone_kv_slice(gm, slice_nodes, act, inputs, w_k, w_v,
                                               f"re{i}_{j}", meta)
                         call(g, "put_recomputed", k, v, rt, layer=i, chunk=j,
                              node_name=f"put_recomputed_{i}_{j}", meta=meta)
