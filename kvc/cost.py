@@ -39,7 +39,7 @@ ELEMENTWISE_PASSES = {"opt": 4, "llama": 16}
 # A weight-streamed layer adds 5: prefetch_weights and the weights-ready / weight-slot-free
 # record and wait pairs.
 HOST_NODES = {"opt": {"layer": 25, "offload": 10, "recompute": 3, "chunk": 12, "head": 6, "weights": 5},
-              "llama": {"layer": 58, "offload": 10, "recompute": 3, "chunk": 26, "head": 14, "weights": 5}}
+              "llama": {"layer": 58, "offload": 10, "recompute": 3, "chunk": 29, "head": 14, "weights": 5}}
 
 
 def host_nodes(spec: ModelSpec, resident, recomputes, act_chunks: int, streamed=None):

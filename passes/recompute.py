@@ -32,11 +32,18 @@ linear node that reads the activation directly (an `nn.Linear` call_module, or
 and the rest of the clone sees the shapes it was traced with, in token-major memory: the
 head split (`unflatten` / `view` of the last dim) stays a view, elementwise ops (RoPE's
 negation and products) follow their inputs' strides, and K,V reach put_recomputed
-token-major, where the copy becomes a contiguous memcpy. (RoPE's `torch.cat` still returns
-batch-major memory; the sum after it follows its first operand, the token-major product.)
-Decided from node targets only; other readers of the activation keep the [b, n, h] view.
+token-major, where the copy becomes a contiguous memcpy. `torch.cat` is the one op that
+does not follow its inputs' strides (it returns contiguous, i.e. batch-major, memory, and
+RoPE's sum then mixes layouts and loses its vectorized kernel), so a last-dim cat of values
+known to be >= 3-D and token-major (a projection's output through trailing-dim unflatten,
+slicing and negation: rotate-half) is rewritten the same way: `re{i}_{j}_tm_cat` concatenates
+their `.transpose(0, 1)` views and `re{i}_{j}_cat` transposes back. Any other cat is cloned
+as traced. Decided from node targets only; other readers of the activation keep the
+[b, n, h] view.
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx
@@ -60,16 +67,44 @@ def _reads_once(n: torch.fx.Node, act: torch.fx.Node) -> bool:
     return first is act and sum(a is act for a in (*n.args, *n.kwargs.values())) == 1
 
 
+def _keeps_layout(n: torch.fx.Node, tm: set) -> bool:
+    """`n` reads a >= 3-D token-major value (in `tm`) and returns one: an unflatten of a
+    trailing dim, slicing (no integer index, no new axis), a negation."""
+    if not n.args or n.args[0] not in tm:
+        return False
+    if n.op == "call_method":
+        if n.target == "unflatten":
+            dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+            return isinstance(dim, int) and (dim == -1 or dim >= 2)
+        return n.target == "neg"
+    if n.target is operator.getitem:
+        idx = n.args[1]
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        return all(i is Ellipsis or isinstance(i, slice) for i in idx)
+    return n.target in (operator.neg, torch.neg)
+
+
+def _cat_of_token_major(n: torch.fx.Node, tm: set) -> bool:
+    """A concatenation along the last dim of >= 3-D token-major values: it commutes with the
+    transpose of dims 0 and 1, and cat itself returns contiguous (batch-major) memory."""
+    if n.op != "call_function" or n.target not in (torch.cat, torch.concat):
+        return False
+    dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+    xs = n.args[0]
+    return dim == -1 and isinstance(xs, (list, tuple)) and len(xs) > 0 and all(x in tm for x in xs)
+
+
 def clone_kv_slice(gm: torch.fx.GraphModule, slice_nodes: list[torch.fx.Node], act: torch.fx.Node,
                    inputs: dict, k_out: torch.fx.Node, v_out: torch.fx.Node, prefix: str,
                    meta: dict):
     """Copy `slice_nodes` (topologically ordered) at the insert point, reading `inputs`
     (old node -> new node) in place of the activation `act` and positions. A linear node that
-    reads `act` directly reads it token-major and is transposed back (module docstring).
-    Returns new (k, v)."""
+    reads `act` directly, and a last-dim cat of what it feeds, run token-major and are
+    transposed back (module docstring). Returns new (k, v)."""
     g = gm.graph
     env = dict(inputs)
-    token_major = None  # inputs[act].transpose(0, 1), made at the first linear reader
+    tm: set[torch.fx.Node] = set()  # old nodes whose clone is a >= 3-D token-major value
+    tm_of: dict[torch.fx.Node, torch.fx.Node] = {}  # old node -> its clone.transpose(0, 1)
 
     def copy(n: torch.fx.Node, name: str, reads: dict) -> torch.fx.Node:
         new = g.node_copy(n, lambda x: reads.get(x, x))
@@ -85,16 +120,28 @@ def clone_kv_slice(gm: torch.fx.GraphModule, slice_nodes: list[torch.fx.Node], a
         kvc_meta(t).update(meta)
         return t
 
+    # the activation's token-major view is `<prefix>_tm_act`, unless a cloned node is `act`
+    act_name = "act" if all(n.name != "act" for n in slice_nodes) else act.name
+
+    def token_major(x: torch.fx.Node) -> torch.fx.Node:
+        """`x`'s clone as a token-major [n, b, ...] tensor (a view, made once)."""
+        if x not in tm_of:
+            tm_of[x] = transposed(env[x], f"{prefix}_tm_{act_name if x is act else x.name}", x)
+            kvc_meta(tm_of[x])["layout"] = "token_major"
+        return tm_of[x]
+
     for n in slice_nodes:
-        if is_linear(gm, n) and _reads_once(n, act):
-            if token_major is None:
-                token_major = transposed(inputs[act], f"{prefix}_tm_act", inputs[act])
-                kvc_meta(token_major)["layout"] = "token_major"
-            tm = copy(n, f"{prefix}_tm_{n.name}", {**env, act: token_major})
-            kvc_meta(tm)["layout"] = "token_major"
-            env[n] = transposed(tm, f"{prefix}_{n.name}", n)
+        linear = is_linear(gm, n) and _reads_once(n, act)
+        if linear or _cat_of_token_major(n, tm):
+            xs = [act] if linear else n.args[0]
+            tm_of[n] = copy(n, f"{prefix}_tm_{n.name}", {**env, **{x: token_major(x) for x in xs}})
+            kvc_meta(tm_of[n])["layout"] = "token_major"
+            env[n] = transposed(tm_of[n], f"{prefix}_{n.name}", n)
+            tm.add(n)
         else:
             env[n] = copy(n, f"{prefix}_{n.name}", env)
+            if _keeps_layout(n, tm):
+                tm.add(n)
     return env[k_out], env[v_out]
 
 

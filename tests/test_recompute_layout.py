@@ -79,3 +79,54 @@ def test_recomputed_kv_reach_the_slot_token_major(name, monkeypatch):
     makes it a plain memcpy rather than a transposing elementwise copy."""
     _, puts = decode_step_layouts(name, monkeypatch)
     assert all(k and v for k, v in puts), puts
+
+
+# --- the rewrite on hand-built K/V subgraphs: same numbers, token-major only where safe -------
+
+class KVSlice(torch.nn.Module):
+    """What a K/V subgraph may do after its projection; `kind` picks the variant."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.k_proj, self.v_proj = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, a):
+        k = self.k_proj(a)
+        v = torch.nn.functional.linear(a, self.v_proj.weight, self.v_proj.bias)
+        if self.kind == "rope":  # rotate-half: slices, a negation, a last-dim cat
+            k = k.unflatten(-1, (2, 4))
+            k = k * 2 + torch.cat((-k[..., 2:], k[..., :2]), dim=-1) * 3
+        elif self.kind == "int_index":  # 2-D pieces: dim -1 is the token dim
+            k = torch.cat((k[..., 0], k[..., 1]), dim=-1)
+        elif self.kind == "cat_tokens":
+            k = torch.cat((k, -k), dim=1)
+        elif self.kind == "new_axis":
+            k = torch.cat((k[:, None], k[:, None]), dim=-1)
+        return k, v
+
+
+@pytest.mark.parametrize("kind,rewritten_cat", [("rope", True), ("int_index", False),
+                                                ("cat_tokens", False), ("new_axis", False)])
+def test_clone_matches_the_traced_subgraph(kind, rewritten_cat):
+    from kvc.passes.recompute import clone_kv_slice
+
+    gm = torch.fx.symbolic_trace(KVSlice(kind))
+    act = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    slice_nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    k, v = out.args[0]
+    with gm.graph.inserting_before(out):
+        k2, v2 = clone_kv_slice(gm, slice_nodes, act, {act: act}, k, v, "re0_0", {})
+    out.args = ((k, v, k2, v2),)
+    gm.recompile()
+    names = {n.name for n in gm.graph.nodes}
+    assert {"re0_0_tm_act", "re0_0_tm_k_proj", "re0_0_tm_linear"} <= names  # both linear forms
+    assert ("re0_0_tm_cat" in names) == rewritten_cat
+    x = torch.randn(5, 3, 8).transpose(0, 1)  # like staged_act: a [b, n, h] view of [n, b, h]
+    k, v, k2, v2 = gm(x)
+    torch.testing.assert_close(k2, k, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(v2, v, rtol=1e-6, atol=1e-6)
+    assert v2.transpose(0, 1).is_contiguous()
+    if kind == "rope":
+        assert k2.transpose(0, 1).is_contiguous()
