@@ -33,14 +33,15 @@ ELEMENTWISE_PASSES = {"opt": 4, "llama": 16}
 
 # nodes of the lowered decode graph the host issues, one at a time, per decode step: a layer,
 # an offloaded layer's write-back/prefetch/event nodes, a recomputing layer's fixed nodes and
-# each chunk's (the cloned K/V subgraph, staged_act, put_recomputed, its wait), the head.
+# each chunk's (the cloned K/V subgraph with its token-major transposes, staged_act,
+# put_recomputed, its wait), the head.
 # tests/test_cost.py checks these against kvc.lowering; at small batch they bound the step.
 # A weight-streamed layer adds 5: prefetch_weights and the weights-ready / weight-slot-free
 # record and wait pairs. Micro-batches (passes/microbatch.py): the split and the final
 # concatenation, an embedding and head per micro-batch, and nodes that read no tokens once.
-HOST_NODES = {"opt": {"layer": 25, "offload": 10, "recompute": 3, "chunk": 9, "head": 6, "weights": 5,
+HOST_NODES = {"opt": {"layer": 25, "offload": 10, "recompute": 3, "chunk": 12, "head": 6, "weights": 5,
                       "head_per_micro_batch": 4, "shared_per_layer": 0},
-              "llama": {"layer": 58, "offload": 10, "recompute": 3, "chunk": 23, "head": 14, "weights": 5,
+              "llama": {"layer": 58, "offload": 10, "recompute": 3, "chunk": 29, "head": 14, "weights": 5,
                         "head_per_micro_batch": 10, "shared_per_layer": 4}}
 
 

@@ -22,7 +22,7 @@ from torch import nn
 from kvc.models import build_model, preset
 from kvc.models.spec import ModelSpec
 from kvc.passes.annotate import Annotate
-from kvc.passes.nodes import is_op, layer_of, op_arg, op_name
+from kvc.passes.nodes import is_op, kvc_meta, layer_of, op_arg, op_name
 from kvc.passes.offload import Offload
 from kvc.passes.pipeline import ORDER, build_passes, run_pipeline
 from kvc.passes.recompute import Recompute
@@ -282,15 +282,30 @@ def test_recompute_clones_kv_slice_per_chunk_toy():
         originals = [nodes[s] for s in info["kv_slice"]]
         inserted = [n for n in gm.graph.nodes if n.meta.get("kvc", {}).get("layer") == i
                     and n.meta["kvc"].get("role") in ("recompute", "put_new", "staged_kv")]
+        # k_proj / v_proj (nn.Linear) read the activation: their clones read it token-major
+        # and are transposed back under the original name (recompute.py's docstring)
+        linear = {o.name for o in originals if o.op == "call_module" and o.target.endswith("_proj")}
+        assert linear == {f"layers_{i}_k_proj", f"layers_{i}_v_proj"}
         expect = []
         for j in range(2):
             expect += [f"staged_act_{i}_{j}", f"positions_{i}_{j}"]
-            expect += [f"re{i}_{j}_{o.name}" for o in originals]
+            for o in originals:
+                if o.name in linear and f"re{i}_{j}_tm_act" not in expect:
+                    expect.append(f"re{i}_{j}_tm_act")
+                expect += [f"re{i}_{j}_tm_{o.name}"] if o.name in linear else []
+                expect.append(f"re{i}_{j}_{o.name}")
             expect += [f"put_recomputed_{i}_{j}"]
         assert [n.name for n in inserted] == expect + [f"put_new_{i}", f"staged_kv_{i}"]
         for j in range(2):
+            tm_act = nodes[f"re{i}_{j}_tm_act"]
+            assert (tm_act.target, tm_act.args) == ("transpose", (nodes[f"staged_act_{i}_{j}"], 0, 1))
             for o in originals:
                 c = nodes[f"re{i}_{j}_{o.name}"]
+                if o.name in linear:  # [b, n, out] view of the token-major projection
+                    tm = nodes[f"re{i}_{j}_tm_{o.name}"]
+                    assert (c.target, c.args) == ("transpose", (tm, 0, 1))
+                    assert tm.args == (tm_act,) and kvc_meta(tm)["layout"] == "token_major"
+                    continue
                 assert c.target == o.target  # same op, same weights (shared get_attr/modules)
                 for a, b in zip(o.all_input_nodes, c.all_input_nodes):
                     if a.name == info["activation"]:
