@@ -61,7 +61,8 @@ def make_plan(r: Resolved) -> Plan:
                  chunk_tokens=s.chunk_tokens, act_chunks=s.act_chunks,
                  recompute_fraction=s.recompute_fraction,
                  weight_stream_fraction=s.weight_stream_fraction,
-                 time_limit_s=s.solver_time_limit_s, micro_batches=w.num_gpu_batches)
+                 time_limit_s=s.solver_time_limit_s, micro_batches=w.num_gpu_batches,
+                 resident_cache=s.resident_cache)
 
 
 def compile_artifact(config, overrides: list[str] | tuple = (), output=None,

@@ -45,6 +45,9 @@ class ScheduleConfig:
     # set: stream this fraction of the layers' weights from pinned CPU memory (whole layers,
     # spread evenly); null: stream only what gpu_mem_gb forces (tests and experiments)
     weight_stream_fraction: float | None = None
+    # false: every layer's KV cache lives in CPU memory even where the GPU budget could hold
+    # some (FlexGen's "--percent x y 0 100" setting); true: the LP may keep layers resident
+    resident_cache: bool = True
     chunk_tokens: int = 64
     act_chunks: int = 4
     solver_time_limit_s: float = 10.0

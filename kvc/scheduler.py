@@ -52,15 +52,16 @@ def make_plan(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_le
               gen_len: int, dtype: str, mode: str, chunk_tokens: int = 64, act_chunks: int = 4,
               recompute_fraction: float | None = None,
               weight_stream_fraction: float | None = None, time_limit_s: float = 10.0,
-              micro_batches: int = 1) -> Plan:
+              micro_batches: int = 1, resident_cache: bool = True) -> Plan:
     """The plan for `mode`. For pipelined, `act_chunks` is the most chunks the activation copy
     may be split into: more chunks overlap recompute with the copy better but cost the host
     more nodes to issue, so the plan with the lower predicted generation time wins (1 or all).
-    `micro_batches` (workload.num_gpu_batches): the block schedule's micro-batches per step."""
+    `micro_batches` (workload.num_gpu_batches): the block schedule's micro-batches per step.
+    `resident_cache` false: no layer keeps its cache on the GPU (schedule.resident_cache)."""
     kw = dict(batch_size=batch_size, prompt_len=prompt_len, gen_len=gen_len, dtype=dtype,
               mode=mode, chunk_tokens=chunk_tokens, recompute_fraction=recompute_fraction,
               weight_stream_fraction=weight_stream_fraction, time_limit_s=time_limit_s,
-              micro_batches=micro_batches)
+              micro_batches=micro_batches, resident_cache=resident_cache)
     plan = _make_plan(spec, hw, act_chunks=act_chunks, **kw)
     if mode == "pipelined" and recompute_fraction is None and act_chunks > 1:
         single = _make_plan(spec, hw, act_chunks=1, **kw)
@@ -95,7 +96,7 @@ def host_memory_gb(spec: ModelSpec, plan: Plan, b: int, dtype: str) -> float:
 def _make_plan(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_len: int,
                gen_len: int, dtype: str, mode: str, chunk_tokens: int, act_chunks: int,
                recompute_fraction: float | None, weight_stream_fraction: float | None,
-               time_limit_s: float, micro_batches: int) -> Plan:
+               time_limit_s: float, micro_batches: int, resident_cache: bool) -> Plan:
     if mode not in MODES:
         raise KvcError(f"schedule.mode {mode!r}: expected one of {list(MODES)}")
     for name, v, least in (("batch_size", batch_size, 1), ("prompt_len", prompt_len, 1),
@@ -154,7 +155,7 @@ def _make_plan(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_l
     if fractions_needed and mem.get("recompute_disabled"):
         notes["recompute_disabled"] = mem["recompute_disabled"]
     elif fractions_needed:
-        if mode == "pipelined" and mem["free_gb"] >= mem["layer_kv_gb"]:
+        if mode == "pipelined" and resident_cache and mem["free_gb"] >= mem["layer_kv_gb"]:
             z = _solve(c, L, s_max, resident=resident,
                        mem_budget=(mem["free_gb"], mem["layer_kv_gb"]), **lp)[1]
             n_res = min(L, int(math.floor(sum(z) + 1e-6)),
@@ -178,7 +179,8 @@ def _make_plan(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_l
         worse = steps0 < steps
         recompute[:, worse] = 0
         steps = np.where(worse, steps0, steps)
-    if mode == "pipelined" and not recompute.any() and "act" in mem.get("staging_for", ""):
+    if (mode == "pipelined" and resident_cache and not recompute.any()
+            and "act" in mem.get("staging_for", "")):
         # nothing recomputed (e.g. grouped-query models): the activation staging is not
         # needed, and its memory holds more resident layers, which never slow a step
         bare = cost.memory_terms(spec, hw, batch_size, s_max, dtype, look + 1, False, streamed, m)

@@ -31,7 +31,7 @@ from kvc.lowering import lower  # noqa: E402
 from kvc.models import build_model, preset  # noqa: E402
 from kvc.models.reference import ReferenceDecoder  # noqa: E402
 from kvc.runtime.executor import CompiledModel  # noqa: E402
-from kvc.scheduler import predict  # noqa: E402
+from kvc.scheduler import host_memory_gb, predict, search_policy  # noqa: E402
 from kvc.errors import KvcError  # noqa: E402
 
 MODES = ("gpu_resident", "full_offload", "kvpr", "pipelined")
@@ -47,6 +47,18 @@ GRIDS = {
              ("opt-6.7b", 32, 512)],
 }
 GEN_LEN = 32
+# issue 6: FlexGen's throughput setting (weights, cache and activations all in CPU memory:
+# --percent 0 100 0 100 0 100), prompt 256, gen 32, each mode at the batch and micro-batch
+# count its policy search predicts fastest among those that fit. (model, gpu_mem_gb or None
+# for the card's memory)
+THROUGHPUT = {"throughput": [("opt-13b", None), ("opt-30b", None), ("opt-30b", 24.0)],
+              "throughput-13b": [("opt-13b", None)],
+              "throughput-30b": [("opt-30b", None), ("opt-30b", 24.0)],
+              "throughput-smoke": [("tiny-opt", None)]}
+TP_PROMPT = 256
+TP_BATCHES = (8, 16, 32, 48, 64, 96, 128, 160, 192, 256)
+TP_MICRO = (1, 2, 4, 8)
+HOST_GB = 110.0  # of the machine's 128 GiB: room for the process, the model build and the OS
 DEVICE = "cuda"  # --device cpu: a smoke test of this script on a machine without CUDA
 DTYPE, DTYPE_NAME = torch.float16, "float16"
 
@@ -84,10 +96,10 @@ def free_memory() -> None:
             empty_host()
 
 
-def compiled(model, spec, mode, batch, context, hw_name, budget, fraction=None):
+def compiled(model, spec, mode, batch, context, hw_name, budget, fraction=None, extra=()):
     overrides = [f"hardware={hw_name}", f"schedule.mode={mode}",
                  f"workload.batch_size={batch}", f"workload.prompt_len={context}",
-                 f"workload.gen_len={GEN_LEN}", f"hardware.gpu_mem_gb={budget}"]
+                 f"workload.gen_len={GEN_LEN}", f"hardware.gpu_mem_gb={budget}", *extra]
     if fraction is not None:
         overrides.append(f"schedule.recompute_fraction={fraction}")
     cfg = load_config({"model": {"preset": spec_name(spec), "dtype": DTYPE_NAME}}, overrides)
@@ -126,32 +138,46 @@ def decode_ms(gen, ids, steps: int, repeats: int) -> float:
 
 # --- correctness ---------------------------------------------------------------------------
 
+def _scaled_model(spec):
+    model = build_model(spec, DEVICE, DTYPE, seed=0)
+    with torch.no_grad():  # wider weights: greedy choices with clear margins
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    return model
+
+
 def check(names, hw_name, steps=32, log=print) -> list[dict]:
     """Greedy tokens equal and fp16 logits close to the reference, every mode, on the GPU."""
     rows = []
     for name in names:
         spec = get_spec(name)
-        model = build_model(spec, DEVICE, DTYPE, seed=0)
-        with torch.no_grad():  # wider weights: greedy choices with clear margins
-            for p in model.parameters():
-                if p.dim() == 2:
-                    p.mul_(4.0)
+        model = _scaled_model(spec)
         ids = torch.randint(0, spec.vocab_size, (4, 64), device=DEVICE,
                             generator=torch.Generator(DEVICE).manual_seed(0))
         ref_t, ref_l = ReferenceDecoder(model, spec).generate(ids, steps, return_logits=True)
-        for mode in MODES:
-            for frac in (None, 0.5, 1.0) if mode in ("kvpr", "pipelined") else (None,):
-                cm, _ = compiled(model, spec, mode, 4, 64, hw_name, 1000.0, frac)
-                t, l = cm.generate(ids, steps, return_logits=True)
-                cm.close()
-                err = (l - ref_l.float()).abs().max().item()
-                scale = ref_l.float().abs().max().item()
-                same = bool(torch.equal(t, ref_t))
-                rows.append({"model": name, "mode": mode, "fraction": frac, "tokens_equal": same,
-                             "max_abs_logit_err": err, "max_abs_logit": scale,
-                             "logits_within_tol": err <= LOGIT_TOL[DTYPE_NAME]})
-                log(f"check {name:10s} {mode:13s} frac={frac}: tokens_equal={same} "
-                    f"max|dlogit|={err:.3e} (max|logit| {scale:.1f})")
+        variants = [(mode, frac, ()) for mode in MODES
+                    for frac in ((None, 0.5, 1.0) if mode in ("kvpr", "pipelined") else (None,))]
+        # the block schedule with every layer's weights streamed (issue 6)
+        tp = ("workload.num_gpu_batches=2", "schedule.weight_stream_fraction=1")
+        variants += [(mode, frac, tp) for mode, frac in
+                     (("full_offload", None), ("kvpr", 0.5), ("pipelined", None), ("pipelined", 1.0))]
+        for mode, frac, extra in variants:
+            # a weight-streaming model takes the parameters over: build one per variant
+            m = model if not extra else _scaled_model(spec)
+            cm, _ = compiled(m, spec, mode, 4, 64, hw_name, 1000.0, frac, extra)
+            t, l = cm.generate(ids, steps, return_logits=True)
+            cm.close()
+            del cm
+            err = (l - ref_l.float()).abs().max().item()
+            scale = ref_l.float().abs().max().item()
+            same = bool(torch.equal(t, ref_t))
+            rows.append({"model": name, "mode": mode, "fraction": frac, "tokens_equal": same,
+                         "variant": " ".join(extra),
+                         "max_abs_logit_err": err, "max_abs_logit": scale,
+                         "logits_within_tol": err <= LOGIT_TOL[DTYPE_NAME]})
+            log(f"check {name:10s} {mode:13s} frac={frac} {' '.join(extra)}: tokens_equal={same} "
+                f"max|dlogit|={err:.3e} (max|logit| {scale:.1f})")
         del model
         free_memory()
     return rows
@@ -205,6 +231,74 @@ def bench_point(name, batch, context, hw_name, steps, repeats, with_hf, log=prin
     free_memory()
     if with_hf:
         rows += hf_offloaded(name, spec, batch, context, min(steps, 4), log)
+    return rows
+
+
+def throughput_point(name, gpu_gb, hw_name, log=print) -> list[dict]:
+    """FlexGen's setting (issue 6): every layer's weights and KV cache in pinned CPU memory,
+    prompt TP_PROMPT, gen GEN_LEN. Each mode runs at the (batch, micro-batches) its policy
+    search (kvc.scheduler.search_policy: the LP inside) predicts fastest within the GPU budget
+    and HOST_GB of host memory. Timed: generate(n=1) (prefill) and generate(n=GEN_LEN), once
+    each after a warm-up; decode throughput = batch * (GEN_LEN - 1) / (their difference), total
+    throughput = batch * GEN_LEN / the whole generate."""
+    spec = get_spec(name)
+    card_gb = torch.cuda.get_device_properties(0).total_memory / 1e9 if DEVICE == "cuda" else 64.0
+    budget = gpu_gb or round(card_gb, 1)
+    overrides = [f"hardware={hw_name}", f"hardware.gpu_mem_gb={budget}", f"hardware.cpu_mem_gb={HOST_GB}"]
+    hw = resolve(load_config({"model": {"preset": name}}, overrides)).hardware
+    rows = []
+    for mode in ("full_offload", "kvpr", "pipelined"):
+        t0 = time.perf_counter()
+        try:
+            plan, pred_tps = search_policy(
+                spec, hw, prompt_len=TP_PROMPT, gen_len=GEN_LEN, dtype=DTYPE_NAME, mode=mode,
+                batch_sizes=TP_BATCHES, micro_batches=TP_MICRO, weight_stream_fraction=1.0,
+                resident_cache=False)
+        except KvcError as e:
+            log(f"{name} throughput gpu={budget} {mode}: nothing fits ({e})")
+            continue
+        b, m = plan.batch_size, plan.micro_batches
+        search_s = time.perf_counter() - t0
+        model = build_model(spec, DEVICE, DTYPE, seed=0)
+        cm = CompiledModel(lower(model, plan), plan, spec, DTYPE, torch.device(DEVICE))
+        del model  # the compiled model holds the parameters, now in its pinned weight pool
+        free_memory()
+        ids = torch.randint(0, spec.vocab_size, (b, TP_PROMPT), device=DEVICE)
+        try:
+            cm.generate(ids, 2)  # warm-up: pools, kernels
+            pre = timed(lambda: cm.generate(ids, 1))
+            whole = timed(lambda: cm.generate(ids, GEN_LEN))
+        except torch.OutOfMemoryError as e:
+            log(f"{name} throughput {mode} b={b} m={m}: out of memory ({str(e)[:80]})")
+            cm.close()
+            del cm
+            free_memory()
+            continue
+        decode = whole - pre
+        steps = GEN_LEN - 1
+        pred_ms = sum(plan.predicted_step_ms[:steps]) / steps
+        moved = predict(spec, hw, plan, TP_PROMPT + steps // 2, b, DTYPE_NAME)["h2d_bytes"]
+        rows.append({
+            "model": name, "batch": b, "context": TP_PROMPT, "setting": "throughput", "mode": mode,
+            "micro_batches": m, "gpu_mem_gb_budget": budget, "cpu_mem_gb_budget": HOST_GB,
+            "decode_ms_per_token": round(decode / steps * 1e3, 3), "predicted_ms": round(pred_ms, 3),
+            "decode_tokens_per_s": round(b * steps / decode, 2),
+            "total_tokens_per_s": round(b * GEN_LEN / whole, 2),
+            "predicted_decode_tokens_per_s": round(b * 1e3 / pred_ms, 2),
+            "prefill_s": round(pre, 3), "bytes_per_step": int(moved),
+            "host_pinned_gb": round(host_memory_gb(spec, plan, b, DTYPE_NAME), 2),
+            "weights_streamed": round(sum(plan.weights_streamed), 3),
+            "recompute_fraction_mid": round(sum(plan.recompute_tokens(u, TP_PROMPT + 16) for u in range(plan.num_units))
+                                            / max(1, plan.num_units * (TP_PROMPT + 16)), 3),
+            "search_s": round(search_s, 2),
+        })
+        r = rows[-1]
+        log(f"{name} throughput gpu={budget} {mode:13s} b={b} m={m}: decode {r['decode_tokens_per_s']:.1f} tok/s "
+            f"({r['decode_ms_per_token']:.1f} ms/step, LP {pred_ms:.1f}), total {r['total_tokens_per_s']:.1f} tok/s, "
+            f"prefill {pre:.2f} s, host {r['host_pinned_gb']} GB")
+        cm.close()
+        del cm
+        free_memory()
     return rows
 
 
@@ -292,6 +386,9 @@ def main(argv=None) -> int:
     ap.add_argument("--hf", action="store_true", help="also time transformers' offloaded cache")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--profile", action="store_true", help="torch.profiler traces at opt-6.7b b=32 s=1024")
+    ap.add_argument("--throughput", choices=sorted(THROUGHPUT), default=None,
+                    help="also run issue 6's throughput rows (weights and cache on the CPU)")
+    ap.add_argument("--skip-latency", action="store_true", help="no latency grid (e.g. with --throughput)")
     args = ap.parse_args(argv)
     global DEVICE, DTYPE, DTYPE_NAME
     DEVICE = args.device
@@ -318,7 +415,11 @@ def main(argv=None) -> int:
         (out / "bench.log").write_text("\n".join(lines) + "\n")
 
     save()
-    if not args.check_only:
+    if not args.check_only and args.throughput:
+        for name, gpu_gb in THROUGHPUT[args.throughput]:
+            result["rows"] += throughput_point(name, gpu_gb, hw_name, log)
+            save()
+    if not args.check_only and not args.skip_latency:
         for name, batch, context in GRIDS[args.grid]:
             main_point = (name, batch, context) == ("opt-6.7b", 32, 1024)
             result["rows"] += bench_point(name, batch, context, hw_name, args.steps, args.repeats,
@@ -337,11 +438,12 @@ def main(argv=None) -> int:
 
 
 def table(rows) -> str:
-    head = "| model | batch | context | mode | ms/token | LP ms | tokens/s | GB/step | link util |"
-    out = [head, "|" + "---|" * 9]
+    head = "| model | setting | batch | context | mode | ms/token | LP ms | tokens/s | GB/step | link util |"
+    out = [head, "|" + "---|" * 10]
     for r in rows:
         pred = "-" if r["predicted_ms"] is None else f"{r['predicted_ms']:.1f}"
-        out.append(f"| {r['model']} | {r['batch']} | {r['context']} | {r['mode']} | "
+        mb = f" ({r['micro_batches']} mb)" if r.get("micro_batches", 1) > 1 else ""
+        out.append(f"| {r['model']} | {r['setting']} | {r['batch']}{mb} | {r['context']} | {r['mode']} | "
                    f"{r['decode_ms_per_token']:.1f} | {pred} | {r['decode_tokens_per_s']:.0f} | "
                    f"{r['bytes_per_step'] / 1e9:.2f} | {r.get('link_utilization') or 0:.2f} |")
     return "\n".join(out)
