@@ -56,8 +56,11 @@ class CompiledModel:
             num_events=self.lowered.num_events, weights=self._weights)
 
     def close(self) -> None:
+        """Free the pools (after the copies still using them finish)."""
         if self._rt is not None:
             registry.release(self._rt)
+        if self._cache is not None:
+            self._cache.close()
         self._cache, self._rt = None, None
 
     def _check_contexts(self, prompt: int, new: int) -> None:

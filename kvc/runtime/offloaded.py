@@ -15,32 +15,18 @@ The staging slot's K,V buffers are assembled in place, in token order: recompute
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
-from kvc.errors import KvcError
-
 from kvc.plan import Plan
 from kvc.runtime.device_cache import DeviceCache
+from kvc.runtime.pinned import check_host_memory, pinned_empty
 from kvc.runtime.streams import StreamSet
 
 
 def chunk_bounds(l: int, chunks: int) -> list[int]:
     """Split [0, l) into `chunks` contiguous ranges of near-equal size (some may be empty)."""
     return [(l * j) // chunks for j in range(chunks + 1)]
-
-
-def _check_host_memory(nbytes: int) -> None:
-    """Refuse pools larger than the machine's memory before pinning any of it (pinning too
-    much can stall the whole host, not just this process)."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return
-    if nbytes > 0.9 * total:
-        raise KvcError(f"the CPU pools need {nbytes / 1e9:.1f} GB, more than 90% of this machine's "
-                       f"{total / 1e9:.1f} GB; lower the batch size or the context")
 
 
 class OffloadedCache:
@@ -51,7 +37,6 @@ class OffloadedCache:
         self.weights = weights  # a WeightStreamer when the plan streams any layer's weights
         self.device = torch.device(device)
         self.streams = StreamSet(self.device, num_events)
-        pin = self.streams.cuda
         self.offloaded = [i for i in range(num_layers) if not plan.resident[i]]
         n_off = len(self.offloaded)
         kv_shape = (max_tokens, batch, num_kv_heads, head_dim)
@@ -59,11 +44,12 @@ class OffloadedCache:
         self.act_rows = min(max_tokens, plan.max_recompute_tokens(max_tokens))
         act_shape = (self.act_rows, batch, act_width)
         item = torch.empty((), dtype=dtype).element_size()
-        _check_host_memory(n_off * (math.prod(act_shape) + 2 * math.prod(kv_shape)) * item)
+        # what is pinned: these pools, and the streamed weights' pool already pinned beside them
+        check_host_memory(n_off * (math.prod(act_shape) + 2 * math.prod(kv_shape)) * item
+                          + (weights.nbytes if weights is not None else 0))
         # one allocation per kind: pool[i] is a contiguous block; pinned so copies are DMA
-        self.act_pool = torch.empty((n_off, *act_shape), dtype=dtype, pin_memory=pin)
-        self.k_pool = torch.empty((n_off, *kv_shape), dtype=dtype, pin_memory=pin)
-        self.v_pool = torch.empty((n_off, *kv_shape), dtype=dtype, pin_memory=pin)
+        shapes = [(n_off, *act_shape), (n_off, *kv_shape), (n_off, *kv_shape)]
+        self.act_pool, self.k_pool, self.v_pool = (pinned_empty(sh, dtype, self.device) for sh in shapes)
         self.pool_index = {layer: j for j, layer in enumerate(self.offloaded)}
         slots = min(plan.staging_slots, n_off)
         self.act_stage = torch.empty((slots, *act_shape), dtype=dtype, device=self.device)
@@ -75,6 +61,15 @@ class OffloadedCache:
         self.positions = torch.arange(max_tokens, device=self.device)
         self.s = 0
         self.bounds: dict[int, list[int]] = {}
+
+    @property
+    def host_bytes(self) -> int:
+        """Bytes of the CPU pools (what cost.host_pool_bytes predicts)."""
+        return sum(p.nbytes for p in (self.act_pool, self.k_pool, self.v_pool))
+
+    def close(self) -> None:
+        """Wait for the copies still reading or writing the pools, so they can be freed."""
+        self.streams.synchronize()
 
     # --- step bookkeeping (host side only: no device work, no sync) ----------------------
     def begin_step(self, s: int, t: int = 1) -> None:
