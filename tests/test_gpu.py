@@ -3,6 +3,7 @@ the decode step never synchronises the host, allocates no new device memory segm
 the first steps, and matches the reference decoder in fp16; host pools are page-locked to
 their exact size and unregistered when freed."""
 import gc
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 from kvc.lowering import lower
 from kvc.models import build_model, preset
 from kvc.models.reference import ReferenceDecoder
-from kvc.plan import forced_plan
+from kvc.plan import forced_plan, weights_for_fraction
 from kvc.runtime import pinned
 from kvc.runtime.executor import CompiledModel
 
@@ -92,3 +93,22 @@ def test_pinned_pool_is_registered_exactly_and_unregistered_when_freed(monkeypat
     again = pinned.pinned_empty((n,), torch.float16, torch.device("cuda"))
     assert again.is_pinned()
 
+
+def test_compiled_pools_are_pinned_and_freed_on_close():
+    spec = preset("opt-125m")
+    model = build_model(spec, "cuda", torch.float16, seed=0)
+    plan = replace(forced_plan("pipelined", spec.num_layers, 64, 8, 64, 1.0),
+                   weights_streamed=weights_for_fraction(spec.num_layers, 0.5))
+    ids = torch.randint(0, spec.vocab_size, (4, 64), device="cuda")
+    ref = ReferenceDecoder(build_model(spec, "cuda", torch.float16, seed=0), spec).generate(ids, 8)
+    cm = CompiledModel(lower(model, plan), plan, spec, torch.float16, torch.device("cuda"))
+    assert torch.equal(cm.generate(ids, 8), ref)
+    c = cm._cache
+    assert c.act_pool.is_pinned() and c.k_pool.is_pinned() and c.v_pool.is_pinned()
+    assert c.k_pool.shape[1] == c.max_tokens - 64  # everything recomputed: rows [64, 72) only
+    assert cm._weights.flat.is_pinned()
+    flat = cm._weights.flat
+    assert all(p.untyped_storage().data_ptr() == flat.data_ptr() for p in cm._weights.pools.values())
+    cm.close()
+    del c
+    gc.collect()
