@@ -67,13 +67,20 @@ def make_plan(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_le
     return plan
 
 
-def _check_host_memory(spec: ModelSpec, hw: HardwareConfig, plan: Plan, b: int, dtype: str) -> None:
-    """The pinned pools must fit `hardware.cpu_mem_gb`: refused here, before any allocation."""
+def host_memory_gb(spec: ModelSpec, plan: Plan, b: int, dtype: str) -> float:
+    """Pinned host memory the runtime allocates for the plan's own workload: the cache pools,
+    trimmed to the rows the plan reads back (cost.host_pool_bytes), and the streamed weights."""
     s_max = plan.prompt_len + plan.gen_len
     p = cost.dtype_bytes(dtype)
-    need = (cost.host_pool_bytes(spec, b, s_max, p, sum(not r for r in plan.resident),
-                                 plan.max_recompute_tokens(s_max))
+    act_rows = min(s_max, plan.max_recompute_tokens(s_max))
+    kv_lo = max(0, min(s_max, plan.min_kv_row(s_max)))
+    return (cost.host_pool_bytes(spec, b, s_max, p, sum(not r for r in plan.resident), act_rows, kv_lo)
             + len(plan.streamed_layers) * cost.layer_weight_bytes(spec, p)) / cost.GB
+
+
+def _check_host_memory(spec: ModelSpec, hw: HardwareConfig, plan: Plan, b: int, dtype: str) -> None:
+    """The pinned pools must fit `hardware.cpu_mem_gb`: refused here, before any allocation."""
+    need = host_memory_gb(spec, plan, b, dtype)
     if need > hw.cpu_mem_gb:
         raise KvcError(
             f"{plan.mode}: the pinned CPU pools need {need:.1f} GB, more than hardware.cpu_mem_gb = "

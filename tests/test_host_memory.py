@@ -16,11 +16,13 @@ import torch
 import yaml
 from kvc_fixtures import perturb_small_params
 
+from kvc import cost
 from kvc.errors import KvcError
 from kvc.hardware import HardwareConfig
 from kvc.lowering import lower
 from kvc.models import build_model, preset
 from kvc.models.reference import ReferenceDecoder
+from kvc.models.spec import PRESETS
 from kvc.plan import Plan, forced_plan
 from kvc.runtime import pinned
 from kvc.runtime.executor import CompiledModel
@@ -105,6 +107,51 @@ def test_kv_pools_keep_only_the_rows_read_back(fraction, kv_lo):
     assert c.k_stage.shape[1] == 24  # staging still holds every row attention reads
     c = cache(table_plan())
     assert c.kv_lo == 5 and c.k_pool.shape[:2] == (2, 19)
+
+
+def test_host_pool_bytes_is_what_the_cache_allocates():
+    spec = preset("tiny-opt")
+    plans = [forced_plan("pipelined", 2, 16, 8, 64, f) for f in (0.0, 0.5, 1.0)]
+    plans += [forced_plan("full_offload", 2, 16, 8, 64, 0.0), lp_plan(spec),
+              replace(forced_plan("kvpr", 2, 16, 8, 64, 0.75, act_chunks=1), resident=(True, False))]
+    plans += [table_plan(), lp_plan(replace(spec, num_layers=3))]
+    for plan in plans:
+        c = cache(plan)
+        s_max = plan.prompt_len + plan.gen_len
+        want = cost.host_pool_bytes(spec, 2, s_max, 4, sum(not r for r in plan.resident),
+                                    min(s_max, plan.max_recompute_tokens(s_max)), plan.min_kv_row(s_max))
+        assert c.host_bytes == want, plan
+        assert c.host_bytes == sum(p.nbytes for p in (c.act_pool, c.k_pool, c.v_pool))
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0])
+def test_scheduler_refuses_exactly_what_the_runtime_allocates(fraction):
+    """The planner's host check and the runtime's pools agree to the byte: a plan whose pools
+    need N bytes passes with cpu_mem_gb just above N and is refused just below."""
+    plan = forced_plan("pipelined", 2, 16, 8, 64, fraction)
+    need = cache(plan).host_bytes / 1e9
+    kw = {"batch_size": 2, "prompt_len": 16, "gen_len": 8, "dtype": "float32", "mode": "pipelined",
+          "recompute_fraction": fraction}
+    make_plan(preset("tiny-opt"), hw("cpu", cpu_mem_gb=need * (1 + 1e-9)), **kw)
+    with pytest.raises(KvcError, match="pinned CPU pools need"):
+        make_plan(preset("tiny-opt"), hw("cpu", cpu_mem_gb=need * (1 - 1e-9)), **kw)
+
+
+def test_scheduler_counts_the_trimmed_kv_rows():
+    """opt-6.7b, batch 32, 1024 + 8 tokens, all recomputed: full K,V pools would be 17 GB on top
+    of 8.7 GB of activations; only 8 rows of K,V are ever read back."""
+    spec, P, G, b = PRESETS["opt-6.7b"], 1024, 8, 32
+    kw = {"batch_size": b, "prompt_len": P, "gen_len": G, "dtype": "float16", "mode": "pipelined"}
+    h = hw("h100-pcie5", gpu_mem_gb=80.0, cpu_mem_gb=12.0)
+    plan = make_plan(spec, h, recompute_fraction=1.0, **kw)
+    assert plan.min_kv_row(P + G) == P
+    full = cost.host_pool_bytes(spec, b, P + G, 2, 32, P + G) / 1e9
+    assert full > 25  # what the check counted before: refused at 12 GB
+    with pytest.raises(KvcError, match=r"need 8\.\d GB, more than hardware.cpu_mem_gb = 8"):
+        make_plan(spec, dataclasses.replace(h, cpu_mem_gb=8.0), recompute_fraction=1.0, **kw)
+    # a solved plan that keeps most layers' K,V on the CPU is still counted in full
+    with pytest.raises(KvcError, match="pinned CPU pools"):
+        make_plan(spec, dataclasses.replace(h, gpu_mem_gb=24.0), recompute_fraction=0.0, **kw)
 
 
 # --- the runtime reads the shifted rows -------------------------------------------------------
