@@ -350,13 +350,8 @@ def memory_terms(spec: ModelSpec, hw: HardwareConfig, b: int, s_max: int, dtype:
 
 
 def host_pool_bytes(spec: ModelSpec, b: int, max_tokens: int, p: int, offloaded: int,
-                    act_rows: int) -> int:
-    """What OffloadedCache pins: K,V of every token, activations of the recomputed rows, for
-    each offloaded layer."""
-    return offloaded * (kv_bytes(spec, b, max_tokens, p) + act_bytes(spec, b, act_rows, p))
+                    act_rows: int, kv_lo: int = 0) -> int:
+    """What OffloadedCache pins, for each offloaded layer: activations of the recomputed rows
+    [0, act_rows), K,V of the rows read back as K,V, [kv_lo, max_tokens) (Plan.min_kv_row)."""
+    return offloaded * (kv_bytes(spec, b, max_tokens - kv_lo, p) + act_bytes(spec, b, act_rows, p))
 
-
-def cpu_pool_gb(spec: ModelSpec, b: int, s_max: int, dtype: str) -> float:
-    """Pinned host pools: activations and K,V of every token of every layer."""
-    p = dtype_bytes(dtype)
-    return spec.num_layers * (act_bytes(spec, b, s_max + 1, p) + kv_bytes(spec, b, s_max + 1, p)) / GB

@@ -113,6 +113,25 @@ class Plan:
             return 0 if all(self.resident) else min(max_context, round(self.forced_fraction * max_context) + 1)
         return max((max(row) for row in self.recompute), default=0)
 
+    def min_kv_row(self, max_context: int, min_context: int | None = None) -> int:
+        """The lowest token row any offloaded layer reads back as K,V at a context in
+        [min_context, max_context) (min_context: prompt_len by default). At context s rows
+        [l(s), s) are read, so rows below the minimum of l(s) never are: the CPU K,V pools
+        need not keep them. max_context when nothing is read; 0 when the plan cannot say."""
+        lo = self.prompt_len if min_context is None else min_context
+        off = [i for i, r in enumerate(self.resident) if not r]
+        if not off or lo >= max_context:
+            return max_context
+        if self.forced_fraction is not None:
+            # l(s) = min(s, round(f * s)) never decreases with s: its minimum is at lo
+            return self.recompute_tokens(off[0], lo)
+        if not self.recompute:
+            return 0  # a hand-made plan without a table: keep every row
+        first = max(lo, self.prompt_len) - self.prompt_len  # contexts outside the table are refused
+        last = min(max_context - self.prompt_len, len(self.recompute))
+        return min((min(row[i] for i in off) for row in self.recompute[first:last]),
+                   default=max_context)
+
     def to_json(self) -> dict:
         # asdict() walks every int of `recompute` (gen_len x layers): build lists directly
         d = {f.name: getattr(self, f.name) for f in fields(self)}

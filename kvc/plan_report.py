@@ -11,7 +11,7 @@ from kvc.errors import KvcError
 from kvc.hardware import HardwareConfig
 from kvc.models.spec import ModelSpec
 from kvc.plan import MODES
-from kvc.scheduler import make_plan, predict
+from kvc.scheduler import host_memory_gb, make_plan, predict
 
 
 def plan_json(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_len: int,
@@ -71,7 +71,7 @@ def plan_json(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_le
         **pred,
         "modes": modes,
         "memory_gb": plan.notes.get("memory_gb", {}),
-        "cpu_pool_gb": round(cost.cpu_pool_gb(spec, batch_size, prompt_len + gen_len, dtype), 3),
+        "cpu_pool_gb": round(host_memory_gb(spec, plan, batch_size, dtype), 3),
         "notes": {k: v for k, v in plan.notes.items() if k != "memory_gb"},
     }
 

@@ -82,15 +82,16 @@ def _check_host_memory(spec: ModelSpec, hw: HardwareConfig, plan: Plan, b: int, 
 
 
 def host_memory_gb(spec: ModelSpec, plan: Plan, b: int, dtype: str) -> float:
-    """What the runtime pins for this plan: the offloaded units' pools (each of b / m
-    sequences) and the streamed weights."""
+    """Pinned host memory the runtime allocates for the plan's own workload: the offloaded
+    units' cache pools (each of b / micro_batches sequences), trimmed to the rows the plan
+    reads back (cost.host_pool_bytes), and the streamed weights."""
     s_max = plan.prompt_len + plan.gen_len
     p = cost.dtype_bytes(dtype)
-    units_off = sum(not r for r in plan.resident)
-    pools = cost.host_pool_bytes(spec, b // plan.micro_batches, s_max, p, units_off,
-                                 plan.max_recompute_tokens(s_max))
-    weights = sum(plan.weights_streamed) * cost.layer_weight_bytes(spec, p)
-    return (pools + weights) / cost.GB
+    act_rows = min(s_max, plan.max_recompute_tokens(s_max))
+    kv_lo = max(0, min(s_max, plan.min_kv_row(s_max)))
+    pools = cost.host_pool_bytes(spec, b // plan.micro_batches, s_max, p,
+                                 sum(not r for r in plan.resident), act_rows, kv_lo)
+    return (pools + sum(plan.weights_streamed) * cost.layer_weight_bytes(spec, p)) / cost.GB
 
 
 def _make_plan(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_len: int,

@@ -1,13 +1,18 @@
 """GPU-only checks (skipped without CUDA; run them on the device machine):
 the decode step never synchronises the host, allocates no new device memory segments after
-the first steps, and matches the reference decoder in fp16."""
+the first steps, and matches the reference decoder in fp16; host pools are page-locked to
+their exact size and unregistered when freed."""
+import gc
+from dataclasses import replace
+
 import pytest
 import torch
 
 from kvc.lowering import lower
 from kvc.models import build_model, preset
 from kvc.models.reference import ReferenceDecoder
-from kvc.plan import forced_plan
+from kvc.plan import forced_plan, weights_for_fraction
+from kvc.runtime import pinned
 from kvc.runtime.executor import CompiledModel
 
 pytestmark = pytest.mark.gpu
@@ -55,3 +60,55 @@ def test_fp16_matches_reference(name, mode, fraction):
     t, logits = cm.generate(ids, 16, return_logits=True)
     assert (logits - ref_l.float()).abs().max().item() <= 2e-2
     assert torch.equal(t, ref_t)
+
+
+def test_pinned_pool_is_registered_exactly_and_unregistered_when_freed(monkeypatch):
+    released = []
+    real = pinned._unregister
+
+    def spy(ptr):
+        released.append((ptr, real(ptr)))
+        return released[-1][1]
+
+    monkeypatch.setattr(pinned, "_unregister", spy)
+    n = 3 * (1 << 20) + 2048  # elements: 6 MB + 4 KB, not a power of two
+    assert not torch.empty(n, dtype=torch.float16).is_pinned()  # a plain tensor is not
+    pool = pinned.pinned_empty((n,), torch.float16, torch.device("cuda"))
+    assert pool.is_pinned() and pool.untyped_storage().nbytes() == 2 * n
+    pool.copy_(torch.arange(n, dtype=torch.float32).remainder(2048).half())
+    side = torch.cuda.Stream()
+    dev = torch.empty(n, dtype=torch.float16, device="cuda")
+    with torch.cuda.stream(side):
+        dev.copy_(pool, non_blocking=True)
+    side.synchronize()
+    assert torch.equal(dev.cpu(), pool)
+    ptr, view = pool.data_ptr(), pool[4096:]
+    del pool
+    gc.collect()
+    assert released == [] and view.is_pinned()  # the view still uses the memory
+    del view
+    gc.collect()
+    assert released == [(ptr, 0)]
+    # nothing stale is left: a fresh pool (often at the same address) registers again
+    again = pinned.pinned_empty((n,), torch.float16, torch.device("cuda"))
+    assert again.is_pinned()
+
+
+def test_compiled_pools_are_pinned_and_freed_on_close():
+    spec = preset("opt-125m")
+    model = build_model(spec, "cuda", torch.float16, seed=0)
+    plan = replace(forced_plan("pipelined", spec.num_layers, 64, 8, 64, 1.0),
+                   weights_streamed=weights_for_fraction(spec.num_layers, 0.5))
+    ids = torch.randint(0, spec.vocab_size, (4, 64), device="cuda")
+    ref = ReferenceDecoder(build_model(spec, "cuda", torch.float16, seed=0), spec).generate(ids, 8)
+    cm = CompiledModel(lower(model, plan), plan, spec, torch.float16, torch.device("cuda"))
+    assert torch.equal(cm.generate(ids, 8), ref)
+    c = cm._cache
+    assert c.act_pool.is_pinned() and c.k_pool.is_pinned() and c.v_pool.is_pinned()
+    assert c.k_pool.shape[1] == c.max_tokens - 64  # everything recomputed: rows [64, 72) only
+    assert cm._weights.flat.is_pinned()
+    flat = cm._weights.flat
+    assert all(p.untyped_storage().data_ptr() == flat.data_ptr() for p in cm._weights.pools.values())
+    cm.close()
+    del c
+    gc.collect()

@@ -91,11 +91,18 @@ def test_streamed_parameters_point_into_the_weight_slots():
     assert [plan.weight_slot(i) for i in range(3)] == [0, 1, 0]
     # the pool keeps the true values (a view per parameter); a second CompiledModel on the
     # same model copies from it
-    pool = cm._weights.pools[1]
+    pool, flat = cm._weights.pools[1], cm._weights.flat
     for p, want in zip(m.layers[1].parameters(), before):
         src = p._kvc_weight_source
-        assert torch.equal(src, want) and src.untyped_storage().data_ptr() == pool.data_ptr()
+        assert torch.equal(src, want)
+        assert pool.data_ptr() <= src.data_ptr() < pool.data_ptr() + pool.nbytes
     assert pool.numel() == sum(b.numel() for b in before)
+    # the layers' pools are consecutive slices of one allocation, nothing between them
+    assert all(q.untyped_storage().data_ptr() == flat.data_ptr() for q in cm._weights.pools.values())
+    starts = [cm._weights.pools[i].data_ptr() - flat.data_ptr() for i in range(3)]
+    sizes = [cm._weights.pools[i].nbytes for i in range(3)]
+    assert starts == [0, sizes[0], sizes[0] + sizes[1]] and flat.nbytes == sum(sizes)
+    assert cm._weights.nbytes == flat.nbytes
     cm2 = CompiledModel(lower(m, plan), plan, spec, torch.float32, "cpu")
     assert torch.equal(cm2._weights.pools[1], pool)
 

@@ -37,29 +37,34 @@ class CompiledModel:
     def graph_code(self) -> str:
         return self.lowered.code
 
-    def _runtime(self, batch: int, tokens: int) -> tuple[OffloadedCache, int]:
+    def _runtime(self, batch: int, prompt: int, tokens: int) -> tuple[OffloadedCache, int]:
         """The pools for `batch` sequences: with micro-batches, one set per unit of batch/m."""
         c = self._cache
-        if c is None or c.batch != batch // self.plan.micro_batches or c.max_tokens < tokens:
+        # a cache made for longer prompts keeps fewer K,V rows than a shorter one reads
+        if (c is None or c.batch != batch // self.plan.micro_batches or c.max_tokens < tokens
+                or c.min_context > prompt):
             self.close()
             max_tokens = max(tokens, self.plan.prompt_len + self.plan.gen_len)
             with bar("kvc: allocating KV/activation pools", total=1, unit="pool set") as shown:
-                c = self._allocate(batch, max_tokens)
+                c = self._allocate(batch, max_tokens, min(prompt, self.plan.prompt_len))
                 shown.update()
             self._cache, self._rt = c, registry.register(c)
         return c, self._rt
 
-    def _allocate(self, batch: int, max_tokens: int) -> OffloadedCache:
+    def _allocate(self, batch: int, max_tokens: int, min_context: int) -> OffloadedCache:
         return OffloadedCache(
             self.plan, num_layers=self.plan.num_units, batch=batch // self.plan.micro_batches,
             max_tokens=max_tokens,
             act_width=self.spec.hidden_size, num_kv_heads=self.spec.num_kv_heads,
             head_dim=self.spec.head_dim, dtype=self.dtype, device=self.device,
-            num_events=self.lowered.num_events, weights=self._weights)
+            num_events=self.lowered.num_events, weights=self._weights, min_context=min_context)
 
     def close(self) -> None:
+        """Free the pools (after the copies still using them finish)."""
         if self._rt is not None:
             registry.release(self._rt)
+        if self._cache is not None:
+            self._cache.close()
         self._cache, self._rt = None, None
 
     def _check_contexts(self, prompt: int, new: int) -> None:
@@ -91,7 +96,7 @@ class CompiledModel:
             raise KvcError(f"prompt {p} + {max_new_tokens} new tokens exceeds the model's "
                            f"maximum positions ({self.spec.max_positions})")
         self._check_contexts(p, max_new_tokens)
-        cache, rt = self._runtime(b, p + max_new_tokens)
+        cache, rt = self._runtime(b, p, p + max_new_tokens)
         ids = input_ids.to(self.device)
         with bar("kvc: generating", total=max_new_tokens, unit="step") as steps:
             cache.begin_step(0, p)

@@ -1,7 +1,10 @@
 """OffloadedCache: the runtime behind an offloaded schedule.
 
-Per offloaded layer, pinned token-major CPU pools `[max_tokens, b, ...]` for the layer's
-input activations and for K and V, so that any token range is one contiguous block. Per
+Per offloaded layer, pinned token-major CPU pools `[rows, b, ...]` for the layer's input
+activations and for K and V, so that any token range is one contiguous block. They keep only
+the rows the plan reads back: activations of rows [0, max l) (the recomputed ones), K,V of
+rows [kv_lo, max_tokens), kv_lo the lowest l at any context the cache serves
+(Plan.min_kv_row). When the planner recomputes nearly everything, that is a few chunks. Per
 staging slot (Plan.staging_slots: two for double buffering, one for kvpr), GPU buffers the
 prefetch copies land in.
 Resident layers keep a DeviceCache. Everything is allocated once, here.
@@ -15,14 +18,13 @@ The staging slot's K,V buffers are assembled in place, in token order: recompute
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
 from kvc.errors import KvcError
-
 from kvc.plan import Plan
 from kvc.runtime.device_cache import DeviceCache
+from kvc.runtime.pinned import check_host_memory, pinned_empty
 from kvc.runtime.streams import StreamSet
 
 
@@ -31,39 +33,35 @@ def chunk_bounds(l: int, chunks: int) -> list[int]:
     return [(l * j) // chunks for j in range(chunks + 1)]
 
 
-def _check_host_memory(nbytes: int) -> None:
-    """Refuse pools larger than the machine's memory before pinning any of it (pinning too
-    much can stall the whole host, not just this process)."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return
-    if nbytes > 0.9 * total:
-        raise KvcError(f"the CPU pools need {nbytes / 1e9:.1f} GB, more than 90% of this machine's "
-                       f"{total / 1e9:.1f} GB; lower the batch size or the context")
-
-
 class OffloadedCache:
     def __init__(self, plan: Plan, *, num_layers: int, batch: int, max_tokens: int,
                  act_width: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device, num_events: int, weights=None):
+                 device: torch.device, num_events: int, weights=None,
+                 min_context: int | None = None):
+        """`min_context`: the shortest context a decode step will have (the prompt length;
+        Plan.prompt_len by default). K,V rows the plan never reads at contexts from there to
+        max_tokens are not kept, so a call with a shorter prompt needs a new cache."""
         self.plan, self.batch, self.max_tokens = plan, batch, max_tokens
         self.weights = weights  # a WeightStreamer when the plan streams any layer's weights
         self.device = torch.device(device)
         self.streams = StreamSet(self.device, num_events)
-        pin = self.streams.cuda
         self.offloaded = [i for i in range(num_layers) if not plan.resident[i]]
         n_off = len(self.offloaded)
-        kv_shape = (max_tokens, batch, num_kv_heads, head_dim)
+        self.min_context = plan.prompt_len if min_context is None else min_context
+        # K,V rows below kv_lo are never read back (the plan recomputes them from activations)
+        self.kv_lo = max(0, min(max_tokens, plan.min_kv_row(max_tokens, self.min_context)))
+        kv_shape = (max_tokens, batch, num_kv_heads, head_dim)  # staging: every row
+        kv_pool_shape = (max_tokens - self.kv_lo, batch, num_kv_heads, head_dim)
         # activations are read back only for recomputed tokens: rows [0, max l)
         self.act_rows = min(max_tokens, plan.max_recompute_tokens(max_tokens))
         act_shape = (self.act_rows, batch, act_width)
+        shapes = [(n_off, *act_shape), (n_off, *kv_pool_shape), (n_off, *kv_pool_shape)]
         item = torch.empty((), dtype=dtype).element_size()
-        _check_host_memory(n_off * (math.prod(act_shape) + 2 * math.prod(kv_shape)) * item)
+        # what is pinned: these pools, and the streamed weights' pool already pinned beside them
+        check_host_memory(sum(math.prod(sh) for sh in shapes) * item
+                          + (weights.nbytes if weights is not None else 0))
         # one allocation per kind: pool[i] is a contiguous block; pinned so copies are DMA
-        self.act_pool = torch.empty((n_off, *act_shape), dtype=dtype, pin_memory=pin)
-        self.k_pool = torch.empty((n_off, *kv_shape), dtype=dtype, pin_memory=pin)
-        self.v_pool = torch.empty((n_off, *kv_shape), dtype=dtype, pin_memory=pin)
+        self.act_pool, self.k_pool, self.v_pool = (pinned_empty(sh, dtype, self.device) for sh in shapes)
         self.pool_index = {layer: j for j, layer in enumerate(self.offloaded)}
         slots = min(plan.staging_slots, n_off)
         self.act_stage = torch.empty((slots, *act_shape), dtype=dtype, device=self.device)
@@ -76,6 +74,15 @@ class OffloadedCache:
         self.s = 0
         self.bounds: dict[int, list[int]] = {}
 
+    @property
+    def host_bytes(self) -> int:
+        """Bytes of the CPU pools (what cost.host_pool_bytes predicts)."""
+        return sum(p.nbytes for p in (self.act_pool, self.k_pool, self.v_pool))
+
+    def close(self) -> None:
+        """Wait for the copies still reading or writing the pools, so they can be freed."""
+        self.streams.synchronize()
+
     # --- step bookkeeping (host side only: no device work, no sync) ----------------------
     def begin_step(self, s: int, t: int = 1) -> None:
         self.s, self.t = s, t
@@ -86,6 +93,10 @@ class OffloadedCache:
         chunks = self.plan.act_chunks
         self.bounds = {i: chunk_bounds(self.plan.recompute_tokens(i, s), chunks)
                        for i in self.offloaded}
+        low = min((b[-1] for b in self.bounds.values()), default=s)
+        if low < min(s, self.kv_lo):
+            raise KvcError(f"context {s} reads K,V from token {low}, but the CPU pools keep tokens "
+                           f"{self.kv_lo}.. only (made for contexts >= {self.min_context})")
 
     def end_step(self, tokens: int) -> None:
         self.s += tokens
@@ -102,21 +113,23 @@ class OffloadedCache:
         self.resident.kv_write(k, v, layer)
 
     # --- offload: new tokens to the CPU pools -------------------------------------------
-    def _to_pool(self, pool: torch.Tensor, x: torch.Tensor, stream: int) -> None:
-        t = min(x.shape[1], pool.shape[0] - self.s)  # rows past the pool are never read
-        if t <= 0:
+    def _to_pool(self, pool: torch.Tensor, x: torch.Tensor, stream: int, lo: int = 0) -> None:
+        """Write x's tokens (rows [s, s+t)) into `pool`, which keeps rows [lo, lo + len(pool)):
+        the others are never read back."""
+        a, b = max(self.s, lo), min(self.s + x.shape[1], lo + pool.shape[0])
+        if b <= a:
             return
         with self.streams.use(stream):
             self.streams.keep_alive(x, stream)
-            pool[self.s:self.s + t].copy_(x[:, :t].transpose(0, 1), non_blocking=True)
+            pool[a - lo:b - lo].copy_(x[:, a - self.s:b - self.s].transpose(0, 1), non_blocking=True)
 
     def offload_act(self, h, stream: int, layer: int) -> None:
         self._to_pool(self.act_pool[self.pool_index[layer]], h, stream)
 
     def offload_kv(self, k, v, stream: int, layer: int) -> None:
         j = self.pool_index[layer]
-        self._to_pool(self.k_pool[j], k, stream)
-        self._to_pool(self.v_pool[j], v, stream)
+        self._to_pool(self.k_pool[j], k, stream, self.kv_lo)
+        self._to_pool(self.v_pool[j], v, stream, self.kv_lo)
 
     # --- prefetch: CPU pools -> staging --------------------------------------------------
     def prefetch_act(self, stream: int, layer: int, chunk: int) -> None:
@@ -130,9 +143,10 @@ class OffloadedCache:
         l, s = self.bounds[layer][-1], self.s
         if s > l:
             j, slot = self.pool_index[layer], self._slot(layer)
+            a, b = l - self.kv_lo, s - self.kv_lo  # pool row r holds token kv_lo + r
             with self.streams.use(stream):
-                self.k_stage[slot][l:s].copy_(self.k_pool[j][l:s], non_blocking=True)
-                self.v_stage[slot][l:s].copy_(self.v_pool[j][l:s], non_blocking=True)
+                self.k_stage[slot][l:s].copy_(self.k_pool[j][a:b], non_blocking=True)
+                self.v_stage[slot][l:s].copy_(self.v_pool[j][a:b], non_blocking=True)
 
     def staged_act(self, layer: int, chunk: int):
         lo, hi = self.bounds[layer][chunk], self.bounds[layer][chunk + 1]

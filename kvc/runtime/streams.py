@@ -36,6 +36,11 @@ class StreamSet:
         if self.cuda:
             self.streams[stream].wait_event(self.events[event])
 
+    def synchronize(self) -> None:
+        """Block the host until every stream's work is done (before freeing what they copy)."""
+        for stream in self.streams.values():
+            stream.synchronize()
+
     def keep_alive(self, t: torch.Tensor, stream: int) -> None:
         """A tensor made on the compute stream and read on another must not be reused early."""
         if self.cuda and stream != COMPUTE:

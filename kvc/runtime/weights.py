@@ -3,7 +3,10 @@
 Per streamed layer, one flat CPU pool holds the layer's streamed parameters back to back (all
 of them, or the largest ones for a fraction: `streamed_parameters`; the rest stay on the GPU) (one
 large contiguous copy per layer and step: DESIGN.md, "Weights on CPU are pinned and streamed
-in large contiguous copies"); pinned only on CUDA, where it makes the copy a DMA. Two GPU
+in large contiguous copies"); pinned only on CUDA, where it makes the copy a DMA. The layers'
+pools are consecutive slices of one allocation (`flat`), pinned once with exactly its bytes
+(kvc.runtime.pinned): one pinned block per layer would each be rounded up, 1.23 GB to 2 GB
+for an OPT-30B layer. Two GPU
 weight slots, each sized for the largest streamed layer, take turns: the k-th streamed layer
 uses slot k % 2 (`Plan.weight_slot`, which the streams pass asks too).
 
@@ -25,6 +28,7 @@ import torch
 
 from kvc.errors import KvcError
 from kvc.plan import WEIGHT_SLOTS, Plan, streamed_prefix
+from kvc.runtime.pinned import check_host_memory, pinned_empty
 from kvc.runtime.streams import StreamSet
 
 # set on a streamed parameter: its true values, a view into its layer's CPU pool
@@ -49,9 +53,7 @@ def streamed_parameters(layer: torch.nn.Module, fraction: float) -> list:
 class WeightStreamer:
     def __init__(self, plan: Plan, root: torch.nn.Module, device: torch.device):
         self.plan, self.device = plan, torch.device(device)
-        pin = self.device.type == "cuda"
         self.layers = plan.streamed_layers
-        self.pools: dict[int, torch.Tensor] = {}
         params: dict[int, list] = {}
         dtype = None
         for i in self.layers:
@@ -62,8 +64,17 @@ class WeightStreamer:
             if len(kinds) != 1:
                 raise KvcError(f"weight streaming: layers.{i} mixes parameter dtypes "
                                f"{sorted(map(str, kinds))}")
-            dtype = plist[0].dtype
-            pool = torch.empty(sum(p.numel() for p in plist), dtype=dtype, pin_memory=pin)
+            dtype, params[i] = plist[0].dtype, plist
+        dtype = dtype or torch.float32
+        sizes = {i: sum(p.numel() for p in plist) for i, plist in params.items()}
+        check_host_memory(sum(sizes.values()) * torch.empty((), dtype=dtype).element_size())
+        self.flat = pinned_empty((sum(sizes.values()),), dtype, self.device)
+        self.pools: dict[int, torch.Tensor] = {}
+        layouts: dict[int, list] = {}
+        start = 0
+        for i, plist in params.items():
+            pool = self.flat[start:start + sizes[i]]
+            start += sizes[i]
             layout, off = [], 0
             with torch.no_grad():
                 for p in plist:
@@ -74,14 +85,19 @@ class WeightStreamer:
                     off += p.numel()
             for p, off, n in layout:
                 setattr(p, _SOURCE_ATTR, pool[off:off + n].view(p.shape))
-            self.pools[i], params[i] = pool, layout
-        size = max((p.numel() for p in self.pools.values()), default=0)
+            self.pools[i], layouts[i] = pool, layout
+        size = max(sizes.values(), default=0)
         n_slots = min(WEIGHT_SLOTS, len(self.layers))
-        self.slots = torch.empty((n_slots, size), dtype=dtype or torch.float32, device=self.device)
-        for i, layout in params.items():
+        self.slots = torch.empty((n_slots, size), dtype=dtype, device=self.device)
+        for i, layout in layouts.items():
             slot = self.slots[plan.weight_slot(i)]
             for p, off, n in layout:
                 p.data = slot[off:off + n].view(p.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes of the weights' pool (counted with the cache pools against host memory)."""
+        return self.flat.nbytes
 
     def prefetch(self, streams: StreamSet, stream: int, layer: int) -> None:
         pool = self.pools[layer]
