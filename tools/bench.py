@@ -35,7 +35,16 @@ from kvc.scheduler import host_memory_gb, predict, search_policy  # noqa: E402
 from kvc.errors import KvcError  # noqa: E402
 
 MODES = ("gpu_resident", "full_offload", "kvpr", "pipelined")
-LOGIT_TOL = {"float16": 2e-2, "float32": 1e-5}  # max |logit - reference logit| allowed
+# max |logit - reference logit| allowed: fp16 gets 4 units in the last place of the largest
+# logit (at least 2e-2): a micro-batch's GEMMs have b/m rows, so cuBLAS may pick another
+# kernel and accumulation order than the reference's b-row GEMM, and round differently
+LOGIT_TOL = {"float16": 2e-2, "float32": 1e-5}
+
+
+def logit_tol(dtype_name: str, max_abs_logit: float) -> float:
+    if dtype_name != "float16":
+        return LOGIT_TOL[dtype_name]
+    return max(LOGIT_TOL[dtype_name], 4 * 2.0 ** (math.floor(math.log2(max(max_abs_logit, 1e-3))) - 10))
 GRIDS = {
     "smoke": [("tiny-opt", 2, 32), ("tiny-llama", 2, 32)],
     "quick": [("opt-1.3b", 8, 512)],
@@ -56,7 +65,7 @@ THROUGHPUT = {"throughput": [("opt-13b", None), ("opt-30b", None), ("opt-30b", 2
               "throughput-30b": [("opt-30b", None), ("opt-30b", 24.0)],
               "throughput-smoke": [("tiny-opt", None)]}
 TP_PROMPT = 256
-TP_BATCHES = (8, 16, 32, 48, 64, 96, 128, 160, 192, 256)
+TP_BATCHES = (16, 32, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
 TP_MICRO = (1, 2, 4, 8)
 HOST_GB = 110.0  # of the machine's 128 GiB: room for the process, the model build and the OS
 DEVICE = "cuda"  # --device cpu: a smoke test of this script on a machine without CUDA
@@ -175,7 +184,8 @@ def check(names, hw_name, steps=32, log=print) -> list[dict]:
             rows.append({"model": name, "mode": mode, "fraction": frac, "tokens_equal": same,
                          "variant": " ".join(extra),
                          "max_abs_logit_err": err, "max_abs_logit": scale,
-                         "logits_within_tol": err <= LOGIT_TOL[DTYPE_NAME]})
+                         "logit_tol": logit_tol(DTYPE_NAME, scale),
+                         "logits_within_tol": err <= logit_tol(DTYPE_NAME, scale)})
             log(f"check {name:10s} {mode:13s} frac={frac} {' '.join(extra)}: tokens_equal={same} "
                 f"max|dlogit|={err:.3e} (max|logit| {scale:.1f})")
         del model
