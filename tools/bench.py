@@ -63,6 +63,7 @@ GEN_LEN = 32
 THROUGHPUT = {"throughput": [("opt-13b", None), ("opt-30b", None), ("opt-30b", 24.0)],
               "throughput-13b": [("opt-13b", None)],
               "throughput-30b": [("opt-30b", None), ("opt-30b", 24.0)],
+              "throughput-30b-24gb": [("opt-30b", 24.0)],
               "throughput-smoke": [("tiny-opt", None)]}
 TP_PROMPT = 256
 TP_BATCHES = (16, 32, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
@@ -244,7 +245,8 @@ def bench_point(name, batch, context, hw_name, steps, repeats, with_hf, log=prin
     return rows
 
 
-def throughput_point(name, gpu_gb, hw_name, log=print) -> list[dict]:
+def throughput_point(name, gpu_gb, hw_name, log=print,
+                     modes=("full_offload", "kvpr", "pipelined")) -> list[dict]:
     """FlexGen's setting (issue 6): every layer's weights and KV cache in pinned CPU memory,
     prompt TP_PROMPT, gen GEN_LEN. Each mode runs at the (batch, micro-batches) its policy
     search (kvc.scheduler.search_policy: the LP inside) predicts fastest within the GPU budget
@@ -257,7 +259,7 @@ def throughput_point(name, gpu_gb, hw_name, log=print) -> list[dict]:
     overrides = [f"hardware={hw_name}", f"hardware.gpu_mem_gb={budget}", f"hardware.cpu_mem_gb={HOST_GB}"]
     hw = resolve(load_config({"model": {"preset": name}}, overrides)).hardware
     rows = []
-    for mode in ("full_offload", "kvpr", "pipelined"):
+    for mode in modes:
         t0 = time.perf_counter()
         try:
             plan, pred_tps = search_policy(
@@ -398,6 +400,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="torch.profiler traces at opt-6.7b b=32 s=1024")
     ap.add_argument("--throughput", choices=sorted(THROUGHPUT), default=None,
                     help="also run issue 6's throughput rows (weights and cache on the CPU)")
+    ap.add_argument("--tp-modes", default="full_offload,kvpr,pipelined",
+                    help="comma-separated modes for the throughput rows")
     ap.add_argument("--skip-latency", action="store_true", help="no latency grid (e.g. with --throughput)")
     args = ap.parse_args(argv)
     global DEVICE, DTYPE, DTYPE_NAME
@@ -427,7 +431,8 @@ def main(argv=None) -> int:
     save()
     if not args.check_only and args.throughput:
         for name, gpu_gb in THROUGHPUT[args.throughput]:
-            result["rows"] += throughput_point(name, gpu_gb, hw_name, log)
+            result["rows"] += throughput_point(name, gpu_gb, hw_name, log,
+                                               tuple(args.tp_modes.split(",")))
             save()
     if not args.check_only and not args.skip_latency:
         for name, batch, context in GRIDS[args.grid]:
