@@ -131,6 +131,7 @@ def load_artifact(path, device=None):
     from kvc.lowering import lower
     from kvc.models import build_model
     from kvc.runtime.executor import CompiledModel
+    from kvc.runtime.weights import place_streamed
 
     manifest = read_manifest(path)
     try:
@@ -148,7 +149,10 @@ def load_artifact(path, device=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise KvcError("device 'cuda' asked for, but this machine has no CUDA device; "
                        "load with device='cpu' (the same schedule runs there, without streams)")
-    model = build_model(spec, device, cfg.model.dtype, seed=cfg.model.seed, checkpoint=checkpoint)
+    # weight-streamed parameters are built (drawn or loaded) straight into their pinned pool
+    place = place_streamed(plan, device) if plan.streamed_layers else None
+    model = build_model(spec, device, cfg.model.dtype, seed=cfg.model.seed, checkpoint=checkpoint,
+                        place=place)
     lowered = lower(model, plan)
     if lowered.code_hash != manifest["code_hash"]:
         raise KvcError(f"{path}: regenerated code differs from the compiled code (hash "

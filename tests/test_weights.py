@@ -378,3 +378,68 @@ def test_plan_report_shows_streamed_layers():
     assert n > 0 and "weight_slots_gb" in d["memory_gb"]
     assert d["h2d_bytes"] >= n * PRESETS["opt-6.7b"].layer_param_count() * 2
     assert "weights streamed from CPU" in plan_text(PRESETS["opt-6.7b"], h, **kw)
+
+
+# --- building in place ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama"])
+def test_streamed_weights_are_built_in_their_pool(name):
+    """build_model(place=place_streamed(...)): the streamed parameters are drawn straight into
+    one host pool (never on the device), equal to an ordinary build's, and the WeightStreamer
+    adopts that pool instead of allocating and copying a second one."""
+    from kvc.runtime.weights import place_streamed
+
+    spec = preset(name)
+    ref = build_model(spec, "cpu", torch.float32, seed=0)
+    plan = replace(forced_plan("pipelined", spec.num_layers, 8, 8, 64, 0.5, micro_batches=2),
+                   weights_streamed=(1.0, 0.5))
+    m = build_model(spec, "cpu", torch.float32, seed=0, place=place_streamed(plan, "cpu"))
+    for (n, a), (_, b) in zip(ref.named_parameters(), m.named_parameters()):
+        assert torch.equal(a, b), n
+    placed = [p for p in m.parameters() if hasattr(p, "_kvc_weight_pool")]
+    flat = placed[0]._kvc_weight_pool
+    lo, hi = flat.data_ptr(), flat.data_ptr() + flat.nbytes
+    assert all(lo <= p.data_ptr() < hi for p in placed)
+    assert sum(p.numel() for p in placed) == flat.numel()
+    # layer 1 streams half: its largest parameters, the rest stay outside the pool
+    layer1 = dict(m.layers[1].named_parameters())
+    outside = [k for k, p in layer1.items() if not lo <= p.data_ptr() < hi]
+    assert outside and len(outside) < len(layer1)
+    cm = CompiledModel(lower(m, plan), plan, spec, torch.float32, torch.device("cpu"))
+    try:
+        assert cm._weights.flat is flat
+        ids = torch.randint(0, spec.vocab_size, (4, 8), generator=torch.Generator().manual_seed(0))
+        assert torch.equal(cm.generate(ids, 6), ReferenceDecoder(ref, spec).generate(ids, 6))
+    finally:
+        cm.close()
+
+
+def test_load_builds_a_checkpoint_in_place(tmp_path, monkeypatch):
+    """kvc.load of a weight-streaming artifact over a checkpoint: loaded into the pool (one pool
+    allocated, by the placement; the streamer adopts it), and the tokens equal the reference
+    decoder's on the same checkpoint."""
+    from hf_fixtures import hf_model, save_checkpoint
+
+    from kvc.runtime import weights as weights_mod
+
+    pools = []
+    real = weights_mod.pinned_empty
+    monkeypatch.setattr(weights_mod, "pinned_empty", lambda *a, **k: pools.append(a) or real(*a, **k))
+
+    from kvc.models.checkpoint import read_config
+    from kvc.models import spec_from_hf_config
+
+    ckpt = save_checkpoint(hf_model("llama2-mha"), tmp_path / "ckpt")
+    cfg = {"model": {"checkpoint": str(ckpt), "dtype": "float32"}, "hardware": "cpu",
+           "workload": {"batch_size": 2, "prompt_len": 4, "gen_len": 4, "num_gpu_batches": 2}}
+    art = kvc.compile(cfg, ["schedule.weight_stream_fraction=1", "schedule.recompute_fraction=0.5"],
+                      output=tmp_path / "w.kvc")
+    loaded = kvc.load(art, device="cpu")
+    assert len(pools) == 1
+    assert loaded._weights.flat.numel() == sum(
+        p.numel() for i in loaded.plan.streamed_layers
+        for p in loaded.lowered.decode.get_submodule(f"layers.{i}").parameters())
+    spec = spec_from_hf_config(read_config(ckpt))
+    ref = build_model(spec, "cpu", torch.float32, checkpoint=ckpt)
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    assert torch.equal(loaded.generate(ids, 4), ReferenceDecoder(ref, spec).generate(ids, 4))

@@ -31,6 +31,7 @@ from kvc.lowering import lower  # noqa: E402
 from kvc.models import build_model, preset  # noqa: E402
 from kvc.models.reference import ReferenceDecoder  # noqa: E402
 from kvc.runtime.executor import CompiledModel  # noqa: E402
+from kvc.runtime.weights import place_streamed  # noqa: E402
 from kvc.scheduler import host_memory_gb, predict, search_policy  # noqa: E402
 from kvc.errors import KvcError  # noqa: E402
 
@@ -271,7 +272,9 @@ def throughput_point(name, gpu_gb, hw_name, log=print,
             continue
         b, m = plan.batch_size, plan.micro_batches
         search_s = time.perf_counter() - t0
-        model = build_model(spec, DEVICE, DTYPE, seed=0)
+        # streamed parameters are drawn straight into the pinned pool: the GPU holds only the
+        # resident weights and the weight slots, never the whole model
+        model = build_model(spec, DEVICE, DTYPE, seed=0, place=place_streamed(plan, DEVICE))
         cm = CompiledModel(lower(model, plan), plan, spec, DTYPE, torch.device(DEVICE))
         del model  # the compiled model holds the parameters, now in its pinned weight pool
         free_memory()

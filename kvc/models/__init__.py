@@ -69,20 +69,39 @@ def _init_dummy(model: nn.Module, device: torch.device, seed: int) -> None:
                 if name == "bias":
                     p.zero_()
                 elif isinstance(module, (nn.Linear, nn.Embedding)):
-                    p.normal_(0.0, INIT_STD, generator=gen)
+                    if p.device == device:
+                        p.normal_(0.0, INIT_STD, generator=gen)
+                    else:  # placed in host memory (build_model place=): drawn on the device,
+                        # from the same generator, so the weights do not depend on placement
+                        p.copy_(torch.empty_like(p, device=device).normal_(0.0, INIT_STD, generator=gen))
                 else:
                     p.fill_(1.0)  # norm scales
                 counter.update()
 
 
+def _materialize(model: nn.Module, device: torch.device, views: dict) -> None:
+    """to_empty, except that the parameters in `views` take those tensors as their storage."""
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            data = views[id(p)] if id(p) in views else torch.empty_like(p, device=device)
+            new = nn.Parameter(data, requires_grad=p.requires_grad)
+            new.__dict__.update(p.__dict__)  # what place() marked it with
+            module._parameters[name] = new
+        for name, b in module.named_buffers(recurse=False):
+            module._buffers[name] = torch.empty_like(b, device=device)
+
+
 def build_model(spec: ModelSpec, device: torch.device | str = "cpu",
                 dtype: torch.dtype | str = torch.float16, seed: int = 0,
-                checkpoint: str | Path | None = None) -> nn.Module:
+                checkpoint: str | Path | None = None, place=None) -> nn.Module:
     """A decoder for `spec` on `device` in `dtype`, in eval mode.
 
     checkpoint=None: dummy weights, normal(0, 0.02) for matrices, ones for norms, zero biases,
     deterministic for (seed, device). Otherwise the HF checkpoint folder's weights.
     device="meta": shapes only, nothing initialised or loaded (for tracing).
+    `place(meta_model) -> {id(param): tensor}`: parameters to materialise in those tensors
+    instead of on `device` (kvc.runtime.weights.place_streamed: weight-streamed layers straight
+    into their pinned host pool, so a model larger than the GPU can be built).
     """
     device, dtype = torch.device(device), _as_dtype(dtype)
     with torch.device("meta"):
@@ -91,7 +110,11 @@ def build_model(spec: ModelSpec, device: torch.device | str = "cpu",
     model = model.to(dtype).eval().requires_grad_(False)
     if device.type == "meta":
         return model
-    model.to_empty(device=device)
+    views = place(model) if place is not None else {}
+    if views:
+        _materialize(model, device, views)
+    else:
+        model.to_empty(device=device)
     model.tie_weights()  # to_empty gives each module its own new tensor, untying them
     model.init_buffers()
     if checkpoint is not None:
