@@ -199,7 +199,7 @@ def streamed_prefix(sizes: list[int], fraction: float) -> int:
     are taken largest first (`sizes` sorted descending; ties are the same size, so any order
     among them streams the same bytes), as few as reach the fraction. The scheduler rounds
     its LP's fractions with this and the runtime picks the parameters with it."""
-    total, need, acc = sum(sizes), float(fraction) * sum(sizes) - 0.5, 0
+    need, acc = float(fraction) * sum(sizes) - 0.5, 0
     if fraction <= 0:
         return 0
     for k, n in enumerate(sizes, 1):

@@ -1,7 +1,20 @@
 """Shared helpers for tests that build kvc models or interrupt a compile."""
+import dataclasses
 import textwrap
+from pathlib import Path
 
 import torch
+import yaml
+
+from kvc.hardware import HardwareConfig
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "hardware"
+
+
+def hw(name: str, **kw) -> HardwareConfig:
+    """A packaged hardware preset (conf/hardware/<name>.yaml) with fields replaced."""
+    base = HardwareConfig.from_dict(yaml.safe_load((CONF / f"{name}.yaml").read_text()))
+    return dataclasses.replace(base, **kw)
 
 # prepended to a subprocess script: SIGINT arrives while the artifact's manifest is written
 INTERRUPT_WHILE_WRITING = textwrap.dedent("""

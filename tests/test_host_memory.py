@@ -13,12 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from kvc_fixtures import perturb_small_params
+from kvc_fixtures import hw, perturb_small_params
 
 from kvc import cost
 from kvc.errors import KvcError
-from kvc.hardware import HardwareConfig
 from kvc.lowering import lower
 from kvc.models import build_model, preset
 from kvc.models.reference import ReferenceDecoder
@@ -33,11 +31,6 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "hardware"
 ATOL = 1e-5
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def hw(name, **kw):
-    base = HardwareConfig.from_dict(yaml.safe_load((CONF / f"{name}.yaml").read_text()))
-    return dataclasses.replace(base, **kw)
 
 
 def table_plan(prompt=16, gen=8, chunks=2) -> Plan:

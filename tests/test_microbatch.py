@@ -16,7 +16,8 @@ import torch
 from kvc.passes.nodes import is_op, layer_of, op_arg
 from kvc.passes.pipeline import run_pipeline
 from stream_simulator import simulate
-from test_weights import hw, model
+from kvc_fixtures import hw
+from test_weights import model
 
 import kvc
 from kvc import cost

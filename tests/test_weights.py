@@ -6,14 +6,12 @@ the scheduler's greedy placement and the cost model's copy-stream charge, Plan I
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 from kvc.passes.nodes import is_op, op_arg
 from kvc.passes.pipeline import run_pipeline
 from stream_simulator import simulate, weight_layers
@@ -21,7 +19,6 @@ from stream_simulator import simulate, weight_layers
 import kvc
 from kvc import cost
 from kvc.errors import KvcError
-from kvc.hardware import HardwareConfig
 from kvc.lowering import lower
 from kvc.models import build_model, layer_param_sizes, preset
 from kvc.models.reference import ReferenceDecoder
@@ -30,18 +27,13 @@ from kvc.plan import MODES, Plan, forced_plan, spread_layers, weights_for_fracti
 from kvc.runtime.executor import CompiledModel
 from kvc.scheduler import make_plan, predict
 from kvc.trace import trace_step
-from kvc_fixtures import perturb_small_params
+from kvc_fixtures import hw, perturb_small_params
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "hardware"
 ATOL = 1e-5
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def hw(name, **kw):
-    base = HardwareConfig.from_dict(yaml.safe_load((CONF / f"{name}.yaml").read_text()))
-    return dataclasses.replace(base, **kw)
 
 
 def model(name: str, layers: int | None = None):
