@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=None, help="context length S (default: prompt_len)")
     p.add_argument("--timeline", metavar="PNG", default=None,
                    help="draw the predicted per-stream timeline of one decode step (needs matplotlib)")
+    p.add_argument("--search", metavar="MAX_BATCH", type=int, default=None,
+                   help="policy search: the batch (up to MAX_BATCH) and micro-batch count with the "
+                        "highest predicted decode throughput that fits the budgets")
 
     p = sub.add_parser("profile", help="measure this machine into a hardware config YAML")
     p.add_argument("-o", "--output", help="where to write the YAML (default: print it)")
@@ -87,6 +90,17 @@ def cmd_plan(args) -> int:
               recompute_fraction=c.schedule.recompute_fraction, context=args.context,
               weight_stream_fraction=c.schedule.weight_stream_fraction,
               micro_batches=c.workload.num_gpu_batches)
+    if args.search is not None:
+        from kvc.plan_report import search_text
+
+        s = c.schedule
+        print(search_text(r.spec, r.hardware, max_batch=args.search, prompt_len=c.workload.prompt_len,
+                          gen_len=c.workload.gen_len, dtype=c.model.dtype, mode=s.mode,
+                          chunk_tokens=s.chunk_tokens, act_chunks=s.act_chunks,
+                          recompute_fraction=s.recompute_fraction,
+                          weight_stream_fraction=s.weight_stream_fraction,
+                          time_limit_s=s.solver_time_limit_s, resident_cache=s.resident_cache))
+        return 0
     if args.json:
         print(json.dumps(plan_json(r.spec, r.hardware, **kw), indent=1))
     else:

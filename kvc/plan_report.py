@@ -135,3 +135,36 @@ def _fold(layers):
         else:
             rows.append([r["layer"], r["layer"], r])
     return rows
+
+
+def search_text(spec: ModelSpec, hw: HardwareConfig, *, max_batch: int, prompt_len: int,
+                gen_len: int, dtype: str, mode: str, **kw) -> str:
+    """`kvc plan --search MAX_BATCH`: the policy search (kvc.scheduler.search_policy) over
+    batches 1, 2, 4, ... and multiples of 16 up to max_batch, by 1, 2, 4 or 8 micro-batches,
+    each planned by the LP; the best predicted decode throughput per micro-batch count, then
+    the overrides that select the winner."""
+    from kvc.scheduler import search_policy
+
+    if max_batch < 1:
+        raise KvcError(f"--search {max_batch}: expected the largest batch to try, >= 1")
+    batches = sorted({b for b in (2 ** k for k in range(max_batch.bit_length())) if b <= max_batch}
+                     | set(range(16, max_batch + 1, 16)))
+    tried: list[dict] = []
+    plan, tps = search_policy(spec, hw, prompt_len=prompt_len, gen_len=gen_len, dtype=dtype,
+                              mode=mode, batch_sizes=batches, tried=tried, **kw)
+    out = [f"kvc plan --search: {mode} on {hw.name}, {dtype}, prompt {prompt_len} + gen {gen_len}, "
+           f"batches up to {max_batch} ({len(tried)} candidates planned)"]
+    out.append(f"  {'micro-batches':>13}  {'best batch':>10}  {'tokens/s (predicted)':>20}  refused")
+    for m in sorted({t["micro_batches"] for t in tried}):
+        ok = [t for t in tried if t["micro_batches"] == m and "tokens_per_s" in t]
+        no = sum(1 for t in tried if t["micro_batches"] == m and "refused" in t)
+        best = max(ok, key=lambda t: t["tokens_per_s"]) if ok else None
+        out.append(f"  {m:>13}  {best['batch'] if best else '-':>10}  "
+                   f"{best['tokens_per_s'] if best else 0:>20.1f}  {no}")
+    refusals = [t["refused"] for t in tried if "refused" in t]
+    if refusals:
+        out.append(f"  largest refused: {refusals[-1]}")
+    out.append(f"best: batch {plan.batch_size} in {plan.micro_batches} micro-batch(es), "
+               f"{tps:.1f} tokens/s predicted: workload.batch_size={plan.batch_size} "
+               f"workload.num_gpu_batches={plan.micro_batches}")
+    return "\n".join(out)

@@ -457,13 +457,14 @@ def _round(d: dict) -> dict:
 
 def search_policy(spec: ModelSpec, hw: HardwareConfig, *, prompt_len: int, gen_len: int,
                   dtype: str, mode: str, batch_sizes, micro_batches=(1, 2, 4, 8),
-                  **kw) -> tuple[Plan, float]:
+                  tried: list | None = None, **kw) -> tuple[Plan, float]:
     """The outer search, like FlexGen's policy search but with recompute inside the LP: for
     every total batch in `batch_sizes` and micro-batch count in `micro_batches` that divides
     it, make the plan (its LP places weights, residency and recompute, and its memory checks
     refuse what does not fit the GPU or the host); keep the one with the highest predicted
     decode throughput, batch * gen_len / sum of predicted step times. Returns (plan, tokens/s).
-    Raises the last refusal when nothing fits."""
+    Raises the last refusal when nothing fits. `tried` (a list) receives one dict per
+    candidate: batch, micro_batches, and tokens_per_s or the refusal."""
     best, best_tps, last = None, -1.0, None
     for b in sorted(set(batch_sizes)):
         for m in sorted(set(micro_batches)):
@@ -474,8 +475,12 @@ def search_policy(spec: ModelSpec, hw: HardwareConfig, *, prompt_len: int, gen_l
                                  dtype=dtype, mode=mode, micro_batches=m, **kw)
             except KvcError as e:
                 last = e
+                if tried is not None:
+                    tried.append({"batch": b, "micro_batches": m, "refused": str(e)})
                 continue
             tps = b * len(plan.predicted_step_ms) / (sum(plan.predicted_step_ms) / 1e3)
+            if tried is not None:
+                tried.append({"batch": b, "micro_batches": m, "tokens_per_s": tps})
             if tps > best_tps:
                 best, best_tps = plan, tps
     if best is None:

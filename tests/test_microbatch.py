@@ -193,3 +193,42 @@ def test_bad_micro_batch_counts_are_one_line_errors():
     with pytest.raises(ValueError, match="resident flags"):
         Plan(mode="pipelined", num_layers=2, prompt_len=1, gen_len=1, chunk_tokens=1,
              resident=(False,) * 2, micro_batches=2)
+
+
+# --- the policy search ----------------------------------------------------------------------------
+
+def test_search_policy_keeps_the_best_candidate_that_fits():
+    from kvc.scheduler import search_policy
+
+    spec = PRESETS["opt-1.3b"]
+    h = hw("h100-pcie5", gpu_mem_gb=6.0, cpu_mem_gb=8.0)
+    tried: list = []
+    plan, tps = search_policy(spec, h, prompt_len=256, gen_len=8, dtype="float16", mode="pipelined",
+                              batch_sizes=(8, 16, 64, 256, 1024), micro_batches=(1, 2, 4),
+                              tried=tried, weight_stream_fraction=1.0, resident_cache=False)
+    ok = [t for t in tried if "tokens_per_s" in t]
+    assert any("refused" in t for t in tried)  # the host budget stops the largest batches
+    assert tps == max(t["tokens_per_s"] for t in ok)
+    assert (plan.batch_size, plan.micro_batches) in {(t["batch"], t["micro_batches"]) for t in ok}
+    assert all(plan.resident[u] is False for u in range(plan.num_units))  # resident_cache=false
+    with pytest.raises(KvcError, match="cpu_mem_gb"):
+        search_policy(spec, hw("h100-pcie5", cpu_mem_gb=0.5), prompt_len=256, gen_len=8,
+                      dtype="float16", mode="pipelined", batch_sizes=(512,), micro_batches=(1,),
+                      weight_stream_fraction=1.0)
+
+
+def test_cli_plan_search(tmp_path):
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text("model: {preset: tiny-opt, dtype: float32}\nhardware: cpu\n"
+                   "workload: {prompt_len: 16, gen_len: 8}\n")
+    out = subprocess.run([sys.executable, "-m", "kvc.cli", "plan", str(cfg), "--search", "32",
+                          "schedule.weight_stream_fraction=1"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "micro-batches" in out.stdout and "best: batch" in out.stdout
+    assert "workload.num_gpu_batches=" in out.stdout.splitlines()[-1]
+    bad = subprocess.run([sys.executable, "-m", "kvc.cli", "plan", str(cfg), "--search", "0"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "--search 0" in bad.stderr and "Traceback" not in bad.stderr
