@@ -35,10 +35,14 @@ def inspect_text(artifact) -> str:
            f"  workload: batch {b}, prompt {P}, generate {G} (decode contexts {P}..{P + G})",
            f"  machine:  {hw.name} ({hw.device}): H2D {hw.h2d_gbps:g} GB/s, GEMM {hw.gemm_tflops:g} "
            f"TFLOP/s, GPU memory {hw.gpu_mem_gb:g} GB; {measured}",
-           f"  plan:     {plan.mode}, {len(off)}/{plan.num_layers} layers offloaded, lookahead "
+           f"  plan:     {plan.mode}, {len(off)}/{plan.num_units} "
+           f"{'units (layer x micro-batch)' if plan.micro_batches > 1 else 'layers'} offloaded, lookahead "
            f"{plan.lookahead}, {plan.act_chunks} activation chunk(s), chunk {plan.chunk_tokens} tokens"
            + (f", recomputes {min(ls)}..{max(ls)} tokens per offloaded layer" if ls else "")
-           + (f", forced fraction {plan.forced_fraction:g}" if plan.forced_fraction is not None else "")]
+           + (f", forced fraction {plan.forced_fraction:g}" if plan.forced_fraction is not None else "")
+           + (f", {plan.micro_batches} micro-batches" if plan.micro_batches > 1 else "")
+           + (f", weights streamed {sum(plan.weights_streamed):.2f} of {plan.num_layers} layers"
+              if plan.streamed_layers else "")]
     here = predict(spec, hw, plan, P, b, dtype)["predicted_step_ms"]
     out.append(f"predicted decode step at context {P}: {here:.3f} ms; speed-up of this plan over:")
     for mode in MODES:
@@ -47,7 +51,10 @@ def inspect_text(artifact) -> str:
         try:
             other = make_plan(spec, hw, batch_size=b, prompt_len=P, gen_len=G, dtype=dtype, mode=mode,
                               chunk_tokens=sch["chunk_tokens"], act_chunks=sch["act_chunks"],
-                              time_limit_s=sch["solver_time_limit_s"])
+                              time_limit_s=sch["solver_time_limit_s"],
+                              micro_batches=w.get("num_gpu_batches", 1),
+                              weight_stream_fraction=sch.get("weight_stream_fraction"),
+                              resident_cache=sch.get("resident_cache", True))
         except KvcError as e:
             out.append(f"  {mode:<13} infeasible on this machine: {e}")
             continue
