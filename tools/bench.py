@@ -207,7 +207,7 @@ def bench_point(name, batch, context, hw_name, steps, repeats, with_hf, log=prin
     budget = offload_budget_gb(spec, hw, batch, s_max)
     card_gb = torch.cuda.get_device_properties(0).total_memory / 1e9 if DEVICE == "cuda" else 64.0
     rows = []
-    for mode in MODES:
+    for mode in modes:
         try:
             cm, r = compiled(model, spec, mode, batch, context, hw_name,
                              card_gb if mode == "gpu_resident" else budget)
@@ -403,6 +403,7 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="torch.profiler traces at opt-6.7b b=32 s=1024")
     ap.add_argument("--throughput", choices=sorted(THROUGHPUT), default=None,
                     help="also run issue 6's throughput rows (weights and cache on the CPU)")
+    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated modes for the latency grid")
     ap.add_argument("--tp-modes", default="full_offload,kvpr,pipelined",
                     help="comma-separated modes for the throughput rows")
     ap.add_argument("--skip-latency", action="store_true", help="no latency grid (e.g. with --throughput)")
@@ -442,7 +443,8 @@ def main(argv=None) -> int:
             main_point = (name, batch, context) == ("opt-6.7b", 32, 1024)
             result["rows"] += bench_point(name, batch, context, hw_name, args.steps, args.repeats,
                                           args.hf and main_point, log,
-                                          out if args.profile and main_point else None)
+                                          out if args.profile and main_point else None,
+                                          tuple(args.modes.split(",")))
             save()
     rows = result["rows"]
     try:
