@@ -198,7 +198,7 @@ def check(names, hw_name, steps=32, log=print) -> list[dict]:
 # --- timing --------------------------------------------------------------------------------
 
 def bench_point(name, batch, context, hw_name, steps, repeats, with_hf, log=print,
-                profile_dir=None) -> list[dict]:
+                profile_dir=None, modes=MODES) -> list[dict]:
     spec = get_spec(name)
     model = build_model(spec, DEVICE, DTYPE, seed=0)
     ids = torch.randint(0, spec.vocab_size, (batch, context), device=DEVICE)
