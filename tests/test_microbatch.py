@@ -72,8 +72,10 @@ def test_lp_plan_with_micro_batches_matches_the_reference():
         spec = preset("tiny-llama")
         want = ReferenceDecoder(build_model(spec, "cpu", torch.float32, seed=0), spec).generate(ids, 8)
         assert torch.equal(loaded.generate(ids, 8), want)
-        with pytest.raises(KvcError, match="does not split into 2 equal micro-batches"):
-            loaded.generate(ids[:3], 2)
+        # a batch that does not split into 2 (e.g. `kvc run` with one prompt) is padded
+        seen = []
+        got = loaded.generate(ids[:3], 8, on_token=lambda step, t: seen.append(t.shape[0]))
+        assert torch.equal(got, want[:3]) and set(seen) == {3}
     finally:
         import shutil
 

@@ -88,23 +88,24 @@ class CompiledModel:
         if max_new_tokens < 1:
             raise KvcError(f"max_new_tokens = {max_new_tokens}; expected >= 1")
         b, p = input_ids.shape
-        m = self.plan.micro_batches
-        if b % m:
-            raise KvcError(f"batch {b} does not split into {m} equal micro-batches "
-                           f"(workload.num_gpu_batches = {m}); use a multiple of {m}")
         if p + max_new_tokens > self.spec.max_positions:
             raise KvcError(f"prompt {p} + {max_new_tokens} new tokens exceeds the model's "
                            f"maximum positions ({self.spec.max_positions})")
         self._check_contexts(p, max_new_tokens)
-        cache, rt = self._runtime(b, p, p + max_new_tokens)
         ids = input_ids.to(self.device)
+        # the block schedule splits the batch into equal micro-batches: a batch that does not
+        # split is padded with copies of its last row, computed and dropped (cost, not error)
+        pad = -b % self.plan.micro_batches
+        if pad:
+            ids = torch.cat([ids, ids[-1:].expand(pad, p)])
+        cache, rt = self._runtime(b + pad, p, p + max_new_tokens)
         with bar("kvc: generating", total=max_new_tokens, unit="step") as steps:
             cache.begin_step(0, p)
             logits = self.lowered.prefill(ids, cache.positions[:p], rt)[:, -1]
             cache.end_step(p)
             tokens, all_logits = [logits.argmax(-1)], [logits]
             if on_token is not None:
-                on_token(0, tokens[-1])
+                on_token(0, tokens[-1][:b])
             steps.update()
             for step in range(1, max_new_tokens):
                 s = cache.s
@@ -114,9 +115,9 @@ class CompiledModel:
                 tokens.append(logits.argmax(-1))
                 all_logits.append(logits)
                 if on_token is not None:
-                    on_token(step, tokens[-1])
+                    on_token(step, tokens[-1][:b])
                 steps.update()
-        out = torch.cat([ids, torch.stack(tokens, 1)], 1)
+        out = torch.cat([ids, torch.stack(tokens, 1)], 1)[:b]
         if return_logits:
-            return out, torch.stack(all_logits, 1).float()
+            return out, torch.stack(all_logits, 1)[:b].float()
         return out
