@@ -60,6 +60,24 @@ def test_parity_with_micro_batches(name, mode, m, streamed):
     assert (logits - ref_logits.float()).abs().max().item() <= ATOL
 
 
+@pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama"])
+def test_parity_with_resident_layers_and_micro_batches(name):
+    """Resident units keep a device cache of b/m sequences each, beside offloaded ones."""
+    spec, ref_model = model(name)
+    ids = torch.randint(0, spec.vocab_size, (4, 7), generator=torch.Generator().manual_seed(6))
+    ref_tokens, ref_logits = ReferenceDecoder(ref_model, spec).generate(ids, 6, return_logits=True)
+    _, mdl = model(name)
+    plan = mb_plan("pipelined", spec.num_layers, 2, streamed=1.0)
+    plan = replace(plan, resident=(True, True) + (False, False) * (spec.num_layers - 1))
+    cm = CompiledModel(lower(mdl, plan), plan, spec, torch.float32, torch.device("cpu"))
+    try:
+        tokens, logits = cm.generate(ids, 6, return_logits=True)
+    finally:
+        cm.close()
+    assert torch.equal(tokens, ref_tokens)
+    assert (logits - ref_logits.float()).abs().max().item() <= ATOL
+
+
 def test_lp_plan_with_micro_batches_matches_the_reference():
     """A solved plan (not a forced fraction) through kvc.compile / kvc.load."""
     cfg = {"model": {"preset": "tiny-llama", "dtype": "float32"}, "hardware": "cpu",
@@ -117,6 +135,19 @@ def test_one_micro_batch_leaves_the_graph_as_traced():
 def test_no_race_with_micro_batches(mode, m, streamed):
     _, mdl = model("tiny-llama", layers=3)
     plan = mb_plan(mode, 3, m, streamed=streamed)
+    pre = run_pipeline(trace_step(mdl, prefill=True), plan)
+    dec = run_pipeline(trace_step(mdl, prefill=False), plan)
+    assert simulate(plan, [pre] + [dec] * 4) == []
+
+
+@pytest.mark.parametrize("mode", ["pipelined", "kvpr", "full_offload"])
+@pytest.mark.parametrize("resident_layers", [(True, False, False), (False, True, False), (False, False, True)])
+def test_no_race_with_resident_layers_and_micro_batches(mode, resident_layers):
+    """A layer whose cache stays on the GPU (all its units resident) between offloaded ones:
+    the staging slots alternate over the offloaded units only, across the gap."""
+    _, mdl = model("tiny-llama", layers=3)
+    plan = mb_plan(mode, 3, 2, streamed=0.5)
+    plan = replace(plan, resident=tuple(r for r in resident_layers for _ in range(2)))
     pre = run_pipeline(trace_step(mdl, prefill=True), plan)
     dec = run_pipeline(trace_step(mdl, prefill=False), plan)
     assert simulate(plan, [pre] + [dec] * 4) == []
