@@ -25,7 +25,16 @@ import operator
 import torch
 import torch.fx
 
-from .nodes import PlanPass, kvc_meta, module_layer, op_name, placeholder
+from .nodes import (
+    PlanPass,
+    kvc_meta,
+    module_layer,
+    op_arg,
+    op_arg_names,
+    op_name,
+    placeholder,
+    set_op_arg,
+)
 
 
 class MicroBatch(PlanPass):
@@ -96,8 +105,8 @@ class MicroBatch(PlanPass):
                 continue
             new = new_graph.node_copy(n, lookup(k))
             new._rename(f"{n.name}_mb{k}" if k else n.name)
-            if op_name(n) is not None and "layer" in _arg_names(n):
-                _set_layer(new, _layer_arg(n) * m + k)
+            if op_name(n) is not None and "layer" in op_arg_names(n):
+                set_op_arg(new, "layer", op_arg(n, "layer") * m + k)
             new.meta = {key: v for key, v in n.meta.items() if key != "kvc"}
             if r >= 0:  # the embedding belongs to no unit: a unit's first node is in its layer
                 kvc_meta(new)["unit"] = r * m + k
@@ -109,21 +118,3 @@ class MicroBatch(PlanPass):
         gm.graph = new_graph
         return True
 
-
-def _arg_names(n: torch.fx.Node) -> list[str]:
-    return [a.name for a in getattr(torch.ops.kvc, op_name(n)).default._schema.arguments]
-
-
-def _layer_arg(n: torch.fx.Node) -> int:
-    if "layer" in n.kwargs:
-        return n.kwargs["layer"]
-    return n.args[_arg_names(n).index("layer")]
-
-
-def _set_layer(n: torch.fx.Node, unit: int) -> None:
-    if "layer" in n.kwargs:
-        n.kwargs = {**n.kwargs, "layer": unit}
-    else:
-        args = list(n.args)
-        args[_arg_names(n).index("layer")] = unit
-        n.args = tuple(args)

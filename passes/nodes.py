@@ -39,13 +39,26 @@ def is_op(node: torch.fx.Node, name: str) -> bool:
     return op_name(node) == name
 
 
+def op_arg_names(node: torch.fx.Node) -> list[str]:
+    """The argument names of a kvc op's schema, in order."""
+    return [a.name for a in getattr(torch.ops.kvc, op_name(node)).default._schema.arguments]
+
+
 def op_arg(node: torch.fx.Node, name: str):
     """An argument of a kvc op by its schema name, whether passed by position or keyword."""
     if name in node.kwargs:
         return node.kwargs[name]
-    schema = getattr(torch.ops.kvc, op_name(node)).default._schema
-    names = [a.name for a in schema.arguments]
-    return node.args[names.index(name)]
+    return node.args[op_arg_names(node).index(name)]
+
+
+def set_op_arg(node: torch.fx.Node, name: str, value) -> None:
+    """Replace an argument of a kvc op, where op_arg finds it."""
+    if name in node.kwargs:
+        node.kwargs = {**node.kwargs, name: value}
+    else:
+        args = list(node.args)
+        args[op_arg_names(node).index(name)] = value
+        node.args = tuple(args)
 
 
 def call(graph: torch.fx.Graph, name: str, *args, node_name: str | None = None, meta=None, **kwargs):
