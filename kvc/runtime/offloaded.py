@@ -93,8 +93,10 @@ class OffloadedCache:
         chunks = self.plan.act_chunks
         self.bounds = {i: chunk_bounds(self.plan.recompute_tokens(i, s), chunks)
                        for i in self.offloaded}
-        low = min((b[-1] for b in self.bounds.values()), default=s)
-        if low < min(s, self.kv_lo):
+        # kv_lo was chosen so that contexts from min_context on never read below it: only a
+        # shorter context needs the check, so a decode step pays nothing for it
+        if s < self.min_context and min(b[-1] for b in self.bounds.values()) < min(s, self.kv_lo):
+            low = min(b[-1] for b in self.bounds.values())
             raise KvcError(f"context {s} reads K,V from token {low}, but the CPU pools keep tokens "
                            f"{self.kv_lo}.. only (made for contexts >= {self.min_context})")
 
