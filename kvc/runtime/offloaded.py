@@ -95,8 +95,8 @@ class OffloadedCache:
                        for i in self.offloaded}
         # kv_lo was chosen so that contexts from min_context on never read below it: only a
         # shorter context needs the check, so a decode step pays nothing for it
-        if s < self.min_context and min(b[-1] for b in self.bounds.values()) < min(s, self.kv_lo):
-            low = min(b[-1] for b in self.bounds.values())
+        low = s if s >= self.min_context else min((b[-1] for b in self.bounds.values()), default=s)
+        if low < min(s, self.kv_lo):
             raise KvcError(f"context {s} reads K,V from token {low}, but the CPU pools keep tokens "
                            f"{self.kv_lo}.. only (made for contexts >= {self.min_context})")
 
