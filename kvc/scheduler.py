@@ -225,20 +225,29 @@ def _evaluate(spec, hw, plan: Plan, ctx: np.ndarray, b: int, dtype: str):
     return step, link, gpu, moved.sum(axis=0) + weights
 
 
-def _evaluate_arrays(spec, hw, plan: Plan, ctx, l, b, dtype):
-    """Step time per context for per-unit l ([units, contexts])."""
+def step_terms(spec, hw, plan: Plan, s, l, b: int, dtype: str):
+    """What cost.simulate and cost.intervals take for this plan at a context s (or a 1-D array
+    of them) with per-unit l ([units] or [units, contexts]): (A, K, R, C, D, head, lookahead,
+    act_chunks) and the weight keywords. One place, so the prediction and the timeline picture
+    never describe different schedules."""
     streamed, m = plan.weights_streamed, plan.micro_batches
     c = cost.layer_costs(spec, hw, b // m, dtype, offloaded=plan.offloaded or any(streamed))
-    res = np.array(plan.resident)[:, None]
-    A, K, R, C, D = cost.durations(c, ctx[None, :], l, res, plan.act_chunks)
-    W = cost.weight_durations(c, streamed, (len(ctx),), m) if any(streamed) else None
-    step, link, gpu = cost.simulate(A, K, R, C, D, m * c.head, plan.lookahead, plan.act_chunks,
-                                    W=W, weight_lag=m + 1)
+    trailing = np.shape(s)
+    res = np.array(plan.resident).reshape((-1,) + (1,) * len(trailing))
+    A, K, R, C, D = cost.durations(c, np.asarray(s)[None, ...], l, res, plan.act_chunks)
+    W = cost.weight_durations(c, streamed, trailing, m) if any(streamed) else None
+    return (A, K, R, C, D, m * c.head, plan.lookahead, plan.act_chunks), {"W": W, "weight_lag": m + 1}
+
+
+def _evaluate_arrays(spec, hw, plan: Plan, ctx, l, b, dtype):
+    """Step time per context for per-unit l ([units, contexts])."""
+    args, kw = step_terms(spec, hw, plan, ctx, l, b, dtype)
+    step, link, gpu = cost.simulate(*args, **kw)
     # the host issues the step's nodes one by one; the GPU cannot finish before the last one.
     # A unit that recomputes at any context carries its clone nodes at every context.
     ever = (np.asarray(l) > 0).any(axis=-1) if np.ndim(l) > 1 else np.asarray(l) > 0
     host = cost.host_nodes(spec, plan.resident, ever, plan.act_chunks,
-                           streamed, m) * hw.host_op_us * 1e-3
+                           plan.weights_streamed, plan.micro_batches) * hw.host_op_us * 1e-3
     return np.maximum(step, host), link, gpu
 
 

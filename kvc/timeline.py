@@ -18,6 +18,7 @@ from kvc.errors import KvcError
 from kvc.hardware import HardwareConfig
 from kvc.models.spec import ModelSpec
 from kvc.plan import Plan
+from kvc.scheduler import step_terms
 
 LANES = ("copy-in", "compute", "copy-out")
 COLORS = {"act_copy": "#4c9be8", "kv_copy": "#f28e2b", "recompute": "#59a14f",
@@ -35,12 +36,8 @@ def predicted_intervals(spec: ModelSpec, hw: HardwareConfig, plan: Plan, s: int,
         l = np.array([plan.recompute_tokens(u, s) for u in range(plan.num_units)])
     except ValueError as e:
         raise KvcError(str(e)) from None
-    streamed, m = plan.weights_streamed, plan.micro_batches
-    c = cost.layer_costs(spec, hw, batch_size // m, dtype, offloaded=plan.offloaded or any(streamed))
-    A, K, R, C, D = cost.durations(c, s, l, np.array(plan.resident), plan.act_chunks)
-    W = cost.weight_durations(c, streamed, (), m) if any(streamed) else None
-    return cost.intervals(A, K, R, C, D, m * c.head, plan.lookahead, plan.act_chunks, W=W,
-                          weight_lag=m + 1)
+    args, kw = step_terms(spec, hw, plan, s, l, batch_size, dtype)
+    return cost.intervals(*args, **kw)
 
 
 def chrome_trace(items: list[dict], name: str = "kvc predicted") -> dict:
