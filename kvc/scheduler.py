@@ -207,7 +207,9 @@ def predict(spec: ModelSpec, hw: HardwareConfig, plan: Plan, s: int, batch_size:
                        f"not batch {batch_size} {dtype}; make a plan for this workload")
     step, link, gpu, moved = _evaluate(spec, hw, plan, np.array([s]), batch_size, dtype)
     step, link, gpu = float(step[0]), float(link[0]), float(gpu[0])
+    l = [plan.recompute_tokens(u, s) for u in range(plan.num_units)]
     return {"predicted_step_ms": step, "link_busy_ms": link, "gpu_busy_ms": gpu,
+            "host_ms": float(_host_ms(spec, hw, plan, np.array(l)[:, None])),
             "gpu_idle_ms": max(0.0, step - gpu), "link_idle_ms": max(0.0, step - link),
             "h2d_bytes": int(moved[0])}
 
@@ -243,12 +245,16 @@ def _evaluate_arrays(spec, hw, plan: Plan, ctx, l, b, dtype):
     """Step time per context for per-unit l ([units, contexts])."""
     args, kw = step_terms(spec, hw, plan, ctx, l, b, dtype)
     step, link, gpu = cost.simulate(*args, **kw)
-    # the host issues the step's nodes one by one; the GPU cannot finish before the last one.
-    # A unit that recomputes at any context carries its clone nodes at every context.
+    # the host issues the step's nodes one by one; the GPU cannot finish before the last one
+    return np.maximum(step, _host_ms(spec, hw, plan, l)), link, gpu
+
+
+def _host_ms(spec, hw, plan: Plan, l) -> float:
+    """Host time to issue one decode step. A unit that recomputes at any context carries its
+    clone nodes at every context."""
     ever = (np.asarray(l) > 0).any(axis=-1) if np.ndim(l) > 1 else np.asarray(l) > 0
-    host = cost.host_nodes(spec, plan.resident, ever, plan.act_chunks,
+    return cost.host_nodes(spec, plan.resident, ever, plan.act_chunks,
                            plan.weights_streamed, plan.micro_batches) * hw.host_op_us * 1e-3
-    return np.maximum(step, host), link, gpu
 
 
 # --- memory ----------------------------------------------------------------------------------

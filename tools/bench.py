@@ -140,6 +140,62 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+class StepHost:
+    """Wraps a lowered decode graph: host wall time of each call (no sync: with the GPU behind,
+    that is the time the host spends issuing the step's nodes). With `mark`, each call is a
+    profiler range and ends with a sync, so one step's kernels lie inside its range."""
+
+    def __init__(self, fn, mark: bool = False):
+        self.fn, self.mark, self.times = fn, mark, []
+
+    def __call__(self, *args):
+        t0 = time.perf_counter()
+        if self.mark:
+            with torch.profiler.record_function("kvc_decode_step"):
+                out = self.fn(*args)
+                sync()
+        else:
+            out = self.fn(*args)
+        self.times.append(time.perf_counter() - t0)
+        return out
+
+
+VIEWS = {"getitem", "getattr", "transpose", "unflatten", "flatten", "view", "reshape", "permute",
+         "unsqueeze", "squeeze", "expand", "narrow", "size", "type_as"}
+
+
+def node_kinds(gm) -> dict:
+    """The decode graph's nodes by kind, for fitting the host lane: module calls, kvc custom
+    ops, views (no kernel), other aten ops, attribute reads."""
+    kinds = {"module": 0, "kvc": 0, "view": 0, "op": 0, "attr": 0}
+    for n in gm.graph.nodes:
+        if n.op in ("placeholder", "output"):
+            continue
+        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+        if n.op == "call_module":
+            kinds["module"] += 1
+        elif n.op == "get_attr":
+            kinds["attr"] += 1
+        elif str(n.target).startswith("kvc."):
+            kinds["kvc"] += 1
+        elif name.split(".")[0] in VIEWS:
+            kinds["view"] += 1
+        else:
+            kinds["op"] += 1
+    return kinds
+
+
+def host_ms(cm, ids, steps: int) -> float:
+    """Median host time of one decode graph call (after a warm-up generate)."""
+    decode = cm.lowered.decode
+    cm.lowered.decode = timer = StepHost(decode)
+    try:
+        cm.generate(ids, 1 + steps)
+    finally:
+        cm.lowered.decode = decode
+    return statistics.median(timer.times) * 1e3
+
+
 def decode_ms(gen, ids, steps: int, repeats: int) -> float:
     gen(ids, 2)  # warm-up: allocator, kernels, pinned pools
     full = [timed(lambda: gen(ids, 1 + steps)) for _ in range(repeats)]
@@ -221,6 +277,7 @@ def bench_point(name, batch, context, hw_name, steps, repeats, with_hf, log=prin
             cm.close()
             free_memory()
             continue
+        host = host_ms(cm, ids, steps)
         pred = predict(spec, r.hardware, cm.plan, context + steps // 2, batch, DTYPE_NAME)
         moved = int(pred["h2d_bytes"])
         rows.append({
@@ -231,11 +288,15 @@ def bench_point(name, batch, context, hw_name, steps, repeats, with_hf, log=prin
             "recompute_fraction_mid": round(sum(cm.plan.recompute_tokens(i, context) for i in range(spec.num_layers))
                                             / max(1, spec.num_layers * context), 3),
             "gpu_mem_gb_budget": round(card_gb if mode == "gpu_resident" else budget, 1),
+            "host_ms_per_step": round(host, 3), "predicted_host_ms": round(pred["host_ms"], 3),
+            "decode_nodes": node_kinds(cm.lowered.decode),
         })
         log(f"{name} b={batch} s={context} {mode:13s} {ms:8.2f} ms/token "
-            f"(LP {pred['predicted_step_ms']:.2f}) moved {moved / 1e9:.2f} GB")
-        if profile_dir is not None and mode in ("full_offload", "pipelined"):
-            rows[-1]["stream_busy_ms"] = profile_step(cm, ids, profile_dir / f"trace-{name}-{mode}.json", log)
+            f"(LP {pred['predicted_step_ms']:.2f}) moved {moved / 1e9:.2f} GB, host {host:.2f} ms "
+            f"(LP host {pred['host_ms']:.2f})")
+        if profile_dir is not None and mode != "gpu_resident":
+            rows[-1]["profile"] = profile_step(
+                cm, ids, profile_dir / f"trace-{name}-b{batch}-s{context}-{mode}.json", log)
         cm.close()
         del cm
         free_memory()
@@ -317,29 +378,47 @@ def throughput_point(name, gpu_gb, hw_name, log=print,
     return rows
 
 
-def profile_step(cm, ids, path: Path, log) -> dict:
-    """torch.profiler trace of one decode step (generate 3 = prefill + 2 steps; the second
-    step is measured), saved as Chrome trace JSON; returns busy ms per CUDA stream in it."""
-    from torch.profiler import ProfilerActivity, profile, record_function
+KERNEL_KINDS = (("gemm", ("gemm", "nvjet", "cutlass", "sm90_", "xmma", "cublas")),
+                ("attention", ("flash", "fmha", "attention", "efficient")),
+                ("copy", ("memcpy", "memset")))
 
-    cm.generate(ids, 2)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        with record_function("generate"):
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((k for k, keys in KERNEL_KINDS if any(key in low for key in keys)), "elementwise")
+
+
+def profile_step(cm, ids, path: Path, log) -> dict:
+    """torch.profiler trace of generate(3) with each decode step synchronised at its end, so
+    the second decode step's GPU work lies inside its own range. Returns that step's wall time
+    and, per CUDA stream, its busy ms by kind (gemm, attention, elementwise, copy); the trace
+    is kept as Chrome JSON when small enough to bring back."""
+    from torch.profiler import ProfilerActivity, profile
+
+    decode = cm.lowered.decode
+    cm.lowered.decode = StepHost(decode, mark=True)
+    try:
+        cm.generate(ids, 2)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             cm.generate(ids, 3)
+    finally:
+        cm.lowered.decode = decode
     prof.export_chrome_trace(str(path))
     events = json.loads(path.read_text())["traceEvents"]
+    steps = [e for e in events if e.get("name") == "kvc_decode_step" and e.get("ph") == "X"
+             and e.get("cat") != "gpu_user_annotation"]
     gpu = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
-    if not gpu:
+    if not steps or not gpu:
         return {}
-    end = max(e["ts"] + e["dur"] for e in gpu)
-    # the last decode step: the window after the second-to-last lm_head GEMM is hard to find
-    # generically, so take the busy time of each stream over the whole run and its span
-    busy: dict = {}
+    last = max(steps, key=lambda e: e["ts"])
+    t0, t1 = last["ts"], last["ts"] + last["dur"]
+    out: dict = {"step_ms": round(last["dur"] / 1e3, 3)}
     for e in gpu:
-        s = str(e.get("args", {}).get("stream", "?"))
-        busy[s] = busy.get(s, 0.0) + e["dur"] / 1e3
-    span = (end - min(e["ts"] for e in gpu)) / 1e3
-    out = {"span_ms": round(span, 2), **{f"stream_{k}": round(v, 2) for k, v in busy.items()}}
+        if not t0 <= e["ts"] < t1:
+            continue
+        kind = "copy" if e["cat"] != "kernel" else kernel_kind(e.get("name", ""))
+        stream = out.setdefault(f"stream_{e.get('args', {}).get('stream', '?')}", {})
+        stream[kind] = round(stream.get(kind, 0.0) + e["dur"] / 1e3, 3)
     log(f"  profile {path.name}: {out}")
     if path.stat().st_size > 15e6:
         path.unlink()  # too big to bring back; the numbers above stay
@@ -400,7 +479,10 @@ def main(argv=None) -> int:
     ap.add_argument("--check-only", action="store_true")
     ap.add_argument("--hf", action="store_true", help="also time transformers' offloaded cache")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    ap.add_argument("--profile", action="store_true", help="torch.profiler traces at opt-6.7b b=32 s=1024")
+    ap.add_argument("--profile", action="store_true",
+                    help="torch.profiler trace of one decode step of every offloading mode at each point")
+    ap.add_argument("--points", default="",
+                    help="comma-separated grid points to run, as model:batch:context (default: the whole grid)")
     ap.add_argument("--throughput", choices=sorted(THROUGHPUT), default=None,
                     help="also run issue 6's throughput rows (weights and cache on the CPU)")
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated modes for the latency grid")
@@ -439,11 +521,14 @@ def main(argv=None) -> int:
                                                tuple(args.tp_modes.split(",")))
             save()
     if not args.check_only and not args.skip_latency:
+        wanted = {p for p in args.points.split(",") if p}
         for name, batch, context in GRIDS[args.grid]:
+            if wanted and f"{name}:{batch}:{context}" not in wanted:
+                continue
             main_point = (name, batch, context) == ("opt-6.7b", 32, 1024)
             result["rows"] += bench_point(name, batch, context, hw_name, args.steps, args.repeats,
                                           args.hf and main_point, log,
-                                          out if args.profile and main_point else None,
+                                          out if args.profile else None,
                                           tuple(args.modes.split(",")))
             save()
     rows = result["rows"]
