@@ -26,43 +26,65 @@ LAYER_OPS = 16
 RECOMPUTE_OPS = {"opt": 4, "llama": 5}
 
 
-# memory passes over one of K or V per recomputed token, besides the GEMMs: the transposed
-# activation made contiguous, the recomputed K,V written into the token-major staging slot,
-# and for RoPE families the rotation (slice, negate, concatenate, two products, a sum)
-ELEMENTWISE_PASSES = {"opt": 4, "llama": 16}
+# memory passes over one of K or V per recomputed token, besides the GEMMs, at attn_gbps:
+# the recomputed K,V copied into the token-major staging slot (put_recomputed), and for RoPE
+# families the rotation of K (slice, negate, concatenate, two products, a sum, with cos/sin
+# broadcast over batch and heads). Calibrated from torch.profiler kernel times of the compute
+# stream, H200, 2026-11-28 (tools/bench.py --profile): OPT-6.7B / OPT-13B pipelined 4.05 / 4.1
+# passes; llama-2-7b pipelined at 2048 / 3584 and kvpr at 2048: 31.6 / 32.5 / 28.8
+ELEMENTWISE_PASSES = {"opt": 4, "llama": 32}
 
-# nodes of the lowered decode graph the host issues, one at a time, per decode step: a layer,
-# an offloaded layer's write-back/prefetch/event nodes, a recomputing layer's fixed nodes and
-# each chunk's (the cloned K/V subgraph with its token-major transposes, staged_act,
-# put_recomputed, its wait), the head.
+# nodes of the lowered decode graph the host issues, one at a time, per decode step, by kind
+# (HOST_KINDS: module calls, aten ops, views, kvc custom ops; a module call costs several
+# times a view): a layer, an offloaded layer's write-back/prefetch/event nodes, a recomputing
+# layer's fixed nodes and each chunk's (the cloned K/V subgraph, staged_act, put_recomputed,
+# its wait), the head, a weight-streamed layer's prefetch_weights and its record/wait pairs,
+# and grouped-query attention's K,V head expansion. Micro-batches (passes/microbatch.py): the
+# split and the final concatenation once, an embedding, head and batch slice per extra
+# micro-batch, and nodes that read no tokens (RoPE table slices) once per layer, not per unit.
 # tests/test_cost.py checks these against kvc.lowering; at small batch they bound the step.
-# A weight-streamed layer adds 5: prefetch_weights and the weights-ready / weight-slot-free
-# record and wait pairs. Micro-batches (passes/microbatch.py): the split and the final
-# concatenation, an embedding and head per micro-batch, and nodes that read no tokens once.
-HOST_NODES = {"opt": {"layer": 25, "offload": 10, "recompute": 3, "chunk": 12, "head": 6, "weights": 5,
-                      "head_per_micro_batch": 4, "shared_per_layer": 0},
-              "llama": {"layer": 58, "offload": 10, "recompute": 3, "chunk": 29, "head": 14, "weights": 5,
-                        "head_per_micro_batch": 10, "shared_per_layer": 4}}
+HOST_KINDS = ("module", "op", "view", "kvc")
+HOST_NODES = {
+    "opt": {"layer": (8, 5, 10, 2), "head": (4, 2, 0, 0), "offload": (0, 0, 0, 10),
+            "recompute": (0, 0, 0, 3), "chunk": (2, 0, 5, 5), "weights": (0, 0, 0, 5),
+            "gqa": (0, 0, 0, 0), "split": (0, 2, 1, 0), "per_micro_batch": (3, 1, 1, 0),
+            "shared_per_layer": (0, 0, 0, 0)},
+    "llama": {"layer": (7, 29, 20, 2), "head": (2, 7, 5, 0), "offload": (0, 0, 0, 10),
+              "recompute": (0, 0, 0, 3), "chunk": (2, 5, 16, 6), "weights": (0, 0, 0, 5),
+              "gqa": (0, 0, 4, 0), "split": (0, 2, 1, 0), "per_micro_batch": (2, 7, 2, 0),
+              "shared_per_layer": (0, 0, 4, 0)},
+}
 
 
-def host_nodes(spec: ModelSpec, resident, recomputes, act_chunks: int, streamed=None,
-               micro_batches: int = 1):
-    """Nodes per decode step; `resident` and `recomputes` are per-unit booleans (arrays),
-    `streamed` per layer (weights). Micro-batches add the batch split and the concatenation
-    of the outputs, and each micro-batch runs its own embedding and head."""
-    n = HOST_NODES[spec.family]
-    layer = n["layer"] + (4 if spec.family == "llama" and spec.num_kv_heads < spec.num_heads else 0)
+def host_node_kinds(spec: ModelSpec, resident, recomputes, act_chunks: int, streamed=None,
+                    micro_batches: int = 1) -> np.ndarray:
+    """Nodes per decode step by kind ([len(HOST_KINDS)]); `resident` and `recomputes` are
+    per-unit booleans (arrays), `streamed` per layer (weights)."""
+    n = {k: np.array(v) for k, v in HOST_NODES[spec.family].items()}
+    layer = n["layer"] + (n["gqa"] if spec.num_kv_heads < spec.num_heads else 0)
     off = ~np.asarray(resident, dtype=bool)
     rec = np.asarray(recomputes, dtype=bool) & off
-    per_layer = layer + off * n["offload"] + rec * (n["recompute"] + act_chunks * n["chunk"])
-    total = per_layer.sum(axis=0) + n["head"]
-    if micro_batches > 1:  # a layer's nodes that read no tokens (RoPE table slices) run once
+    total = (len(off) * layer + off.sum() * n["offload"]
+             + rec.sum() * (n["recompute"] + act_chunks * n["chunk"]) + n["head"])
+    if micro_batches > 1:
         layers = len(off) // micro_batches
-        total = total + 2 + micro_batches + (micro_batches - 1) * (
-            n["head_per_micro_batch"] - layers * n["shared_per_layer"])
+        total = total + n["split"] + (micro_batches - 1) * (
+            n["per_micro_batch"] - layers * n["shared_per_layer"])
     if streamed is not None and len(streamed):
         total = total + n["weights"] * int(np.count_nonzero(np.asarray(streamed, dtype=float)))
     return total
+
+
+def host_nodes(spec: ModelSpec, resident, recomputes, act_chunks: int, streamed=None,
+               micro_batches: int = 1) -> int:
+    """Nodes per decode step, all kinds together."""
+    return int(host_node_kinds(spec, resident, recomputes, act_chunks, streamed, micro_batches).sum())
+
+
+def host_ms(hw: HardwareConfig, kinds) -> float:
+    """Host time to issue nodes counted by kind (host_node_kinds)."""
+    us = np.array([hw.host_module_us, hw.host_op_us, hw.host_view_us, hw.host_kvc_us])
+    return float(np.asarray(kinds) @ us) * 1e-3
 
 
 def dtype_bytes(dtype: str) -> int:
@@ -124,6 +146,9 @@ class LayerCosts:
     compute_slowdown: float
     copy_slowdown: float
     weight_copy: float = 0.0  # H2D of one layer's weights (all of them), when it streams them
+    # the part of layer_fixed after attention (output projection, MLP): the staging slot is
+    # free once attention has read it (passes/streams.py, slot_free), before this part runs
+    layer_back: float = 0.0
 
 
 def layer_costs(spec: ModelSpec, hw: HardwareConfig, b: int, dtype: str, offloaded=True) -> LayerCosts:
@@ -142,6 +167,7 @@ def layer_costs(spec: ModelSpec, hw: HardwareConfig, b: int, dtype: str, offload
     P = spec.layer_param_count()
     # decode GEMMs read every weight once; at small batch that read, not the FLOPs, bounds it
     weights_ms = max(2 * P * (b + r0) / F, P * p / mem) * ms
+    back = 1.0 - (h * spec.q_width + 2 * h * hkv) / P  # all but the Q, K, V projections
     rec_w = 2 * h * hkv  # K and V projection weights
     rec_chunk = (2 * rec_w * r0 / F + rec_w * p / mem) * ms + RECOMPUTE_OPS[spec.family] * launch
     head_p = spec.vocab_size * spec.word_embed_proj_dim
@@ -162,6 +188,7 @@ def layer_costs(spec: ModelSpec, hw: HardwareConfig, b: int, dtype: str, offload
         compute_slowdown=cs,
         copy_slowdown=ks,
         weight_copy=(layer_weight_bytes(spec, p) / h2d * ms + lat) * ks,
+        layer_back=(weights_ms * back + LAYER_OPS / 2 * launch) * cs,
     )
 
 
@@ -205,7 +232,7 @@ def per_unit(x, micro_batches: int):
 
 
 def simulate(A, K, R, C, D, head: float, lookahead: int, act_chunks: int, W=None,
-             weight_lag: int = 2):
+             weight_lag: int = 2, back: float = 0.0):
     """Earliest-start schedule of one decode step, as the runtime issues it.
 
     Arrays are [units, ...] (any trailing shape, e.g. contexts); a unit is a layer on one
@@ -222,6 +249,8 @@ def simulate(A, K, R, C, D, head: float, lookahead: int, act_chunks: int, W=None
     included, it reads the K/V projections) starts before it lands. The copy waits for its
     weight slot: the unit `weight_lag` before (micro_batches + 1: the last unit of the layer
     two back, which used the same one of the two slots), not for the staging slot.
+    `back` (ms): the end of each unit's compute that runs after its attention has read the
+    staging slot; the slot is free for the next copies that much before the unit ends.
     Returns (step, link_busy, gpu_busy) in ms.
     """
     L = A.shape[0]
@@ -236,7 +265,7 @@ def simulate(A, K, R, C, D, head: float, lookahead: int, act_chunks: int, W=None
         w0 = np.maximum(copy_end, ends[jw]) if jw >= 0 else copy_end  # weight slot free
         wt = w0 + W[i]  # the layer's weights have landed (W = 0: nothing copied, no wait)
         wt = np.where(W[i] > 0, wt, copy_end)
-        start = np.maximum(wt, ends[j]) if j >= 0 else wt  # staging slot free
+        start = np.maximum(wt, ends[j] - back) if j >= 0 else wt  # staging slot free
         t = ends[i - 1] if i else zero
         for k in range(1, c + 1):
             t = np.maximum(t, start + k * A[i] / c) + R[i] / c
@@ -252,7 +281,7 @@ def simulate(A, K, R, C, D, head: float, lookahead: int, act_chunks: int, W=None
 
 
 def intervals(A, K, R, C, D, head: float, lookahead: int, act_chunks: int, W=None,
-              weight_lag: int = 2) -> list[dict]:
+              weight_lag: int = 2, back: float = 0.0) -> list[dict]:
     """The same earliest-start schedule as `simulate`, for one context (arrays [layers]), as
     the intervals each stream is busy: dicts with lane (copy-in | compute | copy-out), layer
     (None for the head), kind (act_copy | kv_copy | recompute | compute | writeback | head),
@@ -277,7 +306,7 @@ def intervals(A, K, R, C, D, head: float, lookahead: int, act_chunks: int, W=Non
             w0 = max(copy_end, ends[jw]) if jw >= 0 else copy_end
             add("copy-in", i, "weight_copy", w0, w0 + W[i])
             copy_end = w0 + W[i]
-        start = max(copy_end, ends[j]) if j >= 0 else copy_end
+        start = max(copy_end, ends[j] - back) if j >= 0 else copy_end
         t = ends[i - 1] if i else 0.0
         for k in range(1, c + 1):
             add("copy-in", i, "act_copy", start + (k - 1) * A[i] / c, start + k * A[i] / c)

@@ -22,7 +22,11 @@ class HardwareConfig:
     compute_slowdown: float = 1.0  # compute time multiplier while copies run
     copy_slowdown: float = 1.0  # copy time multiplier while compute runs
     launch_us: float = 5.0  # host overhead per kernel / op launch
-    host_op_us: float = 20.0  # host time to issue one node of the compiled step (fx + dispatch)
+    # host time to issue one node of the compiled step (fx + dispatch + launch), by kind
+    host_module_us: float = 40.0  # an nn.Module call (Linear, LayerNorm, Embedding)
+    host_op_us: float = 15.0  # an aten op
+    host_view_us: float = 4.0  # a view (no kernel)
+    host_kvc_us: float = 15.0  # a kvc custom op (copies, events, cache verbs)
     measured: dict = field(default_factory=dict)  # machine, date, torch/cuda versions of a profile
 
     # GB everywhere means 1e9 bytes; GB/s likewise, TFLOP/s 1e12 FLOP/s.

@@ -168,7 +168,7 @@ def profile(device: str, progress: bool = True, dtype: str | None = None) -> Har
     k = 200
     t = timer(lambda: [tiny.add_(1) for _ in range(k)], 3)
     launch_us = t / k * 1e6
-    host_op_us = _host_op_us(tiny)
+    host = host_us(dev, dt)
 
     bar.finish()
     if cuda:
@@ -185,7 +185,7 @@ def profile(device: str, progress: bool = True, dtype: str | None = None) -> Har
         gpu_mem_gb=_r(gpu_mem), cpu_mem_gb=_r(_host_mem_gb() / (1 if cuda else 2)),
         mem_margin_gb=2.0 if cuda else 1.0,
         compute_slowdown=_r(comp_slow, 3), copy_slowdown=_r(copy_slow, 3), launch_us=_r(launch_us),
-        host_op_us=_r(host_op_us),
+        **{k: _r(v) for k, v in host.items()},
         measured={**machine_info(device), "dtype": str(dt).replace("torch.", ""),
                   "gemm_shape": f"[rows x {h}] @ [{h} x {2 * hkv}]",
                   "gemm_rows": shape["rows"], "gemm_ms": [_r(t * 1e3, 4) for t in gts]},
@@ -197,44 +197,74 @@ class _NoEvents:
         pass
 
 
-def _host_op_us(x: torch.Tensor, repeats: int = 40) -> float:
-    """Host time per node of an fx GraphModule with the compiled step's mix of nodes (a module
-    call, views, an elementwise op, a kvc custom op), issued one after another with the GPU
-    left to run behind (no sync inside the timing)."""
+HOST_CHAINS = ("module", "op", "view", "kvc")  # cost.HOST_KINDS
+
+
+def host_us(device, dtype=torch.float16, repeats: int = 100) -> dict:
+    """Host time (µs) to issue one node of each kind, as an fx GraphModule issues them (one
+    call each, with the GPU left to run behind: no sync inside the timing): a Linear module
+    called the way the lowered decode graphs call theirs (a flat alias, passes/flatten.py),
+    an aten op, a view, a kvc custom op. Keys: host_module_us, host_op_us, host_view_us, host_kvc_us."""
     import statistics
     import time
 
     import torch.fx
 
     import kvc.runtime.ops  # noqa: F401
+    from kvc.passes.flatten import flatten_targets
     from kvc.runtime import registry
 
-    class Chain(torch.nn.Module):
+    class Attn(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.proj = torch.nn.Linear(8, 8, device=x.device, dtype=x.dtype)
+            self.k_proj = torch.nn.Linear(8, 8, device=device, dtype=dtype)
 
-        def forward(self, t, rt: int):
-            for _ in range(repeats):
-                t = self.proj(t).unflatten(-1, (2, 4)).flatten(-2) + 1.0
-                torch.ops.kvc.wait_event(rt, 0, 0)
-            return t
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.self_attn = Attn()
+
+    def chain(kind):
+        class Chain(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.layers = torch.nn.ModuleList([Layer()])
+
+            def forward(self, t, rt: int):
+                for _ in range(repeats):
+                    if kind == "module":
+                        t = self.layers[0].self_attn.k_proj(t)
+                    elif kind == "op":
+                        t = t + 1.0
+                    elif kind == "view":
+                        t = t.unflatten(-1, (2, 4))
+                        t = t.flatten(-2)
+                    else:
+                        torch.ops.kvc.wait_event(rt, 0, 0)
+                return t
+        gm = torch.fx.symbolic_trace(Chain())
+        flatten_targets(gm)  # as the lowering's last pass leaves module calls
+        return gm
 
     rt = registry.register(_NoEvents())
+    out = {}
     try:
-        gm = torch.fx.symbolic_trace(Chain())
-        t = torch.zeros(2, 8, device=x.device, dtype=x.dtype)
-        gm(t, rt)
-        times = []
-        for _ in range(7):
-            if x.is_cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
+        t = torch.zeros(2, 8, device=device, dtype=dtype)
+        for kind in HOST_CHAINS:
+            gm = chain(kind)
             gm(t, rt)
-            times.append(time.perf_counter() - t0)
+            times = []
+            for _ in range(7):
+                if t.is_cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                gm(t, rt)
+                times.append(time.perf_counter() - t0)
+            per = 2 * repeats if kind == "view" else repeats
+            out[f"host_{kind}_us"] = statistics.median(times) / per * 1e6
     finally:
         registry.release(rt)
-    return statistics.median(times) / (5 * repeats) * 1e6
+    return out
 
 
 def _both_directions(cuda, timer, h_src, d_dst, d_src, h_dst, reps) -> float:

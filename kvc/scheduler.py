@@ -238,7 +238,8 @@ def step_terms(spec, hw, plan: Plan, s, l, b: int, dtype: str):
     res = np.array(plan.resident).reshape((-1,) + (1,) * len(trailing))
     A, K, R, C, D = cost.durations(c, np.asarray(s)[None, ...], l, res, plan.act_chunks)
     W = cost.weight_durations(c, streamed, trailing, m) if any(streamed) else None
-    return (A, K, R, C, D, m * c.head, plan.lookahead, plan.act_chunks), {"W": W, "weight_lag": m + 1}
+    return ((A, K, R, C, D, m * c.head, plan.lookahead, plan.act_chunks),
+            {"W": W, "weight_lag": m + 1, "back": c.layer_back})
 
 
 def _evaluate_arrays(spec, hw, plan: Plan, ctx, l, b, dtype):
@@ -253,8 +254,8 @@ def _host_ms(spec, hw, plan: Plan, l) -> float:
     """Host time to issue one decode step. A unit that recomputes at any context carries its
     clone nodes at every context."""
     ever = (np.asarray(l) > 0).any(axis=-1) if np.ndim(l) > 1 else np.asarray(l) > 0
-    return cost.host_nodes(spec, plan.resident, ever, plan.act_chunks,
-                           plan.weights_streamed, plan.micro_batches) * hw.host_op_us * 1e-3
+    return cost.host_ms(hw, cost.host_node_kinds(spec, plan.resident, ever, plan.act_chunks,
+                                                 plan.weights_streamed, plan.micro_batches))
 
 
 # --- memory ----------------------------------------------------------------------------------
@@ -396,8 +397,8 @@ def _solve(c: cost.LayerCosts, L: int, s: int, *, look: int, chunks: int, reside
             prob += P >= Pw + wc[i]
         elif copy_end is not None:
             prob += P >= copy_end  # one copy stream
-        if u - 1 - look >= 0:
-            prob += P >= E[u - 1 - look]  # staging buffer u mod (look+1) is free
+        if u - 1 - look >= 0:  # staging buffer u mod (look+1) is free: its attention is done
+            prob += P >= E[u - 1 - look] - c.layer_back
         prev = None
         for k in range(1, chunks + 1):
             Q = V(f"Q{u}_{k}", 0)

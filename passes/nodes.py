@@ -39,6 +39,35 @@ def is_op(node: torch.fx.Node, name: str) -> bool:
     return op_name(node) == name
 
 
+# ops that only make a view (no kernel): the cheapest nodes for the host to issue
+VIEW_NAMES = frozenset({"getitem", "getattr", "transpose", "unflatten", "flatten", "view", "reshape",
+                        "permute", "unsqueeze", "squeeze", "expand", "narrow", "select", "size",
+                        "type_as"})
+
+
+def host_kind(node: torch.fx.Node) -> str | None:
+    """What the host issues for a node, as the cost model's host lane counts it (cost.HOST_KINDS):
+    module | op | view | kvc; None for placeholders, attribute reads and the output."""
+    if node.op in ("placeholder", "get_attr", "output"):
+        return None
+    if node.op == "call_module":
+        return "module"
+    if op_name(node) is not None:
+        return "kvc"
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return "view" if name in VIEW_NAMES else "op"
+
+
+def host_kinds(gm: torch.fx.GraphModule) -> dict[str, int]:
+    """A graph's nodes counted by host_kind."""
+    out = {k: 0 for k in ("module", "op", "view", "kvc")}
+    for n in gm.graph.nodes:
+        k = host_kind(n)
+        if k is not None:
+            out[k] += 1
+    return out
+
+
 def op_arg_names(node: torch.fx.Node) -> list[str]:
     """The argument names of a kvc op's schema, in order."""
     return [a.name for a in getattr(torch.ops.kvc, op_name(node)).default._schema.arguments]

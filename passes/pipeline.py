@@ -8,6 +8,7 @@ from torch.fx.passes.infra.pass_manager import PassManager
 from kvc.plan import Plan
 
 from .annotate import Annotate
+from .flatten import Flatten
 from .microbatch import MicroBatch
 from .offload import Offload
 from .prefetch import Prefetch
@@ -15,12 +16,12 @@ from .recompute import Recompute
 from .streams import Streams
 from .weights import Weights
 
-ORDER = ("microbatch", "annotate", "offload", "recompute", "prefetch", "weights", "streams")
+ORDER = ("microbatch", "annotate", "offload", "recompute", "prefetch", "weights", "streams", "flatten")
 
 
 def build_passes(plan: Plan) -> list:
     passes = [MicroBatch(plan), Annotate(), Offload(plan), Recompute(plan), Prefetch(plan), Weights(plan),
-              Streams(plan)]
+              Streams(plan), Flatten()]
     assert tuple(p.name for p in passes) == ORDER
     return passes
 

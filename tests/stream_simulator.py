@@ -40,8 +40,10 @@ def sources(n) -> set:
 
 def weight_layers(n) -> set[int]:
     """The layers whose parameters node `n` reads (call_module, or a get_attr through views)."""
-    targets = [n.target] if n.op == "call_module" else [
-        x.target for x in sources(n) if x.op == "get_attr"]
+    # passes/flatten.py keeps the dotted target in the node's meta
+    dotted = lambda x: x.meta.get("kvc", {}).get("target", x.target)  # noqa: E731
+    targets = [dotted(n)] if n.op == "call_module" else [
+        dotted(x) for x in sources(n) if x.op == "get_attr"]
     out = set()
     for t in targets:
         parts = t.split(".") if isinstance(t, str) else []

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from kvc.passes.nodes import host_kinds
 from kvc import cost
 from kvc.errors import KvcError
 from kvc.hardware import HardwareConfig
@@ -56,6 +57,8 @@ def test_host_nodes_match_the_lowered_graphs():
             nodes = sum(n.op not in ("placeholder", "get_attr", "output") for n in gm.graph.nodes)
             rec = [frac > 0 and mode != "gpu_resident"] * 3
             assert cost.host_nodes(spec, plan.resident, rec, plan.act_chunks) == nodes, (name, mode)
+            by_kind = host_kinds(gm)
+            assert list(cost.host_node_kinds(spec, plan.resident, rec, plan.act_chunks)) == [by_kind[k] for k in cost.HOST_KINDS], (name, mode)
 
 
 def _sim(c, s, l, resident, look, chunks):
@@ -70,6 +73,23 @@ def test_kvpr_layer_time_is_act_plus_max():
     (step, _, _), (A, K, R, C, D) = _sim(c, 1024, [512] * 4, [False] * 4, 0, 1)
     expect = (A + np.maximum(R, K) + C).sum() + c.head
     assert step[0] == pytest.approx(max(expect, step[0] - D[-1][0]))
+
+
+def test_kvpr_next_copies_start_when_attention_has_read_the_slot():
+    """One staging slot (kvpr): layer i+1's copies wait for layer i's attention, not for its
+    output projection and MLP (`layer_back`), which run beside them (passes/streams.py records
+    slot_free after attention). The LP states the same (test_weights: LP == simulate)."""
+    c = cost.layer_costs(PRESETS["opt-6.7b"], HW, 8, "float16")
+    assert 0 < c.layer_back < c.layer_fixed
+    L = 6
+    A, K, R, C, D = cost.durations(c, np.full((L, 1), 1024), np.full((L, 1), 512),
+                                   np.zeros((L, 1), bool), 1)
+    assert A[0, 0] >= c.layer_back  # the copy, not the previous layer, is then on the path
+    step = cost.simulate(A, K, R, C, 0 * D, c.head, 0, 1, back=c.layer_back)[0][0]
+    per = A[0, 0] + max(R[0, 0], K[0, 0]) + C[0, 0]
+    assert step == pytest.approx(L * per - (L - 1) * c.layer_back + c.head)
+    whole = cost.simulate(A, K, R, C, 0 * D, c.head, 0, 1)[0][0]  # without: the whole layer
+    assert whole == pytest.approx(L * per + c.head)
 
 
 def test_full_offload_steady_state_is_max_of_copy_and_compute():

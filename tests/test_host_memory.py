@@ -46,7 +46,8 @@ def table_plan(prompt=16, gen=8, chunks=2) -> Plan:
 
 def lp_plan(spec) -> Plan:
     """A plan the LP solves: over a very slow link the offloaded layers recompute everything."""
-    h = hw("cpu", h2d_gbps=0.001, host_op_us=0.0)
+    h = hw("cpu", h2d_gbps=0.001, host_module_us=0.0, host_op_us=0.0, host_view_us=0.0,
+           host_kvc_us=0.0)
     plan = make_plan(spec, h, batch_size=2, prompt_len=16, gen_len=8, dtype="float32",
                      mode="pipelined", chunk_tokens=4)
     assert plan.forced_fraction is None and plan.offloaded

@@ -13,7 +13,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from kvc.passes.nodes import is_op, layer_of, op_arg
+from kvc.passes.nodes import host_kinds, is_op, layer_of, op_arg
 from kvc.passes.pipeline import run_pipeline
 from stream_simulator import simulate
 from kvc_fixtures import hw
@@ -176,6 +176,8 @@ def test_host_nodes_count_micro_batches(name, m):
         rec = [frac > 0 and mode != "gpu_resident"] * plan.num_units
         got = cost.host_nodes(spec, plan.resident, rec, plan.act_chunks, plan.weights_streamed, m)
         assert got == nodes, (name, mode)
+        by_kind = host_kinds(gm)
+        assert list(cost.host_node_kinds(spec, plan.resident, rec, plan.act_chunks, plan.weights_streamed, m)) == [by_kind[k] for k in cost.HOST_KINDS], (name, mode)
 
 
 # --- planning -----------------------------------------------------------------------------------

@@ -419,7 +419,9 @@ def test_resident_layer_untouched():
         for n in g.graph.nodes:
             inside = (inside or n.name == info[1]["first"]) and n.name != info[2]["first"]
             if inside:
-                names.append((n.name, str(n.target), [str(a) for a in n.args]))
+                # passes/flatten.py keeps the dotted target in the meta
+                target = n.meta.get("kvc", {}).get("target", n.target)
+                names.append((n.name, str(target), [str(a) for a in n.args]))
         return names
 
     assert span(gm) == span(traced)
@@ -630,3 +632,36 @@ def test_retracing_a_model_gives_the_same_code():
     first = compiled(m, plan).code
     assert compiled(m, plan).code == first
     assert not [k for k in vars(m) if k.startswith("_tensor_constant")]  # the model is not mutated
+
+
+# --- flatten ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama"])
+def test_flatten_calls_the_same_objects_by_flat_names(name):
+    """Every module call and parameter read goes through a flat alias of the same object: no
+    nn.Module.__getattr__ chain in the code, nothing duplicated in the module tree."""
+    m = tiny(name)
+    gm = compiled(m, plan_for())
+    assert "getattr(self.layers" not in gm.code
+    moved = [n for n in gm.graph.nodes if "target" in n.meta.get("kvc", {})]
+    assert {n.op for n in moved} >= {"call_module"}
+    for n in moved:
+        dotted = n.meta["kvc"]["target"]
+        owner, _, attr = dotted.rpartition(".")
+        obj = gm.get_submodule(dotted) if n.op == "call_module" else getattr(gm.get_submodule(owner), attr)
+        assert getattr(gm, n.target) is obj and n.target == "kvc_" + dotted.replace(".", "_")
+    names = [k for k, _ in gm.named_parameters()]
+    assert not any(k.startswith("kvc_") for k in names) and len(names) == len(set(names))
+    assert not any(k.startswith("kvc_") for k in gm.state_dict())
+
+
+def test_flatten_aliases_see_a_data_swap():
+    """The weight streamer points parameters at GPU slots with `.data =`: the aliases must
+    follow, or a flattened graph would read stale weights."""
+    m = tiny("tiny-opt")
+    gm = compiled(m, plan_for())
+    node = next(n for n in gm.graph.nodes if n.op == "call_module" and ".k_proj" in n.meta["kvc"].get("target", ""))
+    param = gm.get_submodule(node.meta["kvc"]["target"]).weight
+    new = torch.full_like(param, 3.0)
+    param.data = new
+    assert getattr(gm, node.target).weight.data_ptr() == new.data_ptr()

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from kvc.passes.nodes import is_op, op_arg
+from kvc.passes.nodes import host_kinds, is_op, op_arg
 from kvc.passes.pipeline import run_pipeline
 from stream_simulator import simulate, weight_layers
 
@@ -182,6 +182,8 @@ def test_host_nodes_count_the_weight_nodes():
             rec = [frac > 0 and mode != "gpu_resident"] * 3
             got = cost.host_nodes(spec, plan.resident, rec, plan.act_chunks, plan.weights_streamed)
             assert got == nodes, (name, mode)
+            by_kind = host_kinds(gm)
+            assert list(cost.host_node_kinds(spec, plan.resident, rec, plan.act_chunks, plan.weights_streamed)) == [by_kind[k] for k in cost.HOST_KINDS], (name, mode)
 
 
 # --- races ----------------------------------------------------------------------------------------
@@ -319,7 +321,8 @@ def test_simulate_and_lp_agree_with_weights(look, chunks, m):
         A, K, R, C, D = cost.durations(c, np.full((U, 1), s), l, np.zeros((U, 1), bool), chunks)
         R = np.where(l > 0, R, chunks * c.rec_chunk_fixed)  # the LP pays the chunk's weight read always
         W = cost.weight_durations(c, w, (1,), m)
-        return cost.simulate(A, K, R, C, D, m * c.head, look, chunks, W=W, weight_lag=m + 1)[0][0]
+        return cost.simulate(A, K, R, C, D, m * c.head, look, chunks, W=W, weight_lag=m + 1,
+                             back=c.layer_back)[0][0]
 
     x, _, _, T = scheduler._solve(c, L, s, wcopy=wcopy, **kw)
     assert simulated(x, streamed) == pytest.approx(T, rel=1e-6)

@@ -7,8 +7,9 @@ For each grid point (model preset, batch, context = prompt length, gen 32) one m
 dummy fp16 weights is built on the GPU and every mode is lowered from it with the LP's plan
 for the card's hardware preset, with `hardware.gpu_mem_gb` set so that the KV cache does not
 fit next to the weights (gpu_resident is measured with the card's whole memory, where it
-fits). Decode time per token = (time of generate(n=1+STEPS) - time of generate(n=1)) / STEPS,
-medians of REPEATS, CUDA-synchronised; the first call of each mode is a warm-up.
+fits). Decode time per token: generate(n=1+N) timed from a sync after the prefill to a sync
+after the last step, / N, median of REPEATS, after a warm-up; N = --steps or more, so that a
+timing covers about 1 s. The host time per step is measured apart, each step on an idle GPU.
 Transformers' offloaded cache runs the same shape with `cache_implementation="offloaded"`.
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ from kvc.api import make_plan, resolve  # noqa: E402
 from kvc.lowering import lower  # noqa: E402
 from kvc.models import build_model, preset  # noqa: E402
 from kvc.models.reference import ReferenceDecoder  # noqa: E402
+from kvc.passes.nodes import host_kinds  # noqa: E402
 from kvc.runtime.executor import CompiledModel  # noqa: E402
 from kvc.runtime.weights import place_streamed  # noqa: E402
 from kvc.scheduler import host_memory_gb, predict, search_policy  # noqa: E402
@@ -71,6 +73,10 @@ TP_BATCHES = (16, 32, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
 TP_MICRO = (1, 2, 4, 8)
 HOST_GB = 110.0  # of the machine's 128 GiB: room for the process, the model build and the OS
 DEVICE = "cuda"  # --device cpu: a smoke test of this script on a machine without CUDA
+# hardware overrides for every plan of the run: the host lane's per-node costs as
+# kvc.profiler.host_us measures them on this machine at the start of the run (the host of a
+# lent machine differs from lease to lease; the card's preset cannot know it)
+HOST_OVERRIDES: list[str] = []
 DTYPE, DTYPE_NAME = torch.float16, "float16"
 
 
@@ -110,7 +116,7 @@ def free_memory() -> None:
 def compiled(model, spec, mode, batch, context, hw_name, budget, fraction=None, extra=()):
     overrides = [f"hardware={hw_name}", f"schedule.mode={mode}",
                  f"workload.batch_size={batch}", f"workload.prompt_len={context}",
-                 f"workload.gen_len={GEN_LEN}", f"hardware.gpu_mem_gb={budget}", *extra]
+                 f"workload.gen_len={GEN_LEN}", f"hardware.gpu_mem_gb={budget}", *HOST_OVERRIDES, *extra]
     if fraction is not None:
         overrides.append(f"schedule.recompute_fraction={fraction}")
     cfg = load_config({"model": {"preset": spec_name(spec), "dtype": DTYPE_NAME}}, overrides)
@@ -141,14 +147,20 @@ def timed(fn) -> float:
 
 
 class StepHost:
-    """Wraps a lowered decode graph: host wall time of each call (no sync: with the GPU behind,
-    that is the time the host spends issuing the step's nodes). With `mark`, each call is a
-    profiler range and ends with a sync, so one step's kernels lie inside its range."""
+    """Wraps a lowered decode graph. `idle`: each call starts on an idle GPU (a sync first),
+    and `times` holds the host wall time of each call, i.e. what the host spends issuing the
+    step's nodes while the GPU keeps up. `first`: a sync before the first call only, whose
+    end `start` records: decode steps timed from there never overlap the prefill. `mark`:
+    each call is a profiler range ending with a sync, so one step's kernels lie inside it."""
 
-    def __init__(self, fn, mark: bool = False):
-        self.fn, self.mark, self.times = fn, mark, []
+    def __init__(self, fn, mark: bool = False, idle: bool = False, first: bool = False):
+        self.fn, self.mark, self.idle, self.first, self.times = fn, mark, idle, first, []
+        self.start = None
 
     def __call__(self, *args):
+        if self.idle or (self.first and self.start is None):
+            sync()
+            self.start = time.perf_counter()
         t0 = time.perf_counter()
         if self.mark:
             with torch.profiler.record_function("kvc_decode_step"):
@@ -160,47 +172,49 @@ class StepHost:
         return out
 
 
-VIEWS = {"getitem", "getattr", "transpose", "unflatten", "flatten", "view", "reshape", "permute",
-         "unsqueeze", "squeeze", "expand", "narrow", "size", "type_as"}
-
-
-def node_kinds(gm) -> dict:
-    """The decode graph's nodes by kind, for fitting the host lane: module calls, kvc custom
-    ops, views (no kernel), other aten ops, attribute reads."""
-    kinds = {"module": 0, "kvc": 0, "view": 0, "op": 0, "attr": 0}
-    for n in gm.graph.nodes:
-        if n.op in ("placeholder", "output"):
-            continue
-        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
-        if n.op == "call_module":
-            kinds["module"] += 1
-        elif n.op == "get_attr":
-            kinds["attr"] += 1
-        elif str(n.target).startswith("kvc."):
-            kinds["kvc"] += 1
-        elif name.split(".")[0] in VIEWS:
-            kinds["view"] += 1
-        else:
-            kinds["op"] += 1
-    return kinds
+def with_step_hook(cm, hook: StepHost, fn):
+    decode = cm.lowered.decode
+    cm.lowered.decode = hook
+    try:
+        return fn()
+    finally:
+        cm.lowered.decode = decode
 
 
 def host_ms(cm, ids, steps: int) -> float:
-    """Median host time of one decode graph call (after a warm-up generate)."""
-    decode = cm.lowered.decode
-    cm.lowered.decode = timer = StepHost(decode)
-    try:
-        cm.generate(ids, 1 + steps)
-    finally:
-        cm.lowered.decode = decode
-    return statistics.median(timer.times) * 1e3
+    """Median host time of one decode graph call started on an idle GPU."""
+    hook = StepHost(cm.lowered.decode, idle=True)
+    with_step_hook(cm, hook, lambda: cm.generate(ids, 1 + steps))
+    return statistics.median(hook.times) * 1e3
+
+
+def compiled_decode_ms(cm, ids, steps: int, repeats: int) -> float:
+    """generate(1 + steps), timed from the first decode step (the prefill done: a sync) to the
+    end (a sync), per step; median of `repeats`, after a warm-up. The host runs ahead of the
+    GPU between steps exactly as in use, but never hides its own time behind the prefill."""
+    cm.generate(ids, 2)  # warm-up: allocator, kernels, pinned pools
+    times = []
+    for _ in range(repeats):
+        hook = StepHost(cm.lowered.decode, first=True)
+        with_step_hook(cm, hook, lambda: cm.generate(ids, 1 + steps))
+        sync()
+        times.append((time.perf_counter() - hook.start) / steps)
+    return statistics.median(times) * 1e3
 
 
 def decode_ms(gen, ids, steps: int, repeats: int) -> float:
+    """For a generate we cannot hook (transformers): (generate(1 + steps) - generate(1)) /
+    steps. The host's issue time of the first decode steps hides behind the prefill here."""
     gen(ids, 2)  # warm-up: allocator, kernels, pinned pools
     full = [timed(lambda: gen(ids, 1 + steps)) for _ in range(repeats)]
     pre = [timed(lambda: gen(ids, 1)) for _ in range(repeats)]
     return (statistics.median(full) - statistics.median(pre)) / steps * 1e3
+
+
+def steps_for(predicted_ms: float, least: int) -> int:
+    """Decode steps per timing: at least `least`, and about 1 s of them (a fast step is
+    timed over more steps), within the plan's gen_len."""
+    return max(least, min(GEN_LEN - 1, math.ceil(1000.0 / max(predicted_ms, 1e-3))))
 
 
 # --- correctness ---------------------------------------------------------------------------
@@ -259,7 +273,7 @@ def bench_point(name, batch, context, hw_name, steps, repeats, with_hf, log=prin
     model = build_model(spec, DEVICE, DTYPE, seed=0)
     ids = torch.randint(0, spec.vocab_size, (batch, context), device=DEVICE)
     s_max = context + GEN_LEN
-    hw = resolve(load_config({"model": {"preset": name}}, [f"hardware={hw_name}"])).hardware
+    hw = resolve(load_config({"model": {"preset": name}}, [f"hardware={hw_name}", *HOST_OVERRIDES])).hardware
     budget = offload_budget_gb(spec, hw, batch, s_max)
     card_gb = torch.cuda.get_device_properties(0).total_memory / 1e9 if DEVICE == "cuda" else 64.0
     rows = []
@@ -270,26 +284,28 @@ def bench_point(name, batch, context, hw_name, steps, repeats, with_hf, log=prin
         except KvcError as e:
             log(f"{name} b={batch} s={context} {mode}: skipped ({e})")
             continue
+        n = steps_for(predict(spec, r.hardware, cm.plan, context, batch, DTYPE_NAME)["predicted_step_ms"], steps)
         try:
-            ms = decode_ms(cm.generate, ids, steps, repeats)
+            ms = compiled_decode_ms(cm, ids, n, repeats)
         except torch.OutOfMemoryError as e:
             log(f"{name} b={batch} s={context} {mode}: out of memory ({str(e)[:80]})")
             cm.close()
             free_memory()
             continue
-        host = host_ms(cm, ids, steps)
-        pred = predict(spec, r.hardware, cm.plan, context + steps // 2, batch, DTYPE_NAME)
+        host = host_ms(cm, ids, min(n, 4))
+        pred = predict(spec, r.hardware, cm.plan, context + n // 2, batch, DTYPE_NAME)
         moved = int(pred["h2d_bytes"])
         rows.append({
             "model": name, "batch": batch, "context": context, "setting": "latency", "mode": mode,
             "decode_ms_per_token": round(ms, 3), "predicted_ms": round(pred["predicted_step_ms"], 3),
+            "steps_timed": n,
             "decode_tokens_per_s": round(batch * 1e3 / ms, 2), "bytes_per_step": moved,
             "link_utilization": round(moved / (ms / 1e3) / (r.hardware.h2d_gbps * 1e9), 3),
             "recompute_fraction_mid": round(sum(cm.plan.recompute_tokens(i, context) for i in range(spec.num_layers))
                                             / max(1, spec.num_layers * context), 3),
             "gpu_mem_gb_budget": round(card_gb if mode == "gpu_resident" else budget, 1),
             "host_ms_per_step": round(host, 3), "predicted_host_ms": round(pred["host_ms"], 3),
-            "decode_nodes": node_kinds(cm.lowered.decode),
+            "decode_nodes": host_kinds(cm.lowered.decode),
         })
         log(f"{name} b={batch} s={context} {mode:13s} {ms:8.2f} ms/token "
             f"(LP {pred['predicted_step_ms']:.2f}) moved {moved / 1e9:.2f} GB, host {host:.2f} ms "
@@ -318,7 +334,8 @@ def throughput_point(name, gpu_gb, hw_name, log=print,
     spec = get_spec(name)
     card_gb = torch.cuda.get_device_properties(0).total_memory / 1e9 if DEVICE == "cuda" else 64.0
     budget = gpu_gb or round(card_gb, 1)
-    overrides = [f"hardware={hw_name}", f"hardware.gpu_mem_gb={budget}", f"hardware.cpu_mem_gb={HOST_GB}"]
+    overrides = [f"hardware={hw_name}", f"hardware.gpu_mem_gb={budget}", f"hardware.cpu_mem_gb={HOST_GB}",
+                 *HOST_OVERRIDES]
     hw = resolve(load_config({"model": {"preset": name}}, overrides)).hardware
     rows = []
     for mode in modes:
@@ -395,14 +412,13 @@ def profile_step(cm, ids, path: Path, log) -> dict:
     is kept as Chrome JSON when small enough to bring back."""
     from torch.profiler import ProfilerActivity, profile
 
-    decode = cm.lowered.decode
-    cm.lowered.decode = StepHost(decode, mark=True)
-    try:
+    def run():
         cm.generate(ids, 2)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
             cm.generate(ids, 3)
-    finally:
-        cm.lowered.decode = decode
+        return p
+
+    prof = with_step_hook(cm, StepHost(cm.lowered.decode, mark=True), run)
     prof.export_chrome_trace(str(path))
     events = json.loads(path.read_text())["traceEvents"]
     steps = [e for e in events if e.get("name") == "kvc_decode_step" and e.get("ph") == "X"
@@ -469,6 +485,21 @@ def hf_offloaded(name, spec, batch, context, steps, log) -> list[dict]:
              "link_utilization": None}]
 
 
+def grid_points(grid: str, points: str) -> list[tuple[str, int, int]]:
+    """The grid's points, or those named in `points` ("model:batch:context,..."), in that order."""
+    if not points:
+        return GRIDS[grid]
+    out = []
+    for p in points.split(","):
+        name, batch, context = p.split(":")
+        point = (name, int(batch), int(context))
+        if point not in GRIDS[grid]:
+            raise SystemExit(f"--points: {p} is not a point of grid {grid!r}; expected one of "
+                             + ", ".join(f"{n}:{b}:{c}" for n, b, c in GRIDS[grid]))
+        out.append(point)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--grid", choices=sorted(GRIDS), default="main")
@@ -482,14 +513,17 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="torch.profiler trace of one decode step of every offloading mode at each point")
     ap.add_argument("--points", default="",
-                    help="comma-separated grid points to run, as model:batch:context (default: the whole grid)")
+                    help="grid points to run, in this order, as model:batch:context,... (default: the whole grid)")
     ap.add_argument("--throughput", choices=sorted(THROUGHPUT), default=None,
                     help="also run issue 6's throughput rows (weights and cache on the CPU)")
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated modes for the latency grid")
     ap.add_argument("--tp-modes", default="full_offload,kvpr,pipelined",
                     help="comma-separated modes for the throughput rows")
+    ap.add_argument("--preset-host", action="store_true",
+                    help="keep the preset's host-lane costs instead of measuring them at the start")
     ap.add_argument("--skip-latency", action="store_true", help="no latency grid (e.g. with --throughput)")
     args = ap.parse_args(argv)
+    points = grid_points(args.grid, args.points)  # a bad --points fails before any work
     global DEVICE, DTYPE, DTYPE_NAME
     DEVICE = args.device
     DTYPE, DTYPE_NAME = (torch.float16, "float16") if DEVICE == "cuda" else (torch.float32, "float32")
@@ -503,11 +537,19 @@ def main(argv=None) -> int:
         lines.append(msg)
 
     log(f"card: {card_name()}  torch {torch.__version__}  hardware preset {hw_name}")
+    host = {}
+    if not args.preset_host:
+        from kvc.profiler import host_us
+
+        host = {k: round(v, 2) for k, v in host_us(DEVICE, DTYPE).items()}
+        HOST_OVERRIDES[:] = [f"hardware.{k}={v}" for k, v in host.items()]
+        log(f"host lane, measured here (kvc.profiler.host_us): {host}")
     checks = check([n for n in args.check.split(",") if n], hw_name, log=log) if args.check else []
     date = time.strftime("%Y-%m-%d")
     path = out / f"{date}-{card_name().replace(' ', '-')}.json"
     result = {"card": card_name(), "date": date, "torch": torch.__version__,
               "command": "python " + " ".join(sys.argv), "hardware_preset": hw_name,
+              "host_us_measured": host,
               "checks": checks, "rows": []}
 
     def save():  # after every grid point: a run cut short still leaves its numbers
@@ -521,10 +563,7 @@ def main(argv=None) -> int:
                                                tuple(args.tp_modes.split(",")))
             save()
     if not args.check_only and not args.skip_latency:
-        wanted = {p for p in args.points.split(",") if p}
-        for name, batch, context in GRIDS[args.grid]:
-            if wanted and f"{name}:{batch}:{context}" not in wanted:
-                continue
+        for name, batch, context in points:
             main_point = (name, batch, context) == ("opt-6.7b", 32, 1024)
             result["rows"] += bench_point(name, batch, context, hw_name, args.steps, args.repeats,
                                           args.hf and main_point, log,
