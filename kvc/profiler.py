@@ -192,11 +192,6 @@ def profile(device: str, progress: bool = True, dtype: str | None = None) -> Har
     )
 
 
-class _NoEvents:
-    def wait_event(self, stream: int, event: int) -> None:
-        pass
-
-
 HOST_CHAINS = ("module", "op", "view", "kvc")  # cost.HOST_KINDS
 
 
@@ -204,7 +199,8 @@ def host_us(device, dtype=torch.float16, repeats: int = 100) -> dict:
     """Host time (µs) to issue one node of each kind, as an fx GraphModule issues them (one
     call each, with the GPU left to run behind: no sync inside the timing): a Linear module
     called the way the lowered decode graphs call theirs (a flat alias, passes/flatten.py),
-    an aten op, a view, a kvc custom op. Keys: host_module_us, host_op_us, host_view_us, host_kvc_us."""
+    an aten op, a view, and kvc custom ops in the step's mix (record and wait an event,
+    prefetch an activation chunk and a K,V tail) against a real, tiny OffloadedCache. Keys: host_module_us, host_op_us, host_view_us, host_kvc_us."""
     import statistics
     import time
 
@@ -239,14 +235,18 @@ def host_us(device, dtype=torch.float16, repeats: int = 100) -> dict:
                     elif kind == "view":
                         t = t.unflatten(-1, (2, 4))
                         t = t.flatten(-2)
-                    else:
-                        torch.ops.kvc.wait_event(rt, 0, 0)
+                    else:  # the compiled step's kvc mix: half events, half copies
+                        torch.ops.kvc.record_event(rt, 0, 0)
+                        torch.ops.kvc.wait_event(rt, 1, 0)
+                        torch.ops.kvc.prefetch_act(rt, 1, 0, 0)
+                        torch.ops.kvc.prefetch_kv(rt, 1, 0)
                 return t
         gm = torch.fx.symbolic_trace(Chain())
         flatten_targets(gm)  # as the lowering's last pass leaves module calls
         return gm
 
-    rt = registry.register(_NoEvents())
+    cache = _tiny_cache(device, dtype)  # real pools, streams and events, a few KB
+    rt = registry.register(cache)
     out = {}
     try:
         t = torch.zeros(2, 8, device=device, dtype=dtype)
@@ -260,11 +260,25 @@ def host_us(device, dtype=torch.float16, repeats: int = 100) -> dict:
                 t0 = time.perf_counter()
                 gm(t, rt)
                 times.append(time.perf_counter() - t0)
-            per = 2 * repeats if kind == "view" else repeats
+            per = 2 * repeats if kind == "view" else 4 * repeats if kind == "kvc" else repeats
             out[f"host_{kind}_us"] = statistics.median(times) / per * 1e6
     finally:
         registry.release(rt)
+        cache.close()
     return out
+
+
+def _tiny_cache(device, dtype):
+    """An OffloadedCache for one offloaded layer that recomputes half of 16 tokens: what the
+    kvc ops of a compiled step call into (pinned pools, copy streams, events)."""
+    from kvc.plan import forced_plan
+    from kvc.runtime.offloaded import OffloadedCache
+
+    plan = forced_plan("pipelined", 1, 16, 1, 8, 0.5)
+    cache = OffloadedCache(plan, num_layers=1, batch=1, max_tokens=17, act_width=8, num_kv_heads=1,
+                           head_dim=8, dtype=dtype, device=torch.device(device), num_events=8)
+    cache.begin_step(16, 1)
+    return cache
 
 
 def _both_directions(cuda, timer, h_src, d_dst, d_src, h_dst, reps) -> float:

@@ -23,8 +23,10 @@ def test_cpu_profile_is_quick_and_positive(cpu_profile):
     assert took < 30  # the budget is ~20 s on 2 busy cores; leave CI some slack
     assert hw.device == "cpu"
     for f in ("h2d_gbps", "d2h_gbps", "bidir_gbps", "gemm_tflops", "attn_gbps", "gpu_mem_gb",
-              "cpu_mem_gb", "launch_us"):
+              "cpu_mem_gb", "launch_us", "host_module_us", "host_op_us", "host_view_us", "host_kvc_us"):
         assert getattr(hw, f) > 0, f
+    # the host lane's kinds differ: a view issues no kernel and calls no module
+    assert hw.host_view_us < hw.host_module_us
     assert hw.compute_slowdown >= 1 and hw.copy_slowdown >= 1
     assert hw.bidir_gbps <= min(hw.h2d_gbps, hw.d2h_gbps)
     for k in ("machine", "date", "torch", "device_name"):

@@ -310,7 +310,7 @@ def bench_point(name, batch, context, hw_name, steps, repeats, with_hf, log=prin
         log(f"{name} b={batch} s={context} {mode:13s} {ms:8.2f} ms/token "
             f"(LP {pred['predicted_step_ms']:.2f}) moved {moved / 1e9:.2f} GB, host {host:.2f} ms "
             f"(LP host {pred['host_ms']:.2f})")
-        if profile_dir is not None and mode != "gpu_resident":
+        if profile_dir is not None:
             rows[-1]["profile"] = profile_step(
                 cm, ids, profile_dir / f"trace-{name}-b{batch}-s{context}-{mode}.json", log)
         cm.close()
@@ -429,12 +429,21 @@ def profile_step(cm, ids, path: Path, log) -> dict:
     last = max(steps, key=lambda e: e["ts"])
     t0, t1 = last["ts"], last["ts"] + last["dur"]
     out: dict = {"step_ms": round(last["dur"] / 1e3, 3)}
+    by_name: dict = {}
     for e in gpu:
         if not t0 <= e["ts"] < t1:
             continue
+        by_name[e.get("name", "?")[:80]] = by_name.get(e.get("name", "?")[:80], 0.0) + e["dur"] / 1e3
         kind = "copy" if e["cat"] != "kernel" else kernel_kind(e.get("name", ""))
         stream = out.setdefault(f"stream_{e.get('args', {}).get('stream', '?')}", {})
         stream[kind] = round(stream.get(kind, 0.0) + e["dur"] / 1e3, 3)
+    out["top_kernels_ms"] = {k: round(v, 3) for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:6]}
+    # host side: the step's CPU ops by total time (what the host spends issuing it)
+    cpu = {}
+    for e in events:
+        if e.get("cat") == "cpu_op" and t0 <= e.get("ts", -1) < t1 and "dur" in e:
+            cpu[e["name"][:60]] = cpu.get(e["name"][:60], 0.0) + e["dur"] / 1e3
+    out["top_cpu_ops_ms"] = {k: round(v, 3) for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])[:8]}
     log(f"  profile {path.name}: {out}")
     if path.stat().st_size > 15e6:
         path.unlink()  # too big to bring back; the numbers above stay
