@@ -104,7 +104,11 @@ def plan_text(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_le
     out.append(f"  H2D per step: {tot:,.3f} MB")
     step = d["predicted_step_ms"]
     out.append(f"predicted decode step: {step:.3f} ms  (link busy {d['link_busy_ms']:.3f} ms, "
-               f"GPU busy {d['gpu_busy_ms']:.3f} ms, GPU idle {d['gpu_idle_ms']:.3f} ms)")
+               f"GPU busy {d['gpu_busy_ms']:.3f} ms, GPU idle {d['gpu_idle_ms']:.3f} ms, "
+               f"host issues it in {d['host_ms']:.3f} ms)")
+    if d["host_ms"] >= step:
+        out.append("  bound by the host: issuing the step's nodes takes longer than the link and the "
+                   "GPU (hardware.host_*_us); a larger batch costs the host nothing more")
     out.append("all modes at this context:")
     for m, v in d["modes"].items():
         mark = " <- chosen" if m == mode else ""

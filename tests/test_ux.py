@@ -248,3 +248,19 @@ def test_inspect_matches_plan(tmp_path, capsys):
         ms = plan["modes"][mode]["predicted_step_ms"]
         assert f"{mode:<13} {ms:>10.3f} ms   x{ms / plan['predicted_step_ms']:.2f}" in text
     assert "gpu_resident  infeasible" in text
+
+
+def test_plan_text_names_the_host_lane_and_when_it_binds():
+    """`kvc plan` says how long the host takes to issue the step, and says so when that, not
+    the link or the GPU, sets the step (small batch on a slow host)."""
+    from kvc.models.spec import PRESETS
+    from kvc.plan_report import plan_text
+    from kvc_fixtures import hw
+
+    kw = dict(batch_size=8, prompt_len=512, gen_len=8, dtype="float16", mode="pipelined",
+              chunk_tokens=64, act_chunks=1, recompute_fraction=None)
+    spec = PRESETS["opt-6.7b"]
+    fast = plan_text(spec, hw("h200-pcie5", gpu_mem_gb=20.0), **kw)
+    assert "host issues it in" in fast and "bound by the host" not in fast
+    slow = plan_text(spec, hw("h200-pcie5", gpu_mem_gb=20.0, host_module_us=2000.0), **kw)
+    assert "bound by the host" in slow
