@@ -18,6 +18,7 @@ The staging slot's K,V buffers are assembled in place, in token order: recompute
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -26,6 +27,16 @@ from kvc.plan import Plan
 from kvc.runtime.device_cache import DeviceCache
 from kvc.runtime.pinned import check_host_memory, pinned_empty
 from kvc.runtime.streams import StreamSet
+
+
+class _Views(NamedTuple):
+    """One offloaded layer's staging slot and CPU pool rows (OffloadedCache.views)."""
+    act_stage: torch.Tensor
+    k_stage: torch.Tensor
+    v_stage: torch.Tensor
+    act_pool: torch.Tensor
+    k_pool: torch.Tensor
+    v_pool: torch.Tensor
 
 
 def chunk_bounds(l: int, chunks: int) -> list[int]:
@@ -67,6 +78,11 @@ class OffloadedCache:
         self.act_stage = torch.empty((slots, *act_shape), dtype=dtype, device=self.device)
         self.k_stage = torch.empty((slots, *kv_shape), dtype=dtype, device=self.device)
         self.v_stage = torch.empty((slots, *kv_shape), dtype=dtype, device=self.device)
+        # each offloaded layer's staging slot and pool rows, as views made once: indexing a
+        # pool costs the host a few µs per call, and a decode step makes hundreds of calls
+        self.views = {layer: _Views(*(x[self._slot(layer)] for x in (self.act_stage, self.k_stage, self.v_stage)),
+                                    *(x[j] for x in (self.act_pool, self.k_pool, self.v_pool)))
+                      for layer, j in self.pool_index.items()}
         resident = [i for i in range(num_layers) if plan.resident[i]]
         self.resident = DeviceCache(resident, batch, max_tokens,
                                     num_kv_heads, head_dim, dtype, self.device)
@@ -126,47 +142,47 @@ class OffloadedCache:
             pool[a - lo:b - lo].copy_(x[:, a - self.s:b - self.s].transpose(0, 1), non_blocking=True)
 
     def offload_act(self, h, stream: int, layer: int) -> None:
-        self._to_pool(self.act_pool[self.pool_index[layer]], h, stream)
+        self._to_pool(self.views[layer].act_pool, h, stream)
 
     def offload_kv(self, k, v, stream: int, layer: int) -> None:
-        j = self.pool_index[layer]
-        self._to_pool(self.k_pool[j], k, stream, self.kv_lo)
-        self._to_pool(self.v_pool[j], v, stream, self.kv_lo)
+        w = self.views[layer]
+        self._to_pool(w.k_pool, k, stream, self.kv_lo)
+        self._to_pool(w.v_pool, v, stream, self.kv_lo)
 
     # --- prefetch: CPU pools -> staging --------------------------------------------------
     def prefetch_act(self, stream: int, layer: int, chunk: int) -> None:
         lo, hi = self.bounds[layer][chunk], self.bounds[layer][chunk + 1]
         if hi > lo:
             with self.streams.use(stream):
-                self.act_stage[self._slot(layer)][lo:hi].copy_(
-                    self.act_pool[self.pool_index[layer]][lo:hi], non_blocking=True)
+                w = self.views[layer]
+                w.act_stage[lo:hi].copy_(w.act_pool[lo:hi], non_blocking=True)
 
     def prefetch_kv(self, stream: int, layer: int) -> None:
         l, s = self.bounds[layer][-1], self.s
         if s > l:
-            j, slot = self.pool_index[layer], self._slot(layer)
+            w = self.views[layer]
             a, b = l - self.kv_lo, s - self.kv_lo  # pool row r holds token kv_lo + r
             with self.streams.use(stream):
-                self.k_stage[slot][l:s].copy_(self.k_pool[j][a:b], non_blocking=True)
-                self.v_stage[slot][l:s].copy_(self.v_pool[j][a:b], non_blocking=True)
+                w.k_stage[l:s].copy_(w.k_pool[a:b], non_blocking=True)
+                w.v_stage[l:s].copy_(w.v_pool[a:b], non_blocking=True)
 
     def staged_act(self, layer: int, chunk: int):
         lo, hi = self.bounds[layer][chunk], self.bounds[layer][chunk + 1]
-        return self.act_stage[self._slot(layer)][lo:hi].transpose(0, 1)
+        return self.views[layer].act_stage[lo:hi].transpose(0, 1)
 
     def put_recomputed(self, k, v, layer: int, chunk: int) -> None:
-        lo, hi, slot = self.bounds[layer][chunk], self.bounds[layer][chunk + 1], self._slot(layer)
-        self.k_stage[slot][lo:hi].copy_(k.transpose(0, 1))
-        self.v_stage[slot][lo:hi].copy_(v.transpose(0, 1))
+        lo, hi, w = self.bounds[layer][chunk], self.bounds[layer][chunk + 1], self.views[layer]
+        w.k_stage[lo:hi].copy_(k.transpose(0, 1))
+        w.v_stage[lo:hi].copy_(v.transpose(0, 1))
 
     def put_new(self, k, v, layer: int) -> None:
-        s, t, slot = self.s, k.shape[1], self._slot(layer)
-        self.k_stage[slot][s:s + t].copy_(k.transpose(0, 1))
-        self.v_stage[slot][s:s + t].copy_(v.transpose(0, 1))
+        s, t, w = self.s, k.shape[1], self.views[layer]
+        w.k_stage[s:s + t].copy_(k.transpose(0, 1))
+        w.v_stage[s:s + t].copy_(v.transpose(0, 1))
 
     def staged_kv(self, layer: int):
-        n, slot = self.s + self.t, self._slot(layer)
-        return self.k_stage[slot][:n].transpose(0, 1), self.v_stage[slot][:n].transpose(0, 1)
+        n, w = self.s + self.t, self.views[layer]
+        return w.k_stage[:n].transpose(0, 1), w.v_stage[:n].transpose(0, 1)
 
     def recompute_positions(self, layer: int, chunk: int):
         return self.positions[self.bounds[layer][chunk]:self.bounds[layer][chunk + 1]]
