@@ -22,6 +22,7 @@ from torch import nn
 from kvc.models import build_model, preset
 from kvc.models.spec import ModelSpec
 from kvc.passes.annotate import Annotate
+from kvc.passes.flatten import flatten_targets
 from kvc.passes.nodes import is_op, kvc_meta, layer_of, op_arg, op_name
 from kvc.passes.offload import Offload
 from kvc.passes.pipeline import ORDER, build_passes, run_pipeline
@@ -411,6 +412,7 @@ def test_prefetch_fraction_zero_and_resident():
 def test_resident_layer_untouched():
     m = tiny("tiny-llama")
     traced = trace_step(m, prefill=False)
+    flatten_targets(traced)  # the last pass rewrites every layer's module calls alike
     info = layers_meta(annotated(m))
     gm = compiled(m, plan_for(resident=(False, True, False)))
 
@@ -419,9 +421,7 @@ def test_resident_layer_untouched():
         for n in g.graph.nodes:
             inside = (inside or n.name == info[1]["first"]) and n.name != info[2]["first"]
             if inside:
-                # passes/flatten.py keeps the dotted target in the meta
-                target = n.meta.get("kvc", {}).get("target", n.target)
-                names.append((n.name, str(target), [str(a) for a in n.args]))
+                names.append((n.name, str(n.target), [str(a) for a in n.args]))
         return names
 
     assert span(gm) == span(traced)
@@ -637,20 +637,26 @@ def test_retracing_a_model_gives_the_same_code():
 # --- flatten ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama"])
-def test_flatten_calls_the_same_objects_by_flat_names(name):
-    """Every module call and parameter read goes through a flat alias of the same object: no
-    nn.Module.__getattr__ chain in the code, nothing duplicated in the module tree."""
+def test_flatten_calls_functionals_on_the_same_parameters(name):
+    """Linear / LayerNorm / Embedding calls become their functionals reading the very
+    parameters through flat aliases: no nn.Module call or __getattr__ chain left in the code,
+    nothing duplicated in the module tree (the numbers: test_compiled_parity)."""
     m = tiny(name)
-    gm = compiled(m, plan_for())
+    plan = plan_for()
+    gm = compiled(m, plan)
     assert "getattr(self.layers" not in gm.code
-    moved = [n for n in gm.graph.nodes if "target" in n.meta.get("kvc", {})]
-    assert {n.op for n in moved} >= {"call_module"}
-    for n in moved:
+    assert not [n for n in gm.graph.nodes if n.op == "call_module"]
+    params = dict(gm.named_parameters())
+    reads = [n for n in gm.graph.nodes if n.op == "get_attr" and "target" in n.meta.get("kvc", {})]
+    assert reads
+    for n in reads:
         dotted = n.meta["kvc"]["target"]
-        owner, _, attr = dotted.rpartition(".")
-        obj = gm.get_submodule(dotted) if n.op == "call_module" else getattr(gm.get_submodule(owner), attr)
-        assert getattr(gm, n.target) is obj and n.target == "kvc_" + dotted.replace(".", "_")
-    names = [k for k, _ in gm.named_parameters()]
+        assert getattr(gm, n.target) is gm.get_parameter(dotted) and n.target == "kvc_" + dotted.replace(".", "_")
+    calls = [n for n in gm.graph.nodes if n.op == "call_function" and "target" in n.meta.get("kvc", {})]
+    assert {n.target for n in calls} <= {F.linear, F.layer_norm, F.embedding}
+    for n in calls:
+        assert isinstance(gm.get_submodule(n.meta["kvc"]["target"]), (nn.Linear, nn.LayerNorm, nn.Embedding))
+    names = list(params)
     assert not any(k.startswith("kvc_") for k in names) and len(names) == len(set(names))
     assert not any(k.startswith("kvc_") for k in gm.state_dict())
 
@@ -660,8 +666,9 @@ def test_flatten_aliases_see_a_data_swap():
     follow, or a flattened graph would read stale weights."""
     m = tiny("tiny-opt")
     gm = compiled(m, plan_for())
-    node = next(n for n in gm.graph.nodes if n.op == "call_module" and ".k_proj" in n.meta["kvc"].get("target", ""))
-    param = gm.get_submodule(node.meta["kvc"]["target"]).weight
+    node = next(n for n in gm.graph.nodes if n.op == "get_attr"
+                and n.meta.get("kvc", {}).get("target", "").endswith("k_proj.weight"))
+    param = gm.get_parameter(node.meta["kvc"]["target"])
     new = torch.full_like(param, 3.0)
     param.data = new
-    assert getattr(gm, node.target).weight.data_ptr() == new.data_ptr()
+    assert getattr(gm, node.target).data_ptr() == new.data_ptr()

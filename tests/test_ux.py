@@ -262,5 +262,5 @@ def test_plan_text_names_the_host_lane_and_when_it_binds():
     spec = PRESETS["opt-6.7b"]
     fast = plan_text(spec, hw("h200-pcie5", gpu_mem_gb=20.0), **kw)
     assert "host issues it in" in fast and "bound by the host" not in fast
-    slow = plan_text(spec, hw("h200-pcie5", gpu_mem_gb=20.0, host_module_us=2000.0), **kw)
+    slow = plan_text(spec, hw("h200-pcie5", gpu_mem_gb=20.0, host_op_us=2000.0), **kw)
     assert "bound by the host" in slow
