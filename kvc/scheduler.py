@@ -171,7 +171,7 @@ def _make_plan(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_l
         notes["buckets"] = [int(s) for s in reps]
         recompute = _round_to_chunks(fr, reps, ctx, chunk_tokens)
     plan = Plan(resident=tuple(cost.per_unit(resident, m).tolist()), recompute=(), **common)
-    steps, _, _ = _evaluate_arrays(spec, hw, plan, ctx, cost.per_unit(recompute, m), batch_size, dtype)
+    steps = _evaluate_arrays(spec, hw, plan, ctx, cost.per_unit(recompute, m), batch_size, dtype)[0]
     if recompute.any():
         # the LP charged per-copy / per-chunk fixed costs to every layer, and rounding moved
         # l; wherever recomputing nothing is predicted faster, recompute nothing
@@ -205,11 +205,9 @@ def predict(spec: ModelSpec, hw: HardwareConfig, plan: Plan, s: int, batch_size:
     if plan.batch_size and (plan.batch_size, plan.dtype) != (batch_size, dtype):
         raise KvcError(f"the plan was made for batch {plan.batch_size} {plan.dtype}, "
                        f"not batch {batch_size} {dtype}; make a plan for this workload")
-    step, link, gpu, moved = _evaluate(spec, hw, plan, np.array([s]), batch_size, dtype)
+    step, link, gpu, host, moved = _evaluate(spec, hw, plan, np.array([s]), batch_size, dtype)
     step, link, gpu = float(step[0]), float(link[0]), float(gpu[0])
-    l = [plan.recompute_tokens(u, s) for u in range(plan.num_units)]
-    return {"predicted_step_ms": step, "link_busy_ms": link, "gpu_busy_ms": gpu,
-            "host_ms": float(_host_ms(spec, hw, plan, np.array(l)[:, None])),
+    return {"predicted_step_ms": step, "link_busy_ms": link, "gpu_busy_ms": gpu, "host_ms": host,
             "gpu_idle_ms": max(0.0, step - gpu), "link_idle_ms": max(0.0, step - link),
             "h2d_bytes": int(moved[0])}
 
@@ -218,13 +216,13 @@ def predict(spec: ModelSpec, hw: HardwareConfig, plan: Plan, s: int, batch_size:
 
 def _evaluate(spec, hw, plan: Plan, ctx: np.ndarray, b: int, dtype: str):
     l = np.array([[plan.recompute_tokens(u, int(s)) for s in ctx] for u in range(plan.num_units)])
-    step, link, gpu = _evaluate_arrays(spec, hw, plan, ctx, l, b, dtype)
+    step, link, gpu, host = _evaluate_arrays(spec, hw, plan, ctx, l, b, dtype)
     p = cost.dtype_bytes(dtype)
     bm = b // plan.micro_batches
     off = ~np.array(plan.resident)[:, None]
     moved = (cost.act_bytes(spec, bm, l, p) + cost.kv_bytes(spec, bm, ctx[None, :] - l, p)) * off
     weights = sum(plan.weights_streamed) * cost.layer_weight_bytes(spec, p)
-    return step, link, gpu, moved.sum(axis=0) + weights
+    return step, link, gpu, host, moved.sum(axis=0) + weights
 
 
 def step_terms(spec, hw, plan: Plan, s, l, b: int, dtype: str):
@@ -243,11 +241,13 @@ def step_terms(spec, hw, plan: Plan, s, l, b: int, dtype: str):
 
 
 def _evaluate_arrays(spec, hw, plan: Plan, ctx, l, b, dtype):
-    """Step time per context for per-unit l ([units, contexts])."""
+    """(step, link busy, GPU busy) per context and the host's time to issue a step, for
+    per-unit l ([units, contexts])."""
     args, kw = step_terms(spec, hw, plan, ctx, l, b, dtype)
     step, link, gpu = cost.simulate(*args, **kw)
     # the host issues the step's nodes one by one; the GPU cannot finish before the last one
-    return np.maximum(step, _host_ms(spec, hw, plan, l)), link, gpu
+    host = _host_ms(spec, hw, plan, l)
+    return np.maximum(step, host), link, gpu, host
 
 
 def _host_ms(spec, hw, plan: Plan, l) -> float:

@@ -47,10 +47,10 @@ def flatten_targets(gm: torch.fx.GraphModule, functional: bool = True) -> bool:
     """Alias every dotted call_module / parameter get_attr target flat; with `functional`,
     call Linear / LayerNorm / Embedding modules as their functionals. kvc.profiler.host_us
     times module calls with functional=False (what a module call costs)."""
-    g = gm.graph
+    reads = _ParamReads(gm)
     changed = False
-    for n in list(g.nodes):
-        if n.op == "call_module" and functional and _inline(gm, n):
+    for n in list(gm.graph.nodes):
+        if n.op == "call_module" and functional and _inline(gm, n, reads):
             changed = True
             continue
         if n.op not in ("call_module", "get_attr") or "." not in n.target:
@@ -58,12 +58,10 @@ def flatten_targets(gm: torch.fx.GraphModule, functional: bool = True) -> bool:
         obj = gm.get_submodule(n.target) if n.op == "call_module" else _get_attr(gm, n.target)
         if not isinstance(obj, (torch.nn.Module, torch.nn.Parameter)):
             continue  # a buffer: Module.to() replaces buffers, so an alias could go stale
-        _alias(gm, n.target, obj)
         kvc_meta(n)["target"] = n.target
-        n.target = flat_name(n.target)
+        n.target = _alias(gm, n.target, obj)
         changed = True
     if changed:
-        g.lint()
         gm.recompile()
     return changed
 
@@ -76,39 +74,46 @@ def _alias(gm: torch.fx.GraphModule, dotted: str, obj) -> str:
     return flat
 
 
-def _param(gm: torch.fx.GraphModule, dotted: str, p):
-    """A get_attr node of the flat alias of parameter `p` (None stays None), placed after the
-    graph's inputs, so it sits between no two of the step's other nodes."""
-    if p is None:
-        return None
-    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
-    with gm.graph.inserting_before(first):
-        node = gm.graph.get_attr(_alias(gm, dotted, p))
-    kvc_meta(node).update(target=dotted, stream="compute")  # every node has a stream (streams pass)
-    return node
+class _ParamReads:
+    """One get_attr node per parameter read by inlined calls (a layer's K/V projections are
+    called again by every recompute clone and micro-batch), placed after the graph's inputs
+    so that it sits between no two of the step's other nodes."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        self.gm, self.nodes = gm, {}
+        self.first = next(n for n in gm.graph.nodes if n.op != "placeholder")
+
+    def __call__(self, dotted: str, p):
+        if p is None:
+            return None
+        if dotted not in self.nodes:
+            with self.gm.graph.inserting_before(self.first):
+                node = self.gm.graph.get_attr(_alias(self.gm, dotted, p))
+            kvc_meta(node).update(target=dotted, stream="compute")  # every node has a stream
+            self.nodes[dotted] = node
+        return self.nodes[dotted]
 
 
-def _inline(gm: torch.fx.GraphModule, n: torch.fx.Node) -> bool:
-    """Turn a call of an nn.Linear / nn.LayerNorm / nn.Embedding into its functional, in place."""
+def _inline(gm: torch.fx.GraphModule, n: torch.fx.Node, reads: _ParamReads) -> bool:
+    """Turn a call of an nn.Linear / nn.LayerNorm / nn.Embedding into its functional, in place:
+    fn(*lead, weight, bias, *rest), as the module's forward calls it."""
     m = gm.get_submodule(n.target)
     if n.kwargs or len(n.args) != 1:
         return False
     x = n.args[0]
     if type(m) is torch.nn.Linear:
-        fn, params, rest = F.linear, (m.weight, m.bias), ()
+        fn, lead, params, rest = F.linear, (x,), (m.weight, m.bias), ()
     elif type(m) is torch.nn.LayerNorm:
-        fn, params, rest = F.layer_norm, (m.weight, m.bias), (m.eps,)
-        x = (x, tuple(m.normalized_shape))
+        fn, lead, params, rest = F.layer_norm, (x, tuple(m.normalized_shape)), (m.weight, m.bias), (m.eps,)
     elif type(m) is torch.nn.Embedding and m.max_norm is None:
-        fn, params, rest = F.embedding, (m.weight,), (m.padding_idx, None, m.norm_type,
-                                                      m.scale_grad_by_freq, m.sparse)
+        fn, lead, params, rest = F.embedding, (x,), (m.weight,), (m.padding_idx, None, m.norm_type,
+                                                                  m.scale_grad_by_freq, m.sparse)
     else:
         return False
-    names = ("weight", "bias")
-    nodes = tuple(_param(gm, f"{n.target}.{k}", p) for k, p in zip(names, params))
+    nodes = tuple(reads(f"{n.target}.{k}", p) for k, p in zip(("weight", "bias"), params))
     kvc_meta(n)["target"] = n.target
     n.op, n.target = "call_function", fn
-    n.args = (*x, *nodes, *rest) if isinstance(x, tuple) else (x, *nodes, *rest)
+    n.args = (*lead, *nodes, *rest)
     return True
 
 

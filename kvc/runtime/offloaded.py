@@ -80,8 +80,8 @@ class OffloadedCache:
         self.v_stage = torch.empty((slots, *kv_shape), dtype=dtype, device=self.device)
         # each offloaded layer's staging slot and pool rows, as views made once: indexing a
         # pool costs the host a few µs per call, and a decode step makes hundreds of calls
-        self.views = {layer: _Views(*(x[self._slot(layer)] for x in (self.act_stage, self.k_stage, self.v_stage)),
-                                    *(x[j] for x in (self.act_pool, self.k_pool, self.v_pool)))
+        stages, pools = (self.act_stage, self.k_stage, self.v_stage), (self.act_pool, self.k_pool, self.v_pool)
+        self.views = {layer: _Views(*(x[self._slot(layer)] for x in stages), *(x[j] for x in pools))
                       for layer, j in self.pool_index.items()}
         resident = [i for i in range(num_layers) if plan.resident[i]]
         self.resident = DeviceCache(resident, batch, max_tokens,
