@@ -27,6 +27,7 @@ import yaml
 
 from kvc.errors import KvcError
 from kvc.hardware import HardwareConfig
+from kvc.runtime.attention import backends
 
 GB = 1e9
 # the K/V projection shape of a 7B-class multi-head model: what recompute runs
@@ -314,7 +315,8 @@ def _attention(dev, dt, timer, reps, cuda):
         # distinct, contiguous K and V: one shared tensor would be read once, not twice
         k = torch.randn(b, heads, s, hd, device=dev).to(dt)
         v = torch.randn(b, heads, s, hd, device=dev).to(dt)
-        ts.append(timer(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), reps))
+        with backends():  # the kernels kvc decodes with (kvc.runtime.attention)
+            ts.append(timer(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), reps))
         nbytes.append(2 * b * heads * s * hd * p)
     fixed, per_byte = _fit_affine(nbytes, ts)
     return fixed, per_byte, p

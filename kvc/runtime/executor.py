@@ -16,6 +16,7 @@ from kvc.models.spec import ModelSpec
 from kvc.plan import Plan
 from kvc.progress import bar
 from kvc.runtime import registry
+from kvc.runtime.attention import backends
 from kvc.runtime.offloaded import OffloadedCache
 from kvc.runtime.weights import WeightStreamer
 
@@ -99,7 +100,7 @@ class CompiledModel:
         if pad:
             ids = torch.cat([ids, ids[-1:].expand(pad, p)])
         cache, rt = self._runtime(b + pad, p, p + max_new_tokens)
-        with bar("kvc: generating", total=max_new_tokens, unit="step") as steps:
+        with bar("kvc: generating", total=max_new_tokens, unit="step") as steps, backends():
             cache.begin_step(0, p)
             logits = self.lowered.prefill(ids, cache.positions[:p], rt)[:, -1]
             cache.end_step(p)
