@@ -395,8 +395,9 @@ def throughput_point(name, gpu_gb, hw_name, log=print,
     return rows
 
 
-KERNEL_KINDS = (("gemm", ("gemm", "nvjet", "cutlass", "sm90_", "xmma", "cublas")),
-                ("attention", ("flash", "fmha", "attention", "efficient")),
+# attention first: flash kernels' template arguments name cutlass types
+KERNEL_KINDS = (("attention", ("flash", "fmha", "attention", "efficient")),
+                ("gemm", ("gemm", "nvjet", "cutlass", "sm90_", "xmma", "cublas")),
                 ("copy", ("memcpy", "memset")))
 
 
