@@ -261,6 +261,8 @@ def _check_ranges(cfg: Config) -> None:
     for name in ("h2d_gbps", "d2h_gbps", "bidir_gbps", "gemm_tflops", "attn_gbps"):
         v = getattr(h, name)
         need(v > 0 or h.name == "auto", f"hardware.{name} = {v}; expected a positive number")
+    need(h.mem_gbps >= 0, f"hardware.mem_gbps = {h.mem_gbps}; expected a positive number, or 0 "
+                          "for attn_gbps's value")
     for name in ("gpu_mem_gb", "cpu_mem_gb"):
         v = getattr(h, name)
         need(v > 0, f"hardware.{name} = {v}; expected a positive number of GB")

@@ -26,7 +26,7 @@ LAYER_OPS = 16
 RECOMPUTE_OPS = {"opt": 4, "llama": 5}
 
 
-# memory passes over one of K or V per recomputed token, besides the GEMMs, at attn_gbps:
+# memory passes over one of K or V per recomputed token, besides the GEMMs, at mem_gbps:
 # the recomputed K,V copied into the token-major staging slot (put_recomputed), and for RoPE
 # families the rotation of K (slice, negate, concatenate, two products, a sum, with cos/sin
 # broadcast over batch and heads). Calibrated from torch.profiler kernel times of the compute
@@ -81,9 +81,19 @@ def host_nodes(spec: ModelSpec, resident, recomputes, act_chunks: int, streamed=
     return int(host_node_kinds(spec, resident, recomputes, act_chunks, streamed, micro_batches).sum())
 
 
-def host_ms(hw: HardwareConfig, kinds) -> float:
-    """Host time to issue nodes counted by kind (host_node_kinds)."""
-    us = np.array([hw.host_module_us, hw.host_op_us, hw.host_view_us, hw.host_kvc_us])
+# host time of one of the family's aten ops, in units of hw.host_op_us (the profiler's cheap
+# op, `t + 1.0`): a decode graph's ops are dearer on average (F.linear through matmul, sdpa,
+# layer norm; llama's RMSNorm casts and reduction, RoPE's cat). Calibrated from the host time
+# of gpu_resident steps on an idle GPU against that run's measured host_op_us (tools/bench.py,
+# H200, 2026-11-28): OPT 1.04-1.64 over seven rows, median 1.34; llama 1.62-3.0 over four,
+# median 2.2. Both spread widely: the host's own speed moves between runs and leases.
+HOST_OP_WEIGHT = {"opt": 1.34, "llama": 2.2}
+
+
+def host_ms(hw: HardwareConfig, kinds, spec: ModelSpec) -> float:
+    """Host time to issue nodes counted by kind (host_node_kinds) of `spec`'s decode graph."""
+    us = np.array([hw.host_module_us, hw.host_op_us * HOST_OP_WEIGHT[spec.family],
+                   hw.host_view_us, hw.host_kvc_us])
     return float(np.asarray(kinds) @ us) * 1e-3
 
 
@@ -157,7 +167,8 @@ def layer_costs(spec: ModelSpec, hw: HardwareConfig, b: int, dtype: str, offload
     F = hw.gemm_tflops * 1e12
     r0 = hw.gemm_half_rows
     h2d = hw.h2d_gbps * GB
-    mem = hw.attn_gbps * GB
+    mem = hw.stream_gbps * GB  # weight reads and elementwise passes
+    attn = hw.attn_gbps * GB  # the decode attention kernel's K,V read
     lat = hw.link_latency_us * 1e-3
     launch = hw.launch_us * 1e-3
     cs = hw.compute_slowdown if offloaded else 1.0
@@ -179,7 +190,7 @@ def layer_costs(spec: ModelSpec, hw: HardwareConfig, b: int, dtype: str, offload
         kv_per_tok=kv_bytes(spec, b, 1, p) / h2d * ms * ks,
         rec_per_tok=(recompute_flops(spec, b, 1) / F
                      + ELEMENTWISE_PASSES[spec.family] * kv_bytes(spec, b, 1, p) / 2 / mem) * ms * cs,
-        attn_per_tok=kv_bytes(spec, b, 1, p) / mem * ms * cs,
+        attn_per_tok=kv_bytes(spec, b, 1, p) / attn * ms * cs,
         copy_fixed=lat * ks,
         rec_chunk_fixed=rec_chunk * cs,
         layer_fixed=(weights_ms + LAYER_OPS * launch + hw.attn_fixed_us * 1e-3) * cs,

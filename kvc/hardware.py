@@ -14,14 +14,19 @@ class HardwareConfig:
     link_latency_us: float = 10.0  # fixed cost of one copy
     gemm_tflops: float = 0.1  # dense GEMM rate at large row counts, model dtype
     gemm_half_rows: float = 0.0  # rows at which the GEMM reaches half its peak rate (0: flat)
-    attn_gbps: float = 20.0  # device-memory read rate of decode (K/V in attention; weights too)
+    attn_gbps: float = 20.0  # K,V bytes the decode attention kernel reads per second
     attn_fixed_us: float = 10.0  # decode attention time at zero context (kernel floor)
+    # device-memory read rate of a plain stream: weights in small-batch GEMMs, elementwise
+    # passes. 0: attn_gbps (hardware files written before attention had its own rate)
+    mem_gbps: float = 0.0
     gpu_mem_gb: float = 16.0  # device memory budget for weights + cache + staging
     cpu_mem_gb: float = 16.0  # host memory budget for the pinned pools
     mem_margin_gb: float = 1.0  # kept free on the device: CUDA context, allocator slack
     compute_slowdown: float = 1.0  # compute time multiplier while copies run
     copy_slowdown: float = 1.0  # copy time multiplier while compute runs
-    launch_us: float = 5.0  # host overhead per kernel / op launch
+    # device time of one small kernel queued behind others (its run plus the gap to the next);
+    # the host's time to issue it is the host lane's (host_*_us)
+    launch_us: float = 5.0
     # host time to issue one node of the compiled step (fx + dispatch + launch), by kind
     host_module_us: float = 40.0  # an nn.Module call (Linear, LayerNorm, Embedding)
     host_op_us: float = 15.0  # an aten op
@@ -30,6 +35,11 @@ class HardwareConfig:
     measured: dict = field(default_factory=dict)  # machine, date, torch/cuda versions of a profile
 
     # GB everywhere means 1e9 bytes; GB/s likewise, TFLOP/s 1e12 FLOP/s.
+
+    @property
+    def stream_gbps(self) -> float:
+        """mem_gbps, or attn_gbps where a hardware file predates mem_gbps."""
+        return self.mem_gbps or self.attn_gbps
 
     @classmethod
     def from_dict(cls, d: dict) -> "HardwareConfig":

@@ -34,7 +34,7 @@ GB = 1e9
 CUDA_SHAPE = {"h": 4096, "hkv": 4096, "rows": [16, 64, 256, 1024, 4096, 16384], "reps": 10}
 CPU_SHAPE = {"h": 1024, "hkv": 1024, "rows": [16, 64, 256, 1024, 2048], "reps": 7}
 STEPS = ("H2D copies", "D2H copies", "both directions", "GEMM rate", "attention",
-         "overlap", "launch overhead")
+         "memory stream", "overlap", "kernel and host overhead")
 
 
 class _Progress:
@@ -162,13 +162,13 @@ def profile(device: str, progress: bool = True, dtype: str | None = None) -> Har
     attn_fixed, attn_per_byte, p = _attention(dev, dt, timer, reps, cuda)
 
     bar.step(STEPS[5])
-    comp_slow, copy_slow = _overlap(cuda, dev, dt, timer, host, devb, side, h, hkv)
+    mem_gbps = _memory_stream(dev, dt, timer, reps, cuda)
 
     bar.step(STEPS[6])
-    tiny = torch.zeros(1, device=dev)
-    k = 200
-    t = timer(lambda: [tiny.add_(1) for _ in range(k)], 3)
-    launch_us = t / k * 1e6
+    comp_slow, copy_slow = _overlap(cuda, dev, dt, timer, host, devb, side, h, hkv)
+
+    bar.step(STEPS[7])
+    launch_us = _queued_kernel_us(dev, timer, cuda)
     host = host_us(dev, dt)
 
     bar.finish()
@@ -182,7 +182,7 @@ def profile(device: str, progress: bool = True, dtype: str | None = None) -> Har
         h2d_gbps=_r(1 / h2d_b / GB), d2h_gbps=_r(1 / d2h_b / GB), bidir_gbps=_r(bidir_gbps),
         link_latency_us=_r((h2d_lat + d2h_lat) / 2 * 1e6),
         gemm_tflops=_r(gemm_tflops, 4), gemm_half_rows=_r(half_rows),
-        attn_gbps=_r(1 / attn_per_byte / GB), attn_fixed_us=_r(attn_fixed * 1e6),
+        attn_gbps=_r(1 / attn_per_byte / GB), attn_fixed_us=_r(attn_fixed * 1e6), mem_gbps=_r(mem_gbps),
         gpu_mem_gb=_r(gpu_mem), cpu_mem_gb=_r(_host_mem_gb() / (1 if cuda else 2)),
         mem_margin_gb=2.0 if cuda else 1.0,
         compute_slowdown=_r(comp_slow, 3), copy_slowdown=_r(copy_slow, 3), launch_us=_r(launch_us),
@@ -302,6 +302,40 @@ def _both_directions(cuda, timer, h_src, d_dst, d_src, h_dst, reps) -> float:
         d_dst.copy_(h_src)
         th.join()
     return timer(both, reps)
+
+
+def _memory_stream(dev, dt, timer, reps, cuda) -> float:
+    """Read rate of a plain stream over device memory (GB/s): a sum over tensors past the
+    caches, the slope between two sizes. What weight reads at small batch and elementwise
+    passes run at (cost.layer_costs)."""
+    sizes = [2 ** 26, 2 ** 28] if cuda else [2 ** 23, 2 ** 25]  # elements
+    ts = []
+    for n in sizes:
+        x = torch.ones(n, device=dev, dtype=dt)
+        ts.append(timer(lambda: x.sum(), reps))
+    _, per_byte = _fit_affine([n * x.element_size() for n in sizes], ts)
+    return 1 / per_byte / GB
+
+
+def _queued_kernel_us(dev, timer, cuda, k: int = 400) -> float:
+    """Device time of one small kernel queued behind others (µs): on CUDA, a burst of tiny
+    kernels issued while the GPU sleeps, so the host is ahead and CUDA events time the GPU's
+    side alone. On the CPU the host runs the kernels itself: the burst's wall time."""
+    tiny = torch.zeros(1, device=dev)
+    burst = lambda: [tiny.add_(1) for _ in range(k)]
+    if not cuda:
+        return timer(burst, 3) / k * 1e6
+    burst()
+    out = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(100_000_000)  # tens of ms: longer than the host takes to issue k
+        start.record()
+        burst()
+        end.record()
+        end.synchronize()
+        out.append(start.elapsed_time(end) * 1e3 / k)
+    return statistics.median(out)
 
 
 def _attention(dev, dt, timer, reps, cuda):

@@ -255,7 +255,7 @@ def _host_ms(spec, hw, plan: Plan, l) -> float:
     clone nodes at every context."""
     ever = (np.asarray(l) > 0).any(axis=-1) if np.ndim(l) > 1 else np.asarray(l) > 0
     return cost.host_ms(hw, cost.host_node_kinds(spec, plan.resident, ever, plan.act_chunks,
-                                                 plan.weights_streamed, plan.micro_batches))
+                                                 plan.weights_streamed, plan.micro_batches), spec)
 
 
 # --- memory ----------------------------------------------------------------------------------

@@ -145,6 +145,14 @@ def test_infeasible_memory_budget(capsys):
               "short of streaming even one layer")
 
 
+@pytest.mark.parametrize("override, needle", [
+    ("hardware.attn_gbps=0", "hardware.attn_gbps = 0"),
+    ("hardware.mem_gbps=-1", "hardware.mem_gbps = -1"),
+])
+def test_impossible_hardware_rate(capsys, override, needle):
+    cli_error(capsys, ["plan", EXAMPLES / "tiny-opt.yaml", override], needle)
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--prompt", "a", "--prompt-ids", "1"], "not both"),
     (["--prompts-file", "/nonexistent/p.txt"], "cannot read it"),

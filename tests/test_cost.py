@@ -40,6 +40,31 @@ def test_layer_costs_slopes():
     assert c.rec_per_tok == pytest.approx(gemm + passes)
 
 
+def test_attention_and_plain_streams_have_their_own_rates():
+    """attn_gbps prices the attention kernel's K,V read; mem_gbps (0: attn_gbps's value, as in
+    hardware files made before it) the weight reads and elementwise passes."""
+    import dataclasses
+
+    s = PRESETS["opt-6.7b"]
+    assert HW.stream_gbps == HW.attn_gbps
+    base = cost.layer_costs(s, HW, 8, "float16")
+    fast_attn = cost.layer_costs(s, dataclasses.replace(HW, attn_gbps=4000, mem_gbps=2000), 8, "float16")
+    assert fast_attn.attn_per_tok == pytest.approx(base.attn_per_tok / 2)
+    assert (fast_attn.rec_per_tok, fast_attn.layer_fixed) == (base.rec_per_tok, base.layer_fixed)
+    slow_mem = cost.layer_costs(s, dataclasses.replace(HW, mem_gbps=1000), 8, "float16")
+    assert slow_mem.attn_per_tok == base.attn_per_tok and slow_mem.rec_per_tok > base.rec_per_tok
+
+
+def test_host_time_weighs_each_familys_ops():
+    hw = HardwareConfig(host_module_us=20, host_op_us=10, host_view_us=2, host_kvc_us=30)
+    kinds = np.array([1, 100, 50, 10])
+    for name in ("opt-6.7b", "llama-2-7b"):
+        spec = PRESETS[name]
+        want = 20 + 100 * 10 * cost.HOST_OP_WEIGHT[spec.family] + 50 * 2 + 10 * 30
+        assert cost.host_ms(hw, kinds, spec) == pytest.approx(want * 1e-3)
+    assert cost.HOST_OP_WEIGHT["llama"] > cost.HOST_OP_WEIGHT["opt"] > 1
+
+
 def test_host_nodes_match_the_lowered_graphs():
     """HOST_NODES counts the decode graph's nodes: compare with what kvc.lowering makes."""
     import dataclasses

@@ -22,7 +22,7 @@ def test_cpu_profile_is_quick_and_positive(cpu_profile):
     hw, took = cpu_profile
     assert took < 30  # the budget is ~20 s on 2 busy cores; leave CI some slack
     assert hw.device == "cpu"
-    for f in ("h2d_gbps", "d2h_gbps", "bidir_gbps", "gemm_tflops", "attn_gbps", "gpu_mem_gb",
+    for f in ("h2d_gbps", "d2h_gbps", "bidir_gbps", "gemm_tflops", "attn_gbps", "mem_gbps", "gpu_mem_gb",
               "cpu_mem_gb", "launch_us", "host_module_us", "host_op_us", "host_view_us", "host_kvc_us"):
         assert getattr(hw, f) > 0, f
     # the host lane's kinds differ: a view issues no kernel and calls no module
