@@ -84,10 +84,11 @@ def host_nodes(spec: ModelSpec, resident, recomputes, act_chunks: int, streamed=
 # host time of one of the family's aten ops, in units of hw.host_op_us (the profiler's cheap
 # op, `t + 1.0`): a decode graph's ops are dearer on average (F.linear through matmul, sdpa,
 # layer norm; llama's RMSNorm casts and reduction, RoPE's cat). Calibrated from the host time
-# of gpu_resident steps on an idle GPU against that run's measured host_op_us (tools/bench.py,
-# H200, 2026-11-28): OPT 1.04-1.64 over seven rows, median 1.34; llama 1.62-3.0 over four,
-# median 2.2. Both spread widely: the host's own speed moves between runs and leases.
-HOST_OP_WEIGHT = {"opt": 1.34, "llama": 2.2}
+# of gpu_resident steps on an idle GPU against the same run's measured host_op_us
+# (tools/bench.py, H200, 2026-11-28, two leases): OPT 1.04-1.99 over ten rows, median 1.47;
+# llama 1.62-3.0 over six, median 1.89. The spread is mostly the cheap op's own measurement:
+# the real steps' host time moved far less between runs than host_op_us did.
+HOST_OP_WEIGHT = {"opt": 1.5, "llama": 1.9}
 
 
 def host_ms(hw: HardwareConfig, kinds, spec: ModelSpec) -> float:

@@ -257,7 +257,8 @@ def test_plan_text_names_the_host_lane_and_when_it_binds():
     from kvc.plan_report import plan_text
     from kvc_fixtures import hw
 
-    kw = dict(batch_size=8, prompt_len=512, gen_len=8, dtype="float16", mode="pipelined",
+    # batch 32 at 1024 with room for little of the cache: the link sets the step
+    kw = dict(batch_size=32, prompt_len=1024, gen_len=8, dtype="float16", mode="pipelined",
               chunk_tokens=64, act_chunks=1, recompute_fraction=None)
     spec = PRESETS["opt-6.7b"]
     fast = plan_text(spec, hw("h200-pcie5", gpu_mem_gb=20.0), **kw)

@@ -1,0 +1,87 @@
+"""Re-predict measured bench rows with the current cost model, on the CPU.
+
+    python tools/repredict.py benchmarks/results/A.json [B.json ...] [--out merged.json]
+
+Each latency row of each results file (tools/bench.py) is planned again exactly as the bench
+planned it (its preset, batch, context, mode and GPU budget, the card's hardware preset, the
+host-lane costs that run measured) and predicted at the middle of the timed steps. Prints the
+measured time against the prediction the run made and the current one. A row whose plan now
+differs (another recompute split) measured a schedule the current code would not run: it is
+flagged, and its error means little until it is measured again.
+
+--out writes the rows, later files winning where the same (model, batch, context, mode)
+appears twice, with `predicted_ms` the current prediction and `predicted_ms_at_run` the
+run's own, and every input file's command, torch and host costs under `sources`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import bench  # noqa: E402
+from kvc.api import make_plan, resolve  # noqa: E402
+from kvc.config import load_config  # noqa: E402
+from kvc.scheduler import predict  # noqa: E402
+
+
+def repredict(row: dict, hw_name: str, host: dict) -> tuple[float, float]:
+    """(current predicted ms, the plan's recompute fraction at the middle context)."""
+    name, b, ctx = row["model"], row["batch"], row["context"]
+    spec, host = bench.get_spec(name), [f"hardware.{k}={v}" for k, v in host.items()]
+    hw = resolve(load_config({"model": {"preset": name}}, [f"hardware={hw_name}", *host])).hardware
+    # the bench's budget: the card's memory for gpu_resident (rounded in the row; it fits
+    # either way), else room for all but the KV cache (bench.offload_budget_gb)
+    budget = (row["gpu_mem_gb_budget"] if row["mode"] == "gpu_resident"
+              else bench.offload_budget_gb(spec, hw, b, ctx + bench.GEN_LEN))
+    overrides = [f"hardware={hw_name}", f"schedule.mode={row['mode']}", f"workload.batch_size={b}",
+                 f"workload.prompt_len={ctx}", f"workload.gen_len={bench.GEN_LEN}",
+                 f"hardware.gpu_mem_gb={budget}", *host]
+    r = resolve(load_config({"model": {"preset": name, "dtype": bench.DTYPE_NAME}}, overrides))
+    plan = make_plan(r)
+    pred = predict(spec, r.hardware, plan, ctx + row["steps_timed"] // 2, b, bench.DTYPE_NAME)
+    # as the bench reports it: at the prompt's context, over the layers
+    frac = sum(plan.recompute_tokens(i, ctx) for i in range(spec.num_layers)) / (spec.num_layers * ctx)
+    return pred["predicted_step_ms"], frac
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("results", nargs="+", type=Path)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    merged, sources = {}, []
+    print("| file | model | batch | context | mode | ms/token | LP at run | LP now | error now |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for path in args.results:
+        d = json.loads(path.read_text())
+        host = d.get("host_us_measured") or {}
+        sources.append({k: d.get(k) for k in ("card", "date", "torch", "command", "host_us_measured")}
+                       | {"file": path.name})
+        for row in d["rows"]:
+            if row.get("setting") != "latency" or row["mode"] == "hf_offloaded":
+                merged[(row["model"], row["batch"], row["context"], row["mode"])] = {**row, "source": path.name}
+                continue
+            now, frac = repredict(row, d.get("hardware_preset", "h200-pcie5"), host)
+            old_frac = row.get("recompute_fraction_mid")
+            moved = old_frac is not None and abs(frac - old_frac) > 0.01
+            m = row["decode_ms_per_token"]
+            print(f"| {path.name} | {row['model']} | {row['batch']} | {row['context']} | "
+                  f"{row['mode']} | {m:.1f} | {row['predicted_ms']:.1f} | {now:.1f} | "
+                  f"{(m / now - 1) * 100:+.0f}%{' (plan changed)' if moved else ''} |")
+            merged[(row["model"], row["batch"], row["context"], row["mode"])] = {
+                **row, "predicted_ms": round(now, 3), "predicted_ms_at_run": row["predicted_ms"],
+                "plan_changed_since_run": moved, "source": path.name}
+    if args.out:
+        first = json.loads(args.results[0].read_text())
+        out = {k: first.get(k) for k in ("card", "date", "torch", "hardware_preset")}
+        out |= {"command": "python tools/repredict.py " + " ".join(str(p) for p in args.results),
+                "sources": sources, "rows": list(merged.values())}
+        args.out.write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
