@@ -22,10 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import bench  # noqa: E402
-from kvc.api import make_plan, resolve  # noqa: E402
-from kvc.config import load_config  # noqa: E402
-from kvc.scheduler import predict  # noqa: E402
+import bench
+
+from kvc.api import make_plan, resolve
+from kvc.config import load_config
+from kvc.scheduler import predict
 
 
 def repredict(row: dict, hw_name: str, host: dict) -> tuple[float, float]:
