@@ -457,10 +457,18 @@ def machine_info(device: str) -> dict:
     }
 
 
+# what the profiler measures and means by it; a cached profile of another version is measured
+# again. 2: launch_us is a queued kernel's device time (was the host's issue time), mem_gbps
+# is measured, attention is timed with the kernels kvc decodes with (never cuDNN)
+PROFILE_VERSION = 2
+
+
 def cache_path(device: str) -> Path:
-    """Per machine: GPU name, driver and torch version (a driver or torch upgrade re-measures)."""
+    """Per machine: GPU name, driver and torch version (a driver or torch upgrade re-measures),
+    and the profiler's PROFILE_VERSION (so does a profiler that measures differently)."""
     info = machine_info(device)
-    key = "-".join(x for x in (info["device_name"], info["driver"], "torch" + info["torch"]) if x)
+    key = "-".join(x for x in (info["device_name"], info["driver"], "torch" + info["torch"],
+                               f"v{PROFILE_VERSION}") if x)
     slug = re.sub(r"[^A-Za-z0-9.]+", "_", key).strip("_")
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return root / "kvc" / "hardware" / f"{slug}.yaml"

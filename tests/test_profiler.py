@@ -79,6 +79,10 @@ def test_resolve_hardware_profiles_once_and_keeps_overrides(tmp_path, monkeypatc
     path = profiler.cache_path(calls[0])
     assert path.is_file() and str(path).startswith(str(tmp_path / "kvc"))
     assert "torch" in path.name
+    # a profiler that measures differently does not reuse the old profile
+    monkeypatch.setattr(profiler, "PROFILE_VERSION", profiler.PROFILE_VERSION + 1)
+    profiler.resolve_hardware(HardwareConfig(name="auto"))
+    assert len(calls) == 2 and profiler.cache_path(calls[0]) != path
 
 
 def test_profile_cuda_without_cuda_is_a_kvc_error():
