@@ -31,8 +31,11 @@ RECOMPUTE_OPS = {"opt": 4, "llama": 5}
 # families the rotation of K (slice, negate, concatenate, two products, a sum, with cos/sin
 # broadcast over batch and heads). Calibrated from torch.profiler kernel times of the compute
 # stream, H200, 2026-11-28 (tools/bench.py --profile): OPT-6.7B / OPT-13B pipelined 4.05 / 4.1
-# passes; llama-2-7b pipelined at 2048 / 3584 and kvpr at 2048: 31.6 / 32.5 / 28.8
-ELEMENTWISE_PASSES = {"opt": 4, "llama": 32}
+# passes; llama-2-7b pipelined at 2048 / 3584 and kvpr at 2048: 31.6 / 32.5 / 28.8 with the
+# RoPE of that day. llama's RoPE now runs a half at a time (LlamaAttention._rope), which
+# tools/rope_bench.py timed on the H200 at 16.4-19.0 passes against 24.4-26.5 for the old
+# formula: 32 - 8, an estimate until a profiled step measures it
+ELEMENTWISE_PASSES = {"opt": 4, "llama": 24}
 
 # nodes of the lowered decode graph the host issues, one at a time, per decode step, by kind
 # (HOST_KINDS: module calls, aten ops, views, kvc custom ops; a module call costs several
@@ -49,8 +52,8 @@ HOST_NODES = {  # passes/flatten.py calls Linear, LayerNorm and Embedding as fun
             "recompute": (0, 0, 0, 3), "chunk": (0, 2, 5, 5), "weights": (0, 0, 0, 5),
             "gqa": (0, 0, 0, 0), "split": (0, 2, 1, 0), "per_micro_batch": (0, 4, 1, 0),
             "shared_per_layer": (0, 0, 0, 0)},
-    "llama": {"layer": (0, 36, 20, 2), "head": (0, 9, 5, 0), "offload": (0, 0, 0, 10),
-              "recompute": (0, 0, 0, 3), "chunk": (0, 7, 16, 6), "weights": (0, 0, 0, 5),
+    "llama": {"layer": (0, 40, 20, 2), "head": (0, 9, 5, 0), "offload": (0, 0, 0, 10),
+              "recompute": (0, 0, 0, 3), "chunk": (0, 9, 16, 6), "weights": (0, 0, 0, 5),
               "gqa": (0, 0, 4, 0), "split": (0, 2, 1, 0), "per_micro_batch": (0, 9, 2, 0),
               "shared_per_layer": (0, 0, 4, 0)},
 }

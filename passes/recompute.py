@@ -36,9 +36,10 @@ token-major, where the copy becomes a contiguous memcpy. `torch.cat` is the one 
 does not follow its inputs' strides (it returns contiguous, i.e. batch-major, memory, and
 RoPE's sum then mixes layouts and loses its vectorized kernel), so a last-dim cat of values
 known to be >= 3-D and token-major (a projection's output through trailing-dim unflatten,
-slicing and negation: rotate-half) is rewritten the same way: `re{i}_{j}_tm_cat` concatenates
-their `.transpose(0, 1)` views and `re{i}_{j}_cat` transposes back. Any other cat is cloned
-as traced. Decided from node targets only; other readers of the activation keep the
+slicing and negation: rotate-half; or products, sums and differences of those with per-token
+tables such as RoPE's cos/sin, which do not come from the activation and broadcast over the
+batch) is rewritten the same way: `re{i}_{j}_tm_cat` concatenates their `.transpose(0, 1)`
+views and `re{i}_{j}_cat` transposes back. Any other cat is cloned as traced. Decided from node targets only; other readers of the activation keep the
 [b, n, h] view.
 """
 from __future__ import annotations
@@ -82,6 +83,24 @@ def _keeps_layout(n: torch.fx.Node, tm: set) -> bool:
         idx = idx if isinstance(idx, tuple) else (idx,)
         return all(i is Ellipsis or isinstance(i, slice) for i in idx)
     return n.target in (operator.neg, torch.neg)
+
+
+_ELEMENTWISE = {"mul", "sub", "add"}
+
+
+def _elementwise_of_token_major(n: torch.fx.Node, tm: set, from_act: set) -> bool:
+    """A product, difference or sum of token-major values (in `tm`) and values that do not
+    come from the activation (RoPE's cos/sin rows: per token, broadcast over the batch), at
+    least one of them token-major: elementwise ops follow the strides of their operands, and
+    the broadcast ones leave the token-major operand to decide."""
+    name = n.target if n.op == "call_method" else getattr(n.target, "__name__", None)
+    if n.op not in ("call_method", "call_function") or name not in _ELEMENTWISE:
+        return False
+    if n.op == "call_function" and n.target not in (operator.mul, operator.sub, operator.add,
+                                                    torch.mul, torch.sub, torch.add):
+        return False
+    xs = [a for a in (*n.args, *n.kwargs.values()) if isinstance(a, torch.fx.Node)]
+    return any(x in tm for x in xs) and all(x in tm or x not in from_act for x in xs)
 
 
 def _cat_of_token_major(n: torch.fx.Node, tm: set) -> bool:
@@ -130,7 +149,10 @@ def clone_kv_slice(gm: torch.fx.GraphModule, slice_nodes: list[torch.fx.Node], a
             kvc_meta(tm_of[x])["layout"] = "token_major"
         return tm_of[x]
 
+    from_act = {act}  # old nodes whose value depends on the activation
     for n in slice_nodes:
+        if any(x in from_act for x in n.all_input_nodes):
+            from_act.add(n)
         linear = is_linear(gm, n) and _reads_once(n, act)
         if linear or _cat_of_token_major(n, tm):
             xs = [act] if linear else n.args[0]
@@ -140,7 +162,7 @@ def clone_kv_slice(gm: torch.fx.GraphModule, slice_nodes: list[torch.fx.Node], a
             tm.add(n)
         else:
             env[n] = copy(n, f"{prefix}_{n.name}", env)
-            if _keeps_layout(n, tm):
+            if _keeps_layout(n, tm) or _elementwise_of_token_major(n, tm, from_act):
                 tm.add(n)
     return env[k_out], env[v_out]
 

@@ -295,3 +295,28 @@ def test_kv_write_depends_only_on_attention_input(name):
         assert "source" in leaves and leaves <= {"source", "get_attr", "positions"}, leaves
         if spec.family == "llama":
             assert "positions" in leaves  # RoPE
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rope_rounds_like_transformers_bit_for_bit(dtype):
+    """kvc's half-at-a-time RoPE against HF's apply_rotary_pos_emb on HF's own tables, with
+    llama3 scaling too: equal bits in every dtype (the proof is in LlamaAttention._rope)."""
+    from dataclasses import replace
+
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from kvc.models import preset
+    from kvc.models.llama import LlamaAttention, rope_inv_freq, rope_tables
+
+    scaled = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    for spec in (preset("tiny-llama"), replace(preset("tiny-llama"), rope_scaling=scaled)):
+        attn = LlamaAttention(spec)
+        cos, sin = (t.to(dtype) for t in rope_tables(spec, rope_inv_freq(spec)))
+        g = torch.Generator().manual_seed(0)
+        pos = torch.randint(0, spec.max_positions, (7,), generator=g)
+        x = (torch.randn(3, 7, spec.num_heads, spec.head_dim, generator=g) * 4).to(dtype)
+        # HF: [b, heads, T, hd] with cos/sin [b, T, hd] unsqueezed at dim 1
+        want, _ = apply_rotary_pos_emb(x.transpose(1, 2), x.transpose(1, 2),
+                                       cos[pos][None], sin[pos][None])
+        assert torch.equal(attn._rope(x, cos[pos], sin[pos]), want.transpose(1, 2))

@@ -208,7 +208,7 @@ def test_annotate_llama_pre_ln(prefill):
         names = info["kv_slice"]
         kinds = {getattr(nodes[s].target, "__name__", nodes[s].target) for s in names}
         assert {f"layers.{i}.self_attn.k_proj", f"layers.{i}.self_attn.v_proj",
-                "unflatten", "neg", "cat", "mul", "getitem", "type_as"} <= kinds  # RoPE incl.
+                "unflatten", "sub", "cat", "mul", "getitem", "type_as"} <= kinds  # RoPE incl.
         # the cos/sin table lookup at the layer's positions
         assert f"layers.{i}.self_attn.q_proj" not in kinds
         assert info["kv_read"] is None if prefill else is_op(nodes[info["kv_read"]], "kv_read")
@@ -336,7 +336,7 @@ def test_recompute_llama_clone_has_projection_rope_and_positions():
         clone = [n for n in gm.graph.nodes if n.name.startswith(f"re{i}_0_")]
         targets = {getattr(n.target, "__name__", n.target) for n in clone}
         assert {f"layers.{i}.self_attn.k_proj", f"layers.{i}.self_attn.v_proj",
-                "unflatten", "neg", "cat", "mul", "getitem", "type_as"} <= targets
+                "unflatten", "sub", "cat", "mul", "getitem", "type_as"} <= targets
         assert f"layers.{i}.self_attn.q_proj" not in targets
         assert set(nodes[f"positions_{i}_0"].users) <= set(clone)
         assert nodes[f"positions_{i}_0"].users  # RoPE reads the recomputed positions
