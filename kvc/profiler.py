@@ -196,6 +196,9 @@ def profile(device: str, progress: bool = True, dtype: str | None = None) -> Har
 HOST_CHAINS = ("module", "op", "view", "kvc")  # cost.HOST_KINDS
 
 
+ROUNDS = 21  # timed runs of each host chain (median)
+
+
 def host_us(device, dtype=torch.float16, repeats: int = 100) -> dict:
     """Host time (µs) to issue one node of each kind, as an fx GraphModule issues them (one
     call each, with the GPU left to run behind: no sync inside the timing): a Linear module
@@ -251,18 +254,22 @@ def host_us(device, dtype=torch.float16, repeats: int = 100) -> dict:
     out = {}
     try:
         t = torch.zeros(2, 8, device=device, dtype=dtype)
-        for kind in HOST_CHAINS:
-            gm = chain(kind)
+        gms = {kind: chain(kind) for kind in HOST_CHAINS}
+        for gm in gms.values():
             gm(t, rt)
-            times = []
-            for _ in range(7):
+        # the kinds take turns, round after round, so that a slow spell of the host (other
+        # tenants, clocks) lands on every kind's samples alike, not on one kind's whole series
+        times = {kind: [] for kind in HOST_CHAINS}
+        for _ in range(ROUNDS):
+            for kind, gm in gms.items():
                 if t.is_cuda:
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 gm(t, rt)
-                times.append(time.perf_counter() - t0)
+                times[kind].append(time.perf_counter() - t0)
+        for kind in HOST_CHAINS:
             per = 2 * repeats if kind == "view" else 4 * repeats if kind == "kvc" else repeats
-            out[f"host_{kind}_us"] = statistics.median(times) / per * 1e6
+            out[f"host_{kind}_us"] = statistics.median(times[kind]) / per * 1e6
     finally:
         registry.release(rt)
         cache.close()
