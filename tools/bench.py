@@ -113,15 +113,25 @@ def free_memory() -> None:
             empty_host()
 
 
-def compiled(model, spec, mode, batch, context, hw_name, budget, fraction=None, extra=()):
+def planned(name, mode, batch, context, hw_name, budget, fraction=None, extra=()):
+    """(plan, resolved config) of one bench row: the card's preset with this run's host costs."""
     overrides = [f"hardware={hw_name}", f"schedule.mode={mode}",
                  f"workload.batch_size={batch}", f"workload.prompt_len={context}",
                  f"workload.gen_len={GEN_LEN}", f"hardware.gpu_mem_gb={budget}", *HOST_OVERRIDES, *extra]
     if fraction is not None:
         overrides.append(f"schedule.recompute_fraction={fraction}")
-    cfg = load_config({"model": {"preset": spec_name(spec), "dtype": DTYPE_NAME}}, overrides)
-    r = resolve(cfg)
-    plan = make_plan(r)
+    r = resolve(load_config({"model": {"preset": name, "dtype": DTYPE_NAME}}, overrides))
+    return make_plan(r), r
+
+
+def point_budget_gb(spec, name, hw_name, batch, context) -> float:
+    """The offloading modes' GPU budget at a grid point (offload_budget_gb on the preset)."""
+    hw = resolve(load_config({"model": {"preset": name}}, [f"hardware={hw_name}", *HOST_OVERRIDES])).hardware
+    return offload_budget_gb(spec, hw, batch, context + GEN_LEN)
+
+
+def compiled(model, spec, mode, batch, context, hw_name, budget, fraction=None, extra=()):
+    plan, r = planned(spec_name(spec), mode, batch, context, hw_name, budget, fraction, extra)
     return CompiledModel(lower(model, plan), plan, spec, DTYPE, torch.device(DEVICE)), r
 
 
@@ -272,9 +282,7 @@ def bench_point(name, batch, context, hw_name, steps, repeats, with_hf, log=prin
     spec = get_spec(name)
     model = build_model(spec, DEVICE, DTYPE, seed=0)
     ids = torch.randint(0, spec.vocab_size, (batch, context), device=DEVICE)
-    s_max = context + GEN_LEN
-    hw = resolve(load_config({"model": {"preset": name}}, [f"hardware={hw_name}", *HOST_OVERRIDES])).hardware
-    budget = offload_budget_gb(spec, hw, batch, s_max)
+    budget = point_budget_gb(spec, name, hw_name, batch, context)
     card_gb = torch.cuda.get_device_properties(0).total_memory / 1e9 if DEVICE == "cuda" else 64.0
     rows = []
     for mode in modes:

@@ -24,27 +24,20 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import bench
 
-from kvc.api import make_plan, resolve
-from kvc.config import load_config
 from kvc.scheduler import predict
 
 
 def repredict(row: dict, hw_name: str, host: dict) -> tuple[float, float]:
-    """(current predicted ms, the plan's recompute fraction at the middle context)."""
+    """(current predicted ms, the plan's recompute fraction at the prompt's context, as the
+    bench reports it), planned as tools/bench.py plans the row."""
     name, b, ctx = row["model"], row["batch"], row["context"]
-    spec, host = bench.get_spec(name), [f"hardware.{k}={v}" for k, v in host.items()]
-    hw = resolve(load_config({"model": {"preset": name}}, [f"hardware={hw_name}", *host])).hardware
-    # the bench's budget: the card's memory for gpu_resident (rounded in the row; it fits
-    # either way), else room for all but the KV cache (bench.offload_budget_gb)
+    spec = bench.get_spec(name)
+    bench.HOST_OVERRIDES[:] = [f"hardware.{k}={v}" for k, v in host.items()]
+    # gpu_resident ran with the card's memory (rounded in the row; it fits either way)
     budget = (row["gpu_mem_gb_budget"] if row["mode"] == "gpu_resident"
-              else bench.offload_budget_gb(spec, hw, b, ctx + bench.GEN_LEN))
-    overrides = [f"hardware={hw_name}", f"schedule.mode={row['mode']}", f"workload.batch_size={b}",
-                 f"workload.prompt_len={ctx}", f"workload.gen_len={bench.GEN_LEN}",
-                 f"hardware.gpu_mem_gb={budget}", *host]
-    r = resolve(load_config({"model": {"preset": name, "dtype": bench.DTYPE_NAME}}, overrides))
-    plan = make_plan(r)
+              else bench.point_budget_gb(spec, name, hw_name, b, ctx))
+    plan, r = bench.planned(name, row["mode"], b, ctx, hw_name, budget)
     pred = predict(spec, r.hardware, plan, ctx + row["steps_timed"] // 2, b, bench.DTYPE_NAME)
-    # as the bench reports it: at the prompt's context, over the layers
     frac = sum(plan.recompute_tokens(i, ctx) for i in range(spec.num_layers)) / (spec.num_layers * ctx)
     return pred["predicted_step_ms"], frac
 
