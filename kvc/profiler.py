@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import yaml
 
+from kvc.cost import HOST_KINDS
 from kvc.errors import KvcError
 from kvc.hardware import HardwareConfig
 from kvc.runtime.attention import backends
@@ -193,9 +194,8 @@ def profile(device: str, progress: bool = True, dtype: str | None = None) -> Har
     )
 
 
-HOST_CHAINS = ("module", "op", "view", "kvc")  # cost.HOST_KINDS
-
-
+# nodes one repeat of each host chain issues (cost.HOST_KINDS)
+CHAIN_NODES = {"module": 1, "op": 1, "view": 2, "kvc": 4}
 ROUNDS = 21  # timed runs of each host chain (median)
 
 
@@ -254,12 +254,12 @@ def host_us(device, dtype=torch.float16, repeats: int = 100) -> dict:
     out = {}
     try:
         t = torch.zeros(2, 8, device=device, dtype=dtype)
-        gms = {kind: chain(kind) for kind in HOST_CHAINS}
+        gms = {kind: chain(kind) for kind in HOST_KINDS}
         for gm in gms.values():
             gm(t, rt)
         # the kinds take turns, round after round, so that a slow spell of the host (other
         # tenants, clocks) lands on every kind's samples alike, not on one kind's whole series
-        times = {kind: [] for kind in HOST_CHAINS}
+        times = {kind: [] for kind in HOST_KINDS}
         for _ in range(ROUNDS):
             for kind, gm in gms.items():
                 if t.is_cuda:
@@ -267,9 +267,8 @@ def host_us(device, dtype=torch.float16, repeats: int = 100) -> dict:
                 t0 = time.perf_counter()
                 gm(t, rt)
                 times[kind].append(time.perf_counter() - t0)
-        for kind in HOST_CHAINS:
-            per = 2 * repeats if kind == "view" else 4 * repeats if kind == "kvc" else repeats
-            out[f"host_{kind}_us"] = statistics.median(times[kind]) / per * 1e6
+        for kind, ts in times.items():
+            out[f"host_{kind}_us"] = statistics.median(ts) / (CHAIN_NODES[kind] * repeats) * 1e6
     finally:
         registry.release(rt)
         cache.close()

@@ -14,6 +14,7 @@ import torch
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from kvc.cost import HOST_KINDS
 from kvc.plan import Plan
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)$")
@@ -60,7 +61,7 @@ def host_kind(node: torch.fx.Node) -> str | None:
 
 def host_kinds(gm: torch.fx.GraphModule) -> dict[str, int]:
     """A graph's nodes counted by host_kind."""
-    out = {k: 0 for k in ("module", "op", "view", "kvc")}
+    out = dict.fromkeys(HOST_KINDS, 0)
     for n in gm.graph.nodes:
         k = host_kind(n)
         if k is not None:

@@ -39,8 +39,8 @@ known to be >= 3-D and token-major (a projection's output through trailing-dim u
 slicing and negation: rotate-half; or products, sums and differences of those with per-token
 tables such as RoPE's cos/sin, which do not come from the activation and broadcast over the
 batch) is rewritten the same way: `re{i}_{j}_tm_cat` concatenates their `.transpose(0, 1)`
-views and `re{i}_{j}_cat` transposes back. Any other cat is cloned as traced. Decided from node targets only; other readers of the activation keep the
-[b, n, h] view.
+views and `re{i}_{j}_cat` transposes back. Any other cat is cloned as traced. Decided from
+node targets only; other readers of the activation keep the [b, n, h] view.
 """
 from __future__ import annotations
 
@@ -85,7 +85,8 @@ def _keeps_layout(n: torch.fx.Node, tm: set) -> bool:
     return n.target in (operator.neg, torch.neg)
 
 
-_ELEMENTWISE = {"mul", "sub", "add"}
+_ELEMENTWISE_METHODS = ("mul", "sub", "add")
+_ELEMENTWISE_FUNCTIONS = (operator.mul, operator.sub, operator.add, torch.mul, torch.sub, torch.add)
 
 
 def _elementwise_of_token_major(n: torch.fx.Node, tm: set, from_act: set) -> bool:
@@ -93,13 +94,10 @@ def _elementwise_of_token_major(n: torch.fx.Node, tm: set, from_act: set) -> boo
     come from the activation (RoPE's cos/sin rows: per token, broadcast over the batch), at
     least one of them token-major: elementwise ops follow the strides of their operands, and
     the broadcast ones leave the token-major operand to decide."""
-    name = n.target if n.op == "call_method" else getattr(n.target, "__name__", None)
-    if n.op not in ("call_method", "call_function") or name not in _ELEMENTWISE:
+    if not ((n.op == "call_method" and n.target in _ELEMENTWISE_METHODS)
+            or (n.op == "call_function" and n.target in _ELEMENTWISE_FUNCTIONS)):
         return False
-    if n.op == "call_function" and n.target not in (operator.mul, operator.sub, operator.add,
-                                                    torch.mul, torch.sub, torch.add):
-        return False
-    xs = [a for a in (*n.args, *n.kwargs.values()) if isinstance(a, torch.fx.Node)]
+    xs = n.all_input_nodes
     return any(x in tm for x in xs) and all(x in tm or x not in from_act for x in xs)
 
 

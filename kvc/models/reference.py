@@ -24,28 +24,41 @@ class ReferenceDecoder:
         return cache, registry.register(cache)
 
     @torch.inference_mode()
+    @backends()  # the attention kernels compiled models use (kvc.runtime.attention)
     def prefill_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits at every prompt position, [b, s, vocab], in the model dtype."""
         b, s = input_ids.shape
         cache, rt = self._cache(b, s)
         try:
             positions = torch.arange(s, device=input_ids.device)
-            with backends():
-                return self.model(input_ids, positions, rt, prefill=True)
+            return self.model(input_ids, positions, rt, prefill=True)
         finally:
             registry.release(rt)
 
     @torch.inference_mode()
+    @backends()  # the attention kernels compiled models use (kvc.runtime.attention)
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, return_logits: bool = False):
         """Greedy decoding: tokens [b, s+n], and with return_logits the logits [b, n, vocab]
         that chose each new token (logits[:, 0] come from the prefill's last position)."""
         b, s = input_ids.shape
+        device = input_ids.device
         # the last new token is never fed back, so s + n - 1 slots would do; one spare is cheap
         cache, rt = self._cache(b, s + max_new_tokens)
         tokens, logits = [input_ids], []
         try:
-            with backends():
-                self._greedy(input_ids, max_new_tokens, cache, rt, tokens, logits)
+            if max_new_tokens > 0:
+                out = self.model(input_ids, torch.arange(s, device=device), rt,
+                                 prefill=True, last_only=True)
+                cache.advance(s)
+                for i in range(max_new_tokens):
+                    step = out[:, -1]
+                    logits.append(step)
+                    nxt = step.argmax(-1, keepdim=True)
+                    tokens.append(nxt)
+                    if i + 1 == max_new_tokens:
+                        break
+                    out = self.model(nxt, torch.tensor([s + i], device=device), rt)
+                    cache.advance(1)
         finally:
             registry.release(rt)
         out_tokens = torch.cat(tokens, dim=1)
@@ -54,20 +67,3 @@ class ReferenceDecoder:
         vocab = self.spec.vocab_size
         stacked = torch.stack(logits, dim=1) if logits else input_ids.new_empty((b, 0, vocab), dtype=torch.float32)
         return out_tokens, stacked
-
-    def _greedy(self, input_ids, max_new_tokens, cache, rt, tokens, logits) -> None:
-        """The prefill and the decode steps: appends to `tokens` and `logits`."""
-        s, device = input_ids.shape[1], input_ids.device
-        if max_new_tokens > 0:
-            out = self.model(input_ids, torch.arange(s, device=device), rt,
-                             prefill=True, last_only=True)
-            cache.advance(s)
-            for i in range(max_new_tokens):
-                step = out[:, -1]
-                logits.append(step)
-                nxt = step.argmax(-1, keepdim=True)
-                tokens.append(nxt)
-                if i + 1 == max_new_tokens:
-                    break
-                out = self.model(nxt, torch.tensor([s + i], device=device), rt)
-                cache.advance(1)

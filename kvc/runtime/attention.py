@@ -19,5 +19,5 @@ BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBacke
 
 
 def backends():
-    """Context manager: scaled_dot_product_attention inside it never uses cuDNN."""
+    """Context manager (or decorator): scaled_dot_product_attention inside it never uses cuDNN."""
     return sdpa_kernel(BACKENDS, set_priority=True)
