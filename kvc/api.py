@@ -62,7 +62,7 @@ def make_plan(r: Resolved) -> Plan:
                  recompute_fraction=s.recompute_fraction,
                  weight_stream_fraction=s.weight_stream_fraction,
                  time_limit_s=s.solver_time_limit_s, micro_batches=w.num_gpu_batches,
-                 resident_cache=s.resident_cache)
+                 resident_cache=s.resident_cache, cuda_graphs=s.cuda_graphs)
 
 
 def compile_artifact(config, overrides: list[str] | tuple = (), output=None,

@@ -89,7 +89,7 @@ def cmd_plan(args) -> int:
               chunk_tokens=c.schedule.chunk_tokens, act_chunks=c.schedule.act_chunks,
               recompute_fraction=c.schedule.recompute_fraction, context=args.context,
               weight_stream_fraction=c.schedule.weight_stream_fraction,
-              micro_batches=c.workload.num_gpu_batches)
+              micro_batches=c.workload.num_gpu_batches, cuda_graphs=c.schedule.cuda_graphs)
     if args.search is not None:
         from kvc.plan_report import search_text
 
@@ -99,7 +99,8 @@ def cmd_plan(args) -> int:
                           chunk_tokens=s.chunk_tokens, act_chunks=s.act_chunks,
                           recompute_fraction=s.recompute_fraction,
                           weight_stream_fraction=s.weight_stream_fraction,
-                          time_limit_s=s.solver_time_limit_s, resident_cache=s.resident_cache))
+                          time_limit_s=s.solver_time_limit_s, resident_cache=s.resident_cache,
+                          cuda_graphs=s.cuda_graphs))
         return 0
     if args.json:
         print(json.dumps(plan_json(r.spec, r.hardware, **kw), indent=1))

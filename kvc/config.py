@@ -51,6 +51,9 @@ class ScheduleConfig:
     chunk_tokens: int = 64
     act_chunks: int = 4
     solver_time_limit_s: float = 10.0
+    # on a CUDA device, replay each decode step's static runs (projections, norms, MLP) as
+    # CUDA graphs; the cache ops and attention stay eager (kvc.runtime.cudagraphs)
+    cuda_graphs: bool = True
 
 
 @dataclass

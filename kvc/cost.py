@@ -32,10 +32,11 @@ RECOMPUTE_OPS = {"opt": 4, "llama": 5}
 # broadcast over batch and heads). Calibrated from torch.profiler kernel times of the compute
 # stream, H200, 2026-11-28 (tools/bench.py --profile): OPT-6.7B / OPT-13B pipelined 4.05 / 4.1
 # passes; llama-2-7b pipelined at 2048 / 3584 and kvpr at 2048: 31.6 / 32.5 / 28.8 with the
-# RoPE of that day. llama's RoPE now runs a half at a time (LlamaAttention._rope), which
-# tools/rope_bench.py timed on the H200 at 16.4-19.0 passes against 24.4-26.5 for the old
-# formula: 32 - 8, an estimate until a profiled step measures it
-ELEMENTWISE_PASSES = {"opt": 4, "llama": 24}
+# RoPE of that day. llama's RoPE now runs a half at a time (LlamaAttention._rope): profiled
+# steps of llama-2-7b (H200, 2026-11-28, session 5, elementwise + device copies of the compute
+# stream, less a gpu_resident step's elementwise, over the K bytes recomputed) give 22.8 / 23.1
+# pipelined at 2048 / 3584 and 20.3 / 20.3 kvpr
+ELEMENTWISE_PASSES = {"opt": 4, "llama": 22}
 
 # nodes of the lowered decode graph the host issues, one at a time, per decode step, by kind
 # (HOST_KINDS: module calls, aten ops, views, kvc custom ops; a module call costs several
@@ -46,24 +47,37 @@ ELEMENTWISE_PASSES = {"opt": 4, "llama": 24}
 # split and the final concatenation once, an embedding, head and batch slice per extra
 # micro-batch, and nodes that read no tokens (RoPE table slices) once per layer, not per unit.
 # tests/test_cost.py checks these against kvc.lowering; at small batch they bound the step.
-HOST_KINDS = ("module", "op", "view", "kvc")
+HOST_KINDS = ("module", "op", "view", "kvc", "graph")
 HOST_NODES = {  # passes/flatten.py calls Linear, LayerNorm and Embedding as functionals (ops)
-    "opt": {"layer": (0, 13, 10, 2), "head": (0, 6, 0, 0), "offload": (0, 0, 0, 10),
-            "recompute": (0, 0, 0, 3), "chunk": (0, 2, 5, 5), "weights": (0, 0, 0, 5),
-            "gqa": (0, 0, 0, 0), "split": (0, 2, 1, 0), "per_micro_batch": (0, 4, 1, 0),
-            "shared_per_layer": (0, 0, 0, 0)},
-    "llama": {"layer": (0, 40, 20, 2), "head": (0, 9, 5, 0), "offload": (0, 0, 0, 10),
-              "recompute": (0, 0, 0, 3), "chunk": (0, 9, 16, 6), "weights": (0, 0, 0, 5),
-              "gqa": (0, 0, 4, 0), "split": (0, 2, 1, 0), "per_micro_batch": (0, 9, 2, 0),
-              "shared_per_layer": (0, 0, 4, 0)},
+    "opt": {"layer": (0, 13, 10, 2, 0), "head": (0, 6, 0, 0, 0), "offload": (0, 0, 0, 10, 0),
+            "recompute": (0, 0, 0, 3, 0), "chunk": (0, 2, 5, 5, 0), "weights": (0, 0, 0, 5, 0),
+            "gqa": (0, 0, 0, 0, 0), "split": (0, 2, 1, 0, 0), "per_micro_batch": (0, 4, 1, 0, 0),
+            "shared_per_layer": (0, 0, 0, 0, 0)},
+    "llama": {"layer": (0, 40, 20, 2, 0), "head": (0, 9, 5, 0, 0), "offload": (0, 0, 0, 10, 0),
+              "recompute": (0, 0, 0, 3, 0), "chunk": (0, 9, 16, 6, 0), "weights": (0, 0, 0, 5, 0),
+              "gqa": (0, 0, 4, 0, 0), "split": (0, 2, 1, 0, 0), "per_micro_batch": (0, 9, 2, 0, 0),
+              "shared_per_layer": (0, 0, 4, 0, 0)},
 }
+# the same step run as piecewise CUDA graphs (kvc.runtime.cudagraphs), any family: a layer is
+# one segment call (kind "graph": its input copy and replay), its two cache ops, the views of
+# the cache and attention; the head's nodes join the last segment and the embedding a first
+# one. A value that leaves the step (the logits) or that another stream reads (offload_kv's
+# K,V; offload_act's activation) is cloned after the replay (an op). A weight-streamed
+# layer's parameter wait cuts its segment in two. Rows not named here (a recomputed chunk)
+# are eager nodes as before.
+GRAPHED_NODES = {"layer": (0, 1, 4, 2, 1), "head": (0, 1, 0, 0, 1), "gqa": (0, 0, 0, 0, 0),
+                 "weights": (0, 0, 0, 5, 1),
+                 "offload": (0, 2, 0, 10, 0), "recompute": (0, 1, 0, 3, 0),
+                 "split": (0, 0, 0, 0, 0), "per_micro_batch": (0, 0, 0, 0, 0),
+                 "shared_per_layer": (0, 0, 0, 0, 0)}
 
 
 def host_node_kinds(spec: ModelSpec, resident, recomputes, act_chunks: int, streamed=None,
-                    micro_batches: int = 1) -> np.ndarray:
+                    micro_batches: int = 1, graphed: bool = False) -> np.ndarray:
     """Nodes per decode step by kind ([len(HOST_KINDS)]); `resident` and `recomputes` are
-    per-unit booleans (arrays), `streamed` per layer (weights)."""
-    n = {k: np.array(v) for k, v in HOST_NODES[spec.family].items()}
+    per-unit booleans (arrays), `streamed` per layer (weights). `graphed`: the step runs as
+    piecewise CUDA graphs (GRAPHED_NODES)."""
+    n = {k: np.array(v) for k, v in {**HOST_NODES[spec.family], **(GRAPHED_NODES if graphed else {})}.items()}
     layer = n["layer"] + (n["gqa"] if spec.num_kv_heads < spec.num_heads else 0)
     off = ~np.asarray(resident, dtype=bool)
     rec = np.asarray(recomputes, dtype=bool) & off
@@ -79,9 +93,10 @@ def host_node_kinds(spec: ModelSpec, resident, recomputes, act_chunks: int, stre
 
 
 def host_nodes(spec: ModelSpec, resident, recomputes, act_chunks: int, streamed=None,
-               micro_batches: int = 1) -> int:
+               micro_batches: int = 1, graphed: bool = False) -> int:
     """Nodes per decode step, all kinds together."""
-    return int(host_node_kinds(spec, resident, recomputes, act_chunks, streamed, micro_batches).sum())
+    return int(host_node_kinds(spec, resident, recomputes, act_chunks, streamed, micro_batches,
+                               graphed).sum())
 
 
 # host time of one of the family's aten ops, in units of hw.host_op_us (the profiler's cheap
@@ -97,7 +112,7 @@ HOST_OP_WEIGHT = {"opt": 1.5, "llama": 1.9}
 def host_ms(hw: HardwareConfig, kinds, spec: ModelSpec) -> float:
     """Host time to issue nodes counted by kind (host_node_kinds) of `spec`'s decode graph."""
     us = np.array([hw.host_module_us, hw.host_op_us * HOST_OP_WEIGHT[spec.family],
-                   hw.host_view_us, hw.host_kvc_us])
+                   hw.host_view_us, hw.host_kvc_us, hw.host_graph_us])
     return float(np.asarray(kinds) @ us) * 1e-3
 
 

@@ -54,7 +54,8 @@ def inspect_text(artifact) -> str:
                               time_limit_s=sch["solver_time_limit_s"],
                               micro_batches=w.get("num_gpu_batches", 1),
                               weight_stream_fraction=sch.get("weight_stream_fraction"),
-                              resident_cache=sch.get("resident_cache", True))
+                              resident_cache=sch.get("resident_cache", True),
+                              cuda_graphs=sch.get("cuda_graphs", False))
         except KvcError as e:
             out.append(f"  {mode:<13} infeasible on this machine: {e}")
             continue

@@ -48,6 +48,9 @@ class Plan:
     weights_streamed: tuple[float, ...] = ()
     # micro-batches per block (workload.num_gpu_batches): see "Units" above
     micro_batches: int = 1
+    # on a CUDA device, replay the decode step's static runs as CUDA graphs
+    # (kvc.runtime.cudagraphs; schedule.cuda_graphs): the host issues a layer in a few calls
+    cuda_graphs: bool = False
 
     def __post_init__(self):
         if len(self.resident) != self.num_units:
@@ -145,6 +148,8 @@ class Plan:
             del d["weights_streamed"]
         if self.micro_batches == 1:
             del d["micro_batches"]
+        if not self.cuda_graphs:  # manifests of plans made before CUDA graphs stay as they were
+            del d["cuda_graphs"]
         return d
 
     @classmethod

@@ -18,14 +18,14 @@ def plan_json(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_le
               gen_len: int, dtype: str, mode: str, chunk_tokens: int, act_chunks: int,
               recompute_fraction: float | None, context: int | None = None,
               time_limit_s: float = 10.0, weight_stream_fraction: float | None = None,
-              micro_batches: int = 1) -> dict:
+              micro_batches: int = 1, cuda_graphs: bool = False) -> dict:
     s = prompt_len if context is None else int(context)
     if not prompt_len <= s <= prompt_len + gen_len:
         raise KvcError(f"--context {s}: the plan covers contexts {prompt_len}.."
                        f"{prompt_len + gen_len} (workload.prompt_len .. prompt_len + gen_len)")
     kw = dict(batch_size=batch_size, prompt_len=prompt_len, gen_len=gen_len, dtype=dtype,
               chunk_tokens=chunk_tokens, act_chunks=act_chunks, time_limit_s=time_limit_s,
-              micro_batches=micro_batches)
+              micro_batches=micro_batches, cuda_graphs=cuda_graphs)
     plan = make_plan(spec, hw, mode=mode, recompute_fraction=recompute_fraction,
                      weight_stream_fraction=weight_stream_fraction, **kw)
     pred = predict(spec, hw, plan, s, batch_size, dtype)
@@ -80,11 +80,12 @@ def plan_text(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_le
               gen_len: int, dtype: str, mode: str, chunk_tokens: int, act_chunks: int,
               recompute_fraction: float | None, context: int | None = None,
               time_limit_s: float = 10.0, weight_stream_fraction: float | None = None,
-              micro_batches: int = 1) -> str:
+              micro_batches: int = 1, cuda_graphs: bool = False) -> str:
     d = plan_json(spec, hw, batch_size=batch_size, prompt_len=prompt_len, gen_len=gen_len,
                   dtype=dtype, mode=mode, chunk_tokens=chunk_tokens, act_chunks=act_chunks,
                   recompute_fraction=recompute_fraction, context=context, time_limit_s=time_limit_s,
-                  weight_stream_fraction=weight_stream_fraction, micro_batches=micro_batches)
+                  weight_stream_fraction=weight_stream_fraction, micro_batches=micro_batches,
+                  cuda_graphs=cuda_graphs)
     s = d["context"]
     mb = f" in {micro_batches} micro-batches" if micro_batches > 1 else ""
     out = [f"kvc plan: {mode} on {d['hardware']}, batch {batch_size}{mb}, {dtype}, context {s} "

@@ -195,7 +195,8 @@ def profile(device: str, progress: bool = True, dtype: str | None = None) -> Har
 
 
 # nodes one repeat of each host chain issues (cost.HOST_KINDS)
-CHAIN_NODES = {"module": 1, "op": 1, "view": 2, "kvc": 4}
+CHAIN_NODES = {"module": 1, "op": 1, "view": 2, "kvc": 4, "graph": 1}
+GRAPH_KERNELS = 16  # kernels in the timed CUDA graph segment (a decode layer's are 15-45)
 ROUNDS = 21  # timed runs of each host chain (median)
 
 
@@ -204,7 +205,10 @@ def host_us(device, dtype=torch.float16, repeats: int = 100) -> dict:
     call each, with the GPU left to run behind: no sync inside the timing): a Linear module
     called the way the lowered decode graphs call theirs (a flat alias, passes/flatten.py),
     an aten op, a view, and kvc custom ops in the step's mix (record and wait an event,
-    prefetch an activation chunk and a K,V tail) against a real, tiny OffloadedCache. Keys: host_module_us, host_op_us, host_view_us, host_kvc_us."""
+    prefetch an activation chunk and a K,V tail) against a real, tiny OffloadedCache, and on
+    CUDA a captured graph segment (kvc.runtime.cudagraphs.Segment) called with an input it
+    copies in, as attention's output is. Keys: host_module_us, host_op_us, host_view_us,
+    host_kvc_us, and on CUDA host_graph_us (a CPU runs no graphs: the field keeps its value)."""
     import statistics
     import time
 
@@ -254,12 +258,14 @@ def host_us(device, dtype=torch.float16, repeats: int = 100) -> dict:
     out = {}
     try:
         t = torch.zeros(2, 8, device=device, dtype=dtype)
-        gms = {kind: chain(kind) for kind in HOST_KINDS}
+        gms = {kind: chain(kind) for kind in HOST_KINDS if kind != "graph"}
+        if t.is_cuda:
+            gms["graph"] = _graph_chain(t, repeats)
         for gm in gms.values():
             gm(t, rt)
         # the kinds take turns, round after round, so that a slow spell of the host (other
         # tenants, clocks) lands on every kind's samples alike, not on one kind's whole series
-        times = {kind: [] for kind in HOST_KINDS}
+        times = {kind: [] for kind in gms}
         for _ in range(ROUNDS):
             for kind, gm in gms.items():
                 if t.is_cuda:
@@ -273,6 +279,29 @@ def host_us(device, dtype=torch.float16, repeats: int = 100) -> dict:
         registry.release(rt)
         cache.close()
     return out
+
+
+def _graph_chain(t: torch.Tensor, repeats: int):
+    """`repeats` calls of a captured CUDA graph segment of GRAPH_KERNELS small kernels."""
+    import torch.fx
+
+    from kvc.runtime.cudagraphs import GraphSet, Segment
+
+    class Body(torch.nn.Module):
+        def forward(self, x):
+            for _ in range(GRAPH_KERNELS // 2):
+                x = x * 1.0 + 1.0
+            return (x,)
+
+    segment = Segment(torch.fx.symbolic_trace(Body()), (), GraphSet(capture=True))
+    segment(t)  # warm-up
+    segment(t)  # capture
+
+    def run(x, rt):
+        for _ in range(repeats):
+            segment(x)  # x is no segment's output: copied into the graph's input buffer
+        return x
+    return run
 
 
 def _tiny_cache(device, dtype):

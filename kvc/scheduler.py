@@ -52,16 +52,20 @@ def make_plan(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_le
               gen_len: int, dtype: str, mode: str, chunk_tokens: int = 64, act_chunks: int = 4,
               recompute_fraction: float | None = None,
               weight_stream_fraction: float | None = None, time_limit_s: float = 10.0,
-              micro_batches: int = 1, resident_cache: bool = True) -> Plan:
+              micro_batches: int = 1, resident_cache: bool = True,
+              cuda_graphs: bool = False) -> Plan:
     """The plan for `mode`. For pipelined, `act_chunks` is the most chunks the activation copy
     may be split into: more chunks overlap recompute with the copy better but cost the host
     more nodes to issue, so the plan with the lower predicted generation time wins (1 or all).
     `micro_batches` (workload.num_gpu_batches): the block schedule's micro-batches per step.
-    `resident_cache` false: no layer keeps its cache on the GPU (schedule.resident_cache)."""
+    `resident_cache` false: no layer keeps its cache on the GPU (schedule.resident_cache).
+    `cuda_graphs`: the runtime replays the step's static runs as CUDA graphs on a GPU, which
+    the host lane counts (schedule.cuda_graphs)."""
     kw = dict(batch_size=batch_size, prompt_len=prompt_len, gen_len=gen_len, dtype=dtype,
               mode=mode, chunk_tokens=chunk_tokens, recompute_fraction=recompute_fraction,
               weight_stream_fraction=weight_stream_fraction, time_limit_s=time_limit_s,
-              micro_batches=micro_batches, resident_cache=resident_cache)
+              micro_batches=micro_batches, resident_cache=resident_cache,
+              cuda_graphs=cuda_graphs)
     plan = _make_plan(spec, hw, act_chunks=act_chunks, **kw)
     if mode == "pipelined" and recompute_fraction is None and act_chunks > 1:
         single = _make_plan(spec, hw, act_chunks=1, **kw)
@@ -97,7 +101,8 @@ def host_memory_gb(spec: ModelSpec, plan: Plan, b: int, dtype: str) -> float:
 def _make_plan(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_len: int,
                gen_len: int, dtype: str, mode: str, chunk_tokens: int, act_chunks: int,
                recompute_fraction: float | None, weight_stream_fraction: float | None,
-               time_limit_s: float, micro_batches: int, resident_cache: bool) -> Plan:
+               time_limit_s: float, micro_batches: int, resident_cache: bool,
+               cuda_graphs: bool) -> Plan:
     if mode not in MODES:
         raise KvcError(f"schedule.mode {mode!r}: expected one of {list(MODES)}")
     for name, v, least in (("batch_size", batch_size, 1), ("prompt_len", prompt_len, 1),
@@ -129,7 +134,7 @@ def _make_plan(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_l
         c = cost.layer_costs(spec, hw, batch_size // m, dtype, offloaded=True)
     common = dict(mode=mode, num_layers=L, prompt_len=prompt_len, gen_len=gen_len,
                   chunk_tokens=chunk_tokens, batch_size=batch_size, dtype=dtype,
-                  weights_streamed=streamed, micro_batches=m, **ov)
+                  weights_streamed=streamed, micro_batches=m, cuda_graphs=cuda_graphs, **ov)
     with_act = mode in ("pipelined", "kvpr") and recompute_fraction != 0
     mem = _check_memory(*mem_args, buffers=buffers, with_act=with_act, streamed=streamed,
                         micro_batches=m)
@@ -145,7 +150,8 @@ def _make_plan(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_l
             raise KvcError(f"schedule.recompute_fraction = {recompute_fraction}: expected 0..1")
         plan = forced_plan(mode, L, prompt_len, gen_len, chunk_tokens, recompute_fraction,
                            act_chunks, micro_batches=m)
-        plan = replace(plan, batch_size=batch_size, dtype=dtype, weights_streamed=streamed)
+        plan = replace(plan, batch_size=batch_size, dtype=dtype, weights_streamed=streamed,
+                       cuda_graphs=cuda_graphs)
         steps = _evaluate(spec, hw, plan, ctx, batch_size, dtype)[0]
         return replace(plan, predicted_step_ms=tuple(float(round(v, 6)) for v in steps),
                        notes={**notes, "forced": True})
@@ -254,8 +260,10 @@ def _host_ms(spec, hw, plan: Plan, l) -> float:
     """Host time to issue one decode step. A unit that recomputes at any context carries its
     clone nodes at every context."""
     ever = (np.asarray(l) > 0).any(axis=-1) if np.ndim(l) > 1 else np.asarray(l) > 0
+    graphed = plan.cuda_graphs and hw.device == "cuda"  # CompiledModel's rule
     return cost.host_ms(hw, cost.host_node_kinds(spec, plan.resident, ever, plan.act_chunks,
-                                                 plan.weights_streamed, plan.micro_batches), spec)
+                                                 plan.weights_streamed, plan.micro_batches,
+                                                 graphed), spec)
 
 
 # --- memory ----------------------------------------------------------------------------------

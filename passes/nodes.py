@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import operator
 import re
 
 import torch
@@ -60,9 +61,20 @@ def host_kind(node: torch.fx.Node) -> str | None:
 
 
 def host_kinds(gm: torch.fx.GraphModule) -> dict[str, int]:
-    """A graph's nodes counted by host_kind."""
+    """A graph's nodes counted by host_kind. A called module that says what the host issues
+    for it (`host_kinds`, e.g. a CUDA graph segment of kvc.runtime.cudagraphs) counts as
+    that, and taking an item of its tuple output as nothing."""
+    def issued(node):
+        return getattr(gm.get_submodule(node.target), "host_kinds", None) if node.op == "call_module" else None
+
     out = dict.fromkeys(HOST_KINDS, 0)
     for n in gm.graph.nodes:
+        if issued(n) is not None:
+            for k, count in issued(n).items():
+                out[k] += count
+            continue
+        if n.target is operator.getitem and isinstance(n.args[0], torch.fx.Node) and issued(n.args[0]) is not None:
+            continue
         k = host_kind(n)
         if k is not None:
             out[k] += 1

@@ -56,11 +56,11 @@ def test_attention_and_plain_streams_have_their_own_rates():
 
 
 def test_host_time_weighs_each_familys_ops():
-    hw = HardwareConfig(host_module_us=20, host_op_us=10, host_view_us=2, host_kvc_us=30)
-    kinds = np.array([1, 100, 50, 10])
+    hw = HardwareConfig(host_module_us=20, host_op_us=10, host_view_us=2, host_kvc_us=30, host_graph_us=25)
+    kinds = np.array([1, 100, 50, 10, 3])
     for name in ("opt-6.7b", "llama-2-7b"):
         spec = PRESETS[name]
-        want = 20 + 100 * 10 * cost.HOST_OP_WEIGHT[spec.family] + 50 * 2 + 10 * 30
+        want = 20 + 100 * 10 * cost.HOST_OP_WEIGHT[spec.family] + 50 * 2 + 10 * 30 + 3 * 25
         assert cost.host_ms(hw, kinds, spec) == pytest.approx(want * 1e-3)
     assert cost.HOST_OP_WEIGHT["llama"] > cost.HOST_OP_WEIGHT["opt"] > 1
 

@@ -267,3 +267,18 @@ def test_cli_plan_search(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "kvc.cli", "plan", str(cfg), "--search", "0"],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "--search 0" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_reference_in_micro_batches_is_the_same_decode_per_slice():
+    """The block schedule's reference (fp16 GPU checks hold m=2 against it): each slice
+    decoded on its own, concatenated; in fp32 the same tokens as the whole batch."""
+    spec, m = model("tiny-llama")
+    ref = ReferenceDecoder(m, spec)
+    ids = torch.randint(0, spec.vocab_size, (4, 6), generator=torch.Generator().manual_seed(2))
+    t, logits = ref.generate_in_micro_batches(ids, 5, 2, return_logits=True)
+    whole_t, whole_l = ref.generate(ids, 5, return_logits=True)
+    assert torch.equal(t, whole_t)
+    assert (logits - whole_l).abs().max().item() <= 1e-5
+    assert torch.equal(ref.generate_in_micro_batches(ids[:2], 5, 2), ref.generate(ids[:2], 5))
+    with pytest.raises(ValueError, match="does not split"):
+        ref.generate_in_micro_batches(ids[:3], 5, 2)

@@ -77,6 +77,8 @@ DEVICE = "cuda"  # --device cpu: a smoke test of this script on a machine withou
 # kvc.profiler.host_us measures them on this machine at the start of the run (the host of a
 # lent machine differs from lease to lease; the card's preset cannot know it)
 HOST_OVERRIDES: list[str] = []
+# schedule.cuda_graphs of the latency rows (--cuda-graphs): each value is its own row
+GRAPHS: list[bool] = [True]
 DTYPE, DTYPE_NAME = torch.float16, "float16"
 
 
@@ -183,17 +185,17 @@ class StepHost:
 
 
 def with_step_hook(cm, hook: StepHost, fn):
-    decode = cm.lowered.decode
-    cm.lowered.decode = hook
+    decode = cm.decode_step
+    cm.decode_step = hook
     try:
         return fn()
     finally:
-        cm.lowered.decode = decode
+        cm.decode_step = decode
 
 
 def host_ms(cm, ids, steps: int) -> float:
     """Median host time of one decode graph call started on an idle GPU."""
-    hook = StepHost(cm.lowered.decode, idle=True)
+    hook = StepHost(cm.decode_step, idle=True)
     with_step_hook(cm, hook, lambda: cm.generate(ids, 1 + steps))
     return statistics.median(hook.times) * 1e3
 
@@ -202,10 +204,10 @@ def compiled_decode_ms(cm, ids, steps: int, repeats: int) -> float:
     """generate(1 + steps), timed from the first decode step (the prefill done: a sync) to the
     end (a sync), per step; median of `repeats`, after a warm-up. The host runs ahead of the
     GPU between steps exactly as in use, but never hides its own time behind the prefill."""
-    cm.generate(ids, 2)  # warm-up: allocator, kernels, pinned pools
+    cm.generate(ids, 3)  # warm-up: allocator, kernels, pinned pools, CUDA graph capture (step 2)
     times = []
     for _ in range(repeats):
-        hook = StepHost(cm.lowered.decode, first=True)
+        hook = StepHost(cm.decode_step, first=True)
         with_step_hook(cm, hook, lambda: cm.generate(ids, 1 + steps))
         sync()
         times.append((time.perf_counter() - hook.start) / steps)
@@ -246,7 +248,8 @@ def check(names, hw_name, steps=32, log=print) -> list[dict]:
         model = _scaled_model(spec)
         ids = torch.randint(0, spec.vocab_size, (4, 64), device=DEVICE,
                             generator=torch.Generator(DEVICE).manual_seed(0))
-        ref_t, ref_l = ReferenceDecoder(model, spec).generate(ids, steps, return_logits=True)
+        ref = ReferenceDecoder(model, spec)
+        refs = {m: ref.generate_in_micro_batches(ids, steps, m, return_logits=True) for m in (1, 2)}
         variants = [(mode, frac, ()) for mode in MODES
                     for frac in ((None, 0.5, 1.0) if mode in ("kvpr", "pipelined") else (None,))]
         # the block schedule with every layer's weights streamed (issue 6)
@@ -258,6 +261,9 @@ def check(names, hw_name, steps=32, log=print) -> list[dict]:
             m = model if not extra else _scaled_model(spec)
             cm, _ = compiled(m, spec, mode, 4, 64, hw_name, 1000.0, frac, extra)
             t, l = cm.generate(ids, steps, return_logits=True)
+            # the block schedule against the reference on the same micro-batches: fp16 GEMMs of
+            # b/m rows round differently than of b rows (ReferenceDecoder.generate_in_micro_batches)
+            ref_t, ref_l = refs[cm.plan.micro_batches]
             cm.close()
             del cm
             err = (l - ref_l.float()).abs().max().item()
@@ -285,10 +291,11 @@ def bench_point(name, batch, context, hw_name, steps, repeats, with_hf, log=prin
     budget = point_budget_gb(spec, name, hw_name, batch, context)
     card_gb = torch.cuda.get_device_properties(0).total_memory / 1e9 if DEVICE == "cuda" else 64.0
     rows = []
-    for mode in modes:
+    for mode, graphs in [(m, g) for m in modes for g in GRAPHS]:
         try:
             cm, r = compiled(model, spec, mode, batch, context, hw_name,
-                             card_gb if mode == "gpu_resident" else budget)
+                             card_gb if mode == "gpu_resident" else budget,
+                             extra=(f"schedule.cuda_graphs={str(graphs).lower()}",))
         except KvcError as e:
             log(f"{name} b={batch} s={context} {mode}: skipped ({e})")
             continue
@@ -313,14 +320,14 @@ def bench_point(name, batch, context, hw_name, steps, repeats, with_hf, log=prin
                                             / max(1, spec.num_layers * context), 3),
             "gpu_mem_gb_budget": round(card_gb if mode == "gpu_resident" else budget, 1),
             "host_ms_per_step": round(host, 3), "predicted_host_ms": round(pred["host_ms"], 3),
-            "decode_nodes": host_kinds(cm.lowered.decode),
+            "decode_nodes": host_kinds(cm.decode_step), "cuda_graphs": graphs,
         })
-        log(f"{name} b={batch} s={context} {mode:13s} {ms:8.2f} ms/token "
+        log(f"{name} b={batch} s={context} {mode:13s}{' graphs' if graphs else ' eager '} {ms:8.2f} ms/token "
             f"(LP {pred['predicted_step_ms']:.2f}) moved {moved / 1e9:.2f} GB, host {host:.2f} ms "
             f"(LP host {pred['host_ms']:.2f})")
         if profile_dir is not None:
             rows[-1]["profile"] = profile_step(
-                cm, ids, profile_dir / f"trace-{name}-b{batch}-s{context}-{mode}.json", log)
+                cm, ids, profile_dir / f"trace-{name}-b{batch}-s{context}-{mode}{'' if graphs else '-eager'}.json", log)
         cm.close()
         del cm
         free_memory()
@@ -352,7 +359,7 @@ def throughput_point(name, gpu_gb, hw_name, log=print,
             plan, pred_tps = search_policy(
                 spec, hw, prompt_len=TP_PROMPT, gen_len=GEN_LEN, dtype=DTYPE_NAME, mode=mode,
                 batch_sizes=TP_BATCHES, micro_batches=TP_MICRO, weight_stream_fraction=1.0,
-                resident_cache=False)
+                resident_cache=False, cuda_graphs=GRAPHS[-1])
         except KvcError as e:
             log(f"{name} throughput gpu={budget} {mode}: nothing fits ({e})")
             continue
@@ -366,7 +373,7 @@ def throughput_point(name, gpu_gb, hw_name, log=print,
         free_memory()
         ids = torch.randint(0, spec.vocab_size, (b, TP_PROMPT), device=DEVICE)
         try:
-            cm.generate(ids, 2)  # warm-up: pools, kernels
+            cm.generate(ids, 3)  # warm-up: pools, kernels, CUDA graph capture
             pre = timed(lambda: cm.generate(ids, 1))
             whole = timed(lambda: cm.generate(ids, GEN_LEN))
         except torch.OutOfMemoryError as e:
@@ -381,6 +388,7 @@ def throughput_point(name, gpu_gb, hw_name, log=print,
         moved = predict(spec, hw, plan, TP_PROMPT + steps // 2, b, DTYPE_NAME)["h2d_bytes"]
         rows.append({
             "model": name, "batch": b, "context": TP_PROMPT, "setting": "throughput", "mode": mode,
+            "cuda_graphs": plan.cuda_graphs,
             "micro_batches": m, "gpu_mem_gb_budget": budget, "cpu_mem_gb_budget": HOST_GB,
             "decode_ms_per_token": round(decode / steps * 1e3, 3), "predicted_ms": round(pred_ms, 3),
             "decode_tokens_per_s": round(b * steps / decode, 2),
@@ -427,7 +435,7 @@ def profile_step(cm, ids, path: Path, log) -> dict:
             cm.generate(ids, 3)
         return p
 
-    prof = with_step_hook(cm, StepHost(cm.lowered.decode, mark=True), run)
+    prof = with_step_hook(cm, StepHost(cm.decode_step, mark=True), run)
     prof.export_chrome_trace(str(path))
     events = json.loads(path.read_text())["traceEvents"]
     steps = [e for e in events if e.get("name") == "kvc_decode_step" and e.get("ph") == "X"
@@ -540,8 +548,12 @@ def main(argv=None) -> int:
     ap.add_argument("--preset-host", action="store_true",
                     help="keep the preset's host-lane costs instead of measuring them at the start")
     ap.add_argument("--skip-latency", action="store_true", help="no latency grid (e.g. with --throughput)")
+    ap.add_argument("--cuda-graphs", choices=["on", "off", "both"], default="on",
+                    help="latency rows with the decode step's CUDA graphs (schedule.cuda_graphs), "
+                         "without, or both (one row each, same call)")
     args = ap.parse_args(argv)
     points = grid_points(args.grid, args.points)  # a bad --points fails before any work
+    GRAPHS[:] = {"on": [True], "off": [False], "both": [False, True]}[args.cuda_graphs]
     global DEVICE, DTYPE, DTYPE_NAME
     DEVICE = args.device
     DTYPE, DTYPE_NAME = (torch.float16, "float16") if DEVICE == "cuda" else (torch.float32, "float32")
@@ -605,7 +617,8 @@ def table(rows) -> str:
     for r in rows:
         pred = "-" if r["predicted_ms"] is None else f"{r['predicted_ms']:.1f}"
         mb = f" ({r['micro_batches']} mb)" if r.get("micro_batches", 1) > 1 else ""
-        out.append(f"| {r['model']} | {r['setting']} | {r['batch']}{mb} | {r['context']} | {r['mode']} | "
+        eager = " (no graphs)" if r.get("cuda_graphs") is False else ""
+        out.append(f"| {r['model']} | {r['setting']} | {r['batch']}{mb} | {r['context']} | {r['mode']}{eager} | "
                    f"{r['decode_ms_per_token']:.1f} | {pred} | {r['decode_tokens_per_s']:.0f} | "
                    f"{r['bytes_per_step'] / 1e9:.2f} | {r.get('link_utilization') or 0:.2f} |")
     return "\n".join(out)

@@ -67,3 +67,20 @@ class ReferenceDecoder:
         vocab = self.spec.vocab_size
         stacked = torch.stack(logits, dim=1) if logits else input_ids.new_empty((b, 0, vocab), dtype=torch.float32)
         return out_tokens, stacked
+
+    def generate_in_micro_batches(self, input_ids: torch.Tensor, max_new_tokens: int,
+                                  micro_batches: int, return_logits: bool = False):
+        """`generate` on each of `micro_batches` equal slices of the batch, concatenated: what
+        the block schedule computes (passes/microbatch.py), GEMMs of b/m rows included. The
+        sequences do not interact, so this is the same decode; but fp16 GEMMs of 2 rows and of
+        4 round differently, and a greedy near-tie may then pick another token, which a
+        reference of the whole batch would call an error (H200, opt-125m ×4 weights,
+        2026-11-28: token 65 of 96 flips in fp16, never in fp32)."""
+        b = input_ids.shape[0]
+        if b % micro_batches:
+            raise ValueError(f"batch {b} does not split into {micro_batches} equal micro-batches")
+        parts = [self.generate(x, max_new_tokens, return_logits)
+                 for x in input_ids.split(b // micro_batches)]
+        if not return_logits:
+            return torch.cat(parts)
+        return torch.cat([t for t, _ in parts]), torch.cat([lg for _, lg in parts])

@@ -2,7 +2,9 @@
 
 The generate loop is the only host-side logic per step: pick the split for this context
 (pure Python, from the Plan), call the decode graph, take the argmax on the device. Tokens
-stay on the device; the host synchronises once, at the end.
+stay on the device; the host synchronises once, at the end. With `Plan.cuda_graphs` on a CUDA
+device the decode graph runs partitioned (kvc.runtime.cudagraphs): its static runs replay as
+CUDA graphs, captured at the second step of the first generate for a batch size.
 """
 from __future__ import annotations
 
@@ -17,13 +19,16 @@ from kvc.plan import Plan
 from kvc.progress import bar
 from kvc.runtime import registry
 from kvc.runtime.attention import backends
+from kvc.runtime.cudagraphs import partition
 from kvc.runtime.offloaded import OffloadedCache
 from kvc.runtime.weights import WeightStreamer
 
 
 class CompiledModel:
     def __init__(self, lowered: Lowered, plan: Plan, spec: ModelSpec, dtype: torch.dtype,
-                 device: torch.device, manifest: dict | None = None):
+                 device: torch.device, manifest: dict | None = None, cuda_graphs: bool | None = None):
+        """`cuda_graphs`: run the decode step partitioned into graphed segments (None: as the
+        Plan says, on a CUDA device only; True on a CPU runs the segments eagerly)."""
         self.lowered, self.plan, self.spec = lowered, plan, spec
         self.dtype, self.device = dtype, torch.device(device)
         self.manifest = manifest or {}
@@ -33,6 +38,12 @@ class CompiledModel:
         # and point into the GPU weight slots the graphs' prefetch_weights fill
         self._weights = (WeightStreamer(plan, lowered.decode, self.device)
                          if plan.streamed_layers else None)
+        if cuda_graphs is None:
+            cuda_graphs = plan.cuda_graphs and self.device.type == "cuda"
+        # the partition reads the parameters as they are now: after the weight streamer
+        # pointed the streamed ones into their slots (fixed addresses a graph may read)
+        self.decode_step = (partition(lowered.decode, capture=self.device.type == "cuda")
+                            if cuda_graphs else lowered.decode)
 
     @property
     def graph_code(self) -> str:
@@ -67,6 +78,9 @@ class CompiledModel:
         if self._cache is not None:
             self._cache.close()
         self._cache, self._rt = None, None
+        graphs = self.decode_step.meta.get("kvc_graphs")
+        if graphs is not None:
+            graphs.reset()  # their buffers are sized for the old batch
 
     def _check_contexts(self, prompt: int, new: int) -> None:
         for s in {prompt, prompt + new - 2} if new > 1 else ():
@@ -111,7 +125,7 @@ class CompiledModel:
             for step in range(1, max_new_tokens):
                 s = cache.s
                 cache.begin_step(s, 1)
-                logits = self.lowered.decode(tokens[-1][:, None], cache.positions[s:s + 1], rt)[:, -1]
+                logits = self.decode_step(tokens[-1][:, None], cache.positions[s:s + 1], rt)[:, -1]
                 cache.end_step(1)
                 tokens.append(logits.argmax(-1))
                 all_logits.append(logits)

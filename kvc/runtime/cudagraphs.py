@@ -1,0 +1,278 @@
+"""Piecewise CUDA graphs for the decode step: the host issues a layer in a few calls.
+
+At small batch a decode step is bound by the host, which issues its ~800 nodes one at a time
+(docs/BENCHMARKS.md: OPT-6.7B, batch 8, context 512, gpu_resident: 8 ms to issue a step whose
+kernels take 6). Most of those nodes have the same shapes at every step: projections, norms,
+the MLP, elementwise ops. Only what touches the cache changes from step to step: the kvc ops
+(their rows and streams move with the context `s`), the views of the cache they return, and
+attention over those views. `partition` cuts the lowered decode graph at exactly those nodes:
+
+- **eager** nodes: every `torch.ops.kvc.*` call, and every node that reads a value whose
+  shape depends on `s` (what kv_read / staged_kv / staged_act / recompute_positions return,
+  and anything computed from it). Attention is the one such op whose output does not depend
+  on `s`: its output has the query's shape, so what follows it is static again.
+- **static** segments: the runs of other nodes between eager ones. A static node runs in the
+  segment right after the last eager node it depends on (so the Q projection joins the K,V
+  projections before `kv_write`), but never before a wait that preceded it in the program
+  and orders reads without a data edge: a weight-streamed layer's parameters live in a slot
+  that a copy fills, and the streams pass tags that wait `guards="parameters"`. Every other
+  wait orders what eager kvc ops read (staging slots). Static nodes never move later than
+  traced, so every `record_event` still follows what it records.
+
+Each segment is a `Segment` module: on a CUDA device it runs eagerly the first time it sees
+its input shapes (warm-up), captures a CUDA graph the second time and replays it from then
+on; on a CPU it always runs eagerly, which is how the tests check the partition. The graph
+reads fixed addresses: an input produced by another segment's replay is that segment's fixed
+output already; any other input (the step's tokens and positions, attention's output) is
+copied into the segment's own input buffer first (one small copy). A segment's outputs are
+its fixed buffers, overwritten at the next step, so an output that leaves the step (the
+logits) or that another stream reads asynchronously (`offload_act` / `offload_kv` on the
+write-back stream) is cloned on the compute stream first.
+
+All segments of a step share one memory pool, and replay in the order they were captured.
+The partition is a function of the lowered graph alone (no Plan, no runtime state), so the
+artifact's code and its hash do not change; `CompiledModel` applies it when the Plan says
+`cuda_graphs` and the device is CUDA.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from kvc.runtime.ops import COMPUTE, STREAM_NAMES
+
+# kvc ops whose tensors have a shape that moves with the context
+_DYNAMIC_RESULTS = frozenset({"kv_read", "staged_kv", "staged_act", "recompute_positions"})
+# ops whose output shape does not depend on their key/value inputs' length
+_ATTENTION = frozenset({torch._C._nn.scaled_dot_product_attention,
+                        torch.nn.functional.scaled_dot_product_attention})
+
+
+def kvc_op_name(node: torch.fx.Node) -> str | None:
+    """`kv_read` for a call of torch.ops.kvc.kv_read (or its overload), else None."""
+    if node.op != "call_function":
+        return None
+    target = node.target
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        namespace, name = str(target).split(".")[:2]  # "kvc.kv_read" or "kvc.kv_read.default"
+        return name if namespace == "kvc" else None
+    return None
+
+
+@dataclass
+class Split:
+    """What `classify` found: for each node, eager or the segment index it runs in."""
+
+    eager: list[torch.fx.Node]  # in program order
+    segment_of: dict[torch.fx.Node, int]  # static node -> j: runs after eager[j - 1], before eager[j]
+
+
+def classify(graph: torch.fx.Graph) -> Split:
+    dynamic: set[torch.fx.Node] = set()  # values whose shape moves with the context
+    eager: list[torch.fx.Node] = []
+    index: dict[torch.fx.Node, int] = {}  # eager node -> its position in `eager`
+    segment_of: dict[torch.fx.Node, int] = {}
+    floor = 0  # static nodes may not run before the last wait_event seen
+    for node in graph.nodes:
+        if node.op in ("placeholder", "get_attr", "output"):
+            continue
+        name = kvc_op_name(node)
+        reads_dynamic = any(a in dynamic for a in node.all_input_nodes)
+        if name is not None or reads_dynamic or node.is_impure():
+            index[node] = len(eager)
+            eager.append(node)
+            if name in _DYNAMIC_RESULTS:
+                dynamic.add(node)
+            elif reads_dynamic and not (node.target in _ATTENTION and node.args[0] not in dynamic):
+                dynamic.add(node)
+            if name == "wait_event" and node.meta.get("kvc", {}).get("guards") == "parameters":
+                floor = len(eager)
+            continue
+        after = [index[a] + 1 if a in index else segment_of.get(a, 0) for a in node.all_input_nodes]
+        segment_of[node] = max([floor, *after])
+    return Split(eager, segment_of)
+
+
+class GraphSet:
+    """What the segments of one decode graph share: the CUDA graph memory pool, and which
+    tensors are some segment's fixed outputs (a later segment reads those in place)."""
+
+    def __init__(self, capture: bool):
+        self.capture = capture
+        self.pool = None
+        self.fixed: set[int] = set()  # id() of fixed output tensors
+        self.captured = 0  # CUDA graphs captured (for tests and the bench log)
+        self.segments: list[Segment] = []
+
+    def reset(self) -> None:
+        """Forget every captured graph (the runtime's pools were rebuilt, e.g. a new batch)."""
+        for segment in self.segments:
+            segment.reset()
+        self.pool = None
+        self.fixed.clear()
+        self.captured = 0
+
+
+@dataclass
+class _Captured:
+    graph: object  # torch.cuda.CUDAGraph
+    inputs: list  # fixed input buffers (or another segment's fixed outputs)
+    outputs: tuple
+
+
+class Segment(torch.nn.Module):
+    """A run of static nodes of the decode step: eager on a CPU, a CUDA graph on a GPU."""
+
+    def __init__(self, gm: torch.fx.GraphModule, escapes: tuple[int, ...], shared: GraphSet):
+        super().__init__()
+        self.gm = gm
+        self.escapes = frozenset(escapes)  # output positions cloned after a replay
+        self.shared = shared
+        self._graphs: dict[tuple, _Captured] = {}
+        self._warm: set[tuple] = set()
+
+    @property
+    def host_kinds(self) -> dict[str, int]:
+        """What the host issues per call, as the cost model counts it (cost.GRAPHED_NODES): one
+        replay with its input copies, and a clone per escaping output."""
+        return {"graph": 1, "op": len(self.escapes)}
+
+    def reset(self) -> None:
+        self._graphs.clear()
+        self._warm.clear()
+
+    def forward(self, *args):
+        if not self.shared.capture:
+            return self.gm(*args)
+        key = tuple((a.shape, a.dtype) if isinstance(a, torch.Tensor) else a for a in args)
+        entry = self._graphs.get(key)
+        if entry is None:
+            if key not in self._warm:  # first sight of these shapes: run as traced
+                self._warm.add(key)
+                return self.gm(*args)
+            entry = self._graphs[key] = self._capture(args)
+        for buf, a in zip(entry.inputs, args):
+            if buf is not a and isinstance(a, torch.Tensor):
+                buf.copy_(a)
+        entry.graph.replay()
+        if not self.escapes:
+            return entry.outputs
+        return tuple(o.clone() if i in self.escapes else o for i, o in enumerate(entry.outputs))
+
+    def _capture(self, args) -> _Captured:
+        shared = self.shared
+        if shared.pool is None:
+            shared.pool = torch.cuda.graph_pool_handle()
+        inputs = [a if not isinstance(a, torch.Tensor) or id(a) in shared.fixed else a.clone()
+                  for a in args]
+        graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            graph.capture_begin(pool=shared.pool, capture_error_mode="thread_local")
+            try:
+                outputs = tuple(self.gm(*inputs))
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream().wait_stream(side)
+        shared.fixed.update(id(o) for o in outputs)
+        shared.captured += 1
+        return _Captured(graph, inputs, outputs)
+
+
+def partition(gm: torch.fx.GraphModule, capture: bool) -> torch.fx.GraphModule:
+    """The decode graph with each static run moved into a `Segment` submodule (`graph_<j>`).
+
+    The result computes the same values with the same ops; `capture` says whether its
+    segments capture CUDA graphs (a CUDA device) or run eagerly (a CPU, or graphs off)."""
+    split = classify(gm.graph)
+    shared = GraphSet(capture)
+    members: dict[int, list[torch.fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node in split.segment_of:
+            members.setdefault(split.segment_of[node], []).append(node)
+
+    root = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "get_attr"):
+            env[node] = root.node_copy(node, env.__getitem__)
+    segments: dict[str, Segment] = {}
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    for j in range(len(split.eager) + 1):
+        if j in members:
+            name = f"graph_{j}"
+            segments[name] = _emit_segment(gm, root, env, members[j], name, shared)
+        if j < len(split.eager):
+            node = split.eager[j]
+            env[node] = root.node_copy(node, env.__getitem__)
+    root.node_copy(output, env.__getitem__)
+    for node in [n for n in root.nodes if n.op == "get_attr" and not n.users]:
+        root.erase_node(node)  # read by a segment only
+    attrs = {n.target: _fetch_attr(gm, n.target) for n in root.nodes if n.op == "get_attr"}
+    out = torch.fx.GraphModule({**attrs, **segments}, root, class_name=type(gm).__name__)
+    out.meta = dict(gm.meta)
+    shared.segments = list(segments.values())
+    out.meta["kvc_graphs"] = shared
+    return out
+
+
+def _emit_segment(gm, root: torch.fx.Graph, env: dict, nodes: list, name: str,
+                  shared: GraphSet) -> Segment:
+    inside = set(nodes)
+    sub = torch.fx.Graph()
+    local: dict[torch.fx.Node, torch.fx.Node] = {}
+    inputs: list[torch.fx.Node] = []
+    consts: dict[str, torch.Tensor] = {}
+
+    def arg(a: torch.fx.Node) -> torch.fx.Node:
+        if a in local:
+            return local[a]
+        if a.op == "get_attr":  # parameters and buffers: fixed addresses, read in the graph
+            attr = f"c{len(consts)}"
+            consts[attr] = _fetch_attr(gm, a.target)
+            local[a] = sub.get_attr(attr)
+        else:
+            inputs.append(a)
+            local[a] = sub.placeholder(f"in{len(inputs) - 1}")
+        return local[a]
+
+    for node in nodes:
+        for a in node.all_input_nodes:
+            if a not in inside:
+                arg(a)
+        local[node] = sub.node_copy(node, local.__getitem__)
+    leaving = [n for n in nodes if any(u not in inside for u in n.users)]
+    sub.output(tuple(local[n] for n in leaving))
+    holder = torch.nn.Module()
+    for attr, value in consts.items():
+        setattr(holder, attr, value)
+    escapes = tuple(i for i, n in enumerate(leaving) if any(_escapes_step(u) for u in n.users))
+    segment = Segment(torch.fx.GraphModule(holder, sub, class_name=name), escapes, shared)
+    call = root.call_module(name, tuple(env[a] for a in inputs))
+    for i, n in enumerate(leaving):
+        env[n] = root.call_function(operator.getitem, (call, i))
+    return segment
+
+
+def _escapes_step(user: torch.fx.Node) -> bool:
+    """Whether `user` keeps a value past the next replay: the step's output, or a copy on a
+    stream other than compute (it reads asynchronously)."""
+    if user.op == "output":
+        return True
+    return kvc_op_name(user) is not None and _stream(user) != STREAM_NAMES[COMPUTE]
+
+
+def _stream(node: torch.fx.Node) -> str:
+    """The stream a node runs on, as the streams pass recorded it (compute if none)."""
+    return node.meta.get("kvc", {}).get("stream", STREAM_NAMES[COMPUTE])
+
+
+def _fetch_attr(gm: torch.nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -1,0 +1,177 @@
+"""Piecewise CUDA graphs (kvc.runtime.cudagraphs) on the CPU: the partition of every decode
+graph computes exactly what the unpartitioned graph does (its segments run eagerly here; the
+GPU tests capture and replay them), its cut points are where the docstring says, and the cost
+model counts what the host issues for it. Plan and config carry the switch."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from kvc.passes.nodes import host_kinds
+from kvc.runtime.cudagraphs import Segment, classify, kvc_op_name, partition
+
+from kvc import cost
+from kvc.config import load_config
+from kvc.lowering import lower
+from kvc.models import build_model, preset
+from kvc.models.reference import ReferenceDecoder
+from kvc.models.spec import PRESETS
+from kvc.plan import MODES, Plan, forced_plan, weights_for_fraction
+from kvc.runtime.executor import CompiledModel
+from kvc.scheduler import make_plan, predict
+from kvc_fixtures import hw, perturb_small_params
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VARIANTS = {
+    "tiny-opt": preset("tiny-opt"),
+    "tiny-opt-post-ln": replace(preset("tiny-opt"), do_layer_norm_before=False),
+    "tiny-llama": preset("tiny-llama"),
+    "tiny-llama-gqa": preset("tiny-llama-gqa"),
+}
+
+
+def _model(name):
+    spec = VARIANTS[name]
+    return spec, perturb_small_params(build_model(spec, "cpu", torch.float32, seed=0))
+
+
+def _plan(mode, layers, micro_batches=1, streamed=0.0, chunks=2, prompt=7, gen=6) -> Plan:
+    fraction = 0.5 if mode in ("kvpr", "pipelined") else 0.0
+    plan = forced_plan(mode, layers, prompt, gen, 64, fraction, act_chunks=chunks,
+                       micro_batches=micro_batches)
+    return replace(plan, weights_streamed=weights_for_fraction(layers, streamed))
+
+
+def _generate(name, plan, graphs: bool, batch=2, prompt=7, gen=6):
+    spec, m = _model(name)
+    cm = CompiledModel(lower(m, plan), plan, spec, torch.float32, torch.device("cpu"), cuda_graphs=graphs)
+    ids = torch.randint(0, spec.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(5))
+    try:
+        return ids, cm.generate(ids, gen, return_logits=True), cm
+    finally:
+        cm.close()
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("mode", MODES)
+def test_partitioned_step_computes_exactly_what_the_graph_does(name, mode):
+    plan = _plan(mode, VARIANTS[name].num_layers)
+    ids, (tokens, logits), cm = _generate(name, plan, graphs=True)
+    assert cm.decode_step is not cm.lowered.decode  # the partition ran
+    _, (ref_tokens, ref_logits), _ = _generate(name, plan, graphs=False)
+    assert torch.equal(tokens, ref_tokens)
+    assert torch.equal(logits, ref_logits)  # same ops in an order the data allows: bit-equal
+    spec, m = _model(name)
+    assert torch.equal(tokens, ReferenceDecoder(m, spec).generate(ids, 6))
+
+
+@pytest.mark.parametrize("mode,micro_batches,streamed", [("full_offload", 2, 1.0), ("pipelined", 2, 0.5),
+                                                         ("kvpr", 1, 1.0)])
+def test_partition_of_the_block_schedule_and_streamed_weights(mode, micro_batches, streamed):
+    plan = _plan(mode, 2, micro_batches=micro_batches, streamed=streamed)
+    _, (tokens, logits), _ = _generate("tiny-llama", plan, graphs=True, batch=4)
+    _, (ref_tokens, ref_logits), _ = _generate("tiny-llama", plan, graphs=False, batch=4)
+    assert torch.equal(tokens, ref_tokens) and torch.equal(logits, ref_logits)
+
+
+def _lowered(name, plan):
+    return lower(_model(name)[1], plan).decode
+
+
+def test_a_resident_layer_is_one_segment_and_its_cache_ops():
+    """gpu_resident: the embedding and each layer's projections run in one segment, the Q
+    projection joining K,V before kv_write; the rest is the cache ops, their views and attention."""
+    spec = VARIANTS["tiny-opt"]
+    gm = _lowered("tiny-opt", _plan("gpu_resident", spec.num_layers))
+    split = classify(gm.graph)
+    assert len(set(split.segment_of.values())) == spec.num_layers + 1
+    eager = [kvc_op_name(n) or getattr(n.target, "__name__", n.target) for n in split.eager]
+    per_layer = ["kv_write", "kv_read", "getitem", "transpose", "getitem", "transpose",
+                 "scaled_dot_product_attention"]
+    assert sorted(eager) == sorted(per_layer * spec.num_layers)
+    q_proj = next(n for n in gm.graph.nodes if n.name == "layers_0_self_attn_q_proj")
+    first_write = next(n for n in split.eager if kvc_op_name(n) == "kv_write")
+    assert split.segment_of[q_proj] <= split.eager.index(first_write)
+
+
+def test_no_node_moves_above_a_parameter_wait():
+    """A weight-streamed layer's parameters are filled by a copy its `wait_weights_ready`
+    orders, with no data edge to the readers: no node after that wait in the program may run
+    in a segment before it (on a GPU it would read the slot's previous layer)."""
+    gm = _lowered("tiny-llama", _plan("pipelined", 2, streamed=1.0))
+    split = classify(gm.graph)
+    order = {n: k for k, n in enumerate(gm.graph.nodes)}
+    guards = [n for n in split.eager if n.meta.get("kvc", {}).get("guards") == "parameters"]
+    assert len(guards) == 2
+    for wait in guards:
+        at = split.eager.index(wait)
+        later = [n for n, j in split.segment_of.items() if order[n] > order[wait]]
+        assert later and all(split.segment_of[n] > at for n in later)
+
+
+def test_values_that_leave_the_step_or_the_stream_are_cloned():
+    """The logits leave the step; offload_act/offload_kv read on the write-back stream after
+    the compute stream has moved on: those segment outputs are cloned after a replay."""
+    spec = VARIANTS["tiny-llama"]
+    for mode, per_layer in (("gpu_resident", 0), ("full_offload", 2), ("pipelined", 3)):
+        part = partition(_lowered("tiny-llama", _plan(mode, spec.num_layers)), capture=False)
+        segments = [m for m in part.modules() if isinstance(m, Segment)]
+        assert sum(len(s.escapes) for s in segments) == 1 + per_layer * spec.num_layers, mode
+
+
+def test_graphed_host_nodes_match_the_partition():
+    """GRAPHED_NODES counts what the host issues for the partitioned step, as HOST_NODES does
+    for the graph itself (tests/test_cost.py)."""
+    for name in ("tiny-opt", "tiny-llama", "tiny-llama-gqa"):
+        spec = dataclasses.replace(PRESETS[name], num_layers=3)
+        for mode, chunks, m, w in (("gpu_resident", 1, 1, 0), ("full_offload", 1, 1, 0), ("kvpr", 1, 1, 0),
+                                   ("pipelined", 3, 1, 0), ("pipelined", 2, 2, 0), ("full_offload", 1, 2, 1.0),
+                                   ("pipelined", 2, 1, 0.5)):
+            plan = _plan(mode, 3, micro_batches=m, streamed=w, chunks=chunks, prompt=8, gen=8)
+            gm = lower(build_model(spec, "meta", "float16"), plan).decode
+            rec = [mode in ("kvpr", "pipelined")] * (3 * m)
+            got = host_kinds(partition(gm, capture=False))
+            want = cost.host_node_kinds(spec, plan.resident, rec, plan.act_chunks, plan.weights_streamed,
+                                        m, graphed=True)
+            assert list(want) == [got[k] for k in cost.HOST_KINDS], (name, mode, m, w)
+
+
+def test_plan_and_config_carry_the_switch():
+    model = {"model": {"preset": "tiny-opt"}}
+    assert load_config(model).schedule.cuda_graphs is True
+    assert load_config(model, ["schedule.cuda_graphs=false"]).schedule.cuda_graphs is False
+    plan = replace(_plan("pipelined", 2), cuda_graphs=True)
+    assert Plan.from_json(plan.to_json()) == plan
+    old = replace(plan, cuda_graphs=False).to_json()
+    assert "cuda_graphs" not in old  # a manifest of a plan without graphs reads as before
+    assert Plan.from_json(old).cuda_graphs is False
+
+
+def test_cpu_runs_the_graph_as_traced_unless_asked():
+    plan = replace(_plan("gpu_resident", 2), cuda_graphs=True)
+    spec, m = _model("tiny-llama")
+    cm = CompiledModel(lower(m, plan), plan, spec, torch.float32, torch.device("cpu"))
+    assert cm.decode_step is cm.lowered.decode  # no CUDA: nothing to capture
+
+
+def test_the_host_lane_counts_graph_calls_on_a_gpu():
+    """At small batch a gpu_resident step is host-bound; as graphs it issues a few calls per
+    layer, so the predicted host time falls, and on a CPU machine nothing changes."""
+    spec = PRESETS["opt-6.7b"]
+    h200 = hw("h200-pcie5")
+    kw = dict(batch_size=8, prompt_len=512, gen_len=32, dtype="float16", mode="gpu_resident")
+    eager = predict(spec, h200, make_plan(spec, h200, **kw), 512, 8, "float16")
+    graphed = predict(spec, h200, make_plan(spec, h200, cuda_graphs=True, **kw), 512, 8, "float16")
+    assert graphed["host_ms"] < eager["host_ms"] / 2
+    assert graphed["predicted_step_ms"] <= eager["predicted_step_ms"]
+    kinds = cost.host_node_kinds(spec, [True] * spec.num_layers, [False] * spec.num_layers, 1, graphed=True)
+    assert graphed["host_ms"] == pytest.approx(cost.host_ms(h200, kinds, spec))
+    cpu = hw("cpu", gpu_mem_gb=64.0)
+    a = predict(spec, cpu, make_plan(spec, cpu, **kw), 512, 8, "float16")["host_ms"]
+    b = predict(spec, cpu, make_plan(spec, cpu, cuda_graphs=True, **kw), 512, 8, "float16")["host_ms"]
+    assert a == b
+    assert np.all(np.asarray(kinds) >= 0)
