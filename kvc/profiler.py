@@ -217,6 +217,7 @@ def host_us(device, dtype=torch.float16, repeats: int = 100) -> dict:
     import kvc.runtime.ops  # noqa: F401
     from kvc.passes.flatten import flatten_targets
     from kvc.runtime import registry
+    from kvc.runtime.ops import direct_calls
 
     class Attn(torch.nn.Module):
         def __init__(self):
@@ -251,7 +252,7 @@ def host_us(device, dtype=torch.float16, repeats: int = 100) -> dict:
                 return t
         gm = torch.fx.symbolic_trace(Chain())
         flatten_targets(gm, functional=False)  # a module call as the lowering leaves one
-        return gm
+        return direct_calls(gm)  # kvc ops called as CompiledModel calls them
 
     cache = _tiny_cache(device, dtype)  # real pools, streams and events, a few KB
     rt = registry.register(cache)

@@ -30,6 +30,8 @@ def op_name(node: torch.fx.Node) -> str | None:
     if node.op != "call_function":
         return None
     target = node.target
+    if getattr(target, "kvc_op", None) is not None:  # the executor's direct call (runtime.ops.DIRECT)
+        return target.kvc_op
     if isinstance(target, torch._ops.OpOverload):
         target = target.overloadpacket
     if isinstance(target, torch._ops.OpOverloadPacket) and target._qualified_op_name.startswith("kvc::"):

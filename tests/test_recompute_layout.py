@@ -47,7 +47,7 @@ def decode_step_layouts(name: str, monkeypatch) -> tuple[list, list]:
         return F.linear(x, w, b)
 
     # passes/flatten.py calls the projections as F.linear: record what the K/V ones are given
-    gm = cm.lowered.decode
+    gm = cm.decode_step  # the graph the executor runs (a copy of the lowered one)
     for n in gm.graph.nodes:
         if n.target is F.linear and n.meta["kvc"]["target"].endswith(("k_proj", "v_proj")):
             n.target = recording_linear

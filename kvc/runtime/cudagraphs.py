@@ -52,10 +52,12 @@ _ATTENTION = frozenset({torch._C._nn.scaled_dot_product_attention,
 
 
 def kvc_op_name(node: torch.fx.Node) -> str | None:
-    """`kv_read` for a call of torch.ops.kvc.kv_read (or its overload), else None."""
+    """`kv_read` for a call of torch.ops.kvc.kv_read (its overload, or its direct call), else None."""
     if node.op != "call_function":
         return None
     target = node.target
+    if getattr(target, "kvc_op", None) is not None:  # kvc.runtime.ops.DIRECT
+        return target.kvc_op
     if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
         namespace, name = str(target).split(".")[:2]  # "kvc.kv_read" or "kvc.kv_read.default"
         return name if namespace == "kvc" else None

@@ -20,6 +20,7 @@ from kvc.progress import bar
 from kvc.runtime import registry
 from kvc.runtime.attention import backends
 from kvc.runtime.cudagraphs import partition
+from kvc.runtime.ops import direct_calls
 from kvc.runtime.offloaded import OffloadedCache
 from kvc.runtime.weights import WeightStreamer
 
@@ -40,10 +41,13 @@ class CompiledModel:
                          if plan.streamed_layers else None)
         if cuda_graphs is None:
             cuda_graphs = plan.cuda_graphs and self.device.type == "cuda"
-        # the partition reads the parameters as they are now: after the weight streamer
+        # the graphs as they run: kvc ops called without the dispatcher (runtime.ops.DIRECT);
+        # the partition reads the parameters as they are now, after the weight streamer
         # pointed the streamed ones into their slots (fixed addresses a graph may read)
-        self.decode_step = (partition(lowered.decode, capture=self.device.type == "cuda")
-                            if cuda_graphs else lowered.decode)
+        self.prefill_step = direct_calls(lowered.prefill)
+        self.decode_step = direct_calls(lowered.decode)
+        if cuda_graphs:
+            self.decode_step = partition(self.decode_step, capture=self.device.type == "cuda")
 
     @property
     def graph_code(self) -> str:
@@ -116,7 +120,7 @@ class CompiledModel:
         cache, rt = self._runtime(b + pad, p, p + max_new_tokens)
         with bar("kvc: generating", total=max_new_tokens, unit="step") as steps, backends():
             cache.begin_step(0, p)
-            logits = self.lowered.prefill(ids, cache.positions[:p], rt)[:, -1]
+            logits = self.prefill_step(ids, cache.positions[:p], rt)[:, -1]
             cache.end_step(p)
             tokens, all_logits = [logits.argmax(-1)], [logits]
             if on_token is not None:
