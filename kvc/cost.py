@@ -19,9 +19,13 @@ from kvc.hardware import HardwareConfig
 from kvc.models.spec import DTYPE_BYTES, ModelSpec
 
 GB = 1e9
-# kernels one decoder layer launches for the new token (norms, projections, RoPE, attention,
-# residual adds, MLP, cache writes); only their launch overhead matters, so a round count
-LAYER_OPS = 16
+# small kernels one decoder layer runs for the new token (norms, RoPE, activation, residual
+# adds, cache writes; GEMMs and attention are priced apart), at launch_us each. llama's
+# RMSNorm in fp32 (cast, square, mean, rsqrt, scale, cast), RoPE on Q and K and SiLU x up run
+# twice OPT's count: profiled gpu_resident steps, H200, 2026-11-28 (session 5), elementwise
+# kernels 0.85-0.89 ms per OPT-6.7B step and 2.54-2.59 ms per llama-2-7b / llama-3-8b step,
+# 32 layers, i.e. 11 and 32 kernels of 2.5 µs per layer (OPT's 16 also covers its biases)
+LAYER_OPS = {"opt": 16, "llama": 32}
 # per recompute chunk: K GEMM, V GEMM, cache writes (+ RoPE for the llama family)
 RECOMPUTE_OPS = {"opt": 4, "llama": 5}
 
@@ -52,24 +56,29 @@ HOST_NODES = {  # passes/flatten.py calls Linear, LayerNorm and Embedding as fun
     "opt": {"layer": (0, 13, 10, 2, 0), "head": (0, 6, 0, 0, 0), "offload": (0, 0, 0, 10, 0),
             "recompute": (0, 0, 0, 3, 0), "chunk": (0, 2, 5, 5, 0), "weights": (0, 0, 0, 5, 0),
             "gqa": (0, 0, 0, 0, 0), "split": (0, 2, 1, 0, 0), "per_micro_batch": (0, 4, 1, 0, 0),
-            "shared_per_layer": (0, 0, 0, 0, 0)},
+            "shared_per_layer": (0, 0, 0, 0, 0), "gqa_offload": (0, 0, 0, 0, 0)},
     "llama": {"layer": (0, 40, 20, 2, 0), "head": (0, 9, 5, 0, 0), "offload": (0, 0, 0, 10, 0),
               "recompute": (0, 0, 0, 3, 0), "chunk": (0, 9, 16, 6, 0), "weights": (0, 0, 0, 5, 0),
               "gqa": (0, 0, 4, 0, 0), "split": (0, 2, 1, 0, 0), "per_micro_batch": (0, 9, 2, 0, 0),
-              "shared_per_layer": (0, 0, 4, 0, 0)},
+              "shared_per_layer": (0, 0, 4, 0, 0), "gqa_offload": (0, 0, 0, 0, 0)},
 }
-# the same step run as piecewise CUDA graphs (kvc.runtime.cudagraphs), any family: a layer is
-# one segment call (kind "graph": its input copy and replay), its two cache ops, the views of
-# the cache and attention; the head's nodes join the last segment and the embedding a first
-# one. A value that leaves the step (the logits) or that another stream reads (offload_kv's
-# K,V; offload_act's activation) is cloned after the replay (an op). A weight-streamed
-# layer's parameter wait cuts its segment in two. Rows not named here (a recomputed chunk)
-# are eager nodes as before.
-GRAPHED_NODES = {"layer": (0, 1, 4, 2, 1), "head": (0, 1, 0, 0, 1), "gqa": (0, 0, 0, 0, 0),
-                 "weights": (0, 0, 0, 5, 1),
-                 "offload": (0, 2, 0, 10, 0), "recompute": (0, 1, 0, 3, 0),
-                 "split": (0, 0, 0, 0, 0), "per_micro_batch": (0, 0, 0, 0, 0),
-                 "shared_per_layer": (0, 0, 0, 0, 0)}
+# the same step run as piecewise CUDA graphs (kvc.runtime.cudagraphs): a layer is one
+# segment call (kind "graph": its input copy and replay), its two cache ops, the views of the
+# cache and attention; the head's nodes join the last segment and the embedding a first one.
+# A value that leaves the step (the logits) or that another stream reads (offload_kv's K,V;
+# offload_act's activation) is cloned after the replay (an op). Segments never cross an event
+# recorded or awaited on the compute stream, which cuts an offloaded layer once more where
+# its K,V are recorded for the write-back (twice for OPT, whose Q projection and scaling sit
+# between), a recomputing layer where its activation is, and a weight-streamed layer at its
+# weights' wait and slot-free record; grouped-query attention's Q-side views, traced after the
+# K,V-ready wait, once more. Rows not named here (a recomputed chunk) are eager as before.
+_GRAPHED = {"layer": (0, 1, 4, 2, 1), "head": (0, 1, 0, 0, 1), "gqa": (0, 0, 0, 0, 0),
+            "gqa_offload": (0, 0, 0, 0, 1),
+            "recompute": (0, 1, 0, 3, 1), "weights": (0, 0, 0, 5, 2),
+            "split": (0, 0, 0, 0, 0), "per_micro_batch": (0, 0, 0, 0, 0),
+            "shared_per_layer": (0, 0, 0, 0, 0)}
+GRAPHED_NODES = {"opt": {**_GRAPHED, "offload": (0, 2, 0, 10, 2)},
+                 "llama": {**_GRAPHED, "offload": (0, 2, 0, 10, 1)}}
 
 
 def host_node_kinds(spec: ModelSpec, resident, recomputes, act_chunks: int, streamed=None,
@@ -77,11 +86,13 @@ def host_node_kinds(spec: ModelSpec, resident, recomputes, act_chunks: int, stre
     """Nodes per decode step by kind ([len(HOST_KINDS)]); `resident` and `recomputes` are
     per-unit booleans (arrays), `streamed` per layer (weights). `graphed`: the step runs as
     piecewise CUDA graphs (GRAPHED_NODES)."""
-    n = {k: np.array(v) for k, v in {**HOST_NODES[spec.family], **(GRAPHED_NODES if graphed else {})}.items()}
-    layer = n["layer"] + (n["gqa"] if spec.num_kv_heads < spec.num_heads else 0)
+    rows = {**HOST_NODES[spec.family], **(GRAPHED_NODES[spec.family] if graphed else {})}
+    n = {k: np.array(v) for k, v in rows.items()}
+    gqa = spec.num_kv_heads < spec.num_heads
+    layer = n["layer"] + (n["gqa"] if gqa else 0)
     off = ~np.asarray(resident, dtype=bool)
     rec = np.asarray(recomputes, dtype=bool) & off
-    total = (len(off) * layer + off.sum() * n["offload"]
+    total = (len(off) * layer + off.sum() * (n["offload"] + (n["gqa_offload"] if gqa else 0))
              + rec.sum() * (n["recompute"] + act_chunks * n["chunk"]) + n["head"])
     if micro_batches > 1:
         layers = len(off) // micro_batches
@@ -212,13 +223,13 @@ def layer_costs(spec: ModelSpec, hw: HardwareConfig, b: int, dtype: str, offload
         attn_per_tok=kv_bytes(spec, b, 1, p) / attn * ms * cs,
         copy_fixed=lat * ks,
         rec_chunk_fixed=rec_chunk * cs,
-        layer_fixed=(weights_ms + LAYER_OPS * launch + hw.attn_fixed_us * 1e-3) * cs,
+        layer_fixed=(weights_ms + LAYER_OPS[spec.family] * launch + hw.attn_fixed_us * 1e-3) * cs,
         writeback=wb,
         head=head * cs,
         compute_slowdown=cs,
         copy_slowdown=ks,
         weight_copy=(layer_weight_bytes(spec, p) / h2d * ms + lat) * ks,
-        layer_back=(weights_ms * back + LAYER_OPS / 2 * launch) * cs,
+        layer_back=(weights_ms * back + LAYER_OPS[spec.family] / 2 * launch) * cs,
     )
 
 

@@ -102,11 +102,11 @@ class Streams(PlanPass):
                      node_name=f"record_{_event_label(plan, event)}",
                      meta={"role": "event", "layer": layer, "stream": _name(stream)})
 
-        def wait_before(node, stream, event, layer, **meta):
+        def wait_before(node, stream, event, layer):
             with g.inserting_before(node):
                 call(g, "wait_event", rt, stream=stream, event=event,
                      node_name=f"wait_{_event_label(plan, event)}",
-                     meta={"role": "event", "layer": layer, "stream": _name(stream), **meta})
+                     meta={"role": "event", "layer": layer, "stream": _name(stream)})
 
         nodes = list(g.nodes)
         by_layer: dict[int, dict[str, list]] = {}
@@ -164,9 +164,7 @@ class Streams(PlanPass):
             readers = weight_readers(gm, i)  # every unit of the layer (its module calls)
             readers += [nodes[layers[u]["first"]] for u in plan.layer_units(i) if u in layers]
             record_after(copy, PREFETCH, ready, i)
-            # the one wait that orders reads without a data edge (parameters read through
-            # get_attr): kvc.runtime.cudagraphs keeps every node after it where it is
-            wait_before(min(readers, key=order.__getitem__), COMPUTE, ready, i, guards="parameters")
+            wait_before(min(readers, key=order.__getitem__), COMPUTE, ready, i)
             record_after(max(readers, key=order.__getitem__), COMPUTE, free, i)
             prev = previous_weight_slot_user(plan, i)
             wait_before(copy, PREFETCH, weight_event_id(plan, prev, WEIGHT_SLOT_FREE), i)

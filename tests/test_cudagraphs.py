@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from kvc.passes.nodes import host_kinds
-from kvc.runtime.cudagraphs import Segment, classify, kvc_op_name, partition
+from kvc.runtime.cudagraphs import Segment, classify, is_fence, kvc_op_name, partition
 
 from kvc import cost
 from kvc.config import load_config
@@ -98,19 +98,22 @@ def test_a_resident_layer_is_one_segment_and_its_cache_ops():
     assert split.segment_of[q_proj] <= split.eager.index(first_write)
 
 
-def test_no_node_moves_above_a_parameter_wait():
+@pytest.mark.parametrize("mode,streamed", [("pipelined", 1.0), ("kvpr", 0.0), ("full_offload", 0.5)])
+def test_no_node_moves_above_a_compute_event(mode, streamed):
     """A weight-streamed layer's parameters are filled by a copy its `wait_weights_ready`
-    orders, with no data edge to the readers: no node after that wait in the program may run
-    in a segment before it (on a GPU it would read the slot's previous layer)."""
-    gm = _lowered("tiny-llama", _plan("pipelined", 2, streamed=1.0))
+    orders, with no data edge to the readers; and a record run later than traced holds
+    another stream back (kvpr's one staging slot). No node after such a fence in the program
+    may run in a segment before it."""
+    gm = _lowered("tiny-llama", _plan(mode, 2, streamed=streamed))
     split = classify(gm.graph)
     order = {n: k for k, n in enumerate(gm.graph.nodes)}
-    guards = [n for n in split.eager if n.meta.get("kvc", {}).get("guards") == "parameters"]
-    assert len(guards) == 2
-    for wait in guards:
-        at = split.eager.index(wait)
-        later = [n for n, j in split.segment_of.items() if order[n] > order[wait]]
-        assert later and all(split.segment_of[n] > at for n in later)
+    fences = [n for n in split.eager if is_fence(n)]
+    assert any(n.name.startswith("wait_weights_ready") for n in fences) == (streamed > 0)
+    assert any(n.name.startswith("record_slot_free") for n in fences)
+    for fence in fences:
+        at = split.eager.index(fence)
+        later = [n for n in split.segment_of if order[n] > order[fence]]
+        assert all(split.segment_of[n] > at for n in later), fence.name
 
 
 def test_values_that_leave_the_step_or_the_stream_are_cloned():
