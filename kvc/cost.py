@@ -68,16 +68,16 @@ HOST_NODES = {  # passes/flatten.py calls Linear, LayerNorm and Embedding as fun
 # A value that leaves the step (the logits) or that another stream reads (offload_kv's K,V;
 # offload_act's activation) is cloned after the replay (an op). Segments never cross an event
 # recorded or awaited on the compute stream, which cuts an offloaded layer once more where
-# its K,V are recorded for the write-back (twice for OPT, whose Q projection and scaling sit
-# between), a recomputing layer where its activation is, and a weight-streamed layer at its
-# weights' wait and slot-free record; grouped-query attention's Q-side views, traced after the
-# K,V-ready wait, once more. Rows not named here (a recomputed chunk) are eager as before.
+# its K,V are recorded for the write-back, a recomputing layer where its activation is, and a
+# weight-streamed layer at its weights' wait and slot-free record. Views left alone between
+# two events (OPT's Q transpose, grouped-query attention's Q reshape) stay eager views.
+# Rows not named here (a recomputed chunk) are eager as before.
 _GRAPHED = {"layer": (0, 1, 4, 2, 1), "head": (0, 1, 0, 0, 1), "gqa": (0, 0, 0, 0, 0),
-            "gqa_offload": (0, 0, 0, 0, 1),
+            "gqa_offload": (0, 0, 2, 0, 0),
             "recompute": (0, 1, 0, 3, 1), "weights": (0, 0, 0, 5, 2),
             "split": (0, 0, 0, 0, 0), "per_micro_batch": (0, 0, 0, 0, 0),
             "shared_per_layer": (0, 0, 0, 0, 0)}
-GRAPHED_NODES = {"opt": {**_GRAPHED, "offload": (0, 2, 0, 10, 2)},
+GRAPHED_NODES = {"opt": {**_GRAPHED, "offload": (0, 2, 1, 10, 1)},
                  "llama": {**_GRAPHED, "offload": (0, 2, 0, 10, 1)}}
 
 

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
+from kvc.passes.nodes import host_kind
 from kvc.runtime.ops import COMPUTE, STREAM_NAMES
 
 # kvc ops whose tensors have a shape that moves with the context
@@ -194,7 +195,8 @@ class Segment(torch.nn.Module):
 
 
 def partition(gm: torch.fx.GraphModule, capture: bool) -> torch.fx.GraphModule:
-    """The decode graph with each static run moved into a `Segment` submodule (`graph_<j>`).
+    """The decode graph with each static run moved into a `Segment` submodule (`graph_<j>`);
+    a run of views only (no kernel to capture) stays in the root graph as it is.
 
     The result computes the same values with the same ops; `capture` says whether its
     segments capture CUDA graphs (a CUDA device) or run eagerly (a CPU, or graphs off)."""
@@ -213,7 +215,10 @@ def partition(gm: torch.fx.GraphModule, capture: bool) -> torch.fx.GraphModule:
     segments: dict[str, Segment] = {}
     output = next(n for n in gm.graph.nodes if n.op == "output")
     for j in range(len(split.eager) + 1):
-        if j in members:
+        if j in members and all(host_kind(n) == "view" for n in members[j]):
+            for node in members[j]:  # no kernel to capture (CUDA would warn of an empty graph)
+                env[node] = root.node_copy(node, env.__getitem__)
+        elif j in members:
             name = f"graph_{j}"
             segments[name] = _emit_segment(gm, root, env, members[j], name, shared)
         if j < len(split.eager):
