@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from kvc.passes.nodes import host_kinds
-from kvc.runtime.cudagraphs import Segment, classify, is_fence, kvc_op_name, partition
+from kvc_fixtures import hw, perturb_small_params
 
 from kvc import cost
 from kvc.config import load_config
@@ -20,9 +20,9 @@ from kvc.models import build_model, preset
 from kvc.models.reference import ReferenceDecoder
 from kvc.models.spec import PRESETS
 from kvc.plan import MODES, Plan, forced_plan, weights_for_fraction
+from kvc.runtime.cudagraphs import Segment, classify, is_fence, kvc_op_name, partition
 from kvc.runtime.executor import CompiledModel
 from kvc.scheduler import make_plan, predict
-from kvc_fixtures import hw, perturb_small_params
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -166,7 +166,7 @@ def test_the_host_lane_counts_graph_calls_on_a_gpu():
     layer, so the predicted host time falls, and on a CPU machine nothing changes."""
     spec = PRESETS["opt-6.7b"]
     h200 = hw("h200-pcie5")
-    kw = dict(batch_size=8, prompt_len=512, gen_len=32, dtype="float16", mode="gpu_resident")
+    kw = {"batch_size": 8, "prompt_len": 512, "gen_len": 32, "dtype": "float16", "mode": "gpu_resident"}
     eager = predict(spec, h200, make_plan(spec, h200, **kw), 512, 8, "float16")
     graphed = predict(spec, h200, make_plan(spec, h200, cuda_graphs=True, **kw), 512, 8, "float16")
     assert graphed["host_ms"] < eager["host_ms"] / 2

@@ -95,9 +95,9 @@ def classify(graph: torch.fx.Graph) -> Split:
         if name is not None or reads_dynamic or node.is_impure():
             index[node] = len(eager)
             eager.append(node)
-            if name in _DYNAMIC_RESULTS:
-                dynamic.add(node)
-            elif reads_dynamic and not (node.target in _ATTENTION and node.args[0] not in dynamic):
+            # attention's output has the query's shape, whatever the cache's length
+            query_shaped = node.target in _ATTENTION and node.args[0] not in dynamic
+            if name in _DYNAMIC_RESULTS or (reads_dynamic and not query_shaped):
                 dynamic.add(node)
             if is_fence(node):
                 floor = len(eager)

@@ -20,8 +20,8 @@ from kvc.progress import bar
 from kvc.runtime import registry
 from kvc.runtime.attention import backends
 from kvc.runtime.cudagraphs import partition
-from kvc.runtime.ops import direct_calls
 from kvc.runtime.offloaded import OffloadedCache
+from kvc.runtime.ops import direct_calls
 from kvc.runtime.weights import WeightStreamer
 
 
