@@ -189,6 +189,9 @@ class LayerCosts:
     # the part of layer_fixed after attention (output projection, MLP): the staging slot is
     # free once attention has read it (passes/streams.py, slot_free), before this part runs
     layer_back: float = 0.0
+    # the part before attention that reads no staged K,V (norm, Q/K/V projections of the new
+    # token): the runtime issues it first in the layer, so it runs while the layer's copies land
+    layer_front: float = 0.0
 
 
 def layer_costs(spec: ModelSpec, hw: HardwareConfig, b: int, dtype: str, offloaded=True) -> LayerCosts:
@@ -230,6 +233,7 @@ def layer_costs(spec: ModelSpec, hw: HardwareConfig, b: int, dtype: str, offload
         copy_slowdown=ks,
         weight_copy=(layer_weight_bytes(spec, p) / h2d * ms + lat) * ks,
         layer_back=(weights_ms * back + LAYER_OPS[spec.family] / 2 * launch) * cs,
+        layer_front=(weights_ms * (1 - back) + LAYER_OPS[spec.family] / 2 * launch) * cs,
     )
 
 
@@ -273,7 +277,7 @@ def per_unit(x, micro_batches: int):
 
 
 def simulate(A, K, R, C, D, head: float, lookahead: int, act_chunks: int, W=None,
-             weight_lag: int = 2, back: float = 0.0):
+             weight_lag: int = 2, back: float = 0.0, front: float = 0.0):
     """Earliest-start schedule of one decode step, as the runtime issues it.
 
     Arrays are [units, ...] (any trailing shape, e.g. contexts); a unit is a layer on one
@@ -292,6 +296,10 @@ def simulate(A, K, R, C, D, head: float, lookahead: int, act_chunks: int, W=None
     two back, which used the same one of the two slots), not for the staging slot.
     `back` (ms): the end of each unit's compute that runs after its attention has read the
     staging slot; the slot is free for the next copies that much before the unit ends.
+    `front` (ms): the start of each unit's compute that reads nothing staged (the new token's
+    norm and projections), issued first in the layer: it runs as soon as the previous unit
+    (and the layer's streamed weights) are done, before the recompute chunks and while the
+    copies land; the rest of C waits for the K,V tail.
     Returns (step, link_busy, gpu_busy) in ms.
     """
     L = A.shape[0]
@@ -307,11 +315,12 @@ def simulate(A, K, R, C, D, head: float, lookahead: int, act_chunks: int, W=None
         wt = w0 + W[i]  # the layer's weights have landed (W = 0: nothing copied, no wait)
         wt = np.where(W[i] > 0, wt, copy_end)
         start = np.maximum(wt, ends[j] - back) if j >= 0 else wt  # staging slot free
-        t = ends[i - 1] if i else zero
+        landed = np.where(W[i] > 0, wt, zero)
+        t = np.maximum(ends[i - 1] if i else zero, landed) + front
         for k in range(1, c + 1):
             t = np.maximum(t, start + k * A[i] / c) + R[i] / c
         copy_end = start + A[i] + K[i]
-        end = np.maximum(t, copy_end) + C[i]
+        end = np.maximum(t, copy_end) + C[i] - front
         ends.append(end)
         d2h_end = np.maximum(d2h_end, end) + D[i]
     step = np.maximum(ends[-1] + head, d2h_end)
@@ -322,7 +331,7 @@ def simulate(A, K, R, C, D, head: float, lookahead: int, act_chunks: int, W=None
 
 
 def intervals(A, K, R, C, D, head: float, lookahead: int, act_chunks: int, W=None,
-              weight_lag: int = 2, back: float = 0.0) -> list[dict]:
+              weight_lag: int = 2, back: float = 0.0, front: float = 0.0) -> list[dict]:
     """The same earliest-start schedule as `simulate`, for one context (arrays [layers]), as
     the intervals each stream is busy: dicts with lane (copy-in | compute | copy-out), layer
     (None for the head), kind (act_copy | kv_copy | recompute | compute | writeback | head),
@@ -343,12 +352,15 @@ def intervals(A, K, R, C, D, head: float, lookahead: int, act_chunks: int, W=Non
     c = act_chunks
     for i in range(len(A)):
         j, jw = i - 1 - lookahead, i - weight_lag
+        landed = 0.0
         if W[i] > 0:
             w0 = max(copy_end, ends[jw]) if jw >= 0 else copy_end
             add("copy-in", i, "weight_copy", w0, w0 + W[i])
-            copy_end = w0 + W[i]
+            copy_end = landed = w0 + W[i]
         start = max(copy_end, ends[j] - back) if j >= 0 else copy_end
-        t = ends[i - 1] if i else 0.0
+        t = max(ends[i - 1] if i else 0.0, landed)
+        add("compute", i, "compute", t, t + front)
+        t += front
         for k in range(1, c + 1):
             add("copy-in", i, "act_copy", start + (k - 1) * A[i] / c, start + k * A[i] / c)
             t0 = max(t, start + k * A[i] / c)
@@ -357,7 +369,7 @@ def intervals(A, K, R, C, D, head: float, lookahead: int, act_chunks: int, W=Non
         copy_end = start + A[i] + K[i]
         add("copy-in", i, "kv_copy", start + A[i], copy_end)
         begin = max(t, copy_end)
-        ends.append(begin + C[i])
+        ends.append(begin + C[i] - front)
         add("compute", i, "compute", begin, ends[-1])
         wb = max(d2h_end, ends[-1])
         d2h_end = wb + D[i]

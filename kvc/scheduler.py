@@ -243,7 +243,7 @@ def step_terms(spec, hw, plan: Plan, s, l, b: int, dtype: str):
     A, K, R, C, D = cost.durations(c, np.asarray(s)[None, ...], l, res, plan.act_chunks)
     W = cost.weight_durations(c, streamed, trailing, m) if any(streamed) else None
     return ((A, K, R, C, D, m * c.head, plan.lookahead, plan.act_chunks),
-            {"W": W, "weight_lag": m + 1, "back": c.layer_back})
+            {"W": W, "weight_lag": m + 1, "back": c.layer_back, "front": c.layer_front})
 
 
 def _evaluate_arrays(spec, hw, plan: Plan, ctx, l, b, dtype):
@@ -414,14 +414,18 @@ def _solve(c: cost.LayerCosts, L: int, s: int, *, look: int, chunks: int, reside
                 prob += Q >= P + (k / chunks) * A  # chunk k (and the weights) landed
             if prev is not None:
                 prob += Q >= prev + (1.0 / chunks) * R
-            elif u:
-                prob += Q >= E[u - 1]
+            else:  # the layer's front (new token's norm and projections) runs first
+                if u:
+                    prob += Q >= E[u - 1] + c.layer_front
+                if streams:
+                    prob += Q >= Pw + wc[i] + c.layer_front
+                prob += Q >= c.layer_front
             prev = Q
         copy_end = P + A + K
         E.append(V(f"E{u}", 0))
-        prob += E[u] >= prev + (1.0 / chunks) * R + C
+        prob += E[u] >= prev + (1.0 / chunks) * R + C - c.layer_front
         if off or streams:
-            prob += E[u] >= copy_end + C  # the K,V tail (and the weights) have landed
+            prob += E[u] >= copy_end + C - c.layer_front  # the K,V tail (and the weights) have landed
         Dw = c.writeback if off else 0.0
         Wn = V(f"W{u}", 0)
         prob += Wn >= E[u] + Dw

@@ -117,6 +117,27 @@ def test_kvpr_next_copies_start_when_attention_has_read_the_slot():
     assert whole == pytest.approx(L * per + c.head)
 
 
+def test_a_layers_front_runs_while_its_copies_land():
+    """The new token's norm and projections read nothing staged and come first in the layer:
+    with one staging slot (kvpr) they run while the layer's copies land, so only attention
+    and what follows wait for the K,V tail. The next layer's copies still wait for attention
+    (the slot), so every layer saves its front. A resident step (no copies) takes exactly as
+    long either way."""
+    c = cost.layer_costs(PRESETS["opt-6.7b"], HW, 8, "float16")
+    assert 0 < c.layer_front and c.layer_front + c.layer_back <= c.layer_fixed + 1e-12
+    L = 6
+    args = [np.full((L, 1), 1024), np.full((L, 1), 512)]
+    A, K, R, C, D = cost.durations(c, *args, np.zeros((L, 1), bool), 1)
+    assert A[0, 0] + K[0, 0] > R[0, 0] + c.layer_front  # the copies are on the path
+    base = cost.simulate(A, K, R, C, 0 * D, c.head, 0, 1, back=c.layer_back)[0][0]
+    fronted = cost.simulate(A, K, R, C, 0 * D, c.head, 0, 1, back=c.layer_back, front=c.layer_front)[0][0]
+    assert fronted == pytest.approx(base - L * c.layer_front)
+    A, K, R, C, D = cost.durations(c, *args, np.ones((L, 1), bool), 1)
+    resident = [cost.simulate(A, K, R, C, D, c.head, 1, 1, back=c.layer_back, front=f)[0][0]
+                for f in (0.0, c.layer_front)]
+    assert resident[0] == pytest.approx(resident[1])
+
+
 def test_full_offload_steady_state_is_max_of_copy_and_compute():
     c = cost.layer_costs(PRESETS["opt-6.7b"], HW, 8, "float16")
     L = 40

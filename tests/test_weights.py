@@ -322,7 +322,7 @@ def test_simulate_and_lp_agree_with_weights(look, chunks, m):
         R = np.where(l > 0, R, chunks * c.rec_chunk_fixed)  # the LP pays the chunk's weight read always
         W = cost.weight_durations(c, w, (1,), m)
         return cost.simulate(A, K, R, C, D, m * c.head, look, chunks, W=W, weight_lag=m + 1,
-                             back=c.layer_back)[0][0]
+                             back=c.layer_back, front=c.layer_front)[0][0]
 
     x, _, _, T = scheduler._solve(c, L, s, wcopy=wcopy, **kw)
     assert simulated(x, streamed) == pytest.approx(T, rel=1e-6)
