@@ -10,7 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from kvc.passes.nodes import host_kinds
+from kvc.passes.nodes import host_kinds, op_name
 from kvc_fixtures import hw, perturb_small_params
 
 from kvc import cost
@@ -20,7 +20,7 @@ from kvc.models import build_model, preset
 from kvc.models.reference import ReferenceDecoder
 from kvc.models.spec import PRESETS
 from kvc.plan import MODES, Plan, forced_plan, weights_for_fraction
-from kvc.runtime.cudagraphs import Segment, classify, is_fence, kvc_op_name, partition
+from kvc.runtime.cudagraphs import Segment, classify, is_fence, partition
 from kvc.runtime.executor import CompiledModel
 from kvc.scheduler import make_plan, predict
 
@@ -89,12 +89,12 @@ def test_a_resident_layer_is_one_segment_and_its_cache_ops():
     gm = _lowered("tiny-opt", _plan("gpu_resident", spec.num_layers))
     split = classify(gm.graph)
     assert len(set(split.segment_of.values())) == spec.num_layers + 1
-    eager = [kvc_op_name(n) or getattr(n.target, "__name__", n.target) for n in split.eager]
+    eager = [op_name(n) or getattr(n.target, "__name__", n.target) for n in split.eager]
     per_layer = ["kv_write", "kv_read", "getitem", "transpose", "getitem", "transpose",
                  "scaled_dot_product_attention"]
     assert sorted(eager) == sorted(per_layer * spec.num_layers)
     q_proj = next(n for n in gm.graph.nodes if n.name == "layers_0_self_attn_q_proj")
-    first_write = next(n for n in split.eager if kvc_op_name(n) == "kv_write")
+    first_write = next(n for n in split.eager if op_name(n) == "kv_write")
     assert split.segment_of[q_proj] <= split.eager.index(first_write)
 
 

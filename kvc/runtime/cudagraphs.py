@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from kvc.passes.nodes import host_kind
+from kvc.passes.nodes import host_kind, op_name
 from kvc.runtime.ops import COMPUTE, STREAM_NAMES
 
 # kvc ops whose tensors have a shape that moves with the context
@@ -55,22 +55,9 @@ _ATTENTION = frozenset({torch._C._nn.scaled_dot_product_attention,
                         torch.nn.functional.scaled_dot_product_attention})
 
 
-def kvc_op_name(node: torch.fx.Node) -> str | None:
-    """`kv_read` for a call of torch.ops.kvc.kv_read (its overload, or its direct call), else None."""
-    if node.op != "call_function":
-        return None
-    target = node.target
-    if getattr(target, "kvc_op", None) is not None:  # kvc.runtime.ops.DIRECT
-        return target.kvc_op
-    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
-        namespace, name = str(target).split(".")[:2]  # "kvc.kv_read" or "kvc.kv_read.default"
-        return name if namespace == "kvc" else None
-    return None
-
-
 def is_fence(node: torch.fx.Node) -> bool:
     """An event recorded or awaited on the compute stream: static nodes never move above one."""
-    return kvc_op_name(node) in ("record_event", "wait_event") and _stream(node) == STREAM_NAMES[COMPUTE]
+    return op_name(node) in ("record_event", "wait_event") and _stream(node) == STREAM_NAMES[COMPUTE]
 
 
 @dataclass
@@ -90,7 +77,7 @@ def classify(graph: torch.fx.Graph) -> Split:
     for node in graph.nodes:
         if node.op in ("placeholder", "get_attr", "output"):
             continue
-        name = kvc_op_name(node)
+        name = op_name(node)
         reads_dynamic = any(a in dynamic for a in node.all_input_nodes)
         if name is not None or reads_dynamic or node.is_impure():
             index[node] = len(eager)
@@ -278,7 +265,7 @@ def _escapes_step(user: torch.fx.Node) -> bool:
     stream other than compute (it reads asynchronously)."""
     if user.op == "output":
         return True
-    return kvc_op_name(user) is not None and _stream(user) != STREAM_NAMES[COMPUTE]
+    return op_name(user) is not None and _stream(user) != STREAM_NAMES[COMPUTE]
 
 
 def _stream(node: torch.fx.Node) -> str:

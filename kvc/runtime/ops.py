@@ -104,15 +104,16 @@ globals().update({f.__name__: f for f in DIRECT.values()})
 def direct_calls(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A copy of `gm` whose torch.ops.kvc calls are the DIRECT functions (the lowered graph,
     whose code the artifact hashes, is left as it is)."""
+    # the passes import this module, so this one imports them here, not at its top
+    from kvc.passes.nodes import op_name
+
     graph = torch.fx.Graph()
     out = graph.graph_copy(gm.graph, {})
     graph.output(out)
     for node in graph.nodes:
-        target = node.target
-        if isinstance(target, torch._ops.OpOverload):
-            target = target.overloadpacket
-        if isinstance(target, torch._ops.OpOverloadPacket) and target._qualified_op_name.startswith("kvc::"):
-            node.target = DIRECT[target._qualified_op_name.split("::", 1)[1]]
+        name = op_name(node)
+        if name is not None:
+            node.target = DIRECT[name]
     copy = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     copy.meta = dict(gm.meta)
     return copy
