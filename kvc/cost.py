@@ -312,10 +312,9 @@ def simulate(A, K, R, C, D, head: float, lookahead: int, act_chunks: int, W=None
     for i in range(L):
         j, jw = i - 1 - lookahead, i - weight_lag
         w0 = np.maximum(copy_end, ends[jw]) if jw >= 0 else copy_end  # weight slot free
-        wt = w0 + W[i]  # the layer's weights have landed (W = 0: nothing copied, no wait)
-        wt = np.where(W[i] > 0, wt, copy_end)
+        landed = np.where(W[i] > 0, w0 + W[i], zero)  # the layer's weights (W = 0: no wait)
+        wt = np.where(W[i] > 0, landed, copy_end)
         start = np.maximum(wt, ends[j] - back) if j >= 0 else wt  # staging slot free
-        landed = np.where(W[i] > 0, wt, zero)
         t = np.maximum(ends[i - 1] if i else zero, landed) + front
         for k in range(1, c + 1):
             t = np.maximum(t, start + k * A[i] / c) + R[i] / c

@@ -214,7 +214,7 @@ def partition(gm: torch.fx.GraphModule, capture: bool) -> torch.fx.GraphModule:
     root.node_copy(output, env.__getitem__)
     for node in [n for n in root.nodes if n.op == "get_attr" and not n.users]:
         root.erase_node(node)  # read by a segment only
-    attrs = {n.target: _fetch_attr(gm, n.target) for n in root.nodes if n.op == "get_attr"}
+    attrs = {n.target: operator.attrgetter(n.target)(gm) for n in root.nodes if n.op == "get_attr"}
     out = torch.fx.GraphModule({**attrs, **segments}, root, class_name=type(gm).__name__)
     out.meta = dict(gm.meta)
     shared.segments = list(segments.values())
@@ -235,7 +235,7 @@ def _emit_segment(gm, root: torch.fx.Graph, env: dict, nodes: list, name: str,
             return local[a]
         if a.op == "get_attr":  # parameters and buffers: fixed addresses, read in the graph
             attr = f"c{len(consts)}"
-            consts[attr] = _fetch_attr(gm, a.target)
+            consts[attr] = operator.attrgetter(a.target)(gm)
             local[a] = sub.get_attr(attr)
         else:
             inputs.append(a)
@@ -272,9 +272,3 @@ def _stream(node: torch.fx.Node) -> str:
     """The stream a node runs on, as the streams pass recorded it (compute if none)."""
     return node.meta.get("kvc", {}).get("stream", STREAM_NAMES[COMPUTE])
 
-
-def _fetch_attr(gm: torch.nn.Module, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj

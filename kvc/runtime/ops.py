@@ -49,45 +49,22 @@ COMPUTE, PREFETCH, OFFLOAD = 0, 1, 2  # stream ids
 STREAM_NAMES = {COMPUTE: "compute", PREFETCH: "prefetch", OFFLOAD: "offload"}
 
 
-def _dispatch(name: str, schema: str):
-    # the op calls registry[rt].<name>(every other argument, in order)
-    arg_names = [a.strip().split(" ")[-1] for a in schema.split("(", 1)[1].split(")", 1)[0].split(",")]
-    idx = arg_names.index("rt")
-
-    def impl(*args):
-        return getattr(registry.get(args[idx]), name)(*args[:idx], *args[idx + 1:])
-
-    impl.__name__ = name
-    return impl
-
-
-def define(name: str, schema: str, side_effect: bool) -> None:
-    _lib.define(schema)
-    _lib.impl(name, _dispatch(name, schema), _KEY)
-    if side_effect:
-        packet = getattr(torch.ops.kvc, name)
-        torch.fx.node.has_side_effect(packet)
-        torch.fx.node.has_side_effect(packet.default)
-
-
-for _name, (_schema, _effect) in _SCHEMAS.items():
-    define(_name, _schema, _effect)
-
-
-# --- the same verbs without the dispatcher -------------------------------------------------
+# --- each verb: the op's implementation, and the executor's direct call -----------------------
 # A torch.library op reaches its Python implementation through the C++ dispatcher and back,
 # which costs the host 6-15 µs per call (dev VM, 2026-11-28: record_event 6.8 µs through
 # torch.ops, 0.3 µs called directly; prefetch_kv 31.9 against 16.4). The passes need the ops
 # (schemas, side effects that dead-code elimination keeps); the executor runs a copy of the
-# lowered graphs whose kvc calls go straight to the runtime object (`direct_calls`): same
+# lowered graphs whose kvc calls go straight to the same function (`direct_calls`): same
 # verbs, same arguments, same order.
 
-def _direct(name: str, schema: str):
+def _verb(name: str, schema: str):
+    """registry[rt].<name>(every other argument, in order), by position or, as the passes
+    write stream / event / layer / chunk, by name."""
     names = [a.strip().split(" ")[-1] for a in schema.split("(", 1)[1].split(")", 1)[0].split(",")]
     idx = names.index("rt")
 
     def call(*args, **kwargs):
-        if kwargs:  # the passes name stream / event / layer / chunk arguments
+        if kwargs:
             args = args + tuple(kwargs[n] for n in names[len(args):])
         return getattr(registry.get(args[idx]), name)(*args[:idx], *args[idx + 1:])
 
@@ -97,8 +74,21 @@ def _direct(name: str, schema: str):
     return call
 
 
-DIRECT = {name: _direct(name, schema) for name, (schema, _) in _SCHEMAS.items()}
+DIRECT = {name: _verb(name, schema) for name, (schema, _) in _SCHEMAS.items()}
 globals().update({f.__name__: f for f in DIRECT.values()})
+
+
+def define(name: str, schema: str, side_effect: bool) -> None:
+    _lib.define(schema)
+    _lib.impl(name, DIRECT[name], _KEY)
+    if side_effect:
+        packet = getattr(torch.ops.kvc, name)
+        torch.fx.node.has_side_effect(packet)
+        torch.fx.node.has_side_effect(packet.default)
+
+
+for _name, (_schema, _effect) in _SCHEMAS.items():
+    define(_name, _schema, _effect)
 
 
 def direct_calls(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
