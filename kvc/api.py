@@ -1,20 +1,29 @@
-"""The compile pipeline, stage by stage (DESIGN.md "Data flow"):
+"""The pipeline, stage by stage (docs/ARCHITECTURE.md "Data flow"): the one module that
+drives every layer below it.
 
-    model.yaml + overrides -> Config -> ModelSpec -> HardwareProfile -> Plan
-    -> meta model -> traced graphs + passes -> artifact folder
+    compile:  model.yaml + overrides -> Config -> ModelSpec, HardwareConfig, PlanRequest
+              -> Plan (planner) -> meta model -> lowered graphs (compiler) -> artifact folder
+    load:     artifact folder -> manifest -> model with weights -> lowered graphs (the same
+              compiler, the stored Plan) -> CompiledModel (runtime), its decode step
+              partitioned into CUDA graph segments when the Plan says so
 
-Every stage is a plain function of the previous stages' outputs; the CLI and `kvc.compile`
-both call `compile_artifact`.
+Every stage is a plain function of the previous stages' outputs; the CLI and `kvc.compile` /
+`kvc.load` call `compile_artifact` / `load_artifact`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from kvc.config import Config, check_fits_model, load_config
+import torch
+
+from kvc.config import Config, check_fits_model, from_dict, load_config
+from kvc.dtypes import torch_dtype
+from kvc.errors import KvcError
 from kvc.hardware import HardwareConfig
+from kvc.ir.plan import Plan
+from kvc.ir.request import PlanRequest
 from kvc.models.spec import ModelSpec
-from kvc.plan import Plan
 
 
 @dataclass
@@ -24,6 +33,11 @@ class Resolved:
     config: Config
     spec: ModelSpec
     hardware: HardwareConfig
+
+    @property
+    def request(self) -> PlanRequest:
+        """What every entry point plans from (compile, plan, inspect, bench, search)."""
+        return PlanRequest.from_config(self.config)
 
 
 def resolve_spec(cfg: Config) -> ModelSpec:
@@ -42,8 +56,7 @@ def resolve(config, overrides: list[str] | tuple = (), progress: bool | None = N
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
     spec = resolve_spec(cfg)
     check_fits_model(cfg, spec.max_positions, spec.sliding_window)
-    from kvc.profiler import resolve_hardware
-
+    from kvc.profiler.resolve import resolve_hardware
     from kvc.progress import is_enabled
 
     hw = resolve_hardware(cfg.hardware, progress=is_enabled() if progress is None else progress)
@@ -53,22 +66,15 @@ def resolve(config, overrides: list[str] | tuple = (), progress: bool | None = N
 def make_plan(r: Resolved) -> Plan:
     """The scheduler's plan (a forced recompute_fraction still gets its memory check and
     predicted step times from the same cost model)."""
-    from kvc.scheduler import make_plan as solve
+    from kvc.planner.scheduler import make_plan as solve
 
-    cfg, s, w = r.config, r.config.schedule, r.config.workload
-    return solve(r.spec, r.hardware, batch_size=w.batch_size, prompt_len=w.prompt_len,
-                 gen_len=w.gen_len, dtype=cfg.model.dtype, mode=s.mode,
-                 chunk_tokens=s.chunk_tokens, act_chunks=s.act_chunks,
-                 recompute_fraction=s.recompute_fraction,
-                 weight_stream_fraction=s.weight_stream_fraction,
-                 time_limit_s=s.solver_time_limit_s, micro_batches=w.num_gpu_batches,
-                 resident_cache=s.resident_cache, cuda_graphs=s.cuda_graphs)
+    return solve(r.spec, r.hardware, r.request)
 
 
 def compile_artifact(config, overrides: list[str] | tuple = (), output=None,
                      progress: bool | None = None) -> Path:
     from kvc.artifact import write_artifact
-    from kvc.lowering import lower
+    from kvc.compiler.lowering import lower
     from kvc.models import build_model
 
     from kvc.progress import bar
@@ -95,3 +101,53 @@ def default_output_name(source, cfg: Config) -> str:
         return Path(source).stem + ".kvc"
     name = cfg.model.preset or Path(cfg.model.checkpoint or "model").name
     return f"{name}.kvc"
+
+
+def assemble(lowered, plan: Plan, spec: ModelSpec, dtype, device, manifest: dict | None = None,
+             cuda_graphs: bool | None = None):
+    """A CompiledModel from lowered graphs: the runtime, handed the CUDA-graph partition pass
+    when the decode step should run as graphed segments. `cuda_graphs` None: as the Plan says,
+    on a CUDA device only; True on a CPU runs the segments eagerly (how tests check them)."""
+    from kvc.passes.cudagraphs import partition
+    from kvc.runtime.executor import CompiledModel
+
+    device = torch.device(device)
+    if cuda_graphs is None:
+        cuda_graphs = plan.cuda_graphs and device.type == "cuda"
+    return CompiledModel(lowered, plan, spec, torch_dtype(dtype), device, manifest,
+                         partition=partition if cuda_graphs else None)
+
+
+def load_artifact(path, device=None):
+    """Rebuild a compiled artifact into a CompiledModel (kvc.artifact checks what it names)."""
+    from kvc.artifact import MANIFEST, check_weights, read_manifest
+    from kvc.compiler.lowering import lower
+    from kvc.models import build_model
+    from kvc.runtime.weights import place_streamed
+
+    manifest = read_manifest(path)
+    try:
+        cfg = from_dict(manifest["config"], where=f"{path}/{MANIFEST}")
+        plan = Plan.from_json(manifest["plan"])
+    except (TypeError, KeyError, ValueError) as e:
+        raise KvcError(f"{path}/{MANIFEST}: damaged manifest ({e}); recompile the artifact") from None
+    spec = resolve_spec(cfg)
+    if spec.to_dict() != manifest["model_spec"]:
+        raise KvcError(f"{path}: the model's config changed since compile; recompile")
+    checkpoint = check_weights(manifest["weights"])
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KvcError("device 'cuda' asked for, but this machine has no CUDA device; "
+                       "load with device='cpu' (the same schedule runs there, without streams)")
+    # weight-streamed parameters are built (drawn or loaded) straight into their pinned pool
+    place = place_streamed(plan, device) if plan.streamed_layers else None
+    model = build_model(spec, device, cfg.model.dtype, seed=cfg.model.seed, checkpoint=checkpoint,
+                        place=place)
+    lowered = lower(model, plan)
+    if lowered.code_hash != manifest["code_hash"]:
+        raise KvcError(f"{path}: regenerated code differs from the compiled code (hash "
+                       f"{lowered.code_hash[:12]} != {manifest['code_hash'][:12]}); this kvc or "
+                       "torch version lowers it differently: recompile")
+    return assemble(lowered, plan, spec, cfg.model.dtype, device, manifest)

@@ -80,35 +80,22 @@ def cmd_plan(args) -> int:
     import json
 
     from kvc.api import resolve
-    from kvc.plan_report import plan_json, plan_text
+    from kvc.reports.plan import plan_json, plan_text
 
     r = resolve(args.config, args.overrides)
     c = r.config
-    kw = dict(batch_size=c.workload.batch_size, prompt_len=c.workload.prompt_len,
-              gen_len=c.workload.gen_len, dtype=c.model.dtype, mode=c.schedule.mode,
-              chunk_tokens=c.schedule.chunk_tokens, act_chunks=c.schedule.act_chunks,
-              recompute_fraction=c.schedule.recompute_fraction, context=args.context,
-              weight_stream_fraction=c.schedule.weight_stream_fraction,
-              micro_batches=c.workload.num_gpu_batches, cuda_graphs=c.schedule.cuda_graphs)
     if args.search is not None:
-        from kvc.plan_report import search_text
+        from kvc.reports.plan import search_text
 
-        s = c.schedule
-        print(search_text(r.spec, r.hardware, max_batch=args.search, prompt_len=c.workload.prompt_len,
-                          gen_len=c.workload.gen_len, dtype=c.model.dtype, mode=s.mode,
-                          chunk_tokens=s.chunk_tokens, act_chunks=s.act_chunks,
-                          recompute_fraction=s.recompute_fraction,
-                          weight_stream_fraction=s.weight_stream_fraction,
-                          time_limit_s=s.solver_time_limit_s, resident_cache=s.resident_cache,
-                          cuda_graphs=s.cuda_graphs))
+        print(search_text(r.spec, r.hardware, r.request, max_batch=args.search))
         return 0
     if args.json:
-        print(json.dumps(plan_json(r.spec, r.hardware, **kw), indent=1))
+        print(json.dumps(plan_json(r.spec, r.hardware, r.request, args.context), indent=1))
     else:
-        print(plan_text(r.spec, r.hardware, **kw))
+        print(plan_text(r.spec, r.hardware, r.request, args.context))
     if args.timeline:
         from kvc.api import make_plan
-        from kvc.timeline import draw, predicted_intervals
+        from kvc.reports.timeline import draw, predicted_intervals
 
         s = args.context or c.workload.prompt_len
         plan = make_plan(r)
@@ -123,7 +110,8 @@ def cmd_plan(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    from kvc.profiler import profile, write_profile_yaml
+    from kvc.profiler.measure import profile
+    from kvc.profiler.resolve import write_profile_yaml
 
     import torch
 
@@ -310,7 +298,7 @@ def _trace_step(model, ids, folder: Path) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from kvc.hardware import HardwareConfig
-    from kvc.timeline import predicted_intervals, write_chrome_trace
+    from kvc.reports.timeline import predicted_intervals, write_chrome_trace
 
     if folder.exists() and not folder.is_dir():
         raise KvcError(f"--trace {folder}: exists and is not a folder")
@@ -338,7 +326,7 @@ def _trace_step(model, ids, folder: Path) -> None:
 
 
 def cmd_inspect(args) -> int:
-    from kvc.inspection import inspect_text
+    from kvc.reports.inspect import inspect_text
 
     print(inspect_text(args.artifact))
     return 0

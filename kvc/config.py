@@ -52,7 +52,7 @@ class ScheduleConfig:
     act_chunks: int = 4
     solver_time_limit_s: float = 10.0
     # on a CUDA device, replay each decode step's static runs (projections, norms, MLP) as
-    # CUDA graphs; the cache ops and attention stay eager (kvc.runtime.cudagraphs)
+    # CUDA graphs; the cache ops and attention stay eager (kvc.passes.cudagraphs)
     cuda_graphs: bool = True
 
 

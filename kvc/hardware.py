@@ -32,7 +32,7 @@ class HardwareConfig:
     host_op_us: float = 15.0  # an aten op
     host_view_us: float = 4.0  # a view (no kernel)
     host_kvc_us: float = 15.0  # a kvc custom op (copies, events, cache verbs)
-    # a CUDA graph segment of the step (kvc.runtime.cudagraphs): its input copy and replay
+    # a CUDA graph segment of the step (kvc.passes.cudagraphs): its input copy and replay
     host_graph_us: float = 30.0
     measured: dict = field(default_factory=dict)  # machine, date, torch/cuda versions of a profile
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch.fx
 
-from kvc.runtime.ops import OFFLOAD
+from kvc.ir.ops import OFFLOAD
 
 from .nodes import PlanPass, call, graph_parts, may_recompute
 

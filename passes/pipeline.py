@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.fx
 from torch.fx.passes.infra.pass_manager import PassManager
 
-from kvc.plan import Plan
+from kvc.ir.plan import Plan
 
 from .annotate import Annotate
 from .flatten import Flatten

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch.fx
 
-from kvc.runtime.ops import PREFETCH
+from kvc.ir.ops import PREFETCH
 
 from .nodes import (
     PlanPass,

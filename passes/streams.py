@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import torch.fx
 
-from kvc.plan import Plan
-from kvc.runtime.ops import COMPUTE, OFFLOAD, PREFETCH
+from kvc.ir.plan import Plan
+from kvc.ir.ops import COMPUTE, OFFLOAD, PREFETCH
 
 from .nodes import (
     PlanPass,
+    readers,
     call,
     is_op,
     kvc_meta,
@@ -144,9 +145,9 @@ class Streams(PlanPass):
                 first = min(prefetches, key=order.__getitem__)
                 wait_before(first, PREFETCH, ev(i, OFFLOADED), i)
                 wait_before(first, PREFETCH, ev(previous_slot_user(plan, i), SLOT_FREE), i)
-            readers = [r for n in ops.get("staged_kv", []) for r in _readers(n)]
-            if readers:  # attention: the last kernel that reads the slot's K,V
-                record_after(max(readers, key=order.__getitem__), COMPUTE, ev(i, SLOT_FREE), i)
+            attention = [r for n in ops.get("staged_kv", []) for r in readers(n)]
+            if attention:  # the last kernel that reads the slot's K,V
+                record_after(max(attention, key=order.__getitem__), COMPUTE, ev(i, SLOT_FREE), i)
             changed = True
         changed |= self._weights(gm, rt, order, record_after, wait_before)
         gm.meta["kvc"]["num_events"] = num_events(plan)
@@ -161,11 +162,11 @@ class Streams(PlanPass):
         nodes = {n.name: n for n in g.nodes}
         for i, copy in sorted(copies.items()):
             ready, free = (weight_event_id(plan, i, k) for k in (WEIGHTS_READY, WEIGHT_SLOT_FREE))
-            readers = weight_readers(gm, i)  # every unit of the layer (its module calls)
-            readers += [nodes[layers[u]["first"]] for u in plan.layer_units(i) if u in layers]
+            users = weight_readers(gm, i)  # every unit of the layer (its module calls)
+            users += [nodes[layers[u]["first"]] for u in plan.layer_units(i) if u in layers]
             record_after(copy, PREFETCH, ready, i)
-            wait_before(min(readers, key=order.__getitem__), COMPUTE, ready, i)
-            record_after(max(readers, key=order.__getitem__), COMPUTE, free, i)
+            wait_before(min(users, key=order.__getitem__), COMPUTE, ready, i)
+            record_after(max(users, key=order.__getitem__), COMPUTE, free, i)
             prev = previous_weight_slot_user(plan, i)
             wait_before(copy, PREFETCH, weight_event_id(plan, prev, WEIGHT_SLOT_FREE), i)
         return bool(copies)
@@ -182,29 +183,7 @@ def weight_readers(gm: torch.fx.GraphModule, layer: int) -> list[torch.fx.Node]:
         if n.op == "call_module":
             out.append(n)
         elif n.op == "get_attr":
-            out.extend(_readers(n))
-    return out
-
-
-# ops that only make a view: the data is read by whatever consumes the view
-_VIEW_OPS = {"getitem", "transpose", "permute", "view", "unflatten", "unsqueeze", "squeeze",
-             "expand", "narrow", "select", "as_strided"}
-
-
-def _is_view(n: torch.fx.Node) -> bool:
-    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
-    return n.op in ("call_method", "call_function") and name in _VIEW_OPS
-
-
-def _readers(node: torch.fx.Node) -> list[torch.fx.Node]:
-    """The nodes that read `node`'s data: its users, looking through views."""
-    out, todo = [], list(node.users)
-    while todo:
-        u = todo.pop()
-        if _is_view(u):
-            todo.extend(u.users)
-        else:
-            out.append(u)
+            out.extend(readers(n))
     return out
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch.fx
 
-from kvc.runtime.ops import PREFETCH
+from kvc.ir.ops import PREFETCH
 
 from .nodes import PlanPass, call, first_compute_node, is_op, op_arg, placeholder
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections import defaultdict
 
 from kvc.passes.nodes import op_arg, op_name
-from kvc.plan import Plan
-from kvc.runtime.ops import COMPUTE, OFFLOAD, PREFETCH
+from kvc.ir.plan import Plan
+from kvc.ir.ops import COMPUTE, OFFLOAD, PREFETCH
 
 COPY_OPS = ("offload_act", "offload_kv", "prefetch_act", "prefetch_kv", "prefetch_weights")
 VIEW_OPS = {"getitem", "transpose", "permute", "view", "unflatten", "unsqueeze", "squeeze",

@@ -10,7 +10,7 @@ import torch
 import kvc
 from kvc.errors import KvcError
 from kvc.models import build_model, preset
-from kvc.models.reference import ReferenceDecoder
+from kvc.runtime.reference import ReferenceDecoder
 from kvc_fixtures import INTERRUPT_WHILE_WRITING
 
 TINY = {"model": {"preset": "tiny-llama", "dtype": "float32"}, "hardware": "cpu",

@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvc.lowering import lower
+from kvc.compiler.lowering import lower
 from kvc.models import build_model, preset
-from kvc.models.reference import ReferenceDecoder
-from kvc.plan import forced_plan
-from kvc.runtime.executor import CompiledModel
+from kvc.runtime.reference import ReferenceDecoder
+from kvc.ir.plan import forced_plan
+from kvc.api import assemble
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,7 +28,7 @@ def test_compiled_generate_attends_without_cudnn():
     spec = preset("tiny-opt")
     model = build_model(spec, "cpu", torch.float32, seed=0)
     plan = forced_plan("pipelined", spec.num_layers, 8, 4, 64, 0.5)
-    cm = CompiledModel(lower(model, plan), plan, spec, torch.float32, torch.device("cpu"))
+    cm = assemble(lower(model, plan), plan, spec, torch.float32, torch.device("cpu"))
     ids = torch.randint(0, spec.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
     seen = []
     before = flags()

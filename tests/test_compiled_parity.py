@@ -18,11 +18,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvc.lowering import lower
+from kvc.compiler.lowering import lower
 from kvc.models import build_model, preset
-from kvc.models.reference import ReferenceDecoder
-from kvc.plan import MODES, Plan, forced_plan
-from kvc.runtime.executor import CompiledModel
+from kvc.runtime.reference import ReferenceDecoder
+from kvc.ir.modes import NAMES as MODES
+from kvc.ir.plan import Plan, forced_plan
+from kvc.api import assemble
 from kvc_fixtures import perturb_small_params
 
 ATOL = 1e-5
@@ -74,7 +75,7 @@ def reference(name: str, batch: int, prompt: int, gen: int, seed: int = 0):
 def run(name: str, plan: Plan, batch: int, prompt: int, gen: int, seed: int = 0):
     spec, m = model(name)
     low = lowered(name, plan.mode, plan.forced_fraction > 0, plan.act_chunks)
-    cm = CompiledModel(low, plan, spec, torch.float32, torch.device("cpu"))
+    cm = assemble(low, plan, spec, torch.float32, torch.device("cpu"))
     ids, ref_tokens, ref_logits = reference(name, batch, prompt, gen, seed)
     try:
         tokens, logits = cm.generate(ids, gen, return_logits=True)
@@ -113,7 +114,7 @@ def test_parity_mixed_residency():
     for resident in ((True, False), (False, True)):
         plan = replace(forced_plan("pipelined", 2, 7, GEN, 64, 0.5, act_chunks=2), resident=resident)
         low = lower(model("tiny-llama")[1], plan)
-        cm = CompiledModel(low, plan, spec, torch.float32, torch.device("cpu"))
+        cm = assemble(low, plan, spec, torch.float32, torch.device("cpu"))
         ids, ref_tokens, ref_logits = reference("tiny-llama", 3, 7, GEN)
         tokens, logits = cm.generate(ids, GEN, return_logits=True)
         assert torch.equal(tokens, ref_tokens)
@@ -124,7 +125,7 @@ def test_runtime_reuse_across_calls():
     """A CompiledModel keeps its pools between calls of one batch size and rebuilds for another."""
     spec, _ = model("tiny-llama")
     plan = forced_plan("pipelined", spec.num_layers, 7, GEN, 64, 0.5, act_chunks=2)
-    cm = CompiledModel(lowered("tiny-llama", "pipelined", True, 2), plan, spec, torch.float32, "cpu")
+    cm = assemble(lowered("tiny-llama", "pipelined", True, 2), plan, spec, torch.float32, "cpu")
     for batch in (3, 3, 1, 3):
         ids, ref_tokens, _ = reference("tiny-llama", batch, 7, GEN)
         assert torch.equal(cm.generate(ids, GEN), ref_tokens)

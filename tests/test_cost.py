@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from kvc.passes.nodes import host_kinds
-from kvc import cost
+from kvc.ir.graph import HOST_KINDS, host_kinds
+from kvc.planner import cost
 from kvc.errors import KvcError
 from kvc.hardware import HardwareConfig
 from kvc.models.spec import PRESETS
@@ -66,12 +66,12 @@ def test_host_time_weighs_each_familys_ops():
 
 
 def test_host_nodes_match_the_lowered_graphs():
-    """HOST_NODES counts the decode graph's nodes: compare with what kvc.lowering makes."""
+    """HOST_NODES counts the decode graph's nodes: compare with what kvc.compiler.lowering makes."""
     import dataclasses
 
-    from kvc.lowering import lower
+    from kvc.compiler.lowering import lower
     from kvc.models import build_model
-    from kvc.plan import forced_plan
+    from kvc.ir.plan import forced_plan
 
     for name in ("tiny-opt", "tiny-llama", "tiny-llama-gqa"):
         spec = dataclasses.replace(PRESETS[name], num_layers=3)
@@ -83,7 +83,7 @@ def test_host_nodes_match_the_lowered_graphs():
             rec = [frac > 0 and mode != "gpu_resident"] * 3
             assert cost.host_nodes(spec, plan.resident, rec, plan.act_chunks) == nodes, (name, mode)
             by_kind = host_kinds(gm)
-            assert list(cost.host_node_kinds(spec, plan.resident, rec, plan.act_chunks)) == [by_kind[k] for k in cost.HOST_KINDS], (name, mode)
+            assert list(cost.host_node_kinds(spec, plan.resident, rec, plan.act_chunks)) == [by_kind[k] for k in HOST_KINDS], (name, mode)
 
 
 def _sim(c, s, l, resident, look, chunks):

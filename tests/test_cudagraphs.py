@@ -1,4 +1,4 @@
-"""Piecewise CUDA graphs (kvc.runtime.cudagraphs) on the CPU: the partition of every decode
+"""Piecewise CUDA graphs (kvc.passes.cudagraphs) on the CPU: the partition of every decode
 graph computes exactly what the unpartitioned graph does (its segments run eagerly here; the
 GPU tests capture and replay them), its cut points are where the docstring says, and the cost
 model counts what the host issues for it. Plan and config carry the switch."""
@@ -10,19 +10,22 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from kvc.passes.nodes import host_kinds, op_name
+from kvc.ir.graph import HOST_KINDS, host_kinds
+from kvc.passes.nodes import op_name
 from kvc_fixtures import hw, perturb_small_params
 
-from kvc import cost
+from kvc.planner import cost
 from kvc.config import load_config
-from kvc.lowering import lower
+from kvc.compiler.lowering import lower
 from kvc.models import build_model, preset
-from kvc.models.reference import ReferenceDecoder
+from kvc.runtime.reference import ReferenceDecoder
 from kvc.models.spec import PRESETS
-from kvc.plan import MODES, Plan, forced_plan, weights_for_fraction
-from kvc.runtime.cudagraphs import Segment, classify, is_fence, partition
-from kvc.runtime.executor import CompiledModel
-from kvc.scheduler import make_plan, predict
+from kvc.ir.modes import NAMES as MODES
+from kvc.ir.plan import Plan, forced_plan, weights_for_fraction
+from kvc.ir.request import PlanRequest
+from kvc.passes.cudagraphs import classify, is_fence, partition
+from kvc.api import assemble
+from kvc.planner.scheduler import make_plan, predict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,7 +51,7 @@ def _plan(mode, layers, micro_batches=1, streamed=0.0, chunks=2, prompt=7, gen=6
 
 def _generate(name, plan, graphs: bool, batch=2, prompt=7, gen=6):
     spec, m = _model(name)
-    cm = CompiledModel(lower(m, plan), plan, spec, torch.float32, torch.device("cpu"), cuda_graphs=graphs)
+    cm = assemble(lower(m, plan), plan, spec, torch.float32, torch.device("cpu"), cuda_graphs=graphs)
     ids = torch.randint(0, spec.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(5))
     try:
         return ids, cm.generate(ids, gen, return_logits=True), cm
@@ -61,7 +64,7 @@ def _generate(name, plan, graphs: bool, batch=2, prompt=7, gen=6):
 def test_partitioned_step_computes_exactly_what_the_graph_does(name, mode):
     plan = _plan(mode, VARIANTS[name].num_layers)
     ids, (tokens, logits), cm = _generate(name, plan, graphs=True)
-    assert "kvc_graphs" in cm.decode_step.meta  # the partition ran
+    assert cm.graphs is not None and cm.graphs.segments  # the partition ran
     _, (ref_tokens, ref_logits), _ = _generate(name, plan, graphs=False)
     assert torch.equal(tokens, ref_tokens)
     assert torch.equal(logits, ref_logits)  # same ops in an order the data allows: bit-equal
@@ -121,8 +124,8 @@ def test_values_that_leave_the_step_or_the_stream_are_cloned():
     the compute stream has moved on: those segment outputs are cloned after a replay."""
     spec = VARIANTS["tiny-llama"]
     for mode, per_layer in (("gpu_resident", 0), ("full_offload", 2), ("pipelined", 3)):
-        part = partition(_lowered("tiny-llama", _plan(mode, spec.num_layers)), capture=False)
-        segments = [m for m in part.modules() if isinstance(m, Segment)]
+        part = partition(_lowered("tiny-llama", _plan(mode, spec.num_layers)))
+        segments = [m for name, m in part.named_children() if name.startswith("graph_")]
         assert sum(len(s.escapes) for s in segments) == 1 + per_layer * spec.num_layers, mode
 
 
@@ -137,10 +140,10 @@ def test_graphed_host_nodes_match_the_partition():
             plan = _plan(mode, 3, micro_batches=m, streamed=w, chunks=chunks, prompt=8, gen=8)
             gm = lower(build_model(spec, "meta", "float16"), plan).decode
             rec = [mode in ("kvpr", "pipelined")] * (3 * m)
-            got = host_kinds(partition(gm, capture=False))
+            got = host_kinds(partition(gm))
             want = cost.host_node_kinds(spec, plan.resident, rec, plan.act_chunks, plan.weights_streamed,
                                         m, graphed=True)
-            assert list(want) == [got[k] for k in cost.HOST_KINDS], (name, mode, m, w)
+            assert list(want) == [got[k] for k in HOST_KINDS], (name, mode, m, w)
 
 
 def test_plan_and_config_carry_the_switch():
@@ -157,8 +160,8 @@ def test_plan_and_config_carry_the_switch():
 def test_cpu_runs_the_graph_as_traced_unless_asked():
     plan = replace(_plan("gpu_resident", 2), cuda_graphs=True)
     spec, m = _model("tiny-llama")
-    cm = CompiledModel(lower(m, plan), plan, spec, torch.float32, torch.device("cpu"))
-    assert "kvc_graphs" not in cm.decode_step.meta  # no CUDA: nothing to capture
+    cm = assemble(lower(m, plan), plan, spec, torch.float32, torch.device("cpu"))
+    assert cm.graphs is None  # no CUDA: nothing to capture
 
 
 def test_the_host_lane_counts_graph_calls_on_a_gpu():
@@ -167,14 +170,14 @@ def test_the_host_lane_counts_graph_calls_on_a_gpu():
     spec = PRESETS["opt-6.7b"]
     h200 = hw("h200-pcie5")
     kw = {"batch_size": 8, "prompt_len": 512, "gen_len": 32, "dtype": "float16", "mode": "gpu_resident"}
-    eager = predict(spec, h200, make_plan(spec, h200, **kw), 512, 8, "float16")
-    graphed = predict(spec, h200, make_plan(spec, h200, cuda_graphs=True, **kw), 512, 8, "float16")
+    eager = predict(spec, h200, make_plan(spec, h200, PlanRequest(**kw)), 512, 8, "float16")
+    graphed = predict(spec, h200, make_plan(spec, h200, PlanRequest(cuda_graphs=True, **kw)), 512, 8, "float16")
     assert graphed["host_ms"] < eager["host_ms"] / 2
     assert graphed["predicted_step_ms"] <= eager["predicted_step_ms"]
     kinds = cost.host_node_kinds(spec, [True] * spec.num_layers, [False] * spec.num_layers, 1, graphed=True)
     assert graphed["host_ms"] == pytest.approx(cost.host_ms(h200, kinds, spec))
     cpu = hw("cpu", gpu_mem_gb=64.0)
-    a = predict(spec, cpu, make_plan(spec, cpu, **kw), 512, 8, "float16")["host_ms"]
-    b = predict(spec, cpu, make_plan(spec, cpu, cuda_graphs=True, **kw), 512, 8, "float16")["host_ms"]
+    a = predict(spec, cpu, make_plan(spec, cpu, PlanRequest(**kw)), 512, 8, "float16")["host_ms"]
+    b = predict(spec, cpu, make_plan(spec, cpu, PlanRequest(cuda_graphs=True, **kw)), 512, 8, "float16")["host_ms"]
     assert a == b
     assert np.all(np.asarray(kinds) >= 0)

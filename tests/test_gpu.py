@@ -8,12 +8,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from kvc.lowering import lower
+from kvc.compiler.lowering import lower
 from kvc.models import build_model, preset
-from kvc.models.reference import ReferenceDecoder
-from kvc.plan import forced_plan, weights_for_fraction
+from kvc.runtime.reference import ReferenceDecoder
+from kvc.ir.plan import forced_plan, weights_for_fraction
 from kvc.runtime import pinned
-from kvc.runtime.executor import CompiledModel
+from kvc.api import assemble
 
 pytestmark = pytest.mark.gpu
 
@@ -29,7 +29,7 @@ def _compiled(name, mode, fraction, prompt=64, gen=16, micro_batches=1, streamed
     else:
         ref = model
     plan = replace(plan, cuda_graphs=graphs)
-    return spec, ref, CompiledModel(lower(model, plan), plan, spec, torch.float16, torch.device("cuda"))
+    return spec, ref, assemble(lower(model, plan), plan, spec, torch.float16, torch.device("cuda"))
 
 
 # (mode, micro-batches, fraction of weights streamed): issue 6's block schedule included
@@ -121,7 +121,7 @@ def test_compiled_pools_are_pinned_and_freed_on_close():
                    weights_streamed=weights_for_fraction(spec.num_layers, 0.5))
     ids = torch.randint(0, spec.vocab_size, (4, 64), device="cuda")
     ref = ReferenceDecoder(build_model(spec, "cuda", torch.float16, seed=0), spec).generate(ids, 8)
-    cm = CompiledModel(lower(model, plan), plan, spec, torch.float16, torch.device("cuda"))
+    cm = assemble(lower(model, plan), plan, spec, torch.float16, torch.device("cuda"))
     assert torch.equal(cm.generate(ids, 8), ref)
     c = cm._cache
     assert c.act_pool.is_pinned() and c.k_pool.is_pinned() and c.v_pool.is_pinned()
@@ -143,7 +143,7 @@ def test_cuda_graphs_capture_once_and_replay_the_eager_numbers(name, mode, micro
     fraction = 0.0 if mode == "gpu_resident" else 0.5
     spec, _, cm = _compiled(name, mode, fraction, micro_batches=micro_batches, streamed=streamed, graphs=True)
     ids = torch.randint(0, spec.vocab_size, (4, 64), device="cuda")
-    graphs = cm.decode_step.meta["kvc_graphs"]
+    graphs = cm.graphs
     t, logits = cm.generate(ids, 12, return_logits=True)
     assert graphs.captured == len(graphs.segments) > 0
     t2, logits2 = cm.generate(ids, 12, return_logits=True)
@@ -153,7 +153,7 @@ def test_cuda_graphs_capture_once_and_replay_the_eager_numbers(name, mode, micro
     cm.close()
     assert graphs.captured == 0
     # built last: a second weight streamer on the same model takes its parameters over
-    eager = CompiledModel(cm.lowered, cm.plan, spec, torch.float16, torch.device("cuda"), cuda_graphs=False)
+    eager = assemble(cm.lowered, cm.plan, spec, torch.float16, torch.device("cuda"), cuda_graphs=False)
     ref_t, ref_l = eager.generate(ids, 12, return_logits=True)
     assert torch.equal(t, ref_t) and torch.equal(t2, ref_t)
     assert (logits - ref_l).abs().max().item() <= 2e-2

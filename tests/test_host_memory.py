@@ -15,17 +15,18 @@ import pytest
 import torch
 from kvc_fixtures import hw, perturb_small_params
 
-from kvc import cost
+from kvc.planner import cost
 from kvc.errors import KvcError
-from kvc.lowering import lower
+from kvc.compiler.lowering import lower
 from kvc.models import build_model, preset
-from kvc.models.reference import ReferenceDecoder
+from kvc.runtime.reference import ReferenceDecoder
 from kvc.models.spec import PRESETS
-from kvc.plan import Plan, forced_plan
+from kvc.ir.plan import Plan, forced_plan
+from kvc.ir.request import PlanRequest
 from kvc.runtime import pinned
-from kvc.runtime.executor import CompiledModel
+from kvc.api import assemble
 from kvc.runtime.offloaded import OffloadedCache
-from kvc.scheduler import make_plan
+from kvc.planner.scheduler import make_plan
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "hardware"
 ATOL = 1e-5
@@ -48,8 +49,8 @@ def lp_plan(spec) -> Plan:
     """A plan the LP solves: over a very slow link the offloaded layers recompute everything."""
     h = hw("cpu", h2d_gbps=0.001, host_module_us=0.0, host_op_us=0.0, host_view_us=0.0,
            host_kvc_us=0.0)
-    plan = make_plan(spec, h, batch_size=2, prompt_len=16, gen_len=8, dtype="float32",
-                     mode="pipelined", chunk_tokens=4)
+    plan = make_plan(spec, h, PlanRequest(batch_size=2, prompt_len=16, gen_len=8, dtype="float32",
+                     mode="pipelined", chunk_tokens=4))
     assert plan.forced_fraction is None and plan.offloaded
     return plan
 
@@ -126,9 +127,9 @@ def test_scheduler_refuses_exactly_what_the_runtime_allocates(fraction):
     need = cache(plan).host_bytes / 1e9
     kw = {"batch_size": 2, "prompt_len": 16, "gen_len": 8, "dtype": "float32", "mode": "pipelined",
           "recompute_fraction": fraction}
-    make_plan(preset("tiny-opt"), hw("cpu", cpu_mem_gb=need * (1 + 1e-9)), **kw)
+    make_plan(preset("tiny-opt"), hw("cpu", cpu_mem_gb=need * (1 + 1e-9)), PlanRequest(**kw))
     with pytest.raises(KvcError, match="pinned CPU pools need"):
-        make_plan(preset("tiny-opt"), hw("cpu", cpu_mem_gb=need * (1 - 1e-9)), **kw)
+        make_plan(preset("tiny-opt"), hw("cpu", cpu_mem_gb=need * (1 - 1e-9)), PlanRequest(**kw))
 
 
 def test_scheduler_counts_the_trimmed_kv_rows():
@@ -137,15 +138,15 @@ def test_scheduler_counts_the_trimmed_kv_rows():
     spec, P, G, b = PRESETS["opt-6.7b"], 1024, 8, 32
     kw = {"batch_size": b, "prompt_len": P, "gen_len": G, "dtype": "float16", "mode": "pipelined"}
     h = hw("h100-pcie5", gpu_mem_gb=80.0, cpu_mem_gb=12.0)
-    plan = make_plan(spec, h, recompute_fraction=1.0, **kw)
+    plan = make_plan(spec, h, PlanRequest(recompute_fraction=1.0, **kw))
     assert plan.min_kv_row(P + G) == P
     full = cost.host_pool_bytes(spec, b, P + G, 2, 32, P + G) / 1e9
     assert full > 25  # what the check counted before: refused at 12 GB
     with pytest.raises(KvcError, match=r"need 8\.\d GB, more than hardware.cpu_mem_gb = 8"):
-        make_plan(spec, dataclasses.replace(h, cpu_mem_gb=8.0), recompute_fraction=1.0, **kw)
+        make_plan(spec, dataclasses.replace(h, cpu_mem_gb=8.0), PlanRequest(recompute_fraction=1.0, **kw))
     # a solved plan that keeps most layers' K,V on the CPU is still counted in full
     with pytest.raises(KvcError, match="pinned CPU pools"):
-        make_plan(spec, dataclasses.replace(h, gpu_mem_gb=24.0), recompute_fraction=0.0, **kw)
+        make_plan(spec, dataclasses.replace(h, gpu_mem_gb=24.0), PlanRequest(recompute_fraction=0.0, **kw))
 
 
 # --- the runtime reads the shifted rows -------------------------------------------------------
@@ -164,7 +165,7 @@ def _generate(models, name, plan, batch, prompt, gen, cm=None):
     spec, m = models[name]
     ids = torch.randint(0, spec.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(prompt))
     ref_tokens, ref_logits = ReferenceDecoder(m, spec).generate(ids, gen, return_logits=True)
-    cm = cm or CompiledModel(lower(m, plan), plan, spec, torch.float32, torch.device("cpu"))
+    cm = cm or assemble(lower(m, plan), plan, spec, torch.float32, torch.device("cpu"))
     tokens, logits = cm.generate(ids, gen, return_logits=True)
     assert torch.equal(tokens, ref_tokens), (name, plan.forced_fraction, prompt)
     assert (logits - ref_logits).abs().max().item() <= ATOL

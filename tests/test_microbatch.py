@@ -1,5 +1,5 @@
 """The block schedule (issue 6): `workload.num_gpu_batches` micro-batches per step, each layer
-run once per micro-batch before the next (units, kvc.plan "Units"), through the microbatch
+run once per micro-batch before the next (units, kvc.ir.plan "Units"), through the microbatch
 pass and the same passes, events and runtime.
 
 CPU only: parity with the reference decoder, block order in the graph, one weight copy per
@@ -13,23 +13,26 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from kvc.passes.nodes import host_kinds, is_op, layer_of, op_arg
+from kvc.ir.graph import HOST_KINDS, host_kinds
+from kvc.passes.nodes import is_op, layer_of, op_arg
 from kvc.passes.pipeline import run_pipeline
 from stream_simulator import simulate
 from kvc_fixtures import hw
 from test_weights import model
 
 import kvc
-from kvc import cost
+from kvc.planner import cost
 from kvc.errors import KvcError
-from kvc.lowering import lower
+from kvc.compiler.lowering import lower
 from kvc.models import build_model, preset
-from kvc.models.reference import ReferenceDecoder
+from kvc.runtime.reference import ReferenceDecoder
 from kvc.models.spec import PRESETS
-from kvc.plan import MODES, Plan, forced_plan, weights_for_fraction
-from kvc.runtime.executor import CompiledModel
-from kvc.scheduler import make_plan
-from kvc.trace import trace_step
+from kvc.ir.modes import NAMES as MODES
+from kvc.ir.plan import Plan, forced_plan, weights_for_fraction
+from kvc.ir.request import PlanRequest
+from kvc.api import assemble
+from kvc.planner.scheduler import make_plan
+from kvc.compiler.trace import trace_step
 
 ATOL = 1e-5
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -49,7 +52,7 @@ def test_parity_with_micro_batches(name, mode, m, streamed):
     ref_tokens, ref_logits = ReferenceDecoder(ref_model, spec).generate(ids, 6, return_logits=True)
     _, mdl = model(name)
     plan = mb_plan(mode, spec.num_layers, m, streamed=streamed)
-    cm = CompiledModel(lower(mdl, plan), plan, spec, torch.float32, torch.device("cpu"))
+    cm = assemble(lower(mdl, plan), plan, spec, torch.float32, torch.device("cpu"))
     try:
         tokens, logits = cm.generate(ids, 6, return_logits=True)
         assert cm._cache.batch == 6 // m and len(cm._cache.pool_index) == (
@@ -69,7 +72,7 @@ def test_parity_with_resident_layers_and_micro_batches(name):
     _, mdl = model(name)
     plan = mb_plan("pipelined", spec.num_layers, 2, streamed=1.0)
     plan = replace(plan, resident=(True, True) + (False, False) * (spec.num_layers - 1))
-    cm = CompiledModel(lower(mdl, plan), plan, spec, torch.float32, torch.device("cpu"))
+    cm = assemble(lower(mdl, plan), plan, spec, torch.float32, torch.device("cpu"))
     try:
         tokens, logits = cm.generate(ids, 6, return_logits=True)
     finally:
@@ -177,17 +180,17 @@ def test_host_nodes_count_micro_batches(name, m):
         got = cost.host_nodes(spec, plan.resident, rec, plan.act_chunks, plan.weights_streamed, m)
         assert got == nodes, (name, mode)
         by_kind = host_kinds(gm)
-        assert list(cost.host_node_kinds(spec, plan.resident, rec, plan.act_chunks, plan.weights_streamed, m)) == [by_kind[k] for k in cost.HOST_KINDS], (name, mode)
+        assert list(cost.host_node_kinds(spec, plan.resident, rec, plan.act_chunks, plan.weights_streamed, m)) == [by_kind[k] for k in HOST_KINDS], (name, mode)
 
 
 # --- planning -----------------------------------------------------------------------------------
 
 def test_scheduler_plans_units():
     spec, h = PRESETS["opt-6.7b"], hw("h100-pcie5", gpu_mem_gb=40.0, cpu_mem_gb=512.0)
-    one = make_plan(spec, h, batch_size=32, prompt_len=256, gen_len=8, dtype="float16",
-                    mode="pipelined")
-    four = make_plan(spec, h, batch_size=32, prompt_len=256, gen_len=8, dtype="float16",
-                     mode="pipelined", micro_batches=4)
+    one = make_plan(spec, h, PlanRequest(batch_size=32, prompt_len=256, gen_len=8, dtype="float16",
+                    mode="pipelined"))
+    four = make_plan(spec, h, PlanRequest(batch_size=32, prompt_len=256, gen_len=8, dtype="float16",
+                     mode="pipelined", micro_batches=4))
     assert four.micro_batches == 4 and four.num_units == 4 * spec.num_layers
     assert len(four.resident) == len(four.recompute[0]) == four.num_units
     for i in range(spec.num_layers):  # a layer's micro-batches share its split
@@ -220,11 +223,11 @@ def test_weight_copy_is_charged_once_per_layer():
 def test_bad_micro_batch_counts_are_one_line_errors():
     spec, h = PRESETS["opt-1.3b"], hw("h100-pcie5")
     with pytest.raises(KvcError, match="does not split into workload.num_gpu_batches = 3"):
-        make_plan(spec, h, batch_size=8, prompt_len=64, gen_len=8, dtype="float16",
-                  mode="pipelined", micro_batches=3)
+        make_plan(spec, h, PlanRequest(batch_size=8, prompt_len=64, gen_len=8, dtype="float16",
+                  mode="pipelined", micro_batches=3))
     with pytest.raises(KvcError, match="num_gpu_batches = 0"):
-        make_plan(spec, h, batch_size=8, prompt_len=64, gen_len=8, dtype="float16",
-                  mode="pipelined", micro_batches=0)
+        make_plan(spec, h, PlanRequest(batch_size=8, prompt_len=64, gen_len=8, dtype="float16",
+                  mode="pipelined", micro_batches=0))
     with pytest.raises(ValueError, match="resident flags"):
         Plan(mode="pipelined", num_layers=2, prompt_len=1, gen_len=1, chunk_tokens=1,
              resident=(False,) * 2, micro_batches=2)
@@ -233,23 +236,23 @@ def test_bad_micro_batch_counts_are_one_line_errors():
 # --- the policy search ----------------------------------------------------------------------------
 
 def test_search_policy_keeps_the_best_candidate_that_fits():
-    from kvc.scheduler import search_policy
+    from kvc.planner.scheduler import search_policy
 
     spec = PRESETS["opt-1.3b"]
     h = hw("h100-pcie5", gpu_mem_gb=6.0, cpu_mem_gb=8.0)
     tried: list = []
-    plan, tps = search_policy(spec, h, prompt_len=256, gen_len=8, dtype="float16", mode="pipelined",
-                              batch_sizes=(8, 16, 64, 256, 1024), micro_batches=(1, 2, 4),
-                              tried=tried, weight_stream_fraction=1.0, resident_cache=False)
+    req = PlanRequest(batch_size=1, prompt_len=256, gen_len=8, dtype="float16", mode="pipelined",
+                      weight_stream_fraction=1.0, resident_cache=False)
+    plan, tps = search_policy(spec, h, req, batch_sizes=(8, 16, 64, 256, 1024),
+                              micro_batches=(1, 2, 4), tried=tried)
     ok = [t for t in tried if "tokens_per_s" in t]
     assert any("refused" in t for t in tried)  # the host budget stops the largest batches
     assert tps == max(t["tokens_per_s"] for t in ok)
     assert (plan.batch_size, plan.micro_batches) in {(t["batch"], t["micro_batches"]) for t in ok}
     assert all(plan.resident[u] is False for u in range(plan.num_units))  # resident_cache=false
     with pytest.raises(KvcError, match="cpu_mem_gb"):
-        search_policy(spec, hw("h100-pcie5", cpu_mem_gb=0.5), prompt_len=256, gen_len=8,
-                      dtype="float16", mode="pipelined", batch_sizes=(512,), micro_batches=(1,),
-                      weight_stream_fraction=1.0)
+        search_policy(spec, hw("h100-pcie5", cpu_mem_gb=0.5), req.but(resident_cache=True),
+                      batch_sizes=(512,), micro_batches=(1,))
 
 
 def test_cli_plan_search(tmp_path):

@@ -21,7 +21,7 @@ import hf_fixtures as hf  # noqa: E402
 from kvc.errors import KvcError  # noqa: E402
 from kvc.models import build_model, checkpoint_files, preset, spec_from_hf_config  # noqa: E402
 from kvc.models.checkpoint import read_config  # noqa: E402
-from kvc.models.reference import ReferenceDecoder  # noqa: E402
+from kvc.runtime.reference import ReferenceDecoder  # noqa: E402
 
 ATOL = 1e-4
 STEPS = 32

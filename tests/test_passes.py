@@ -29,9 +29,9 @@ from kvc.passes.pipeline import ORDER, build_passes, run_pipeline
 from kvc.passes.recompute import Recompute
 from kvc.passes.streams import (ACT_DATA, ACT_READY, KV_DATA, KV_READY, OFFLOADED, SLOT_FREE,
                                 event_id, num_events)
-from kvc.plan import Plan, forced_plan
-from kvc.runtime.ops import COMPUTE, OFFLOAD, PREFETCH
-from kvc.trace import trace_step
+from kvc.ir.plan import Plan, forced_plan
+from kvc.ir.ops import COMPUTE, OFFLOAD, PREFETCH
+from kvc.compiler.trace import trace_step
 from stream_simulator import COPY_OPS, VIEW_OPS, is_view, simulate, sources  # noqa: F401
 
 H, HEADS = 8, 2
@@ -592,7 +592,7 @@ _OP_CALL = re.compile(r"torch\.ops\.kvc\.(\w+)\(([^)]*)\)")
 
 @pytest.mark.parametrize("family", ["tiny-opt", "tiny-llama"])
 def test_generated_code_is_readable(family):
-    from kvc.lowering import lower
+    from kvc.compiler.lowering import lower
     plan = plan_for(chunks=2, layers=2)
     low = lower(tiny(family, layers=2), plan)
     code = low.code

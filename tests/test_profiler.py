@@ -6,7 +6,9 @@ import pytest
 import torch
 import yaml
 
-from kvc import profiler
+from kvc import progress
+from kvc.profiler import measure as profiler
+from kvc.profiler import resolve
 from kvc.errors import KvcError
 from kvc.hardware import HardwareConfig
 
@@ -36,12 +38,12 @@ def test_cpu_profile_is_quick_and_positive(cpu_profile):
 def test_profile_yaml_round_trips_and_is_a_flat_hardware_mapping(cpu_profile, tmp_path):
     hw = cpu_profile[0]
     path = tmp_path / "sub" / "mine.yaml"
-    profiler.write_profile_yaml(hw, path)
+    resolve.write_profile_yaml(hw, path)
     text = path.read_text()
     assert text.startswith("# kvc profile of")
     data = yaml.safe_load(text)
     assert "defaults" not in data and set(data) == {f.name for f in dataclasses.fields(HardwareConfig)}
-    assert profiler.read_profile_yaml(path) == hw
+    assert resolve.read_profile_yaml(path) == hw
 
 
 def test_fit_affine_recovers_latency_and_rate():
@@ -51,13 +53,23 @@ def test_fit_affine_recovers_latency_and_rate():
     assert a >= 0 and b > 0
 
 
-def test_progress_bar_goes_to_stderr(capsys):
-    bar = profiler._Progress(True, 2)
-    bar.step("one")
-    bar.step("two")
-    bar.finish()
-    err = capsys.readouterr().err
-    assert "kvc profile [" in err and "2/2 done" in err
+def test_profile_steps_go_through_the_one_progress_bar(monkeypatch):
+    seen = []
+
+    class Recorder(progress._Quiet):
+        def update(self, n=1):
+            self.n += n
+
+        def set_description(self, desc):
+            seen.append(desc)
+
+    monkeypatch.setattr(progress, "bar", lambda *a, **k: Recorder())
+    stages = profiler._Stages(True)
+    for what in profiler.STEPS:
+        stages.step(what)
+    stages.finish()
+    assert stages.bar.n == len(profiler.STEPS)
+    assert seen == [f"kvc profile ({w})" for w in profiler.STEPS]
 
 
 def test_resolve_hardware_profiles_once_and_keeps_overrides(tmp_path, monkeypatch):
@@ -69,20 +81,20 @@ def test_resolve_hardware_profiles_once_and_keeps_overrides(tmp_path, monkeypatc
         return HardwareConfig(name="profiled", device=device, h2d_gbps=3.0, gemm_tflops=0.5,
                               measured={"machine": "m"})
 
-    monkeypatch.setattr(profiler, "profile", fake)
+    monkeypatch.setattr(resolve, "profile", fake)
     named = HardwareConfig(name="h100-pcie5")
-    assert profiler.resolve_hardware(named) is named
-    got = profiler.resolve_hardware(HardwareConfig(name="auto", gemm_tflops=9.0))
+    assert resolve.resolve_hardware(named) is named
+    got = resolve.resolve_hardware(HardwareConfig(name="auto", gemm_tflops=9.0))
     assert calls and got.h2d_gbps == 3.0 and got.gemm_tflops == 9.0  # the override wins
-    again = profiler.resolve_hardware(HardwareConfig(name="auto"))
+    again = resolve.resolve_hardware(HardwareConfig(name="auto"))
     assert len(calls) == 1 and again.gemm_tflops == 0.5
-    path = profiler.cache_path(calls[0])
+    path = resolve.cache_path(calls[0])
     assert path.is_file() and str(path).startswith(str(tmp_path / "kvc"))
     assert "torch" in path.name
     # a profiler that measures differently does not reuse the old profile
-    monkeypatch.setattr(profiler, "PROFILE_VERSION", profiler.PROFILE_VERSION + 1)
-    profiler.resolve_hardware(HardwareConfig(name="auto"))
-    assert len(calls) == 2 and profiler.cache_path(calls[0]) != path
+    monkeypatch.setattr(resolve, "PROFILE_VERSION", resolve.PROFILE_VERSION + 1)
+    resolve.resolve_hardware(HardwareConfig(name="auto"))
+    assert len(calls) == 2 and resolve.cache_path(calls[0]) != path
 
 
 def test_profile_cuda_without_cuda_is_a_kvc_error():

@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvc.lowering import lower
+from kvc.compiler.lowering import lower
 from kvc.models import build_model, preset
-from kvc.plan import forced_plan
-from kvc.runtime.executor import CompiledModel
+from kvc.ir.plan import forced_plan
+from kvc.api import assemble
 from kvc.runtime.offloaded import OffloadedCache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,7 +38,7 @@ def decode_step_layouts(name: str, monkeypatch) -> tuple[list, list]:
     spec = VARIANTS[name]
     model = build_model(spec, "cpu", torch.float32, seed=0)
     plan = forced_plan("pipelined", spec.num_layers, PROMPT, 2, 64, 1.0, act_chunks=CHUNKS)
-    cm = CompiledModel(lower(model, plan), plan, spec, torch.float32, torch.device("cpu"))
+    cm = assemble(lower(model, plan), plan, spec, torch.float32, torch.device("cpu"))
     decoding, proj_inputs, puts = [False], [], []
 
     def recording_linear(x, w, b=None):

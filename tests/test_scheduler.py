@@ -6,15 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from kvc import cost
+from kvc.planner import cost
 import yaml
 
 from kvc.errors import KvcError
 from kvc.hardware import HardwareConfig
 from kvc.models.spec import PRESETS
-from kvc.plan import MODES, Plan
-from kvc.plan_report import plan_json, plan_text
-from kvc.scheduler import make_plan, predict
+from kvc.ir.modes import NAMES as MODES
+from kvc.ir.plan import Plan
+from kvc.ir.request import PlanRequest
+from kvc.reports.plan import plan_json, plan_text
+from kvc.planner.scheduler import make_plan, predict
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "hardware"
 
@@ -25,8 +27,8 @@ def hw(name, **kw):
 
 
 def plan(spec, h, mode, b=8, P=1024, G=8, **kw):
-    return make_plan(PRESETS[spec] if isinstance(spec, str) else spec, h, batch_size=b,
-                     prompt_len=P, gen_len=G, dtype="float16", mode=mode, **kw)
+    return make_plan(PRESETS[spec] if isinstance(spec, str) else spec, h, PlanRequest(batch_size=b,
+                     prompt_len=P, gen_len=G, dtype="float16", mode=mode, **kw))
 
 
 @pytest.mark.parametrize("b,P", [(8, 1024), (32, 2048), (4, 4000)])
@@ -153,8 +155,9 @@ def test_bad_mode_is_a_kvc_error():
 def test_plan_json_keys_and_modes():
     spec, h = PRESETS["opt-30b"], hw("h100-pcie5")
     kw = dict(batch_size=8, prompt_len=4096, gen_len=16, dtype="float16", mode="pipelined",
-              chunk_tokens=64, act_chunks=4, recompute_fraction=None)
-    d = plan_json(spec, h, **kw, context=4100)
+              chunk_tokens=64, act_chunks=4)
+    req = PlanRequest(**kw)
+    d = plan_json(spec, h, req, context=4100)
     assert len(d["layers"]) == spec.num_layers and d["context"] == 4100
     for r in d["layers"]:
         assert r["recompute_tokens"] + r["kv_tokens"] + r["gpu_tokens"] == 4100
@@ -163,10 +166,10 @@ def test_plan_json_keys_and_modes():
     assert "GB more" in d["modes"]["gpu_resident"]["infeasible"]
     assert d["modes"]["pipelined"]["predicted_step_ms"] == d["predicted_step_ms"]
     json.dumps(d)
-    text = plan_text(spec, h, **kw)
+    text = plan_text(spec, h, req)
     assert "link busy" in text and "full_offload" in text and "infeasible" in text
     with pytest.raises(KvcError, match="--context"):
-        plan_json(spec, h, **kw, context=10)
+        plan_json(spec, h, req, context=10)
 
 
 def test_tiny_presets_plan_on_cpu():
@@ -180,8 +183,8 @@ def test_80_layer_4096_token_solve_time(capsys):
     spec = PRESETS["llama-2-70b"]
     h = hw("h200-pcie5", gpu_mem_gb=160.0)  # weights stream in issue 6; here they must fit
     t = time.perf_counter()
-    pl = make_plan(spec, h, batch_size=16, prompt_len=1, gen_len=4096, dtype="float16",
-                   mode="pipelined")
+    pl = make_plan(spec, h, PlanRequest(batch_size=16, prompt_len=1, gen_len=4096, dtype="float16",
+                   mode="pipelined"))
     dt = time.perf_counter() - t
     with capsys.disabled():
         print(f"\n[solve time] llama-2-70b (80 layers), contexts 1..4097, pipelined: {dt:.3f} s "

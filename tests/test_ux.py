@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import kvc
-from kvc import cost, progress
+from kvc import progress
+from kvc.planner import cost
 from kvc.cli import main
 from kvc.errors import KvcError
 
@@ -53,8 +54,8 @@ def _plan(mode="pipelined", fraction=0.5, hardware="cpu"):
 
 
 def test_predicted_intervals_by_kind_and_step_time():
-    from kvc.scheduler import predict
-    from kvc.timeline import chrome_trace, predicted_intervals
+    from kvc.planner.scheduler import predict
+    from kvc.reports.timeline import chrome_trace, predicted_intervals
 
     r, plan = _plan(hardware="h100-pcie5")
     assert plan.offloaded
@@ -69,7 +70,7 @@ def test_predicted_intervals_by_kind_and_step_time():
 
 
 def test_resident_plan_has_no_copies():
-    from kvc.timeline import predicted_intervals
+    from kvc.reports.timeline import predicted_intervals
 
     r, plan = _plan(mode="gpu_resident")
     items = predicted_intervals(r.spec, r.hardware, plan, 8, 2, "float32")
@@ -78,7 +79,7 @@ def test_resident_plan_has_no_copies():
 
 def test_draw_png(tmp_path):
     pytest.importorskip("matplotlib")
-    from kvc.timeline import draw, predicted_intervals
+    from kvc.reports.timeline import draw, predicted_intervals
 
     r, plan = _plan()
     out = draw(predicted_intervals(r.spec, r.hardware, plan, 8, 2, "float32"), tmp_path / "t.png")
@@ -86,7 +87,7 @@ def test_draw_png(tmp_path):
 
 
 def test_draw_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
-    from kvc.timeline import draw
+    from kvc.reports.timeline import draw
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
     with pytest.raises(KvcError, match=r"pip install 'kvc\[plot\]'"):
@@ -254,14 +255,15 @@ def test_plan_text_names_the_host_lane_and_when_it_binds():
     """`kvc plan` says how long the host takes to issue the step, and says so when that, not
     the link or the GPU, sets the step (small batch on a slow host)."""
     from kvc.models.spec import PRESETS
-    from kvc.plan_report import plan_text
+    from kvc.ir.request import PlanRequest
+    from kvc.reports.plan import plan_text
     from kvc_fixtures import hw
 
     # batch 32 at 1024 with room for little of the cache: the link sets the step
-    kw = dict(batch_size=32, prompt_len=1024, gen_len=8, dtype="float16", mode="pipelined",
-              chunk_tokens=64, act_chunks=1, recompute_fraction=None)
+    kw = PlanRequest(batch_size=32, prompt_len=1024, gen_len=8, dtype="float16", mode="pipelined",
+                     chunk_tokens=64, act_chunks=1)
     spec = PRESETS["opt-6.7b"]
-    fast = plan_text(spec, hw("h200-pcie5", gpu_mem_gb=20.0), **kw)
+    fast = plan_text(spec, hw("h200-pcie5", gpu_mem_gb=20.0), kw)
     assert "host issues it in" in fast and "bound by the host" not in fast
-    slow = plan_text(spec, hw("h200-pcie5", gpu_mem_gb=20.0, host_op_us=2000.0), **kw)
+    slow = plan_text(spec, hw("h200-pcie5", gpu_mem_gb=20.0, host_op_us=2000.0), kw)
     assert "bound by the host" in slow

@@ -12,21 +12,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from kvc.passes.nodes import host_kinds, is_op, op_arg
+from kvc.ir.graph import HOST_KINDS, host_kinds
+from kvc.passes.nodes import is_op, op_arg
 from kvc.passes.pipeline import run_pipeline
 from stream_simulator import simulate, weight_layers
 
 import kvc
-from kvc import cost
+from kvc.planner import cost
 from kvc.errors import KvcError
-from kvc.lowering import lower
+from kvc.compiler.lowering import lower
 from kvc.models import build_model, layer_param_sizes, preset
-from kvc.models.reference import ReferenceDecoder
+from kvc.runtime.reference import ReferenceDecoder
 from kvc.models.spec import PRESETS
-from kvc.plan import MODES, Plan, forced_plan, spread_layers, weights_for_fraction
-from kvc.runtime.executor import CompiledModel
-from kvc.scheduler import make_plan, predict
-from kvc.trace import trace_step
+from kvc.ir.modes import NAMES as MODES
+from kvc.ir.plan import Plan, forced_plan, spread_layers, weights_for_fraction
+from kvc.ir.request import PlanRequest
+from kvc.api import assemble
+from kvc.planner.scheduler import make_plan, predict
+from kvc.compiler.trace import trace_step
 from kvc_fixtures import hw, perturb_small_params
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "hardware"
@@ -61,7 +64,7 @@ def test_parity_with_streamed_weights(name, mode, fraction):
     _, m = model(name)  # built with the same seed: the compiled model re-points its parameters
     plan = streaming_plan(mode, spec.num_layers, fraction)
     assert sum(plan.weights_streamed) == round(fraction * spec.num_layers)
-    cm = CompiledModel(lower(m, plan), plan, spec, torch.float32, torch.device("cpu"))
+    cm = assemble(lower(m, plan), plan, spec, torch.float32, torch.device("cpu"))
     try:
         tokens, logits = cm.generate(ids, 6, return_logits=True)
     finally:
@@ -74,7 +77,7 @@ def test_streamed_parameters_point_into_the_weight_slots():
     spec, m = model("tiny-llama", layers=3)
     plan = streaming_plan("pipelined", 3, 1.0)
     before = [p.detach().clone() for p in m.layers[1].parameters()]
-    cm = CompiledModel(lower(m, plan), plan, spec, torch.float32, "cpu")
+    cm = assemble(lower(m, plan), plan, spec, torch.float32, "cpu")
     slots = cm._weights.slots
     for i in range(3):
         base = slots[plan.weight_slot(i)].data_ptr()
@@ -95,7 +98,7 @@ def test_streamed_parameters_point_into_the_weight_slots():
     sizes = [cm._weights.pools[i].nbytes for i in range(3)]
     assert starts == [0, sizes[0], sizes[0] + sizes[1]] and flat.nbytes == sum(sizes)
     assert cm._weights.nbytes == flat.nbytes
-    cm2 = CompiledModel(lower(m, plan), plan, spec, torch.float32, "cpu")
+    cm2 = assemble(lower(m, plan), plan, spec, torch.float32, "cpu")
     assert torch.equal(cm2._weights.pools[1], pool)
 
 
@@ -183,7 +186,7 @@ def test_host_nodes_count_the_weight_nodes():
             got = cost.host_nodes(spec, plan.resident, rec, plan.act_chunks, plan.weights_streamed)
             assert got == nodes, (name, mode)
             by_kind = host_kinds(gm)
-            assert list(cost.host_node_kinds(spec, plan.resident, rec, plan.act_chunks, plan.weights_streamed)) == [by_kind[k] for k in cost.HOST_KINDS], (name, mode)
+            assert list(cost.host_node_kinds(spec, plan.resident, rec, plan.act_chunks, plan.weights_streamed)) == [by_kind[k] for k in HOST_KINDS], (name, mode)
 
 
 # --- races ----------------------------------------------------------------------------------------
@@ -248,7 +251,7 @@ def test_scheduler_places_weights_with_the_lp():
     sizes = layer_param_sizes(spec)
     allowed = {0.0} | {sum(sizes[:k]) / sum(sizes) for k in range(1, len(sizes) + 1)}
     for mode in ("full_offload", "pipelined", "kvpr"):
-        pl = make_plan(spec, h, batch_size=4, prompt_len=256, gen_len=8, dtype="float16", mode=mode)
+        pl = make_plan(spec, h, PlanRequest(batch_size=4, prompt_len=256, gen_len=8, dtype="float16", mode=mode))
         look = pl.lookahead + 1
         fits = lambda w: cost.memory_terms(spec, h, 4, 264, "float16", look, False, w)["free_gb"] >= 0  # noqa: E731
         greedy = next(n for n in range(spec.num_layers + 1) if fits(n))
@@ -260,22 +263,22 @@ def test_scheduler_places_weights_with_the_lp():
         assert "LP" in pl.notes["weights"]
         assert pl.notes["memory_gb"]["weights_streamed"] == round(n, 4)
     # enough memory: nothing streams, and the plan is what it was
-    roomy = make_plan(spec, hw("h100-pcie5"), batch_size=4, prompt_len=256, gen_len=8,
-                      dtype="float16", mode="pipelined")
+    roomy = make_plan(spec, hw("h100-pcie5"), PlanRequest(batch_size=4, prompt_len=256, gen_len=8,
+                      dtype="float16", mode="pipelined"))
     assert roomy.weights_streamed == () and "weights_streamed" not in roomy.to_json()
 
 
 def test_gpu_resident_never_streams_on_its_own():
     with pytest.raises(KvcError, match="gpu_resident does not fit"):
-        make_plan(PRESETS["opt-6.7b"], hw("h100-pcie5", gpu_mem_gb=12.0), batch_size=1,
-                  prompt_len=16, gen_len=2, dtype="float16", mode="gpu_resident")
+        make_plan(PRESETS["opt-6.7b"], hw("h100-pcie5", gpu_mem_gb=12.0), PlanRequest(batch_size=1,
+                  prompt_len=16, gen_len=2, dtype="float16", mode="gpu_resident"))
 
 
 def test_streamed_weights_count_against_host_memory():
     spec = PRESETS["opt-6.7b"]
     with pytest.raises(KvcError, match="pinned CPU pools"):
-        make_plan(spec, hw("h100-pcie5", cpu_mem_gb=4.0), batch_size=1, prompt_len=16, gen_len=2,
-                  dtype="float16", mode="full_offload", weight_stream_fraction=1.0)
+        make_plan(spec, hw("h100-pcie5", cpu_mem_gb=4.0), PlanRequest(batch_size=1, prompt_len=16, gen_len=2,
+                  dtype="float16", mode="full_offload", weight_stream_fraction=1.0))
 
 
 def test_cost_charges_weight_bytes_on_the_copy_stream():
@@ -285,8 +288,8 @@ def test_cost_charges_weight_bytes_on_the_copy_stream():
     h = hw("h100-pcie5", cpu_mem_gb=512.0)
     kw = {"batch_size": 8, "prompt_len": 4096, "gen_len": 1, "dtype": "float16",
           "mode": "full_offload"}
-    base = make_plan(spec, h, **kw)
-    streamed = make_plan(spec, h, weight_stream_fraction=1.0, **kw)
+    base = make_plan(spec, h, PlanRequest(**kw))
+    streamed = make_plan(spec, h, PlanRequest(weight_stream_fraction=1.0, **kw))
     a, b = (predict(spec, h, p, 4096, 8, "float16") for p in (base, streamed))
     c = cost.layer_costs(spec, h, 8, "float16")
     w_ms = spec.layer_param_count() * 2 / (h.h2d_gbps * 1e9) * 1e3 * c.copy_slowdown
@@ -305,7 +308,7 @@ def test_simulate_and_lp_agree_with_weights(look, chunks, m):
     enters both the same way, with one micro-batch or several (units). Fixed latencies are
     zeroed (the LP charges them to every layer, durations only where the work exists) so the
     two are exactly comparable."""
-    from kvc import scheduler
+    from kvc.planner import scheduler
 
     spec = PRESETS["opt-6.7b"]
     h = hw("h100-pcie5", link_latency_us=0, launch_us=0, attn_fixed_us=0, gemm_half_rows=0)
@@ -363,16 +366,16 @@ def test_plan_json_round_trip_with_and_without_weights():
 
 
 def test_plan_report_shows_streamed_layers():
-    from kvc.plan_report import plan_json, plan_text
+    from kvc.reports.plan import plan_json, plan_text
 
     kw = {"batch_size": 4, "prompt_len": 256, "gen_len": 8, "dtype": "float16",
-          "mode": "full_offload", "chunk_tokens": 64, "act_chunks": 1, "recompute_fraction": None}
+          "mode": "full_offload", "chunk_tokens": 64, "act_chunks": 1}
     h = hw("h100-pcie5", gpu_mem_gb=12.0, cpu_mem_gb=512.0)
-    d = plan_json(PRESETS["opt-6.7b"], h, **kw)
+    d = plan_json(PRESETS["opt-6.7b"], h, PlanRequest(**kw))
     n = len(d["weights_streamed"])
     assert n > 0 and "weight_slots_gb" in d["memory_gb"]
     assert d["h2d_bytes"] >= n * PRESETS["opt-6.7b"].layer_param_count() * 2
-    assert "weights streamed from CPU" in plan_text(PRESETS["opt-6.7b"], h, **kw)
+    assert "weights streamed from CPU" in plan_text(PRESETS["opt-6.7b"], h, PlanRequest(**kw))
 
 
 # --- building in place ------------------------------------------------------------------------
@@ -400,7 +403,7 @@ def test_streamed_weights_are_built_in_their_pool(name):
     layer1 = dict(m.layers[1].named_parameters())
     outside = [k for k, p in layer1.items() if not lo <= p.data_ptr() < hi]
     assert outside and len(outside) < len(layer1)
-    cm = CompiledModel(lower(m, plan), plan, spec, torch.float32, torch.device("cpu"))
+    cm = assemble(lower(m, plan), plan, spec, torch.float32, torch.device("cpu"))
     try:
         assert cm._weights.flat is flat
         ids = torch.randint(0, spec.vocab_size, (4, 8), generator=torch.Generator().manual_seed(0))

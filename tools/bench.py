@@ -25,16 +25,17 @@ from pathlib import Path
 
 import torch
 
-from kvc import cost  # noqa: E402
+from kvc.planner import cost  # noqa: E402
 from kvc.config import load_config  # noqa: E402
 from kvc.api import make_plan, resolve  # noqa: E402
-from kvc.lowering import lower  # noqa: E402
+from kvc.ir.request import PlanRequest  # noqa: E402
+from kvc.compiler.lowering import lower  # noqa: E402
 from kvc.models import build_model, preset  # noqa: E402
-from kvc.models.reference import ReferenceDecoder  # noqa: E402
-from kvc.passes.nodes import host_kinds  # noqa: E402
-from kvc.runtime.executor import CompiledModel  # noqa: E402
+from kvc.runtime.reference import ReferenceDecoder  # noqa: E402
+from kvc.ir.graph import host_kinds  # noqa: E402
+from kvc.api import assemble  # noqa: E402
 from kvc.runtime.weights import place_streamed  # noqa: E402
-from kvc.scheduler import host_memory_gb, predict, search_policy  # noqa: E402
+from kvc.planner.scheduler import host_memory_gb, predict, search_policy  # noqa: E402
 from kvc.errors import KvcError  # noqa: E402
 
 MODES = ("gpu_resident", "full_offload", "kvpr", "pipelined")
@@ -134,7 +135,7 @@ def point_budget_gb(spec, name, hw_name, batch, context) -> float:
 
 def compiled(model, spec, mode, batch, context, hw_name, budget, fraction=None, extra=()):
     plan, r = planned(spec_name(spec), mode, batch, context, hw_name, budget, fraction, extra)
-    return CompiledModel(lower(model, plan), plan, spec, DTYPE, torch.device(DEVICE)), r
+    return assemble(lower(model, plan), plan, spec, DTYPE, torch.device(DEVICE)), r
 
 
 _names: dict = {}
@@ -342,7 +343,7 @@ def throughput_point(name, gpu_gb, hw_name, log=print,
                      modes=("full_offload", "kvpr", "pipelined")) -> list[dict]:
     """FlexGen's setting (issue 6): every layer's weights and KV cache in pinned CPU memory,
     prompt TP_PROMPT, gen GEN_LEN. Each mode runs at the (batch, micro-batches) its policy
-    search (kvc.scheduler.search_policy: the LP inside) predicts fastest within the GPU budget
+    search (kvc.planner.scheduler.search_policy: the LP inside) predicts fastest within the GPU budget
     and HOST_GB of host memory. Timed: generate(n=1) (prefill) and generate(n=GEN_LEN), once
     each after a warm-up; decode throughput = batch * (GEN_LEN - 1) / (their difference), total
     throughput = batch * GEN_LEN / the whole generate."""
@@ -356,10 +357,11 @@ def throughput_point(name, gpu_gb, hw_name, log=print,
     for mode in modes:
         t0 = time.perf_counter()
         try:
-            plan, pred_tps = search_policy(
-                spec, hw, prompt_len=TP_PROMPT, gen_len=GEN_LEN, dtype=DTYPE_NAME, mode=mode,
-                batch_sizes=TP_BATCHES, micro_batches=TP_MICRO, weight_stream_fraction=1.0,
-                resident_cache=False, cuda_graphs=GRAPHS[-1])
+            req = PlanRequest(batch_size=1, prompt_len=TP_PROMPT, gen_len=GEN_LEN, dtype=DTYPE_NAME,
+                              mode=mode, weight_stream_fraction=1.0, resident_cache=False,
+                              cuda_graphs=GRAPHS[-1])
+            plan, pred_tps = search_policy(spec, hw, req, batch_sizes=TP_BATCHES,
+                                           micro_batches=TP_MICRO)
         except KvcError as e:
             log(f"{name} throughput gpu={budget} {mode}: nothing fits ({e})")
             continue
@@ -368,7 +370,7 @@ def throughput_point(name, gpu_gb, hw_name, log=print,
         # streamed parameters are drawn straight into the pinned pool: the GPU holds only the
         # resident weights and the weight slots, never the whole model
         model = build_model(spec, DEVICE, DTYPE, seed=0, place=place_streamed(plan, DEVICE))
-        cm = CompiledModel(lower(model, plan), plan, spec, DTYPE, torch.device(DEVICE))
+        cm = assemble(lower(model, plan), plan, spec, DTYPE, torch.device(DEVICE))
         del model  # the compiled model holds the parameters, now in its pinned weight pool
         free_memory()
         ids = torch.randint(0, spec.vocab_size, (b, TP_PROMPT), device=DEVICE)
@@ -569,7 +571,7 @@ def main(argv=None) -> int:
     log(f"card: {card_name()}  torch {torch.__version__}  hardware preset {hw_name}")
     host = {}
     if not args.preset_host:
-        from kvc.profiler import host_us
+        from kvc.profiler.host import host_us
 
         host = {k: round(v, 2) for k, v in host_us(DEVICE, DTYPE).items()}
         HOST_OVERRIDES[:] = [f"hardware.{k}={v}" for k, v in host.items()]

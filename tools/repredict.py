@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import bench
 
-from kvc.scheduler import predict
+from kvc.planner.scheduler import predict
 
 
 def repredict(row: dict, hw_name: str, host: dict) -> tuple[float, float]:

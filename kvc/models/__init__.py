@@ -16,6 +16,7 @@ from kvc.models.checkpoint import checkpoint_files, load_checkpoint, spec_from_h
 from kvc.models.llama import LlamaForCausalLM
 from kvc.models.opt import OPTForCausalLM
 from kvc.models.spec import PRESETS, ModelSpec, preset
+from kvc.dtypes import torch_dtype
 from kvc.progress import bar
 
 __all__ = ["ModelSpec", "PRESETS", "preset", "spec_from_hf_config", "build_model", "layer_param_sizes",
@@ -32,7 +33,7 @@ def model_class(spec: ModelSpec) -> type[nn.Module]:
 
 def layer_param_sizes(spec: ModelSpec) -> list[int]:
     """The element counts of one decoder layer's parameters, in the order a weight-streamed
-    layer streams them (kvc.plan.streamed_prefix): shapes only, from a meta-device layer."""
+    layer streams them (kvc.ir.plan.streamed_prefix): shapes only, from a meta-device layer."""
     with torch.device("meta"):
         layer = model_class(spec)(_one_layer(spec)).layers[0]
     return sorted((p.numel() for p in layer.parameters()), reverse=True)
@@ -42,15 +43,6 @@ def _one_layer(spec: ModelSpec) -> ModelSpec:
     from dataclasses import replace
 
     return replace(spec, num_layers=1)
-
-
-def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    value = getattr(torch, str(dtype), None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}; expected e.g. 'float16', 'bfloat16', 'float32'")
-    return value
 
 
 @torch.no_grad()
@@ -103,7 +95,7 @@ def build_model(spec: ModelSpec, device: torch.device | str = "cpu",
     instead of on `device` (kvc.runtime.weights.place_streamed: weight-streamed layers straight
     into their pinned host pool, so a model larger than the GPU can be built).
     """
-    device, dtype = torch.device(device), _as_dtype(dtype)
+    device, dtype = torch.device(device), torch_dtype(dtype)
     with torch.device("meta"):
         model = model_class(spec)(spec)
     # inference only: no autograd state on a 13 GB model

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kvc.runtime.ops  # noqa: F401  (registers torch.ops.kvc.*)
+import kvc.ir.ops  # noqa: F401  (registers torch.ops.kvc.*)
 from kvc.models.spec import ModelSpec
 
 

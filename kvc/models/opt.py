@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kvc.runtime.ops  # noqa: F401  (registers torch.ops.kvc.*)
+import kvc.ir.ops  # noqa: F401  (registers torch.ops.kvc.*)
 from kvc.models.spec import ModelSpec
 
 POSITION_OFFSET = 2  # OPT's learned position table starts at row 2

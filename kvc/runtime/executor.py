@@ -2,9 +2,11 @@
 
 The generate loop is the only host-side logic per step: pick the split for this context
 (pure Python, from the Plan), call the decode graph, take the argmax on the device. Tokens
-stay on the device; the host synchronises once, at the end. With `Plan.cuda_graphs` on a CUDA
-device the decode graph runs partitioned (kvc.runtime.cudagraphs): its static runs replay as
-CUDA graphs, captured at the second step of the first generate for a batch size.
+stay on the device; the host synchronises once, at the end. Handed a `partition` (the
+CUDA-graph pass, passes/cudagraphs.py: kvc.api hands it over when the Plan says
+`cuda_graphs`), the decode graph runs partitioned: its static runs replay as CUDA graphs
+(kvc.runtime.segments), captured at the second step of the first generate for a batch size.
+The runtime knows no planner and no compiler: it is given lowered graphs and a Plan.
 """
 from __future__ import annotations
 
@@ -13,23 +15,23 @@ from collections.abc import Callable
 import torch
 
 from kvc.errors import KvcError
-from kvc.lowering import Lowered
 from kvc.models.spec import ModelSpec
-from kvc.plan import Plan
+from kvc.ir.plan import Plan
 from kvc.progress import bar
-from kvc.runtime import registry
+from kvc.ir import registry
 from kvc.runtime.attention import backends
-from kvc.runtime.cudagraphs import partition
 from kvc.runtime.offloaded import OffloadedCache
-from kvc.runtime.ops import direct_calls
+from kvc.ir.graph import direct_calls
+from kvc.runtime.segments import SegmentSet
 from kvc.runtime.weights import WeightStreamer
 
 
 class CompiledModel:
-    def __init__(self, lowered: Lowered, plan: Plan, spec: ModelSpec, dtype: torch.dtype,
-                 device: torch.device, manifest: dict | None = None, cuda_graphs: bool | None = None):
-        """`cuda_graphs`: run the decode step partitioned into graphed segments (None: as the
-        Plan says, on a CUDA device only; True on a CPU runs the segments eagerly)."""
+    def __init__(self, lowered, plan: Plan, spec: ModelSpec, dtype: torch.dtype,
+                 device: torch.device, manifest: dict | None = None, partition=None):
+        """`lowered`: the compiler's graphs (`prefill`, `decode`, `num_events`, `code`).
+        `partition(gm, wrap)`: run the decode step partitioned into segments that `wrap`
+        makes, CUDA graphs on a CUDA device, eager on a CPU (None: unpartitioned)."""
         self.lowered, self.plan, self.spec = lowered, plan, spec
         self.dtype, self.device = dtype, torch.device(device)
         self.manifest = manifest or {}
@@ -39,15 +41,15 @@ class CompiledModel:
         # and point into the GPU weight slots the graphs' prefetch_weights fill
         self._weights = (WeightStreamer(plan, lowered.decode, self.device)
                          if plan.streamed_layers else None)
-        if cuda_graphs is None:
-            cuda_graphs = plan.cuda_graphs and self.device.type == "cuda"
-        # the graphs as they run: kvc ops called without the dispatcher (runtime.ops.DIRECT);
+        # the graphs as they run: kvc ops called without the dispatcher (kvc.ir.ops.DIRECT);
         # the partition reads the parameters as they are now, after the weight streamer
         # pointed the streamed ones into their slots (fixed addresses a graph may read)
         self.prefill_step = direct_calls(lowered.prefill)
         self.decode_step = direct_calls(lowered.decode)
-        if cuda_graphs:
-            self.decode_step = partition(self.decode_step, capture=self.device.type == "cuda")
+        self.graphs = None
+        if partition is not None:
+            self.graphs = SegmentSet(capture=self.device.type == "cuda")
+            self.decode_step = partition(self.decode_step, self.graphs.wrap)
 
     @property
     def graph_code(self) -> str:
@@ -82,9 +84,8 @@ class CompiledModel:
         if self._cache is not None:
             self._cache.close()
         self._cache, self._rt = None, None
-        graphs = self.decode_step.meta.get("kvc_graphs")
-        if graphs is not None:
-            graphs.reset()  # their buffers are sized for the old batch
+        if self.graphs is not None:
+            self.graphs.reset()  # their buffers are sized for the old batch
 
     def _check_contexts(self, prompt: int, new: int) -> None:
         for s in {prompt, prompt + new - 2} if new > 1 else ():

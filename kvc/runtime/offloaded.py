@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 
 from kvc.errors import KvcError
-from kvc.plan import Plan
+from kvc.ir.plan import Plan
 from kvc.runtime.device_cache import DeviceCache
 from kvc.runtime.pinned import check_host_memory, pinned_empty
 from kvc.runtime.streams import StreamSet

@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-from kvc.runtime.ops import COMPUTE, OFFLOAD, PREFETCH
+from kvc.ir.ops import COMPUTE, OFFLOAD, PREFETCH
 
 
 class StreamSet:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from kvc.errors import KvcError
-from kvc.plan import WEIGHT_SLOTS, Plan, streamed_prefix
+from kvc.ir.plan import WEIGHT_SLOTS, Plan, streamed_prefix
 from kvc.runtime.pinned import check_host_memory, pinned_empty
 from kvc.runtime.streams import StreamSet
 
@@ -47,7 +47,7 @@ def _layer_module(root: torch.nn.Module, layer: int) -> torch.nn.Module:
 
 def streamed_parameters(layer: torch.nn.Module, fraction: float) -> list:
     """The parameters of `layer` that stream for `fraction` of its elements: the largest first
-    (ties by name), as kvc.plan.streamed_prefix rounds the scheduler's fraction."""
+    (ties by name), as kvc.ir.plan.streamed_prefix rounds the scheduler's fraction."""
     named = sorted(layer.named_parameters(), key=lambda kv: (-kv[1].numel(), kv[0]))
     k = streamed_prefix([p.numel() for _, p in named], fraction)
     return [p for _, p in named[:k]]

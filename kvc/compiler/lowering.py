@@ -12,8 +12,8 @@ import torch
 import torch.fx
 
 from kvc.passes.pipeline import run_pipeline
-from kvc.plan import Plan
-from kvc.trace import trace_step
+from kvc.ir.plan import Plan
+from kvc.compiler.trace import trace_step
 
 
 @dataclass

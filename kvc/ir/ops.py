@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from kvc.runtime import registry
+from kvc.ir import registry
 
 _lib = torch.library.Library("kvc", "DEF")
 _KEY = "CompositeExplicitAutograd"
@@ -70,7 +70,7 @@ def _verb(name: str, schema: str):
 
     call.__name__ = call.__qualname__ = f"direct_{name}"
     call.__module__ = __name__
-    call.kvc_op = name  # what kvc.passes.nodes.op_name reports for it
+    call.kvc_op = name  # what kvc.ir.graph.op_name reports for it
     return call
 
 
@@ -89,21 +89,3 @@ def define(name: str, schema: str, side_effect: bool) -> None:
 
 for _name, (_schema, _effect) in _SCHEMAS.items():
     define(_name, _schema, _effect)
-
-
-def direct_calls(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A copy of `gm` whose torch.ops.kvc calls are the DIRECT functions (the lowered graph,
-    whose code the artifact hashes, is left as it is)."""
-    # the passes import this module, so this one imports them here, not at its top
-    from kvc.passes.nodes import op_name
-
-    graph = torch.fx.Graph()
-    out = graph.graph_copy(gm.graph, {})
-    graph.output(out)
-    for node in graph.nodes:
-        name = op_name(node)
-        if name is not None:
-            node.target = DIRECT[name]
-    copy = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
-    copy.meta = dict(gm.meta)
-    return copy

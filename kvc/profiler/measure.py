@@ -1,4 +1,4 @@
-"""Measure this machine into a HardwareConfig: link bandwidth and latency, GEMM rate against
+"""Measure this machine into a HardwareConfig (kvc.profiler.resolve caches it per machine): link bandwidth and latency, GEMM rate against
 rows, decode attention against context, and how copies and compute slow each other.
 
 Every figure is a median over repeats after a warm-up, fitted to the affine forms cost.py
@@ -10,24 +10,20 @@ run takes well under 20 s so that plans made on a CPU are measured, not invented
 from __future__ import annotations
 
 import datetime
-import os
 import platform
 import re
 import statistics
 import subprocess
-import sys
 import threading
 import time
-from dataclasses import asdict, fields
-from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
-from kvc.cost import HOST_KINDS
+from kvc import progress
 from kvc.errors import KvcError
 from kvc.hardware import HardwareConfig
+from kvc.profiler.host import host_us
 from kvc.runtime.attention import backends
 
 GB = 1e9
@@ -38,22 +34,22 @@ STEPS = ("H2D copies", "D2H copies", "both directions", "GEMM rate", "attention"
          "memory stream", "overlap", "kernel and host overhead")
 
 
-class _Progress:
-    """A one-line text bar on stderr; silent when disabled."""
 
-    def __init__(self, on: bool, total: int):
-        self.on, self.total, self.done = on, total, 0
+class _Stages:
+    """The profile's steps on kvc.progress's bar (drawn on a terminal when `on`)."""
+
+    def __init__(self, on: bool):
+        with progress.enabled(on):
+            self.bar = progress.bar("kvc profile", total=len(STEPS), unit="step")
 
     def step(self, what: str) -> None:
-        if self.on:
-            n = 24 * self.done // self.total
-            sys.stderr.write(f"\rkvc profile [{'#' * n}{'.' * (24 - n)}] {self.done}/{self.total} {what:<18}")
-            sys.stderr.flush()
-        self.done += 1
+        self.bar.set_description(f"kvc profile ({what})")
+        if self.bar.n < len(STEPS) and what != STEPS[0]:
+            self.bar.update()
 
     def finish(self) -> None:
-        if self.on:
-            sys.stderr.write(f"\rkvc profile [{'#' * 24}] {self.total}/{self.total} done{' ' * 16}\n")
+        self.bar.update()
+        self.bar.close()
 
 
 def _fit_affine(xs, ts) -> tuple[float, float]:
@@ -118,7 +114,7 @@ def profile(device: str, progress: bool = True, dtype: str | None = None) -> Har
     shape = CUDA_SHAPE if cuda else CPU_SHAPE
     dev = torch.device("cuda" if cuda else "cpu")
     timer = _Timer("cuda" if cuda else "cpu")
-    bar = _Progress(progress, len(STEPS))
+    stages = _Stages(progress)
     side = torch.cuda.Stream() if cuda else None
     pin = cuda  # pinned host memory: the only fast path for H2D (DESIGN.md)
 
@@ -135,19 +131,19 @@ def profile(device: str, progress: bool = True, dtype: str | None = None) -> Har
             ts.append(timer(lambda: dst.copy_(src, non_blocking=True), reps, stream=side))
         return _fit_affine(sizes, ts)
 
-    bar.step(STEPS[0])
+    stages.step(STEPS[0])
     h2d_lat, h2d_b = link("h2d")
-    bar.step(STEPS[1])
+    stages.step(STEPS[1])
     d2h_lat, d2h_b = link("d2h")
 
-    bar.step(STEPS[2])
+    stages.step(STEPS[2])
     n = max(sizes) // 2
     host2 = torch.empty(n, dtype=torch.uint8, pin_memory=pin)
     devb2 = torch.empty(n, dtype=torch.uint8, device=dev)
     bidir_s = _both_directions(cuda, timer, host[:n], devb[:n], devb2, host2, reps)
     bidir_gbps = min(n / bidir_s / GB, 1 / h2d_b / GB, 1 / d2h_b / GB)
 
-    bar.step(STEPS[3])
+    stages.step(STEPS[3])
     h, hkv = shape["h"], shape["hkv"]
     wkv = torch.randn(h, 2 * hkv, device=dev).to(dt)
     gts = []
@@ -159,20 +155,20 @@ def profile(device: str, progress: bool = True, dtype: str | None = None) -> Har
     gemm_tflops = flops_per_row / g_per_row / 1e12
     half_rows = g_fixed / g_per_row
 
-    bar.step(STEPS[4])
+    stages.step(STEPS[4])
     attn_fixed, attn_per_byte, p = _attention(dev, dt, timer, reps, cuda)
 
-    bar.step(STEPS[5])
+    stages.step(STEPS[5])
     mem_gbps = _memory_stream(dev, dt, timer, reps, cuda)
 
-    bar.step(STEPS[6])
+    stages.step(STEPS[6])
     comp_slow, copy_slow = _overlap(cuda, dev, dt, timer, host, devb, side, h, hkv)
 
-    bar.step(STEPS[7])
+    stages.step(STEPS[7])
     launch_us = _queued_kernel_us(dev, timer, cuda)
     host = host_us(dev, dt)
 
-    bar.finish()
+    stages.finish()
     if cuda:
         props = torch.cuda.get_device_properties(dev)
         gpu_mem = props.total_memory / GB
@@ -193,129 +189,6 @@ def profile(device: str, progress: bool = True, dtype: str | None = None) -> Har
                   "gemm_rows": shape["rows"], "gemm_ms": [_r(t * 1e3, 4) for t in gts]},
     )
 
-
-# nodes one repeat of each host chain issues (cost.HOST_KINDS)
-CHAIN_NODES = {"module": 1, "op": 1, "view": 2, "kvc": 4, "graph": 1}
-GRAPH_KERNELS = 16  # kernels in the timed CUDA graph segment (a decode layer's are 15-45)
-ROUNDS = 21  # timed runs of each host chain (median)
-
-
-def host_us(device, dtype=torch.float16, repeats: int = 100) -> dict:
-    """Host time (µs) to issue one node of each kind, as an fx GraphModule issues them (one
-    call each, with the GPU left to run behind: no sync inside the timing): a Linear module
-    called the way the lowered decode graphs call theirs (a flat alias, passes/flatten.py),
-    an aten op, a view, and kvc custom ops in the step's mix (record and wait an event,
-    prefetch an activation chunk and a K,V tail) against a real, tiny OffloadedCache, and on
-    CUDA a captured graph segment (kvc.runtime.cudagraphs.Segment) called with an input it
-    copies in, as attention's output is. Keys: host_module_us, host_op_us, host_view_us,
-    host_kvc_us, and on CUDA host_graph_us (a CPU runs no graphs: the field keeps its value)."""
-    import statistics
-    import time
-
-    import torch.fx
-
-    import kvc.runtime.ops  # noqa: F401
-    from kvc.passes.flatten import flatten_targets
-    from kvc.runtime import registry
-    from kvc.runtime.ops import direct_calls
-
-    class Attn(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.k_proj = torch.nn.Linear(8, 8, device=device, dtype=dtype)
-
-    class Layer(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.self_attn = Attn()
-
-    def chain(kind):
-        class Chain(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.layers = torch.nn.ModuleList([Layer()])
-
-            def forward(self, t, rt: int):
-                for _ in range(repeats):
-                    if kind == "module":
-                        t = self.layers[0].self_attn.k_proj(t)
-                    elif kind == "op":
-                        t = t + 1.0
-                    elif kind == "view":
-                        t = t.unflatten(-1, (2, 4))
-                        t = t.flatten(-2)
-                    else:  # the compiled step's kvc mix: half events, half copies
-                        torch.ops.kvc.record_event(rt, 0, 0)
-                        torch.ops.kvc.wait_event(rt, 1, 0)
-                        torch.ops.kvc.prefetch_act(rt, 1, 0, 0)
-                        torch.ops.kvc.prefetch_kv(rt, 1, 0)
-                return t
-        gm = torch.fx.symbolic_trace(Chain())
-        flatten_targets(gm, functional=False)  # a module call as the lowering leaves one
-        return direct_calls(gm)  # kvc ops called as CompiledModel calls them
-
-    cache = _tiny_cache(device, dtype)  # real pools, streams and events, a few KB
-    rt = registry.register(cache)
-    out = {}
-    try:
-        t = torch.zeros(2, 8, device=device, dtype=dtype)
-        gms = {kind: chain(kind) for kind in HOST_KINDS if kind != "graph"}
-        if t.is_cuda:
-            gms["graph"] = _graph_chain(t, repeats)
-        for gm in gms.values():
-            gm(t, rt)
-        # the kinds take turns, round after round, so that a slow spell of the host (other
-        # tenants, clocks) lands on every kind's samples alike, not on one kind's whole series
-        times = {kind: [] for kind in gms}
-        for _ in range(ROUNDS):
-            for kind, gm in gms.items():
-                if t.is_cuda:
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                gm(t, rt)
-                times[kind].append(time.perf_counter() - t0)
-        for kind, ts in times.items():
-            out[f"host_{kind}_us"] = statistics.median(ts) / (CHAIN_NODES[kind] * repeats) * 1e6
-    finally:
-        registry.release(rt)
-        cache.close()
-    return out
-
-
-def _graph_chain(t: torch.Tensor, repeats: int):
-    """`repeats` calls of a captured CUDA graph segment of GRAPH_KERNELS small kernels."""
-    import torch.fx
-
-    from kvc.runtime.cudagraphs import GraphSet, Segment
-
-    class Body(torch.nn.Module):
-        def forward(self, x):
-            for _ in range(GRAPH_KERNELS // 2):
-                x = x * 1.0 + 1.0
-            return (x,)
-
-    segment = Segment(torch.fx.symbolic_trace(Body()), (), GraphSet(capture=True))
-    segment(t)  # warm-up
-    segment(t)  # capture
-
-    def run(x, rt):
-        for _ in range(repeats):
-            segment(x)  # x is no segment's output: copied into the graph's input buffer
-        return x
-    return run
-
-
-def _tiny_cache(device, dtype):
-    """An OffloadedCache for one offloaded layer that recomputes half of 16 tokens: what the
-    kvc ops of a compiled step call into (pinned pools, copy streams, events)."""
-    from kvc.plan import forced_plan
-    from kvc.runtime.offloaded import OffloadedCache
-
-    plan = forced_plan("pipelined", 1, 16, 1, 8, 0.5)
-    cache = OffloadedCache(plan, num_layers=1, batch=1, max_tokens=17, act_width=8, num_kv_heads=1,
-                           head_dim=8, dtype=dtype, device=torch.device(device), num_events=8)
-    cache.begin_step(16, 1)
-    return cache
 
 
 def _both_directions(cuda, timer, h_src, d_dst, d_src, h_dst, reps) -> float:
@@ -492,61 +365,3 @@ def machine_info(device: str) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
-
-# what the profiler measures and means by it; a cached profile of another version is measured
-# again. 2: launch_us is a queued kernel's device time (was the host's issue time), mem_gbps
-# is measured, attention is timed with the kernels kvc decodes with (never cuDNN)
-PROFILE_VERSION = 2
-
-
-def cache_path(device: str) -> Path:
-    """Per machine: GPU name, driver and torch version (a driver or torch upgrade re-measures),
-    and the profiler's PROFILE_VERSION (so does a profiler that measures differently)."""
-    info = machine_info(device)
-    key = "-".join(x for x in (info["device_name"], info["driver"], "torch" + info["torch"],
-                               f"v{PROFILE_VERSION}") if x)
-    slug = re.sub(r"[^A-Za-z0-9.]+", "_", key).strip("_")
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return root / "kvc" / "hardware" / f"{slug}.yaml"
-
-
-def resolve_hardware(hw: HardwareConfig, progress: bool = True) -> HardwareConfig:
-    """`auto`: the cached profile of this machine (measured on first use); fields the user
-    overrode (anything differing from a bare `auto`) win over the measurement. Others as is."""
-    if hw.name != "auto":
-        return hw
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    path = cache_path(device)
-    if path.is_file():
-        try:
-            prof = read_profile_yaml(path)
-        except (KvcError, OSError, yaml.YAMLError):
-            prof = None  # a corrupt cache entry is re-measured, not fatal
-    else:
-        prof = None
-    if prof is None:
-        prof = profile(device, progress=progress)
-        write_profile_yaml(prof, path)
-    bare = HardwareConfig(name="auto")
-    overrides = {f.name: getattr(hw, f.name) for f in fields(hw)
-                 if f.name not in ("name", "measured") and getattr(hw, f.name) != getattr(bare, f.name)}
-    return HardwareConfig(**{**asdict(prof), **overrides})
-
-
-def write_profile_yaml(hw: HardwareConfig, path) -> None:
-    """A flat mapping the `hardware` config group accepts; written atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    m = hw.measured or {}
-    head = (f"# kvc profile of {m.get('device_name', hw.device)} on {m.get('machine', '?')}, "
-            f"{m.get('date', '?')}; torch {m.get('torch', '?')}, CUDA {m.get('cuda') or '-'}\n")
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(head + yaml.safe_dump(asdict(hw), sort_keys=False))
-    tmp.replace(path)
-
-
-def read_profile_yaml(path) -> HardwareConfig:
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(data, dict):
-        raise KvcError(f"{path}: expected a mapping of hardware fields")
-    return HardwareConfig.from_dict(data)

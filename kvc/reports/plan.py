@@ -2,32 +2,29 @@
 step and where its time goes, and every other mode's prediction beside it.
 
 Both forms come from the same dict (`plan_json`), so the text never says something the JSON
-does not. No Hydra here: the CLI passes plain values from its Config.
+does not. Both take the PlanRequest that `kvc compile` plans from, so `kvc plan` shows the
+plan a compile with the same overrides builds.
 """
 from __future__ import annotations
 
-from kvc import cost
+from kvc.planner import cost
 from kvc.errors import KvcError
 from kvc.hardware import HardwareConfig
 from kvc.models.spec import ModelSpec
-from kvc.plan import MODES
-from kvc.scheduler import host_memory_gb, make_plan, predict
+from kvc.ir.modes import NAMES as MODES
+from kvc.ir.request import PlanRequest
+from kvc.planner.scheduler import host_memory_gb, make_plan, predict
 
 
-def plan_json(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_len: int,
-              gen_len: int, dtype: str, mode: str, chunk_tokens: int, act_chunks: int,
-              recompute_fraction: float | None, context: int | None = None,
-              time_limit_s: float = 10.0, weight_stream_fraction: float | None = None,
-              micro_batches: int = 1, cuda_graphs: bool = False) -> dict:
+def plan_json(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest,
+              context: int | None = None) -> dict:
+    batch_size, prompt_len, gen_len, dtype = req.batch_size, req.prompt_len, req.gen_len, req.dtype
+    mode, micro_batches = req.mode, req.micro_batches
     s = prompt_len if context is None else int(context)
     if not prompt_len <= s <= prompt_len + gen_len:
         raise KvcError(f"--context {s}: the plan covers contexts {prompt_len}.."
                        f"{prompt_len + gen_len} (workload.prompt_len .. prompt_len + gen_len)")
-    kw = dict(batch_size=batch_size, prompt_len=prompt_len, gen_len=gen_len, dtype=dtype,
-              chunk_tokens=chunk_tokens, act_chunks=act_chunks, time_limit_s=time_limit_s,
-              micro_batches=micro_batches, cuda_graphs=cuda_graphs)
-    plan = make_plan(spec, hw, mode=mode, recompute_fraction=recompute_fraction,
-                     weight_stream_fraction=weight_stream_fraction, **kw)
+    plan = make_plan(spec, hw, req)
     pred = predict(spec, hw, plan, s, batch_size, dtype)
     p = cost.dtype_bytes(dtype)
     layers = []
@@ -48,7 +45,7 @@ def plan_json(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_le
             continue
         try:
             # a forced fraction is an experiment on the chosen mode; the others are solved
-            other = make_plan(spec, hw, mode=m, recompute_fraction=None, **kw)
+            other = make_plan(spec, hw, req.but(mode=m, recompute_fraction=None))
         except KvcError as e:
             modes[m] = {"predicted_step_ms": None, "infeasible": str(e)}
             continue
@@ -63,7 +60,7 @@ def plan_json(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_le
         "hardware": hw.name,
         "mode": mode, "context": s, "batch_size": batch_size, "micro_batches": micro_batches,
         "prompt_len": prompt_len, "gen_len": gen_len,
-        "chunk_tokens": chunk_tokens, "act_chunks": plan.act_chunks, "lookahead": plan.lookahead,
+        "chunk_tokens": req.chunk_tokens, "act_chunks": plan.act_chunks, "lookahead": plan.lookahead,
         "forced_fraction": plan.forced_fraction,
         "weights_streamed": plan.streamed_layers,
         "weight_fractions": [round(f, 4) for f in plan.weights_streamed],
@@ -73,19 +70,15 @@ def plan_json(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_le
         "memory_gb": plan.notes.get("memory_gb", {}),
         "cpu_pool_gb": round(host_memory_gb(spec, plan, batch_size, dtype), 3),
         "notes": {k: v for k, v in plan.notes.items() if k != "memory_gb"},
+        "plan": plan.to_json(),  # what `kvc compile` with the same config stores
     }
 
 
-def plan_text(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_len: int,
-              gen_len: int, dtype: str, mode: str, chunk_tokens: int, act_chunks: int,
-              recompute_fraction: float | None, context: int | None = None,
-              time_limit_s: float = 10.0, weight_stream_fraction: float | None = None,
-              micro_batches: int = 1, cuda_graphs: bool = False) -> str:
-    d = plan_json(spec, hw, batch_size=batch_size, prompt_len=prompt_len, gen_len=gen_len,
-                  dtype=dtype, mode=mode, chunk_tokens=chunk_tokens, act_chunks=act_chunks,
-                  recompute_fraction=recompute_fraction, context=context, time_limit_s=time_limit_s,
-                  weight_stream_fraction=weight_stream_fraction, micro_batches=micro_batches,
-                  cuda_graphs=cuda_graphs)
+def plan_text(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest,
+              context: int | None = None) -> str:
+    d = plan_json(spec, hw, req, context)
+    batch_size, prompt_len, gen_len, dtype = req.batch_size, req.prompt_len, req.gen_len, req.dtype
+    mode, micro_batches = req.mode, req.micro_batches
     s = d["context"]
     mb = f" in {micro_batches} micro-batches" if micro_batches > 1 else ""
     out = [f"kvc plan: {mode} on {d['hardware']}, batch {batch_size}{mb}, {dtype}, context {s} "
@@ -142,22 +135,21 @@ def _fold(layers):
     return rows
 
 
-def search_text(spec: ModelSpec, hw: HardwareConfig, *, max_batch: int, prompt_len: int,
-                gen_len: int, dtype: str, mode: str, **kw) -> str:
-    """`kvc plan --search MAX_BATCH`: the policy search (kvc.scheduler.search_policy) over
+def search_text(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest, max_batch: int) -> str:
+    """`kvc plan --search MAX_BATCH`: the policy search (kvc.planner.scheduler.search_policy) over
     batches 1, 2, 4, ... and multiples of 16 up to max_batch, by 1, 2, 4 or 8 micro-batches,
     each planned by the LP; the best predicted decode throughput per micro-batch count, then
     the overrides that select the winner."""
-    from kvc.scheduler import search_policy
+    from kvc.planner.scheduler import search_policy
 
     if max_batch < 1:
         raise KvcError(f"--search {max_batch}: expected the largest batch to try, >= 1")
     batches = sorted({b for b in (2 ** k for k in range(max_batch.bit_length())) if b <= max_batch}
                      | set(range(16, max_batch + 1, 16)))
     tried: list[dict] = []
-    plan, tps = search_policy(spec, hw, prompt_len=prompt_len, gen_len=gen_len, dtype=dtype,
-                              mode=mode, batch_sizes=batches, tried=tried, **kw)
-    out = [f"kvc plan --search: {mode} on {hw.name}, {dtype}, prompt {prompt_len} + gen {gen_len}, "
+    plan, tps = search_policy(spec, hw, req, batch_sizes=batches, tried=tried)
+    out = [f"kvc plan --search: {req.mode} on {hw.name}, {req.dtype}, prompt {req.prompt_len} + gen "
+           f"{req.gen_len}, "
            f"batches up to {max_batch} ({len(tried)} candidates planned)"]
     out.append(f"  {'micro-batches':>13}  {'best batch':>10}  {'tokens/s (predicted)':>20}  refused")
     for m in sorted({t["micro_batches"] for t in tried}):

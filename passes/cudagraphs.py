@@ -32,10 +32,12 @@ its fixed buffers, overwritten at the next step, so an output that leaves the st
 logits) or that another stream reads asynchronously (`offload_act` / `offload_kv` on the
 write-back stream) is cloned on the compute stream first.
 
-All segments of a step share one memory pool, and replay in the order they were captured.
 The partition is a function of the lowered graph alone (no Plan, no runtime state), so the
-artifact's code and its hash do not change; `CompiledModel` applies it when the Plan says
-`cuda_graphs` and the device is CUDA.
+artifact's code and its hash do not change. It is handed its wrapper: `wrap(segment_gm,
+escapes)` makes the module a segment runs as (kvc.runtime.segments.SegmentSet.wrap: a CUDA
+graph captured at the second call). Without one a segment is its GraphModule, run eagerly:
+how the planner counts what the host issues and how CPU tests check the partition.
+kvc.api applies it at load time when the Plan says `cuda_graphs` and the device is CUDA.
 """
 from __future__ import annotations
 
@@ -45,8 +47,10 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from kvc.passes.nodes import host_kind, op_name
-from kvc.runtime.ops import COMPUTE, STREAM_NAMES
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from kvc.ir.graph import host_kind, op_name, segment_host_kinds
+from kvc.ir.ops import COMPUTE, STREAM_NAMES
 
 # kvc ops whose tensors have a shape that moves with the context
 _DYNAMIC_RESULTS = frozenset({"kv_read", "staged_kv", "staged_act", "recompute_positions"})
@@ -94,101 +98,25 @@ def classify(graph: torch.fx.Graph) -> Split:
     return Split(eager, segment_of)
 
 
-class GraphSet:
-    """What the segments of one decode graph share: the CUDA graph memory pool, and which
-    tensors are some segment's fixed outputs (a later segment reads those in place)."""
+class CudaGraphPartition(PassBase):
+    """torch.fx pass form of `partition` (PassManager-compatible); returns a new module."""
 
-    def __init__(self, capture: bool):
-        self.capture = capture
-        self.pool = None
-        self.fixed: set[int] = set()  # id() of fixed output tensors
-        self.captured = 0  # CUDA graphs captured (for tests and the bench log)
-        self.segments: list[Segment] = []
+    name = "cudagraphs"
 
-    def reset(self) -> None:
-        """Forget every captured graph (the runtime's pools were rebuilt, e.g. a new batch)."""
-        for segment in self.segments:
-            segment.reset()
-        self.pool = None
-        self.fixed.clear()
-        self.captured = 0
-
-
-@dataclass
-class _Captured:
-    graph: object  # torch.cuda.CUDAGraph
-    inputs: list  # fixed input buffers (or another segment's fixed outputs)
-    outputs: tuple
-
-
-class Segment(torch.nn.Module):
-    """A run of static nodes of the decode step: eager on a CPU, a CUDA graph on a GPU."""
-
-    def __init__(self, gm: torch.fx.GraphModule, escapes: tuple[int, ...], shared: GraphSet):
+    def __init__(self, wrap=None):
         super().__init__()
-        self.gm = gm
-        self.escapes = frozenset(escapes)  # output positions cloned after a replay
-        self.shared = shared
-        self._graphs: dict[tuple, _Captured] = {}
-        self._warm: set[tuple] = set()
+        self.wrap = wrap
 
-    @property
-    def host_kinds(self) -> dict[str, int]:
-        """What the host issues per call, as the cost model counts it (cost.GRAPHED_NODES): one
-        replay with its input copies, and a clone per escaping output."""
-        return {"graph": 1, "op": len(self.escapes)}
-
-    def reset(self) -> None:
-        self._graphs.clear()
-        self._warm.clear()
-
-    def forward(self, *args):
-        if not self.shared.capture:
-            return self.gm(*args)
-        key = tuple((a.shape, a.dtype) if isinstance(a, torch.Tensor) else a for a in args)
-        entry = self._graphs.get(key)
-        if entry is None:
-            if key not in self._warm:  # first sight of these shapes: run as traced
-                self._warm.add(key)
-                return self.gm(*args)
-            entry = self._graphs[key] = self._capture(args)
-        for buf, a in zip(entry.inputs, args):
-            if buf is not a and isinstance(a, torch.Tensor):
-                buf.copy_(a)
-        entry.graph.replay()
-        if not self.escapes:
-            return entry.outputs
-        return tuple(o.clone() if i in self.escapes else o for i, o in enumerate(entry.outputs))
-
-    def _capture(self, args) -> _Captured:
-        shared = self.shared
-        if shared.pool is None:
-            shared.pool = torch.cuda.graph_pool_handle()
-        inputs = [a if not isinstance(a, torch.Tensor) or id(a) in shared.fixed else a.clone()
-                  for a in args]
-        graph = torch.cuda.CUDAGraph()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            graph.capture_begin(pool=shared.pool, capture_error_mode="thread_local")
-            try:
-                outputs = tuple(self.gm(*inputs))
-            finally:
-                graph.capture_end()
-        torch.cuda.current_stream().wait_stream(side)
-        shared.fixed.update(id(o) for o in outputs)
-        shared.captured += 1
-        return _Captured(graph, inputs, outputs)
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        return PassResult(partition(gm, self.wrap), True)
 
 
-def partition(gm: torch.fx.GraphModule, capture: bool) -> torch.fx.GraphModule:
-    """The decode graph with each static run moved into a `Segment` submodule (`graph_<j>`);
-    a run of views only (no kernel to capture) stays in the root graph as it is.
-
-    The result computes the same values with the same ops; `capture` says whether its
-    segments capture CUDA graphs (a CUDA device) or run eagerly (a CPU, or graphs off)."""
+def partition(gm: torch.fx.GraphModule, wrap=None) -> torch.fx.GraphModule:
+    """The decode graph with each static run moved into a submodule (`graph_<j>`), made by
+    `wrap(segment_gm, escapes)` (None: the segment's own GraphModule, eager); a run of views
+    only (no kernel to capture) stays in the root graph as it is. The result computes the
+    same values with the same ops."""
     split = classify(gm.graph)
-    shared = GraphSet(capture)
     members: dict[int, list[torch.fx.Node]] = {}
     for node in gm.graph.nodes:
         if node in split.segment_of:
@@ -199,7 +127,7 @@ def partition(gm: torch.fx.GraphModule, capture: bool) -> torch.fx.GraphModule:
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "get_attr"):
             env[node] = root.node_copy(node, env.__getitem__)
-    segments: dict[str, Segment] = {}
+    segments: dict[str, torch.nn.Module] = {}
     output = next(n for n in gm.graph.nodes if n.op == "output")
     for j in range(len(split.eager) + 1):
         if j in members and all(host_kind(n) == "view" for n in members[j]):
@@ -207,7 +135,7 @@ def partition(gm: torch.fx.GraphModule, capture: bool) -> torch.fx.GraphModule:
                 env[node] = root.node_copy(node, env.__getitem__)
         elif j in members:
             name = f"graph_{j}"
-            segments[name] = _emit_segment(gm, root, env, members[j], name, shared)
+            segments[name] = _emit_segment(gm, root, env, members[j], name, wrap)
         if j < len(split.eager):
             node = split.eager[j]
             env[node] = root.node_copy(node, env.__getitem__)
@@ -217,13 +145,10 @@ def partition(gm: torch.fx.GraphModule, capture: bool) -> torch.fx.GraphModule:
     attrs = {n.target: operator.attrgetter(n.target)(gm) for n in root.nodes if n.op == "get_attr"}
     out = torch.fx.GraphModule({**attrs, **segments}, root, class_name=type(gm).__name__)
     out.meta = dict(gm.meta)
-    shared.segments = list(segments.values())
-    out.meta["kvc_graphs"] = shared
     return out
 
 
-def _emit_segment(gm, root: torch.fx.Graph, env: dict, nodes: list, name: str,
-                  shared: GraphSet) -> Segment:
+def _emit_segment(gm, root: torch.fx.Graph, env: dict, nodes: list, name: str, wrap):
     inside = set(nodes)
     sub = torch.fx.Graph()
     local: dict[torch.fx.Node, torch.fx.Node] = {}
@@ -253,7 +178,13 @@ def _emit_segment(gm, root: torch.fx.Graph, env: dict, nodes: list, name: str,
     for attr, value in consts.items():
         setattr(holder, attr, value)
     escapes = tuple(i for i, n in enumerate(leaving) if any(_escapes_step(u) for u in n.users))
-    segment = Segment(torch.fx.GraphModule(holder, sub, class_name=name), escapes, shared)
+    body = torch.fx.GraphModule(holder, sub, class_name=name)
+    if wrap is None:
+        body.escapes = escapes
+        body.host_kinds = segment_host_kinds(len(escapes))
+        segment = body
+    else:
+        segment = wrap(body, escapes)
     call = root.call_module(name, tuple(env[a] for a in inputs))
     for i, n in enumerate(leaving):
         env[n] = root.call_function(operator.getitem, (call, i))

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvc.errors import KvcError
 from kvc.hardware import HardwareConfig
-from kvc.models.spec import DTYPE_BYTES, ModelSpec
+from kvc.dtypes import dtype_bytes
+from kvc.models.spec import ModelSpec
 
 GB = 1e9
 # small kernels one decoder layer runs for the new token (norms, RoPE, activation, residual
@@ -50,7 +50,7 @@ ELEMENTWISE_PASSES = {"opt": 4, "llama": 22}
 # and grouped-query attention's K,V head expansion. Micro-batches (passes/microbatch.py): the
 # split and the final concatenation once, an embedding, head and batch slice per extra
 # micro-batch, and nodes that read no tokens (RoPE table slices) once per layer, not per unit.
-# tests/test_cost.py checks these against kvc.lowering; at small batch they bound the step.
+# tests/test_cost.py checks these against kvc.compiler.lowering; at small batch they bound the step.
 HOST_KINDS = ("module", "op", "view", "kvc", "graph")
 HOST_NODES = {  # passes/flatten.py calls Linear, LayerNorm and Embedding as functionals (ops)
     "opt": {"layer": (0, 13, 10, 2, 0), "head": (0, 6, 0, 0, 0), "offload": (0, 0, 0, 10, 0),
@@ -62,7 +62,7 @@ HOST_NODES = {  # passes/flatten.py calls Linear, LayerNorm and Embedding as fun
               "gqa": (0, 0, 4, 0, 0), "split": (0, 2, 1, 0, 0), "per_micro_batch": (0, 9, 2, 0, 0),
               "shared_per_layer": (0, 0, 4, 0, 0), "gqa_offload": (0, 0, 0, 0, 0)},
 }
-# the same step run as piecewise CUDA graphs (kvc.runtime.cudagraphs): a layer is one
+# the same step run as piecewise CUDA graphs (kvc.passes.cudagraphs): a layer is one
 # segment call (kind "graph": its input copy and replay), its two cache ops, the views of the
 # cache and attention; the head's nodes join the last segment and the embedding a first one.
 # A value that leaves the step (the logits) or that another stream reads (offload_kv's K,V;
@@ -125,13 +125,6 @@ def host_ms(hw: HardwareConfig, kinds, spec: ModelSpec) -> float:
     us = np.array([hw.host_module_us, hw.host_op_us * HOST_OP_WEIGHT[spec.family],
                    hw.host_view_us, hw.host_kvc_us, hw.host_graph_us])
     return float(np.asarray(kinds) @ us) * 1e-3
-
-
-def dtype_bytes(dtype: str) -> int:
-    try:
-        return DTYPE_BYTES[dtype]
-    except KeyError:
-        raise KvcError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPE_BYTES)}") from None
 
 
 # --- bytes and FLOPs ----------------------------------------------------------------------

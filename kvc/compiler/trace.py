@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-import kvc.runtime.ops  # noqa: F401  (registers torch.ops.kvc before tracing)
+import kvc.ir.ops  # noqa: F401  (registers torch.ops.kvc before tracing)
 
 
 class _Tracer(torch.fx.Tracer):

@@ -1,7 +1,7 @@
 """The predicted timeline of one decode step, as a picture (`kvc plan --timeline plan.png`)
 or as Chrome trace JSON (`kvc bench --trace DIR`, next to the measured trace).
 
-The intervals come from kvc.cost (`layer_costs`, `durations`, `intervals`): the same numbers
+The intervals come from kvc.planner.cost (`layer_costs`, `durations`, `intervals`): the same numbers
 and the same earliest-start rules the scheduler's prediction uses, so the picture shows the
 schedule the LP believed in, not a re-derivation of it. matplotlib is optional
 (`pip install 'kvc[plot]'`); only drawing needs it.
@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from kvc import cost
+from kvc.planner import cost
 from kvc.errors import KvcError
 from kvc.hardware import HardwareConfig
 from kvc.models.spec import ModelSpec
-from kvc.plan import Plan
-from kvc.scheduler import step_terms
+from kvc.ir.plan import Plan
+from kvc.planner.scheduler import step_terms
 
 LANES = ("copy-in", "compute", "copy-out")
 COLORS = {"act_copy": "#4c9be8", "kv_copy": "#f28e2b", "recompute": "#59a14f",

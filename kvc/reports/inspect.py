@@ -9,13 +9,17 @@ def inspect_text(artifact) -> str:
     from kvc.artifact import read_manifest
     from kvc.hardware import HardwareConfig
     from kvc.models.spec import ModelSpec
-    from kvc.plan import MODES, Plan
-    from kvc.scheduler import make_plan, predict
+    from kvc.config import from_dict
+    from kvc.ir.modes import NAMES as MODES
+    from kvc.ir.plan import Plan
+    from kvc.ir.request import PlanRequest
+    from kvc.planner.scheduler import make_plan, predict
 
     m = read_manifest(artifact)
     try:
-        c, w, sch = m["config"], m["config"]["workload"], m["config"]["schedule"]
+        c, w = m["config"], m["config"]["workload"]
         spec, hw, plan = ModelSpec(**m["model_spec"]), HardwareConfig(**m["hardware"]), Plan.from_json(m["plan"])
+        req = PlanRequest.from_config(from_dict(c, where=f"{artifact}/manifest.json"))
     except (TypeError, KeyError, ValueError) as e:
         raise KvcError(f"{artifact}: damaged manifest ({e}); recompile the artifact") from None
     b, dtype, P, G = w["batch_size"], c["model"]["dtype"], w["prompt_len"], w["gen_len"]
@@ -49,13 +53,7 @@ def inspect_text(artifact) -> str:
         if mode == plan.mode:
             continue
         try:
-            other = make_plan(spec, hw, batch_size=b, prompt_len=P, gen_len=G, dtype=dtype, mode=mode,
-                              chunk_tokens=sch["chunk_tokens"], act_chunks=sch["act_chunks"],
-                              time_limit_s=sch["solver_time_limit_s"],
-                              micro_batches=w.get("num_gpu_batches", 1),
-                              weight_stream_fraction=sch.get("weight_stream_fraction"),
-                              resident_cache=sch.get("resident_cache", True),
-                              cuda_graphs=sch.get("cuda_graphs", False))
+            other = make_plan(spec, hw, req.but(mode=mode, recompute_fraction=None))
         except KvcError as e:
             out.append(f"  {mode:<13} infeasible on this machine: {e}")
             continue

@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, fields
 
-MODES = ("pipelined", "kvpr", "full_offload", "gpu_resident")
+from kvc.ir.modes import mode as mode_of
+
 WEIGHT_SLOTS = 2  # GPU buffers of one layer's weights: one computing, one being filled
 
 
@@ -49,7 +50,7 @@ class Plan:
     # micro-batches per block (workload.num_gpu_batches): see "Units" above
     micro_batches: int = 1
     # on a CUDA device, replay the decode step's static runs as CUDA graphs
-    # (kvc.runtime.cudagraphs; schedule.cuda_graphs): the host issues a layer in a few calls
+    # (kvc.passes.cudagraphs; schedule.cuda_graphs): the host issues a layer in a few calls
     cuda_graphs: bool = False
 
     def __post_init__(self):
@@ -165,23 +166,14 @@ class Plan:
         return json.dumps(self.to_json(), sort_keys=True)
 
 
-def overlap_for(mode: str, act_chunks: int) -> dict:
-    """The runtime overlap each mode uses: see Plan.lookahead / Plan.act_chunks."""
-    if mode == "kvpr":
-        return {"lookahead": 0, "act_chunks": 1}
-    if mode == "pipelined":
-        return {"lookahead": 1, "act_chunks": act_chunks}
-    return {"lookahead": 1, "act_chunks": 1}
-
-
 def forced_plan(mode: str, num_layers: int, prompt_len: int, gen_len: int, chunk_tokens: int,
                 fraction: float, act_chunks: int = 4, micro_batches: int = 1) -> Plan:
     """l = round(fraction * s) in every layer: for tests and experiments (schedule.recompute_fraction)."""
     return Plan(mode=mode, num_layers=num_layers, prompt_len=prompt_len, gen_len=gen_len,
                 chunk_tokens=chunk_tokens,
-                resident=(mode == "gpu_resident",) * (num_layers * micro_batches),
+                resident=(not mode_of(mode).offloads,) * (num_layers * micro_batches),
                 forced_fraction=float(fraction), micro_batches=micro_batches,
-                **overlap_for(mode, act_chunks))
+                **mode_of(mode).overlap(act_chunks))
 
 
 def spread_layers(num_layers: int, count: int) -> tuple[bool, ...]:

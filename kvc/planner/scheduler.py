@@ -32,46 +32,30 @@ from dataclasses import replace
 import numpy as np
 import pulp
 
-from kvc import cost
+from kvc.planner import cost
 from kvc.errors import KvcError
 from kvc.hardware import HardwareConfig
 from kvc.models.spec import ModelSpec
-from kvc.plan import (
-    MODES,
-    Plan,
-    forced_plan,
-    overlap_for,
-    rounded_fraction,
-    weights_for_fraction,
-)
+from kvc.ir.plan import Plan, forced_plan, rounded_fraction, weights_for_fraction
+from kvc.ir.modes import mode as mode_of
+from kvc.ir.request import PlanRequest
 
 MAX_BUCKETS = 7
 
 
-def make_plan(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_len: int,
-              gen_len: int, dtype: str, mode: str, chunk_tokens: int = 64, act_chunks: int = 4,
-              recompute_fraction: float | None = None,
-              weight_stream_fraction: float | None = None, time_limit_s: float = 10.0,
-              micro_batches: int = 1, resident_cache: bool = True,
-              cuda_graphs: bool = False) -> Plan:
-    """The plan for `mode`. For pipelined, `act_chunks` is the most chunks the activation copy
-    may be split into: more chunks overlap recompute with the copy better but cost the host
-    more nodes to issue, so the plan with the lower predicted generation time wins (1 or all).
-    `micro_batches` (workload.num_gpu_batches): the block schedule's micro-batches per step.
-    `resident_cache` false: no layer keeps its cache on the GPU (schedule.resident_cache).
-    `cuda_graphs`: the runtime replays the step's static runs as CUDA graphs on a GPU, which
-    the host lane counts (schedule.cuda_graphs)."""
-    kw = dict(batch_size=batch_size, prompt_len=prompt_len, gen_len=gen_len, dtype=dtype,
-              mode=mode, chunk_tokens=chunk_tokens, recompute_fraction=recompute_fraction,
-              weight_stream_fraction=weight_stream_fraction, time_limit_s=time_limit_s,
-              micro_batches=micro_batches, resident_cache=resident_cache,
-              cuda_graphs=cuda_graphs)
-    plan = _make_plan(spec, hw, act_chunks=act_chunks, **kw)
-    if mode == "pipelined" and recompute_fraction is None and act_chunks > 1:
-        single = _make_plan(spec, hw, act_chunks=1, **kw)
+def make_plan(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest) -> Plan:
+    """The plan for `req`. In a chunked mode (pipelined) `req.act_chunks` is the most chunks
+    the activation copy may be split into: more chunks overlap recompute with the copy better
+    but cost the host more nodes to issue, so the plan with the lower predicted generation
+    time wins (1 or all). `req.micro_batches`: the block schedule's micro-batches per step;
+    `req.resident_cache` false: no layer keeps its cache on the GPU; `req.cuda_graphs`: the
+    runtime replays the step's static runs as CUDA graphs on a GPU, which the host lane counts."""
+    plan = _make_plan(spec, hw, req)
+    if req.schedule.chunked and req.recompute_fraction is None and req.act_chunks > 1:
+        single = _make_plan(spec, hw, req.but(act_chunks=1))
         if sum(single.predicted_step_ms) < sum(plan.predicted_step_ms):
             plan = single
-    _check_host_memory(spec, hw, plan, batch_size, dtype)
+    _check_host_memory(spec, hw, plan, req.batch_size, req.dtype)
     return plan
 
 
@@ -98,34 +82,21 @@ def host_memory_gb(spec: ModelSpec, plan: Plan, b: int, dtype: str) -> float:
     return (pools + sum(plan.weights_streamed) * cost.layer_weight_bytes(spec, p)) / cost.GB
 
 
-def _make_plan(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_len: int,
-               gen_len: int, dtype: str, mode: str, chunk_tokens: int, act_chunks: int,
-               recompute_fraction: float | None, weight_stream_fraction: float | None,
-               time_limit_s: float, micro_batches: int, resident_cache: bool,
-               cuda_graphs: bool) -> Plan:
-    if mode not in MODES:
-        raise KvcError(f"schedule.mode {mode!r}: expected one of {list(MODES)}")
-    for name, v, least in (("batch_size", batch_size, 1), ("prompt_len", prompt_len, 1),
-                           ("gen_len", gen_len, 0), ("chunk_tokens", chunk_tokens, 1),
-                           ("act_chunks", act_chunks, 1), ("num_gpu_batches", micro_batches, 1)):
-        if int(v) != v or v < least:
-            raise KvcError(f"{name} = {v!r}: expected an integer >= {least}")
-    m = micro_batches
-    if batch_size % m:
-        raise KvcError(f"workload.batch_size = {batch_size} does not split into "
-                       f"workload.num_gpu_batches = {m} equal micro-batches; use a multiple of {m}")
+def _make_plan(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest) -> Plan:
+    batch_size, prompt_len, gen_len, dtype = req.batch_size, req.prompt_len, req.gen_len, req.dtype
+    mode, sched, chunk_tokens, act_chunks = req.mode, req.schedule, req.chunk_tokens, req.act_chunks
+    recompute_fraction, weight_stream_fraction = req.recompute_fraction, req.weight_stream_fraction
+    m, resident_cache, cuda_graphs = req.micro_batches, req.resident_cache, req.cuda_graphs
     t0 = time.perf_counter()
-    deadline = t0 + time_limit_s
+    deadline = t0 + req.time_limit_s
     L, s_max = spec.num_layers, prompt_len + gen_len
-    ov = overlap_for(mode, act_chunks)
+    ov = sched.overlap(act_chunks)
     look, chunks = ov["lookahead"], ov["act_chunks"]
     ctx = np.arange(prompt_len, s_max + 1)
-    buffers = 0 if mode == "gpu_resident" else look + 1
+    buffers = look + 1 if sched.offloads else 0
     mem_args = (spec, hw, batch_size, s_max, dtype, mode)
-    c = cost.layer_costs(spec, hw, batch_size // m, dtype, offloaded=mode != "gpu_resident")
+    c = cost.layer_costs(spec, hw, batch_size // m, dtype, offloaded=sched.offloads)
     if weight_stream_fraction is not None:
-        if not 0.0 <= weight_stream_fraction <= 1.0:
-            raise KvcError(f"schedule.weight_stream_fraction = {weight_stream_fraction}: expected 0..1")
         streamed = tuple(float(w) for w in weights_for_fraction(L, weight_stream_fraction))
     else:
         streamed = _place_weights(c, *mem_args, buffers, look, chunks, m, recompute_fraction,
@@ -135,19 +106,17 @@ def _make_plan(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_l
     common = dict(mode=mode, num_layers=L, prompt_len=prompt_len, gen_len=gen_len,
                   chunk_tokens=chunk_tokens, batch_size=batch_size, dtype=dtype,
                   weights_streamed=streamed, micro_batches=m, cuda_graphs=cuda_graphs, **ov)
-    with_act = mode in ("pipelined", "kvpr") and recompute_fraction != 0
+    with_act = sched.recomputes and recompute_fraction != 0
     mem = _check_memory(*mem_args, buffers=buffers, with_act=with_act, streamed=streamed,
                         micro_batches=m)
-    resident = (mode == "gpu_resident",) * L
-    fractions_needed = mode in ("pipelined", "kvpr")
+    resident = (not sched.offloads,) * L
+    fractions_needed = sched.recomputes
     notes: dict = {"memory_gb": _round(mem)}
     if any(streamed) and weight_stream_fraction is None:
         notes["weights"] = (f"{sum(streamed):.2f} of {L} layers' weights stream from CPU: the LP's "
                             "per-layer fractions, rounded up to whole parameters")
 
     if recompute_fraction is not None:
-        if not 0.0 <= recompute_fraction <= 1.0:
-            raise KvcError(f"schedule.recompute_fraction = {recompute_fraction}: expected 0..1")
         plan = forced_plan(mode, L, prompt_len, gen_len, chunk_tokens, recompute_fraction,
                            act_chunks, micro_batches=m)
         plan = replace(plan, batch_size=batch_size, dtype=dtype, weights_streamed=streamed,
@@ -162,7 +131,7 @@ def _make_plan(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_l
     if fractions_needed and mem.get("recompute_disabled"):
         notes["recompute_disabled"] = mem["recompute_disabled"]
     elif fractions_needed:
-        if mode == "pipelined" and resident_cache and mem["free_gb"] >= mem["layer_kv_gb"]:
+        if sched.keeps_resident and resident_cache and mem["free_gb"] >= mem["layer_kv_gb"]:
             z = _solve(c, L, s_max, resident=resident,
                        mem_budget=(mem["free_gb"], mem["layer_kv_gb"]), **lp)[1]
             n_res = min(L, int(math.floor(sum(z) + 1e-6)),
@@ -186,7 +155,7 @@ def _make_plan(spec: ModelSpec, hw: HardwareConfig, *, batch_size: int, prompt_l
         worse = steps0 < steps
         recompute[:, worse] = 0
         steps = np.where(worse, steps0, steps)
-    if (mode == "pipelined" and resident_cache and not recompute.any()
+    if (sched.keeps_resident and resident_cache and not recompute.any()
             and "act" in mem.get("staging_for", "")):
         # nothing recomputed (e.g. grouped-query models): the activation staging is not
         # needed, and its memory holds more resident layers, which never slow a step
@@ -281,7 +250,7 @@ def _place_weights(c, spec, hw, b, s_max, dtype, mode, buffers, look, chunks, m,
 
     L = spec.num_layers
     args = (spec, hw, b, s_max, dtype, buffers, False)
-    if mode == "gpu_resident" or cost.memory_terms(*args, 0, m)["free_gb"] >= 0:
+    if not mode_of(mode).offloads or cost.memory_terms(*args, 0, m)["free_gb"] >= 0:
         return ()
     every = cost.memory_terms(*args, L, m)
     if every["free_gb"] < 0:
@@ -296,7 +265,7 @@ def _place_weights(c, spec, hw, b, s_max, dtype, mode, buffers, look, chunks, m,
     layer_gb = cost.layer_weight_bytes(spec, p) / cost.GB
     # what is left for layer weights and their two slots with every layer streamed
     room = every["free_gb"] + every["weight_slots_gb"] + L * layer_gb
-    fixed = None if mode in ("pipelined", "kvpr") and recompute_fraction is None else (
+    fixed = None if mode_of(mode).recomputes and recompute_fraction is None else (
         0.0 if recompute_fraction is None else recompute_fraction)
     w = _solve(c, L, s_max, look=look, chunks=chunks, resident=(False,) * L, deadline=deadline,
                m=m, weight_budget=(c.weight_copy, layer_gb, room), fixed_x=fixed)[2]
@@ -314,7 +283,7 @@ def _place_weights(c, spec, hw, b, s_max, dtype, mode, buffers, look, chunks, m,
 def _check_memory(spec, hw, b, s_max, dtype, mode, buffers, with_act, streamed=(),
                   micro_batches: int = 1) -> dict:
     m = micro_batches
-    if mode == "gpu_resident":
+    if not mode_of(mode).offloads:
         t = cost.memory_terms(spec, hw, b, s_max, dtype, 0, False, streamed, m)
         need = t["layer_kv_gb"] * spec.num_layers - t["free_gb"]
         if need > 0:
@@ -483,9 +452,8 @@ def _round(d: dict) -> dict:
 
 # --- policy search ---------------------------------------------------------------------------
 
-def search_policy(spec: ModelSpec, hw: HardwareConfig, *, prompt_len: int, gen_len: int,
-                  dtype: str, mode: str, batch_sizes, micro_batches=(1, 2, 4, 8),
-                  tried: list | None = None, **kw) -> tuple[Plan, float]:
+def search_policy(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest, batch_sizes,
+                  micro_batches=(1, 2, 4, 8), tried: list | None = None) -> tuple[Plan, float]:
     """The outer search, like FlexGen's policy search but with recompute inside the LP: for
     every total batch in `batch_sizes` and micro-batch count in `micro_batches` that divides
     it, make the plan (its LP places weights, residency and recompute, and its memory checks
@@ -499,8 +467,7 @@ def search_policy(spec: ModelSpec, hw: HardwareConfig, *, prompt_len: int, gen_l
             if b % m:
                 continue
             try:
-                plan = make_plan(spec, hw, batch_size=b, prompt_len=prompt_len, gen_len=gen_len,
-                                 dtype=dtype, mode=mode, micro_batches=m, **kw)
+                plan = make_plan(spec, hw, req.but(batch_size=b, micro_batches=m))
             except KvcError as e:
                 last = e
                 if tried is not None:

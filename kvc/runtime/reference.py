@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from kvc.models.spec import ModelSpec
-from kvc.runtime import registry
+from kvc.ir import registry
 from kvc.runtime.attention import backends
 from kvc.runtime.device_cache import DeviceCache
 
