@@ -41,13 +41,11 @@ class Resolved:
 
 
 def resolve_spec(cfg: Config) -> ModelSpec:
-    from kvc.models import preset, spec_from_hf_config
-    from kvc.models.checkpoint import read_config
+    from kvc.models import preset, spec_from_checkpoint
 
     if cfg.model.preset is not None:
         return preset(cfg.model.preset)
-    return spec_from_hf_config(read_config(cfg.model.checkpoint),
-                               where=str(Path(cfg.model.checkpoint) / "config.json"))
+    return spec_from_checkpoint(cfg.model.checkpoint)
 
 
 def resolve(config, overrides: list[str] | tuple = (), progress: bool | None = None) -> Resolved:

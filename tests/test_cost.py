@@ -6,7 +6,8 @@ from kvc.ir.graph import HOST_KINDS, host_kinds
 from kvc.planner import cost
 from kvc.errors import KvcError
 from kvc.hardware import HardwareConfig
-from kvc.models.spec import PRESETS
+from kvc.models import costs, param_count
+from kvc.models import PRESETS
 
 HW = HardwareConfig(name="t", h2d_gbps=32, d2h_gbps=32, bidir_gbps=32, gemm_tflops=312,
                     gemm_half_rows=0, attn_gbps=2000, gpu_mem_gb=80, link_latency_us=0,
@@ -36,7 +37,7 @@ def test_layer_costs_slopes():
     assert c.kv_per_tok == pytest.approx(2 * c.act_per_tok)
     assert c.act_per_tok == pytest.approx(2 * 4096 * 2 / 32e9 * 1e3)
     gemm = 4 * 2 * 4096 * 4096 / 312e12 * 1e3
-    passes = cost.ELEMENTWISE_PASSES["opt"] * 2 * 4096 * 2 / (HW.attn_gbps * 1e9) * 1e3
+    passes = costs(s).elementwise_passes * 2 * 4096 * 2 / (HW.attn_gbps * 1e9) * 1e3
     assert c.rec_per_tok == pytest.approx(gemm + passes)
 
 
@@ -60,9 +61,9 @@ def test_host_time_weighs_each_familys_ops():
     kinds = np.array([1, 100, 50, 10, 3])
     for name in ("opt-6.7b", "llama-2-7b"):
         spec = PRESETS[name]
-        want = 20 + 100 * 10 * cost.HOST_OP_WEIGHT[spec.family] + 50 * 2 + 10 * 30 + 3 * 25
+        want = 20 + 100 * 10 * costs(spec).host_op_weight + 50 * 2 + 10 * 30 + 3 * 25
         assert cost.host_ms(hw, kinds, spec) == pytest.approx(want * 1e-3)
-    assert cost.HOST_OP_WEIGHT["llama"] > cost.HOST_OP_WEIGHT["opt"] > 1
+    assert costs(PRESETS["llama-2-7b"]).host_op_weight > costs(PRESETS["opt-6.7b"]).host_op_weight > 1
 
 
 def test_host_nodes_match_the_lowered_graphs():
@@ -174,7 +175,7 @@ def test_chunks_overlap_the_activation_copy_with_recompute():
 def test_memory_terms_budget():
     s = PRESETS["opt-6.7b"]
     m = cost.memory_terms(s, HW, 1, 2047, "float16", buffers=2, with_act=False)
-    assert m["weights_gb"] == pytest.approx(s.param_count() * 2 / 1e9)
+    assert m["weights_gb"] == pytest.approx(param_count(s) * 2 / 1e9)
     assert m["layer_kv_gb"] == pytest.approx(2 * 2048 * 4096 * 2 / 1e9)
     assert m["staging_gb"] == pytest.approx(2 * m["layer_kv_gb"])
     assert m["free_gb"] == pytest.approx(80 - m["weights_gb"] - m["staging_gb"]

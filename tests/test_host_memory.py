@@ -20,7 +20,7 @@ from kvc.errors import KvcError
 from kvc.compiler.lowering import lower
 from kvc.models import build_model, preset
 from kvc.runtime.reference import ReferenceDecoder
-from kvc.models.spec import PRESETS
+from kvc.models import PRESETS
 from kvc.ir.plan import Plan, forced_plan
 from kvc.ir.request import PlanRequest
 from kvc.runtime import pinned

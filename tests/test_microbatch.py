@@ -26,7 +26,7 @@ from kvc.errors import KvcError
 from kvc.compiler.lowering import lower
 from kvc.models import build_model, preset
 from kvc.runtime.reference import ReferenceDecoder
-from kvc.models.spec import PRESETS
+from kvc.models import PRESETS
 from kvc.ir.modes import NAMES as MODES
 from kvc.ir.plan import Plan, forced_plan, weights_for_fraction
 from kvc.ir.request import PlanRequest

@@ -11,7 +11,7 @@ import yaml
 
 from kvc.errors import KvcError
 from kvc.hardware import HardwareConfig
-from kvc.models.spec import PRESETS
+from kvc.models import PRESETS
 from kvc.ir.modes import NAMES as MODES
 from kvc.ir.plan import Plan
 from kvc.ir.request import PlanRequest

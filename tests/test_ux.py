@@ -254,7 +254,7 @@ def test_inspect_matches_plan(tmp_path, capsys):
 def test_plan_text_names_the_host_lane_and_when_it_binds():
     """`kvc plan` says how long the host takes to issue the step, and says so when that, not
     the link or the GPU, sets the step (small batch on a slow host)."""
-    from kvc.models.spec import PRESETS
+    from kvc.models import PRESETS
     from kvc.ir.request import PlanRequest
     from kvc.reports.plan import plan_text
     from kvc_fixtures import hw

@@ -21,9 +21,10 @@ import kvc
 from kvc.planner import cost
 from kvc.errors import KvcError
 from kvc.compiler.lowering import lower
+from kvc.models import layer_param_count
 from kvc.models import build_model, layer_param_sizes, preset
 from kvc.runtime.reference import ReferenceDecoder
-from kvc.models.spec import PRESETS
+from kvc.models import PRESETS
 from kvc.ir.modes import NAMES as MODES
 from kvc.ir.plan import Plan, forced_plan, spread_layers, weights_for_fraction
 from kvc.ir.request import PlanRequest
@@ -292,7 +293,7 @@ def test_cost_charges_weight_bytes_on_the_copy_stream():
     streamed = make_plan(spec, h, PlanRequest(weight_stream_fraction=1.0, **kw))
     a, b = (predict(spec, h, p, 4096, 8, "float16") for p in (base, streamed))
     c = cost.layer_costs(spec, h, 8, "float16")
-    w_ms = spec.layer_param_count() * 2 / (h.h2d_gbps * 1e9) * 1e3 * c.copy_slowdown
+    w_ms = layer_param_count(spec) * 2 / (h.h2d_gbps * 1e9) * 1e3 * c.copy_slowdown
     assert c.weight_copy == pytest.approx(w_ms + h.link_latency_us * 1e-3 * c.copy_slowdown)
     L = spec.num_layers
     assert b["link_busy_ms"] - a["link_busy_ms"] == pytest.approx(L * c.weight_copy)
@@ -332,7 +333,7 @@ def test_simulate_and_lp_agree_with_weights(look, chunks, m):
     _, _, _, T0 = scheduler._solve(c, L, s, **kw)
     assert T > T0  # the weights cost the step something
     # weight placement as LP variables: the LP's own fractions simulate to its step
-    layer_gb = spec.layer_param_count() * 2 / 1e9
+    layer_gb = layer_param_count(spec) * 2 / 1e9
     x, _, w, Tw = scheduler._solve(c, L, s, weight_budget=(c.weight_copy, layer_gb, 3.5 * layer_gb), **kw)
     assert sum(layer_gb * (1 - f) for f in w) + 2 * max(w) * layer_gb <= 3.5 * layer_gb + 1e-6
     assert simulated(x, w) == pytest.approx(Tw, rel=1e-6)
@@ -342,7 +343,7 @@ def test_memory_terms_with_streamed_weights():
     spec, h = PRESETS["opt-6.7b"], hw("h100-pcie5")
     base = cost.memory_terms(spec, h, 1, 2047, "float16", 2, False)
     st = cost.memory_terms(spec, h, 1, 2047, "float16", 2, False, 10)
-    layer = spec.layer_param_count() * 2 / 1e9
+    layer = layer_param_count(spec) * 2 / 1e9
     assert "weights_streamed" not in base
     assert st["weights_gb"] == pytest.approx(base["weights_gb"] - 10 * layer)
     assert st["weight_slots_gb"] == pytest.approx(2 * layer)
@@ -374,7 +375,7 @@ def test_plan_report_shows_streamed_layers():
     d = plan_json(PRESETS["opt-6.7b"], h, PlanRequest(**kw))
     n = len(d["weights_streamed"])
     assert n > 0 and "weight_slots_gb" in d["memory_gb"]
-    assert d["h2d_bytes"] >= n * PRESETS["opt-6.7b"].layer_param_count() * 2
+    assert d["h2d_bytes"] >= n * layer_param_count(PRESETS["opt-6.7b"]) * 2
     assert "weights streamed from CPU" in plan_text(PRESETS["opt-6.7b"], h, PlanRequest(**kw))
 
 

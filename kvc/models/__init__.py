@@ -1,116 +1,109 @@
-"""kvc's decoder families and how to build one: dummy weights or a Hugging Face checkpoint.
+"""kvc's decoder families, by model_type: the registry every other layer asks.
 
-Models are built on the meta device first and then materialised straight on the target
-device in the target dtype, so a 13 GB model never makes a CPU round trip: dummy weights are
-filled in place by a generator on that device, checkpoint weights are copied in one tensor at
-a time. `device="meta"` stops after the first step (the compiler traces meta models).
+Each family lives in one file (opt.py, llama.py, ...) that declares a `FAMILY` record
+(kvc.models.spec.Family): its HF config mapping, weight names, presets, module and the costs
+the traced graph cannot tell. Adding a family is that file, one entry in `FAMILIES` below,
+and its tests (docs/ARCHITECTURE.md, "Adding a family").
 """
 from __future__ import annotations
 
+import functools
+import json
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import nn
 
-from kvc.models.checkpoint import checkpoint_files, load_checkpoint, spec_from_hf_config
-from kvc.models.llama import LlamaForCausalLM
-from kvc.models.opt import OPTForCausalLM
-from kvc.models.spec import PRESETS, ModelSpec, preset
-from kvc.dtypes import torch_dtype
-from kvc.progress import bar
+from kvc.errors import KvcError
+from kvc.models import llama, opt
+from kvc.models.build import build
+from kvc.models.checkpoint import checkpoint_files, read_config
+from kvc.models.spec import Family, FamilyCosts, ModelSpec
 
-__all__ = ["ModelSpec", "PRESETS", "preset", "spec_from_hf_config", "build_model", "layer_param_sizes",
-           "load_checkpoint", "checkpoint_files", "model_class", "LlamaForCausalLM", "OPTForCausalLM"]
+FAMILIES: tuple[Family, ...] = (opt.FAMILY, llama.FAMILY)
 
-INIT_STD = 0.02  # HF's initializer_range default: dummy logits look like an untrained model's
+_BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
+_BY_NAME = {f.name: f for f in FAMILIES}
+PRESETS: dict[str, ModelSpec] = {k: v for f in FAMILIES for k, v in f.presets.items()}
 
-_CLASSES = {"opt": OPTForCausalLM, "llama": LlamaForCausalLM}
-
-
-def model_class(spec: ModelSpec) -> type[nn.Module]:
-    return _CLASSES[spec.family]
+__all__ = ["FAMILIES", "PRESETS", "ModelSpec", "build_model", "checkpoint_files", "costs",
+           "family_of", "layer_param_count", "layer_param_sizes", "param_count", "preset",
+           "read_config", "spec_from_hf_config"]
 
 
-def layer_param_sizes(spec: ModelSpec) -> list[int]:
-    """The element counts of one decoder layer's parameters, in the order a weight-streamed
-    layer streams them (kvc.ir.plan.streamed_prefix): shapes only, from a meta-device layer."""
-    with torch.device("meta"):
-        layer = model_class(spec)(_one_layer(spec)).layers[0]
-    return sorted((p.numel() for p in layer.parameters()), reverse=True)
+def family_of(spec: ModelSpec) -> Family:
+    try:
+        return _BY_NAME[spec.family]
+    except KeyError:
+        raise KvcError(f"unsupported model family {spec.family!r}; expected one of "
+                       f"{sorted(_BY_NAME)}") from None
 
 
-def _one_layer(spec: ModelSpec) -> ModelSpec:
-    from dataclasses import replace
-
-    return replace(spec, num_layers=1)
+def costs(spec: ModelSpec) -> FamilyCosts:
+    return family_of(spec).costs
 
 
-@torch.no_grad()
-def _init_dummy(model: nn.Module, device: torch.device, seed: int) -> None:
-    # one generator on the device, parameters visited in a fixed order: the same (seed,
-    # device) always gives the same weights
-    gen = torch.Generator(device=device).manual_seed(seed)
-    seen: set[int] = set()
-    total = len({id(p) for p in model.parameters()})
-    with bar("kvc: making dummy weights", total=total, unit="tensor") as counter:
-        for module in model.modules():
-            for name, p in module.named_parameters(recurse=False):
-                if id(p) in seen:
-                    continue  # a tied lm_head is the embedding, already filled
-                seen.add(id(p))
-                if name == "bias":
-                    p.zero_()
-                elif isinstance(module, (nn.Linear, nn.Embedding)):
-                    if p.device == device:
-                        p.normal_(0.0, INIT_STD, generator=gen)
-                    else:  # placed in host memory (build_model place=): drawn on the device,
-                        # from the same generator, so the weights do not depend on placement
-                        p.copy_(torch.empty_like(p, device=device).normal_(0.0, INIT_STD, generator=gen))
-                else:
-                    p.fill_(1.0)  # norm scales
-                counter.update()
+def preset(name: str) -> ModelSpec:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KvcError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}") from None
 
 
-def _materialize(model: nn.Module, device: torch.device, views: dict) -> None:
-    """to_empty, except that the parameters in `views` take those tensors as their storage."""
-    for module in model.modules():
-        for name, p in list(module.named_parameters(recurse=False)):
-            data = views[id(p)] if id(p) in views else torch.empty_like(p, device=device)
-            new = nn.Parameter(data, requires_grad=p.requires_grad)
-            new.__dict__.update(p.__dict__)  # what place() marked it with
-            module._parameters[name] = new
-        for name, b in module.named_buffers(recurse=False):
-            module._buffers[name] = torch.empty_like(b, device=device)
+def spec_from_hf_config(config: dict[str, Any], where: str = "config.json") -> ModelSpec:
+    """Translate a Hugging Face config.json dict into a ModelSpec (KvcError if unsupported)."""
+    if not isinstance(config, dict):
+        raise KvcError(f"{where}: expected a JSON object, got {type(config).__name__}")
+    model_type = config.get("model_type")
+    family = _BY_TYPE.get(model_type) if isinstance(model_type, str) else None
+    if family is None:
+        raise KvcError(f"{where}: unsupported model_type {model_type!r}; kvc supports {sorted(_BY_TYPE)}")
+    try:
+        return family.spec_from_hf(config, model_type, where)
+    except KeyError as e:
+        raise KvcError(f"{where}: missing key {e.args[0]!r} needed for model_type {model_type!r}") from None
+    except (TypeError, ValueError) as e:
+        raise KvcError(f"{where}: a value has the wrong type for model_type {model_type!r} ({e})") from None
+
+
+def spec_from_checkpoint(folder: str | Path) -> ModelSpec:
+    return spec_from_hf_config(read_config(folder), where=str(Path(folder) / "config.json"))
 
 
 def build_model(spec: ModelSpec, device: torch.device | str = "cpu",
                 dtype: torch.dtype | str = torch.float16, seed: int = 0,
-                checkpoint: str | Path | None = None, place=None) -> nn.Module:
-    """A decoder for `spec` on `device` in `dtype`, in eval mode.
+                checkpoint: str | Path | None = None, place=None):
+    """A decoder for `spec` on `device` in `dtype`, in eval mode (kvc.models.build)."""
+    return build(family_of(spec), spec, device, dtype, seed, checkpoint, place)
 
-    checkpoint=None: dummy weights, normal(0, 0.02) for matrices, ones for norms, zero biases,
-    deterministic for (seed, device). Otherwise the HF checkpoint folder's weights.
-    device="meta": shapes only, nothing initialised or loaded (for tracing).
-    `place(meta_model) -> {id(param): tensor}`: parameters to materialise in those tensors
-    instead of on `device` (kvc.runtime.weights.place_streamed: weight-streamed layers straight
-    into their pinned host pool, so a model larger than the GPU can be built).
-    """
-    device, dtype = torch.device(device), torch_dtype(dtype)
+
+@functools.lru_cache(maxsize=64)
+def _param_counts(key: str) -> tuple[tuple[int, ...], int]:
+    spec = ModelSpec(**json.loads(key))
     with torch.device("meta"):
-        model = model_class(spec)(spec)
-    # inference only: no autograd state on a 13 GB model
-    model = model.to(dtype).eval().requires_grad_(False)
-    if device.type == "meta":
-        return model
-    views = place(model) if place is not None else {}
-    if views:
-        _materialize(model, device, views)
-    else:
-        model.to_empty(device=device)
-    model.tie_weights()  # to_empty gives each module its own new tensor, untying them
-    model.init_buffers()
-    if checkpoint is not None:
-        load_checkpoint(model, checkpoint)
-    else:
-        _init_dummy(model, device, seed)
-    return model
+        model = family_of(spec).model_class(replace(spec, num_layers=1))
+    layer = sorted((p.numel() for p in model.layers[0].parameters()), reverse=True)
+    rest = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("layers."))
+    return tuple(layer), rest
+
+
+def _key(spec: ModelSpec) -> str:
+    return json.dumps(spec.to_dict(), sort_keys=True)
+
+
+def layer_param_sizes(spec: ModelSpec) -> list[int]:
+    """The element counts of one decoder layer's parameters, in the order a weight-streamed
+    layer streams them (kvc.ir.plan.streamed_prefix): read off a meta-device model."""
+    return list(_param_counts(_key(spec))[0])
+
+
+def layer_param_count(spec: ModelSpec) -> int:
+    """One decoder layer's parameters: what a weight-streamed layer copies each step."""
+    return sum(_param_counts(_key(spec))[0])
+
+
+def param_count(spec: ModelSpec) -> int:
+    """All parameters (a tied head counted once), from the family's own module."""
+    layer, rest = _param_counts(_key(spec))
+    return rest + spec.num_layers * sum(layer)

@@ -1,4 +1,7 @@
-"""Hugging Face checkpoints: config.json -> ModelSpec, weight files -> a kvc model's parameters.
+"""Hugging Face checkpoints: reading config.json and the weight files into a kvc model.
+
+Which config keys mean what, and how tensors are named, is each family's own knowledge (its
+Family record); this module only reads files and checks what it copies.
 
 Weights are read one tensor at a time and copied into parameters that already live on the
 target device in the target dtype, so peak host memory is one tensor, not one model.
@@ -15,98 +18,13 @@ import torch
 from torch import nn
 
 from kvc.errors import KvcError
-from kvc.models.spec import FAMILIES, ModelSpec
+from kvc.models.spec import Family, ModelSpec
 from kvc.progress import bar
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
-
-# HF's config defaults where config.json leaves a key out (they differ by family)
-_TIE_DEFAULT = {"opt": True, "llama": False, "mistral": False, "qwen2": False}
-_EPS_DEFAULT = {"llama": 1e-6, "mistral": 1e-6, "qwen2": 1e-6}
-_ROPE_TYPES = ("default", "linear", "llama3")
-
-
-# --------------------------------------------------------------------------- config
-
-
-def _rope(cfg: dict, where: str) -> tuple[float, dict | None]:
-    # transformers 5 writes `rope_parameters` (theta inside); 4.x wrote rope_theta + rope_scaling
-    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind not in _ROPE_TYPES:
-        raise KvcError(f"{where}: rope type {kind!r} is not supported; expected one of {list(_ROPE_TYPES)}")
-    if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise KvcError(f"{where}: partial_rotary_factor != 1 is not supported")
-    if kind == "default":
-        return theta, None
-    scaling = {"rope_type": kind, "factor": float(params["factor"])}
-    if kind == "llama3":
-        for key in ("low_freq_factor", "high_freq_factor"):
-            scaling[key] = float(params[key])
-        # HF falls back to max_position_embeddings when the original length is not given
-        scaling["original_max_position_embeddings"] = int(
-            params.get("original_max_position_embeddings", cfg.get("original_max_position_embeddings",
-                                                                     cfg["max_position_embeddings"])))
-    return theta, scaling
-
-
-def spec_from_hf_config(config: dict[str, Any], where: str = "config.json") -> ModelSpec:
-    """Translate a Hugging Face config.json dict into a ModelSpec (KvcError if unsupported)."""
-    model_type = config.get("model_type")
-    if model_type not in FAMILIES:
-        raise KvcError(f"{where}: unsupported model_type {model_type!r}; kvc supports {sorted(FAMILIES)}")
-    try:
-        return _spec(config, model_type, where)
-    except KeyError as e:
-        raise KvcError(f"{where}: missing key {e.args[0]!r} needed for model_type {model_type!r}") from None
-
-
-def _spec(cfg: dict, model_type: str, where: str) -> ModelSpec:
-    extra = {k: cfg[k] for k in ("architectures", "torch_dtype", "dtype") if cfg.get(k) is not None}
-    common = dict(
-        model_type=model_type, vocab_size=int(cfg["vocab_size"]), hidden_size=int(cfg["hidden_size"]),
-        num_layers=int(cfg["num_hidden_layers"]), num_heads=int(cfg["num_attention_heads"]),
-        max_positions=int(cfg["max_position_embeddings"]),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", _TIE_DEFAULT[model_type])), extra=extra,
-    )
-    if model_type == "opt":
-        if cfg.get("_remove_final_layer_norm", False):
-            raise KvcError(f"{where}: _remove_final_layer_norm=true is not supported")
-        act = cfg.get("activation_function", "relu")
-        if act not in ("relu", "gelu", "silu"):
-            raise KvcError(f"{where}: activation_function {act!r} is not supported; expected relu, gelu or silu")
-        return ModelSpec(
-            **common, num_kv_heads=common["num_heads"], intermediate_size=int(cfg["ffn_dim"]),
-            norm_eps=1e-5, do_layer_norm_before=bool(cfg.get("do_layer_norm_before", True)),
-            word_embed_proj_dim=int(cfg.get("word_embed_proj_dim") or cfg["hidden_size"]),
-            enable_bias=bool(cfg.get("enable_bias", True)),
-            layer_norm_elementwise_affine=bool(cfg.get("layer_norm_elementwise_affine", True)),
-            activation=act,
-        )
-    act = cfg.get("hidden_act", "silu")
-    if act != "silu":
-        raise KvcError(f"{where}: hidden_act {act!r} is not supported; expected 'silu'")
-    if cfg.get("mlp_bias", False):
-        raise KvcError(f"{where}: mlp_bias=true is not supported")
-    theta, scaling = _rope(cfg, where)
-    if model_type == "qwen2":
-        bias = True  # Qwen2 always has q/k/v biases, whatever attention_bias says
-        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", False) else None
-    else:
-        bias = model_type == "llama" and bool(cfg.get("attention_bias", False))
-        window = cfg.get("sliding_window") if model_type == "mistral" else None
-    return ModelSpec(
-        **common, num_kv_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
-        intermediate_size=int(cfg["intermediate_size"]), head_dim=int(cfg.get("head_dim") or 0),
-        norm_eps=float(cfg.get("rms_norm_eps", _EPS_DEFAULT[model_type])),
-        rope_theta=theta, rope_scaling=scaling, attention_bias=bias,
-        sliding_window=int(window) if window else None, activation="silu",
-    )
-
 
 def read_config(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / "config.json"
@@ -182,35 +100,8 @@ def _tensors(path: Path) -> Iterator[tuple[str, tuple[int, ...], Any]]:
         yield name, tuple(t.shape), (lambda t=t: t)
 
 
-def kvc_name(hf_name: str, family: str) -> str | None:
-    """HF tensor name -> kvc parameter name; None for tensors that are not weights."""
-    if hf_name.endswith("rotary_emb.inv_freq"):
-        return None  # old Llama checkpoints stored the RoPE table; kvc recomputes it
-    if hf_name == "lm_head.weight":
-        return hf_name
-    prefixes = ("model.decoder.", "decoder.", "model.") if family == "opt" else ("model.",)
-    for p in prefixes:
-        if hf_name.startswith(p):
-            name = hf_name[len(p):]
-            break
-    else:
-        return hf_name  # left as is: an unexpected-tensor error names it
-    if family == "opt":
-        name = name.replace(".self_attn.out_proj.", ".self_attn.o_proj.")
-    return name
-
-
-def to_hf_name(name: str, family: str) -> str:
-    """kvc parameter name -> the name HF gives it (for error messages)."""
-    if name == "lm_head.weight":
-        return name
-    if family == "opt":
-        return "model.decoder." + name.replace(".self_attn.o_proj.", ".self_attn.out_proj.")
-    return "model." + name
-
-
 @torch.no_grad()
-def load_checkpoint(model: nn.Module, folder: str | Path) -> nn.Module:
+def load_checkpoint(model: nn.Module, folder: str | Path, family: Family) -> nn.Module:
     """Copy a HF checkpoint's weights into `model` (built from the folder's spec), in place.
 
     Every parameter must come from the checkpoint exactly once with the right shape; the
@@ -223,10 +114,10 @@ def load_checkpoint(model: nn.Module, folder: str | Path) -> nn.Module:
     loaded: set[str] = set()
     with bar("kvc: loading weights", total=len(expected), unit="tensor") as counter:
         for path in checkpoint_files(folder):
-            _load_file(path, spec, params, tied, loaded, counter)
+            _load_file(path, spec, family, params, tied, loaded, counter)
     missing = sorted(expected - loaded)
     if missing:
-        shown = ", ".join(f"{to_hf_name(n, spec.family)!r} (expected shape {list(params[n].shape)})"
+        shown = ", ".join(f"{family.hf_name(n)!r} (expected shape {list(params[n].shape)})"
                           for n in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise KvcError(f"{folder}: checkpoint lacks tensor {shown}{more}")
@@ -235,9 +126,10 @@ def load_checkpoint(model: nn.Module, folder: str | Path) -> nn.Module:
     return model
 
 
-def _load_file(path: Path, spec: ModelSpec, params: dict, tied: bool, loaded: set, counter) -> None:
+def _load_file(path: Path, spec: ModelSpec, family: Family, params: dict, tied: bool, loaded: set,
+               counter) -> None:
     for hf_name, shape, load in _tensors(path):
-        name = kvc_name(hf_name, spec.family)
+        name = family.kvc_name(hf_name)
         if name is None or (tied and name == "lm_head.weight"):
             continue  # a tied head is the embedding; a saved copy of it adds nothing
         if name not in params:

@@ -3,6 +3,7 @@
 RMSNorm, SwiGLU, RoPE (with rope_theta and the "llama3" / "linear" scalings), grouped-query
 attention. Qwen2 adds q/k/v biases; Llama's `attention_bias` also puts one on o_proj.
 Mistral's sliding window is not applied: config validation keeps contexts within it.
+Other families reuse its parts (RMSNorm, RoPE tables, `rope_from_hf`).
 
 The forward contract every family keeps (the compiler depends on it):
 
@@ -27,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import kvc.ir.ops  # noqa: F401  (registers torch.ops.kvc.*)
-from kvc.models.spec import ModelSpec
+from kvc.errors import KvcError
+from kvc.models.spec import Family, FamilyCosts, ModelSpec, hf_common
 
 
 def rope_inv_freq(spec: ModelSpec, device=None) -> torch.Tensor:
@@ -201,3 +203,83 @@ class LlamaForCausalLM(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))
+
+
+# --- what the rest of kvc knows about the Llama family (the registry reads FAMILY) ------------
+
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_from_hf(cfg: dict, where: str) -> tuple[float, dict | None]:
+    # transformers 5 writes `rope_parameters` (theta inside); 4.x wrote rope_theta + rope_scaling
+    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise KvcError(f"{where}: rope type {kind!r} is not supported; expected one of {list(ROPE_TYPES)}")
+    if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise KvcError(f"{where}: partial_rotary_factor != 1 is not supported")
+    if kind == "default":
+        return theta, None
+    scaling = {"rope_type": kind, "factor": float(params["factor"])}
+    if kind == "llama3":
+        for key in ("low_freq_factor", "high_freq_factor"):
+            scaling[key] = float(params[key])
+        # HF falls back to max_position_embeddings when the original length is not given
+        scaling["original_max_position_embeddings"] = int(
+            params.get("original_max_position_embeddings", cfg.get("original_max_position_embeddings",
+                                                                     cfg["max_position_embeddings"])))
+    return theta, scaling
+
+
+def spec_from_hf(cfg: dict, model_type: str, where: str) -> ModelSpec:
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise KvcError(f"{where}: hidden_act {act!r} is not supported; expected 'silu'")
+    if cfg.get("mlp_bias", False):
+        raise KvcError(f"{where}: mlp_bias=true is not supported")
+    theta, scaling = rope_from_hf(cfg, where)
+    if model_type == "qwen2":
+        bias = True  # Qwen2 always has q/k/v biases, whatever attention_bias says
+        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", False) else None
+    else:
+        bias = model_type == "llama" and bool(cfg.get("attention_bias", False))
+        window = cfg.get("sliding_window") if model_type == "mistral" else None
+    common = hf_common(cfg, model_type, "llama", tie_default=False)
+    return ModelSpec(
+        **common, num_kv_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
+        intermediate_size=int(cfg["intermediate_size"]), head_dim=int(cfg.get("head_dim") or 0),
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta, rope_scaling=scaling, attention_bias=bias,
+        sliding_window=int(window) if window else None, activation="silu",
+    )
+
+
+def _llama(model_type, h, layers, heads, kv_heads, ffn, vocab, max_pos, theta, eps=1e-5, **kw):
+    return ModelSpec(
+        model_type=model_type, family="llama", vocab_size=vocab, hidden_size=h, num_layers=layers,
+        num_heads=heads, num_kv_heads=kv_heads, intermediate_size=ffn, max_positions=max_pos,
+        rope_theta=theta, norm_eps=eps, activation="silu", **kw,
+    )
+
+
+FAMILY = Family(
+    name="llama", model_types=("llama", "mistral", "qwen2"), model_class=LlamaForCausalLM,
+    spec_from_hf=spec_from_hf, hf_prefixes=("model.",), hf_renames=(),
+    presets={
+        "llama-2-7b": _llama("llama", 4096, 32, 32, 32, 11008, 32000, 4096, 10000.0),
+        "llama-2-13b": _llama("llama", 5120, 40, 40, 40, 13824, 32000, 4096, 10000.0),
+        "llama-2-70b": _llama("llama", 8192, 80, 64, 8, 28672, 32000, 4096, 10000.0),
+        "llama-3-8b": _llama("llama", 4096, 32, 32, 8, 14336, 128256, 8192, 500000.0),
+        "mistral-7b": _llama("mistral", 4096, 32, 32, 8, 14336, 32000, 32768, 10000.0,
+                             sliding_window=4096),
+        "qwen2-7b": _llama("qwen2", 3584, 28, 28, 4, 18944, 152064, 32768, 1000000.0, eps=1e-6,
+                           attention_bias=True),
+        # tiny shapes for tests, examples and CI: real code paths, seconds on a CPU
+        "tiny-llama": _llama("llama", 64, 2, 4, 4, 160, 512, 512, 10000.0),
+        "tiny-llama-gqa": _llama("llama", 64, 2, 4, 2, 160, 512, 512, 10000.0),
+    },
+    # RMSNorm in fp32, RoPE on Q and K and SiLU x up run twice OPT's small kernels; RoPE a half
+    # at a time costs 22 passes over recomputed K (H200 profiles, docs/CALIBRATION.md)
+    costs=FamilyCosts(layer_ops=32, recompute_ops=5, elementwise_passes=22, host_op_weight=1.9),
+)

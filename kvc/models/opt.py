@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import kvc.ir.ops  # noqa: F401  (registers torch.ops.kvc.*)
-from kvc.models.spec import ModelSpec
+from kvc.errors import KvcError
+from kvc.models.spec import Family, FamilyCosts, ModelSpec, hf_common
 
 POSITION_OFFSET = 2  # OPT's learned position table starts at row 2
 
@@ -124,3 +125,50 @@ class OPTForCausalLM(nn.Module):
         if self.project_out is not None:
             x = self.project_out(x)
         return self.lm_head(x)
+
+
+# --- what the rest of kvc knows about OPT (the registry reads FAMILY) -----------------------
+
+def spec_from_hf(cfg: dict, model_type: str, where: str) -> ModelSpec:
+    if cfg.get("_remove_final_layer_norm", False):
+        raise KvcError(f"{where}: _remove_final_layer_norm=true is not supported")
+    act = cfg.get("activation_function", "relu")
+    if act not in _ACTIVATIONS:
+        raise KvcError(f"{where}: activation_function {act!r} is not supported; expected relu, gelu or silu")
+    common = hf_common(cfg, model_type, "opt", tie_default=True)
+    return ModelSpec(
+        **common, num_kv_heads=common["num_heads"], intermediate_size=int(cfg["ffn_dim"]),
+        norm_eps=1e-5, do_layer_norm_before=bool(cfg.get("do_layer_norm_before", True)),
+        word_embed_proj_dim=int(cfg.get("word_embed_proj_dim") or cfg["hidden_size"]),
+        enable_bias=bool(cfg.get("enable_bias", True)),
+        layer_norm_elementwise_affine=bool(cfg.get("layer_norm_elementwise_affine", True)),
+        activation=act,
+    )
+
+
+def _opt(h, layers, heads, vocab=50272, **kw) -> ModelSpec:
+    return ModelSpec(
+        model_type="opt", family="opt", vocab_size=vocab, hidden_size=h, num_layers=layers,
+        num_heads=heads, num_kv_heads=heads, intermediate_size=4 * h, max_positions=2048,
+        tie_word_embeddings=True, activation="relu", norm_eps=1e-5, **kw,
+    )
+
+
+FAMILY = Family(
+    name="opt", model_types=("opt",), model_class=OPTForCausalLM, spec_from_hf=spec_from_hf,
+    hf_prefixes=("model.decoder.", "decoder.", "model."),
+    hf_renames=((".self_attn.out_proj.", ".self_attn.o_proj."),),
+    presets={
+        "opt-125m": _opt(768, 12, 12),
+        "opt-350m": _opt(1024, 24, 16, do_layer_norm_before=False, word_embed_proj_dim=512),
+        "opt-1.3b": _opt(2048, 24, 32),
+        "opt-2.7b": _opt(2560, 32, 32),
+        "opt-6.7b": _opt(4096, 32, 32),
+        "opt-13b": _opt(5120, 40, 40),
+        "opt-30b": _opt(7168, 48, 56),
+        "opt-66b": _opt(9216, 64, 72),
+        "tiny-opt": _opt(64, 2, 4, vocab=512),  # tests, examples and CI: seconds on a CPU
+    },
+    # H200 profiles, 2026-11-28 (docs/CALIBRATION.md); its 16 layer ops cover its biases
+    costs=FamilyCosts(layer_ops=16, recompute_ops=4, elementwise_passes=4, host_op_weight=1.5),
+)

@@ -16,32 +16,11 @@ import numpy as np
 
 from kvc.hardware import HardwareConfig
 from kvc.dtypes import dtype_bytes
+from kvc.models import costs as family_costs
+from kvc.models import layer_param_count, param_count
 from kvc.models.spec import ModelSpec
 
 GB = 1e9
-# small kernels one decoder layer runs for the new token (norms, RoPE, activation, residual
-# adds, cache writes; GEMMs and attention are priced apart), at launch_us each. llama's
-# RMSNorm in fp32 (cast, square, mean, rsqrt, scale, cast), RoPE on Q and K and SiLU x up run
-# twice OPT's count: profiled gpu_resident steps, H200, 2026-11-28 (session 5), elementwise
-# kernels 0.85-0.89 ms per OPT-6.7B step and 2.54-2.59 ms per llama-2-7b / llama-3-8b step,
-# 32 layers, i.e. 11 and 32 kernels of 2.5 µs per layer (OPT's 16 also covers its biases)
-LAYER_OPS = {"opt": 16, "llama": 32}
-# per recompute chunk: K GEMM, V GEMM, cache writes (+ RoPE for the llama family)
-RECOMPUTE_OPS = {"opt": 4, "llama": 5}
-
-
-# memory passes over one of K or V per recomputed token, besides the GEMMs, at mem_gbps:
-# the recomputed K,V copied into the token-major staging slot (put_recomputed), and for RoPE
-# families the rotation of K (slice, negate, concatenate, two products, a sum, with cos/sin
-# broadcast over batch and heads). Calibrated from torch.profiler kernel times of the compute
-# stream, H200, 2026-11-28 (tools/bench.py --profile): OPT-6.7B / OPT-13B pipelined 4.05 / 4.1
-# passes; llama-2-7b pipelined at 2048 / 3584 and kvpr at 2048: 31.6 / 32.5 / 28.8 with the
-# RoPE of that day. llama's RoPE now runs a half at a time (LlamaAttention._rope): profiled
-# steps of llama-2-7b (H200, 2026-11-28, session 5, elementwise + device copies of the compute
-# stream, less a gpu_resident step's elementwise, over the K bytes recomputed) give 22.8 / 23.1
-# pipelined at 2048 / 3584 and 20.3 / 20.3 kvpr
-ELEMENTWISE_PASSES = {"opt": 4, "llama": 22}
-
 # nodes of the lowered decode graph the host issues, one at a time, per decode step, by kind
 # (HOST_KINDS: module calls, aten ops, views, kvc custom ops; a module call costs several
 # times a view): a layer, an offloaded layer's write-back/prefetch/event nodes, a recomputing
@@ -110,19 +89,9 @@ def host_nodes(spec: ModelSpec, resident, recomputes, act_chunks: int, streamed=
                                graphed).sum())
 
 
-# host time of one of the family's aten ops, in units of hw.host_op_us (the profiler's cheap
-# op, `t + 1.0`): a decode graph's ops are dearer on average (F.linear through matmul, sdpa,
-# layer norm; llama's RMSNorm casts and reduction, RoPE's cat). Calibrated from the host time
-# of gpu_resident steps on an idle GPU against the same run's measured host_op_us
-# (tools/bench.py, H200, 2026-11-28, two leases): OPT 1.04-1.99 over ten rows, median 1.47;
-# llama 1.62-3.0 over six, median 1.89. The spread is mostly the cheap op's own measurement:
-# the real steps' host time moved far less between runs than host_op_us did.
-HOST_OP_WEIGHT = {"opt": 1.5, "llama": 1.9}
-
-
 def host_ms(hw: HardwareConfig, kinds, spec: ModelSpec) -> float:
     """Host time to issue nodes counted by kind (host_node_kinds) of `spec`'s decode graph."""
-    us = np.array([hw.host_module_us, hw.host_op_us * HOST_OP_WEIGHT[spec.family],
+    us = np.array([hw.host_module_us, hw.host_op_us * family_costs(spec).host_op_weight,
                    hw.host_view_us, hw.host_kvc_us, hw.host_graph_us])
     return float(np.asarray(kinds) @ us) * 1e-3
 
@@ -144,12 +113,12 @@ def recompute_flops(spec: ModelSpec, b: int, tokens):
 
 
 def weight_bytes(spec: ModelSpec, p: int) -> int:
-    return spec.param_count() * p
+    return param_count(spec) * p
 
 
 def layer_weight_bytes(spec: ModelSpec, p: int) -> int:
     """One decoder layer's parameters: what a weight-streamed layer copies each step."""
-    return spec.layer_param_count() * p
+    return layer_param_count(spec) * p
 
 
 def writeback_bytes(spec: ModelSpec, b: int, p: int) -> int:
@@ -201,12 +170,13 @@ def layer_costs(spec: ModelSpec, hw: HardwareConfig, b: int, dtype: str, offload
     ks = hw.copy_slowdown if offloaded else 1.0
     ms = 1e3
 
-    P = spec.layer_param_count()
+    P = layer_param_count(spec)
+    fam = family_costs(spec)
     # decode GEMMs read every weight once; at small batch that read, not the FLOPs, bounds it
     weights_ms = max(2 * P * (b + r0) / F, P * p / mem) * ms
     back = 1.0 - (h * spec.q_width + 2 * h * hkv) / P  # all but the Q, K, V projections
     rec_w = 2 * h * hkv  # K and V projection weights
-    rec_chunk = (2 * rec_w * r0 / F + rec_w * p / mem) * ms + RECOMPUTE_OPS[spec.family] * launch
+    rec_chunk = (2 * rec_w * r0 / F + rec_w * p / mem) * ms + fam.recompute_ops * launch
     head_p = spec.vocab_size * spec.word_embed_proj_dim
     head = max(2 * head_p * (b + r0) / F, head_p * p / mem) * ms + 4 * launch
     # the D2H stream shares the link with H2D copies, so it gets the both-directions rate
@@ -215,18 +185,18 @@ def layer_costs(spec: ModelSpec, hw: HardwareConfig, b: int, dtype: str, offload
         act_per_tok=act_bytes(spec, b, 1, p) / h2d * ms * ks,
         kv_per_tok=kv_bytes(spec, b, 1, p) / h2d * ms * ks,
         rec_per_tok=(recompute_flops(spec, b, 1) / F
-                     + ELEMENTWISE_PASSES[spec.family] * kv_bytes(spec, b, 1, p) / 2 / mem) * ms * cs,
+                     + fam.elementwise_passes * kv_bytes(spec, b, 1, p) / 2 / mem) * ms * cs,
         attn_per_tok=kv_bytes(spec, b, 1, p) / attn * ms * cs,
         copy_fixed=lat * ks,
         rec_chunk_fixed=rec_chunk * cs,
-        layer_fixed=(weights_ms + LAYER_OPS[spec.family] * launch + hw.attn_fixed_us * 1e-3) * cs,
+        layer_fixed=(weights_ms + fam.layer_ops * launch + hw.attn_fixed_us * 1e-3) * cs,
         writeback=wb,
         head=head * cs,
         compute_slowdown=cs,
         copy_slowdown=ks,
         weight_copy=(layer_weight_bytes(spec, p) / h2d * ms + lat) * ks,
-        layer_back=(weights_ms * back + LAYER_OPS[spec.family] / 2 * launch) * cs,
-        layer_front=(weights_ms * (1 - back) + LAYER_OPS[spec.family] / 2 * launch) * cs,
+        layer_back=(weights_ms * back + fam.layer_ops / 2 * launch) * cs,
+        layer_front=(weights_ms * (1 - back) + fam.layer_ops / 2 * launch) * cs,
     )
 
 
