@@ -29,7 +29,10 @@ class ModelSpec:
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # HF dict, e.g. {"rope_type": "llama3", "factor": 8.0, ...}
     attention_bias: bool = False  # qkv bias (qwen2)
-    sliding_window: int | None = None  # attention window of the layers in `window_layers`
+    # sliding-window attention: the new token attends to the last `sliding_window` positions
+    # (itself included) in the layers `window_layers` names (empty: every layer)
+    sliding_window: int | None = None
+    window_layers: tuple[int, ...] = ()
     # opt
     do_layer_norm_before: bool = True
     word_embed_proj_dim: int = 0  # 0 -> hidden_size
@@ -54,6 +57,19 @@ class ModelSpec:
     @property
     def q_width(self) -> int:
         return self.num_heads * self.head_dim
+
+    def window(self, layer: int) -> int | None:
+        """The attention window of decoder layer `layer`, None where it attends to everything."""
+        if self.sliding_window is None or (self.window_layers and layer not in self.window_layers):
+            return None
+        return self.sliding_window
+
+    def cached_tokens(self, layer: int, s: int) -> int:
+        """How many of the s cached tokens a decode step of `layer` attends to: the rows
+        [s - n, s) (its window holds the new token too). What the layer's cache reads,
+        streams and recomputes; the planner prices exactly these."""
+        w = self.window(layer)
+        return s if w is None else max(0, min(s, w - 1))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
