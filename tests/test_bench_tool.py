@@ -1,12 +1,17 @@
-"""tools/bench.py's profile summary files kernels by the names an H200 trace gave them."""
+"""tools/bench.py's profile summary files kernels by the names an H200 trace gave them; the
+bench's modules and tools/repredict.py import from a checkout (tools/ is the scripts' folder)."""
 from __future__ import annotations
 
-import importlib.util
+import sys
 from pathlib import Path
 
-spec = importlib.util.spec_from_file_location("bench", Path(__file__).parents[1] / "tools" / "bench.py")
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+TOOLS = Path(__file__).parents[1] / "tools"
+if str(TOOLS) not in sys.path:
+    sys.path.insert(0, str(TOOLS))
+
+import bench
+import repredict
+from benchlib import env
 
 
 def test_kernel_kinds_from_an_h200_trace():
@@ -20,3 +25,14 @@ def test_kernel_kinds_from_an_h200_trace():
         "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::Half, float>": "elementwise",
     }
     assert {n: bench.kernel_kind(n) for n in names} == names
+
+
+def test_bench_reads_the_run_state_from_env():
+    """main sets benchlib.env; bench.X and repredict read it there, never a copy."""
+    assert bench.DTYPE_NAME is env.DTYPE_NAME and bench.HOST_OVERRIDES is env.HOST_OVERRIDES
+    assert repredict.planned is bench.planned and repredict.point_budget_gb is bench.point_budget_gb
+
+
+def test_bench_modules_stay_small():
+    for path in [TOOLS / "bench.py", *sorted((TOOLS / "benchlib").glob("*.py"))]:
+        assert len(path.read_text().splitlines()) < 400, path

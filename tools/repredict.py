@@ -1,6 +1,6 @@
 """Re-predict measured bench rows with the current cost model, on the CPU.
 
-    python tools/repredict.py benchmarks/results/A.json [B.json ...] [--out merged.json]
+    python tools/repredict.py benchmarks/results/calls/A.json [B.json ...] [--out merged.json]
 
 Each latency row of each results file (tools/bench.py) is planned again exactly as the bench
 planned it (its preset, batch, context, mode and GPU budget, the card's hardware preset, the
@@ -25,7 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import bench
+from benchlib import env
+from benchlib.plan import get_spec, planned, point_budget_gb
 
 from kvc.planner.scheduler import predict
 
@@ -34,14 +35,14 @@ def repredict(row: dict, hw_name: str, host: dict) -> tuple[float, float]:
     """(current predicted ms, the plan's recompute fraction at the prompt's context, as the
     bench reports it), planned as tools/bench.py plans the row."""
     name, b, ctx = row["model"], row["batch"], row["context"]
-    spec = bench.get_spec(name)
-    bench.HOST_OVERRIDES[:] = [f"hardware.{k}={v}" for k, v in host.items()]
+    spec = get_spec(name)
+    env.HOST_OVERRIDES[:] = [f"hardware.{k}={v}" for k, v in host.items()]
     # gpu_resident ran with the card's memory (rounded in the row; it fits either way)
     budget = (row["gpu_mem_gb_budget"] if row["mode"] == "gpu_resident"
-              else bench.point_budget_gb(spec, name, hw_name, b, ctx))
+              else point_budget_gb(spec, name, hw_name, b, ctx))
     graphs = str(row.get("cuda_graphs", False)).lower()
-    plan, r = bench.planned(name, row["mode"], b, ctx, hw_name, budget, extra=(f"schedule.cuda_graphs={graphs}",))
-    pred = predict(spec, r.hardware, plan, ctx + row["steps_timed"] // 2, b, bench.DTYPE_NAME)
+    plan, r = planned(name, row["mode"], b, ctx, hw_name, budget, extra=(f"schedule.cuda_graphs={graphs}",))
+    pred = predict(spec, r.hardware, plan, ctx + row["steps_timed"] // 2, b, env.DTYPE_NAME)
     frac = sum(plan.recompute_tokens(i, ctx) for i in range(spec.num_layers)) / (spec.num_layers * ctx)
     return pred["predicted_step_ms"], frac
 
