@@ -16,8 +16,10 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from kvc.dtypes import NAMES as DTYPE_NAMES
 from kvc.errors import KvcError
 from kvc.hardware import HardwareConfig
+from kvc.ir.modes import NAMES as MODE_NAMES
 
 GROUPS = ("hardware", "schedule")
 
@@ -26,7 +28,7 @@ GROUPS = ("hardware", "schedule")
 class ModelConfig:
     checkpoint: str | None = None
     preset: str | None = None
-    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    dtype: str = "float16"  # a name of kvc.dtypes.DTYPES
     seed: int = 0
 
 
@@ -40,7 +42,7 @@ class WorkloadConfig:
 
 @dataclass
 class ScheduleConfig:
-    mode: Literal["pipelined", "kvpr", "full_offload", "gpu_resident"] = "pipelined"
+    mode: str = "pipelined"  # a row of kvc.ir.modes.MODES
     recompute_fraction: float | None = None
     # set: stream this fraction of the layers' weights from pinned CPU memory (whole layers,
     # spread evenly); null: stream only what gpu_mem_gb forces (tests and experiments)
@@ -255,6 +257,7 @@ def _check_ranges(cfg: Config) -> None:
             raise KvcError(msg)
 
     m, w, h, s = cfg.model, cfg.workload, cfg.hardware, cfg.schedule
+    need(m.dtype in DTYPE_NAMES, f"model.dtype = {m.dtype!r}; expected one of {list(DTYPE_NAMES)}")
     need((m.checkpoint is None) != (m.preset is None),
          "model: set exactly one of model.checkpoint (a HF folder) or model.preset (a named shape)")
     need(w.batch_size >= 1, f"workload.batch_size = {w.batch_size}; expected an integer >= 1")
@@ -269,6 +272,7 @@ def _check_ranges(cfg: Config) -> None:
     for name in ("gpu_mem_gb", "cpu_mem_gb"):
         v = getattr(h, name)
         need(v > 0, f"hardware.{name} = {v}; expected a positive number of GB")
+    need(s.mode in MODE_NAMES, f"schedule.mode = {s.mode!r}; expected one of {list(MODE_NAMES)}")
     f = s.recompute_fraction
     need(f is None or 0.0 <= f <= 1.0, f"schedule.recompute_fraction = {f}; expected null or 0..1")
     f = s.weight_stream_fraction
@@ -277,16 +281,11 @@ def _check_ranges(cfg: Config) -> None:
     need(s.act_chunks >= 1, f"schedule.act_chunks = {s.act_chunks}; expected >= 1")
 
 
-def check_fits_model(cfg: Config, max_positions: int, sliding_window: int | None = None) -> None:
+def check_fits_model(cfg: Config, max_positions: int) -> None:
     """Model-dependent ranges, once the model's shape is known."""
     total = cfg.workload.prompt_len + cfg.workload.gen_len
     if total > max_positions:
         raise KvcError(
             f"workload.prompt_len + workload.gen_len = {total} exceeds the model's maximum "
             f"positions ({max_positions}); shorten the prompt or the generation"
-        )
-    if sliding_window is not None and total > sliding_window:
-        raise KvcError(
-            f"workload.prompt_len + workload.gen_len = {total} exceeds the model's sliding window "
-            f"({sliding_window}); kvc does not implement sliding-window attention"
         )

@@ -37,9 +37,9 @@ def may_recompute(plan: Plan, layer: int) -> bool:
     return any(row[layer] > 0 for row in plan.recompute)
 
 
-def offloaded_layers(plan: Plan) -> list[int]:
+def offloaded_layers(plan: Plan) -> tuple[int, ...]:
     """The offloaded units, in order (layers when the plan has one micro-batch)."""
-    return [i for i, r in enumerate(plan.resident) if not r]
+    return plan.offloaded_units
 
 
 class KvcPass(PassBase):

@@ -73,6 +73,12 @@ class Plan:
     def offloaded(self) -> bool:
         return not all(self.resident)
 
+    @property
+    def offloaded_units(self) -> tuple[int, ...]:
+        """The units whose cache lives in CPU memory, in order (layers with one micro-batch):
+        the one list the passes, the runtime and the reports number staging slots by."""
+        return tuple(i for i, r in enumerate(self.resident) if not r)
+
     def recompute_tokens(self, layer: int, s: int) -> int:
         """l for unit `layer` (a layer, when micro_batches is 1) at context s."""
         if self.forced_fraction is not None:
@@ -95,8 +101,7 @@ class Plan:
 
     def staging_slot(self, layer: int) -> int:
         """The k-th offloaded unit stages into slot k % staging_slots."""
-        off = [i for i, r in enumerate(self.resident) if not r]
-        return off.index(layer) % self.staging_slots
+        return self.offloaded_units.index(layer) % self.staging_slots
 
     def streams_weights(self, layer: int) -> bool:
         return bool(self.weights_streamed) and bool(self.weights_streamed[layer])
@@ -123,7 +128,7 @@ class Plan:
         [l(s), s) are read, so rows below the minimum of l(s) never are: the CPU K,V pools
         need not keep them. max_context when nothing is read; 0 when the plan cannot say."""
         lo = self.prompt_len if min_context is None else min_context
-        off = [i for i, r in enumerate(self.resident) if not r]
+        off = self.offloaded_units
         if not off or lo >= max_context:
             return max_context
         if self.forced_fraction is not None:

@@ -7,6 +7,7 @@ traced graph (FamilyCosts). kvc.models (the registry) maps model_type to its fam
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
@@ -72,7 +73,14 @@ class ModelSpec:
         return s if w is None else max(0, min(s, w - 1))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """JSON-ready (tuples as lists): what a manifest stores and `from_dict` reads back."""
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+        d = dict(d)
+        d["window_layers"] = tuple(d.get("window_layers", ()))
+        return cls(**d)
 
 
 def with_overrides(spec: ModelSpec, **changes) -> ModelSpec:

@@ -18,7 +18,7 @@ def inspect_text(artifact) -> str:
     m = read_manifest(artifact)
     try:
         c, w = m["config"], m["config"]["workload"]
-        spec, hw, plan = ModelSpec(**m["model_spec"]), HardwareConfig(**m["hardware"]), Plan.from_json(m["plan"])
+        spec, hw, plan = ModelSpec.from_dict(m["model_spec"]), HardwareConfig(**m["hardware"]), Plan.from_json(m["plan"])
         req = PlanRequest.from_config(from_dict(c, where=f"{artifact}/manifest.json"))
     except (TypeError, KeyError, ValueError) as e:
         raise KvcError(f"{artifact}: damaged manifest ({e}); recompile the artifact") from None
@@ -28,7 +28,7 @@ def inspect_text(artifact) -> str:
            if wt["kind"] == "dummy" else f"checkpoint {wt['path']} ({len(wt['sha256'])} files, sha256 "
            "checked at load)")
     measured = ", ".join(f"{k} {v}" for k, v in hw.measured.items()) or "a preset, not measured here"
-    off = [i for i, r in enumerate(plan.resident) if not r]
+    off = plan.offloaded_units
     ls = [plan.recompute_tokens(i, s) for s in (P, P + G) for i in off]
     out = [f"kvc inspect: {artifact}",
            f"  built:    kvc {m.get('kvc_version')}, torch {m.get('torch_version')}, {m.get('created')}, "
