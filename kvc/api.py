@@ -53,7 +53,7 @@ def resolve(config, overrides: list[str] | tuple = (), progress: bool | None = N
     follow kvc.progress.enabled, which the CLI switches on)."""
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
     spec = resolve_spec(cfg)
-    check_fits_model(cfg, spec.max_positions, spec.sliding_window)
+    check_fits_model(cfg, spec.max_positions)
     from kvc.profiler.resolve import resolve_hardware
     from kvc.progress import is_enabled
 

@@ -2,7 +2,10 @@
 
 RMSNorm, SwiGLU, RoPE (with rope_theta and the "llama3" / "linear" scalings), grouped-query
 attention. Qwen2 adds q/k/v biases; Llama's `attention_bias` also puts one on o_proj.
-Mistral's sliding window is not applied: config validation keeps contexts within it.
+Sliding windows (Mistral; Qwen2 with use_sliding_window, from layer max_window_layers on): a
+windowed layer's prefill attends through `causal_mask(positions, W)`, and its decode step
+through what kv_read returns, which is the window only (the runtime's caches read rows
+[s - min(s, W-1), s+T), ModelSpec.cached_tokens).
 Other families reuse its parts (RMSNorm, RoPE tables, `rope_from_hf`).
 
 The forward contract every family keeps (the compiler depends on it):
@@ -11,8 +14,9 @@ The forward contract every family keeps (the compiler depends on it):
 
 - `positions` are the absolute positions of the T tokens; every sequence has the same length.
 - Each layer writes the NEW tokens' K,V with `torch.ops.kvc.kv_write(k, v, rt, i)`, layout
-  [b, T, n_kv, hd], RoPE applied. Decode reads the cached [0, s) with `kv_read(rt, i)`
-  (indexed, never tuple-unpacked, so it traces), concatenates, and attends with no mask.
+  [b, T, n_kv, hd], RoPE applied. Decode reads the cached rows with `kv_read(rt, i)`
+  (indexed, never tuple-unpacked, so it traces; this step's rows included, and for a layer
+  with a sliding window only the window's rows), and attends with no mask.
 - No Python control flow on tensor values or shapes, so `torch.fx.symbolic_trace` works with
   `concrete_args={"prefill": ..., "last_only": ...}`. cos/sin are computed once from
   `positions` at the top and handed to the layers, so the path from a layer's attention
@@ -73,6 +77,17 @@ class RMSNorm(nn.Module):
         return self.weight * xf.type_as(x)
 
 
+def causal_mask(positions: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """[T, T] bool, True where query q may attend to key k: k <= q, and with a sliding
+    window q - k < window (HF's sliding_window_overlay: each query sees `window` positions,
+    itself included). Built from positions, so it traces and depends on no token."""
+    d = positions[:, None] - positions[None, :]
+    allowed = d >= 0
+    if window is not None:
+        allowed = allowed & (d < window)
+    return allowed
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -98,7 +113,8 @@ class LlamaAttention(nn.Module):
         c, s = cos[:, None, :half], sin[:, None, :half]
         return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
 
-    def forward(self, x, cos, sin, rt, layer: int, prefill: bool):
+    def forward(self, x, cos, sin, rt, layer: int, prefill: bool, mask=None):
+        """`mask`: prefill's sliding causal mask (windowed layers only); None: causal."""
         k = self._rope(self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim)), cos, sin)
         v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
         torch.ops.kvc.kv_write(k, v, rt, layer)
@@ -106,10 +122,10 @@ class LlamaAttention(nn.Module):
         q = q.transpose(1, 2)  # [b, H, T, hd]
         if prefill:
             out = F.scaled_dot_product_attention(
-                q, k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=mask is None,
                 enable_gqa=self.groups > 1)
         else:
-            kv = torch.ops.kvc.kv_read(rt, layer)  # tokens [0, s+T): this step's included
+            kv = torch.ops.kvc.kv_read(rt, layer)  # tokens [lo, s+T): this step's included
             k_all = kv[0].transpose(1, 2)  # [b, n_kv, s+T, hd]
             v_all = kv[1].transpose(1, 2)
             if self.groups > 1:
@@ -138,13 +154,16 @@ class LlamaDecoderLayer(nn.Module):
     def __init__(self, spec: ModelSpec, layer: int):
         super().__init__()
         self.layer = layer
+        self.window = spec.window(layer)  # its sliding window, None: it attends to every token
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.norm_eps)
         self.self_attn = LlamaAttention(spec)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.norm_eps)
         self.mlp = LlamaMLP(spec)
 
-    def forward(self, x, cos, sin, rt, prefill: bool):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, rt, self.layer, prefill)
+    def forward(self, x, cos, sin, rt, prefill: bool, mask=None):
+        # mask: prefill's sliding causal mask, handed over only where there is one
+        extra = () if mask is None else (mask,)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, rt, self.layer, prefill, *extra)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -198,8 +217,12 @@ class LlamaForCausalLM(nn.Module):
         # (a table lookup: recomputing K,V for a token range clones this too, so it stays short)
         cos = self.rope_cos[positions].type_as(self.embed_tokens.weight)
         sin = self.rope_sin[positions].type_as(self.embed_tokens.weight)
+        # windowed layers' prefill attends through a sliding causal mask (decode reads the
+        # window only); spec.sliding_window is None for every other model
+        window = self.spec.sliding_window if prefill else None
+        mask = causal_mask(positions, window) if window is not None else None
         for layer in self.layers:
-            x = layer(x, cos, sin, rt, prefill)
+            x = layer(x, cos, sin, rt, prefill, mask if layer.window is not None else None)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))
@@ -239,9 +262,17 @@ def spec_from_hf(cfg: dict, model_type: str, where: str) -> ModelSpec:
     if cfg.get("mlp_bias", False):
         raise KvcError(f"{where}: mlp_bias=true is not supported")
     theta, scaling = rope_from_hf(cfg, where)
+    window_layers: tuple[int, ...] = ()
     if model_type == "qwen2":
         bias = True  # Qwen2 always has q/k/v biases, whatever attention_bias says
         window = cfg.get("sliding_window") if cfg.get("use_sliding_window", False) else None
+        if window:  # as HF: the layers layer_types names, else those from max_window_layers on
+            layers = int(cfg["num_hidden_layers"])
+            types = cfg.get("layer_types") or [
+                "sliding_attention" if i >= int(cfg.get("max_window_layers", 28)) else "full_attention"
+                for i in range(layers)]
+            window_layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+            window = window if window_layers else None  # no layer slides: none is windowed
     else:
         bias = model_type == "llama" and bool(cfg.get("attention_bias", False))
         window = cfg.get("sliding_window") if model_type == "mistral" else None
@@ -251,7 +282,8 @@ def spec_from_hf(cfg: dict, model_type: str, where: str) -> ModelSpec:
         intermediate_size=int(cfg["intermediate_size"]), head_dim=int(cfg.get("head_dim") or 0),
         norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         rope_theta=theta, rope_scaling=scaling, attention_bias=bias,
-        sliding_window=int(window) if window else None, activation="silu",
+        sliding_window=int(window) if window else None,
+        window_layers=window_layers if window else (), activation="silu",
     )
 
 

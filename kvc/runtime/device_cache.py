@@ -3,6 +3,10 @@
 Token-major storage `[max_tokens, b, n_kv, hd]` per layer, like the CPU pools, so that one
 layout serves every schedule. `s` is the number of cached tokens; the executor advances it
 after each forward.
+
+A layer with a sliding window W (ModelSpec.window) reads only its window: rows
+[s - min(s, W-1), s+t), the new token's W-1 predecessors and the step's own rows
+(ModelSpec.cached_tokens); the rows before it are kept but never read.
 """
 from __future__ import annotations
 
@@ -11,19 +15,24 @@ import torch
 
 class DeviceCache:
     def __init__(self, layers: int | list[int], batch: int, max_tokens: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device | str):
-        """`layers`: how many (all of them), or which layer indices this cache holds."""
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str,
+                 windows: dict[int, int | None] | None = None):
+        """`layers`: how many (all of them), or which layer indices this cache holds.
+        `windows`: layer -> its sliding window (None or absent: it attends to every row)."""
         shape = (max_tokens, batch, num_kv_heads, head_dim)
         ids = range(layers) if isinstance(layers, int) else layers
         self.k = {i: torch.zeros(shape, dtype=dtype, device=device) for i in ids}
         self.v = {i: torch.zeros(shape, dtype=dtype, device=device) for i in ids}
+        self.windows = {i: w for i, w in (windows or {}).items() if w is not None and i in self.k}
         self.max_tokens = max_tokens
         self.s = 0
         self.t = 0  # tokens of the step in flight, written at [s, s+t)
 
     def kv_read(self, layer: int):
         n = self.s + self.t
-        return self.k[layer][:n].transpose(0, 1), self.v[layer][:n].transpose(0, 1)
+        w = self.windows.get(layer)
+        lo = 0 if w is None else self.s - max(0, min(self.s, w - 1))
+        return self.k[layer][lo:n].transpose(0, 1), self.v[layer][lo:n].transpose(0, 1)
 
     def kv_write(self, k: torch.Tensor, v: torch.Tensor, layer: int) -> None:
         t = k.shape[1]

@@ -75,7 +75,9 @@ class CompiledModel:
             max_tokens=max_tokens,
             act_width=self.spec.hidden_size, num_kv_heads=self.spec.num_kv_heads,
             head_dim=self.spec.head_dim, dtype=self.dtype, device=self.device,
-            num_events=self.lowered.num_events, weights=self._weights, min_context=min_context)
+            num_events=self.lowered.num_events, weights=self._weights, min_context=min_context,
+            windows=tuple(self.spec.window(self.plan.unit_layer(u))
+                          for u in range(self.plan.num_units)))
 
     def close(self) -> None:
         """Free the pools (after the copies still using them finish)."""

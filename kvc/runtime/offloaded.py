@@ -14,6 +14,17 @@ and tokens [0, l) are recomputed from activations in `act_chunks` chunks, [l, s)
 The staging slot's K,V buffers are assembled in place, in token order: recomputed rows
 [0, l) (put_recomputed), copied rows [l, s) (prefetch_kv), the step's own rows [s, s+t)
 (put_new); attention then reads rows [0, s+t) of one buffer (staged_kv).
+
+Sliding windows. A unit whose layer attends through a window W (`windows`, per unit) reads
+only the last n = min(s, W-1) cached rows (ModelSpec.cached_tokens): with lo = s - n, the
+plan's l counts from lo (and is capped at n), tokens [lo, lo+l) are recomputed, [lo+l, s)
+copied as K,V, and the staging slot holds token lo + r at row r: recomputed rows [0, l),
+copied [l, n), the new token at [n, n+t); attention reads rows [0, n+t), recompute_positions
+gives the absolute positions lo + r. Nothing before lo is copied or recomputed. Such a unit's
+pools keep the rows its contexts read, which move with s: activations of
+[min lo, max(lo+l)), K,V of [min(lo+l), max_tokens) (`act_base`, `kv_base`: the first token
+each pool keeps, per unit). All units share one pool shape: the largest of those spans, so a
+windowed unit's pools are no smaller than a full unit's when the model has both.
 """
 from __future__ import annotations
 
@@ -48,23 +59,46 @@ class OffloadedCache:
     def __init__(self, plan: Plan, *, num_layers: int, batch: int, max_tokens: int,
                  act_width: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device, num_events: int, weights=None,
-                 min_context: int | None = None):
+                 min_context: int | None = None, windows: tuple[int | None, ...] = ()):
         """`min_context`: the shortest context a decode step will have (the prompt length;
         Plan.prompt_len by default). K,V rows the plan never reads at contexts from there to
-        max_tokens are not kept, so a call with a shorter prompt needs a new cache."""
+        max_tokens are not kept, so a call with a shorter prompt needs a new cache.
+        `windows`: per unit, its layer's sliding window (None: attends to every row; empty:
+        no unit has one)."""
         self.plan, self.batch, self.max_tokens = plan, batch, max_tokens
         self.weights = weights  # a WeightStreamer when the plan streams any layer's weights
         self.device = torch.device(device)
         self.streams = StreamSet(self.device, num_events)
-        self.offloaded = [i for i in range(num_layers) if not plan.resident[i]]
+        self.windows = tuple(windows) if windows else (None,) * num_layers
+        if len(self.windows) != num_layers:
+            raise ValueError(f"{len(self.windows)} windows for {num_layers} units")
+        self.offloaded = list(plan.offloaded_units)
         n_off = len(self.offloaded)
         self.min_context = plan.prompt_len if min_context is None else min_context
         # K,V rows below kv_lo are never read back (the plan recomputes them from activations)
         self.kv_lo = max(0, min(max_tokens, plan.min_kv_row(max_tokens, self.min_context)))
-        kv_shape = (max_tokens, batch, num_kv_heads, head_dim)  # staging: every row
-        kv_pool_shape = (max_tokens - self.kv_lo, batch, num_kv_heads, head_dim)
         # activations are read back only for recomputed tokens: rows [0, max l)
-        self.act_rows = min(max_tokens, plan.max_recompute_tokens(max_tokens))
+        full_act = min(max_tokens, plan.max_recompute_tokens(max_tokens))
+        # per offloaded unit: the first token its activation and K,V pools keep, the rows
+        # each needs, and the most rows its staging slot holds (activations, K,V)
+        self.act_base, self.kv_base = {}, {}
+        act_need, kv_need, stage_need, act_stage_need = [0], [0], [0], [0]
+        for i in self.offloaded:
+            if self.windows[i] is None:
+                self.act_base[i], self.kv_base[i] = 0, self.kv_lo
+                act_need.append(full_act)
+                stage_need.append(max_tokens)
+                act_stage_need.append(full_act)
+            else:
+                a_lo, a_hi, k_lo, most_l = self._window_rows(i, max_tokens)
+                self.act_base[i], self.kv_base[i] = a_lo, k_lo
+                act_need.append(a_hi - a_lo)
+                stage_need.append(min(max_tokens, self.windows[i]))
+                act_stage_need.append(most_l)
+            kv_need.append(max_tokens - self.kv_base[i])
+        self.act_rows, kv_rows = max(act_need), max(kv_need)
+        kv_shape = (max(stage_need), batch, num_kv_heads, head_dim)  # staging: rows attention reads
+        kv_pool_shape = (kv_rows, batch, num_kv_heads, head_dim)
         act_shape = (self.act_rows, batch, act_width)
         shapes = [(n_off, *act_shape), (n_off, *kv_pool_shape), (n_off, *kv_pool_shape)]
         item = torch.empty((), dtype=dtype).element_size()
@@ -75,7 +109,8 @@ class OffloadedCache:
         self.act_pool, self.k_pool, self.v_pool = (pinned_empty(sh, dtype, self.device) for sh in shapes)
         self.pool_index = {layer: j for j, layer in enumerate(self.offloaded)}
         slots = min(plan.staging_slots, n_off)
-        self.act_stage = torch.empty((slots, *act_shape), dtype=dtype, device=self.device)
+        self.act_stage = torch.empty((slots, max(act_stage_need), batch, act_width), dtype=dtype,
+                                     device=self.device)
         self.k_stage = torch.empty((slots, *kv_shape), dtype=dtype, device=self.device)
         self.v_stage = torch.empty((slots, *kv_shape), dtype=dtype, device=self.device)
         # each offloaded layer's staging slot and pool rows, as views made once: indexing a
@@ -84,11 +119,41 @@ class OffloadedCache:
         self.views = {layer: _Views(*(x[self._slot(layer)] for x in stages), *(x[j] for x in pools))
                       for layer, j in self.pool_index.items()}
         resident = [i for i in range(num_layers) if plan.resident[i]]
-        self.resident = DeviceCache(resident, batch, max_tokens,
-                                    num_kv_heads, head_dim, dtype, self.device)
+        self.resident = DeviceCache(resident, batch, max_tokens, num_kv_heads, head_dim, dtype,
+                                    self.device, windows=dict(enumerate(self.windows)))
         self.positions = torch.arange(max_tokens, device=self.device)
         self.s = 0
-        self.bounds: dict[int, list[int]] = {}
+        self.bounds: dict[int, list[int]] = {}  # per unit: its recomputed rows' chunks, [0, l)
+        self.base: dict[int, int] = {}  # per unit: the token at staging row 0 (lo)
+        self.cached: dict[int, int] = {}  # per unit: n, the cached rows it attends to
+
+    def _window_rows(self, unit: int, max_tokens: int) -> tuple[int, int, int, int]:
+        """A windowed unit over the contexts the cache serves: (first and end token of the
+        activations it recomputes, first token it reads as K,V, most tokens recomputed)."""
+        plan = self.plan
+        first, end = self.min_context, max_tokens
+        if plan.forced_fraction is None:
+            if not plan.recompute:
+                return 0, max_tokens, 0, max_tokens  # a hand-made plan without a table: keep all
+            first = max(first, plan.prompt_len)  # contexts outside the table are refused
+            end = min(end, plan.prompt_len + len(plan.recompute))
+        a_lo, a_hi, k_lo, most = max_tokens, 0, max_tokens, 0
+        for s in range(first, end):
+            lo, l = self._rows(unit, s)
+            if l:
+                a_lo, a_hi, most = min(a_lo, lo), max(a_hi, lo + l), max(most, l)
+            if lo + l < s:
+                k_lo = min(k_lo, lo + l)
+        return min(a_lo, a_hi), a_hi, k_lo, most
+
+    def _rows(self, unit: int, s: int) -> tuple[int, int]:
+        """(lo, l) of a unit at context s: it attends to cached tokens [lo, s) and recomputes
+        [lo, lo + l) of them."""
+        l, w = self.plan.recompute_tokens(unit, s), self.windows[unit]
+        if w is None:
+            return 0, l
+        n = max(0, min(s, w - 1))
+        return s - n, min(l, n)
 
     @property
     def host_bytes(self) -> int:
@@ -107,14 +172,25 @@ class OffloadedCache:
             self.bounds = {}
             return
         chunks = self.plan.act_chunks
-        self.bounds = {i: chunk_bounds(self.plan.recompute_tokens(i, s), chunks)
-                       for i in self.offloaded}
-        # kv_lo was chosen so that contexts from min_context on never read below it: only a
-        # shorter context needs the check, so a decode step pays nothing for it
-        low = s if s >= self.min_context else min((b[-1] for b in self.bounds.values()), default=s)
-        if low < min(s, self.kv_lo):
-            raise KvcError(f"context {s} reads K,V from token {low}, but the CPU pools keep tokens "
-                           f"{self.kv_lo}.. only (made for contexts >= {self.min_context})")
+        for i in self.offloaded:
+            lo, l = self._rows(i, s)
+            self.base[i], self.cached[i] = lo, s - lo
+            self.bounds[i] = chunk_bounds(l, chunks)
+        # the pools were sized so that contexts from min_context on never read outside them:
+        # only a shorter context needs the check, so a decode step pays nothing for it
+        if s < self.min_context:
+            for i in self.offloaded:
+                lo, l = self.base[i], self.bounds[i][-1]
+                if lo + l < s and lo + l < self.kv_base[i]:
+                    raise KvcError(
+                        f"context {s} reads K,V from token {lo + l}, but the CPU pools keep tokens "
+                        f"{self.kv_base[i]}.. only (made for contexts >= {self.min_context})")
+                a = self.act_base[i]
+                if l and not (a <= lo and lo + l <= a + self.act_rows):
+                    raise KvcError(
+                        f"context {s} recomputes tokens {lo}..{lo + l - 1}, but the CPU pools keep "
+                        f"activations of tokens {a}..{a + self.act_rows - 1} only (made for "
+                        f"contexts >= {self.min_context})")
 
     def end_step(self, tokens: int) -> None:
         self.s += tokens
@@ -142,29 +218,30 @@ class OffloadedCache:
             pool[a - lo:b - lo].copy_(x[:, a - self.s:b - self.s].transpose(0, 1), non_blocking=True)
 
     def offload_act(self, h, stream: int, layer: int) -> None:
-        self._to_pool(self.views[layer].act_pool, h, stream)
+        self._to_pool(self.views[layer].act_pool, h, stream, self.act_base[layer])
 
     def offload_kv(self, k, v, stream: int, layer: int) -> None:
-        w = self.views[layer]
-        self._to_pool(w.k_pool, k, stream, self.kv_lo)
-        self._to_pool(w.v_pool, v, stream, self.kv_lo)
+        w, lo = self.views[layer], self.kv_base[layer]
+        self._to_pool(w.k_pool, k, stream, lo)
+        self._to_pool(w.v_pool, v, stream, lo)
 
     # --- prefetch: CPU pools -> staging --------------------------------------------------
     def prefetch_act(self, stream: int, layer: int, chunk: int) -> None:
         lo, hi = self.bounds[layer][chunk], self.bounds[layer][chunk + 1]
         if hi > lo:
+            a = self.base[layer] - self.act_base[layer]  # pool row of the token at staging row 0
             with self.streams.use(stream):
                 w = self.views[layer]
-                w.act_stage[lo:hi].copy_(w.act_pool[lo:hi], non_blocking=True)
+                w.act_stage[lo:hi].copy_(w.act_pool[a + lo:a + hi], non_blocking=True)
 
     def prefetch_kv(self, stream: int, layer: int) -> None:
-        l, s = self.bounds[layer][-1], self.s
-        if s > l:
+        l, n = self.bounds[layer][-1], self.cached[layer]
+        if n > l:
             w = self.views[layer]
-            a, b = l - self.kv_lo, s - self.kv_lo  # pool row r holds token kv_lo + r
+            a = self.base[layer] - self.kv_base[layer]  # pool row r holds token kv_base + r
             with self.streams.use(stream):
-                w.k_stage[l:s].copy_(w.k_pool[a:b], non_blocking=True)
-                w.v_stage[l:s].copy_(w.v_pool[a:b], non_blocking=True)
+                w.k_stage[l:n].copy_(w.k_pool[a + l:a + n], non_blocking=True)
+                w.v_stage[l:n].copy_(w.v_pool[a + l:a + n], non_blocking=True)
 
     def staged_act(self, layer: int, chunk: int):
         lo, hi = self.bounds[layer][chunk], self.bounds[layer][chunk + 1]
@@ -176,16 +253,17 @@ class OffloadedCache:
         w.v_stage[lo:hi].copy_(v.transpose(0, 1))
 
     def put_new(self, k, v, layer: int) -> None:
-        s, t, w = self.s, k.shape[1], self.views[layer]
-        w.k_stage[s:s + t].copy_(k.transpose(0, 1))
-        w.v_stage[s:s + t].copy_(v.transpose(0, 1))
+        n, t, w = self.cached[layer], k.shape[1], self.views[layer]
+        w.k_stage[n:n + t].copy_(k.transpose(0, 1))
+        w.v_stage[n:n + t].copy_(v.transpose(0, 1))
 
     def staged_kv(self, layer: int):
-        n, w = self.s + self.t, self.views[layer]
+        n, w = self.cached[layer] + self.t, self.views[layer]
         return w.k_stage[:n].transpose(0, 1), w.v_stage[:n].transpose(0, 1)
 
     def recompute_positions(self, layer: int, chunk: int):
-        return self.positions[self.bounds[layer][chunk]:self.bounds[layer][chunk + 1]]
+        lo = self.base[layer]
+        return self.positions[lo + self.bounds[layer][chunk]:lo + self.bounds[layer][chunk + 1]]
 
     # --- weights: a streamed layer's CPU pool -> its GPU weight slot ---------------------
     def prefetch_weights(self, stream: int, layer: int) -> None:

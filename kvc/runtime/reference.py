@@ -20,7 +20,8 @@ class ReferenceDecoder:
     def _cache(self, batch: int, max_tokens: int) -> tuple[DeviceCache, int]:
         w = next(self.model.parameters())
         cache = DeviceCache(self.spec.num_layers, batch, max_tokens, self.spec.num_kv_heads,
-                            self.spec.head_dim, w.dtype, w.device)
+                            self.spec.head_dim, w.dtype, w.device,
+                            windows={i: self.spec.window(i) for i in range(self.spec.num_layers)})
         return cache, registry.register(cache)
 
     @torch.inference_mode()
