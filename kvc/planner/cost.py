@@ -19,6 +19,7 @@ from kvc.dtypes import dtype_bytes
 from kvc.models import costs as family_costs
 from kvc.models import layer_param_count, param_count
 from kvc.models.spec import ModelSpec
+from kvc.planner.lanes import intervals, simulate  # noqa: F401  (cost.simulate, cost.intervals)
 
 GB = 1e9
 # nodes of the lowered decode graph the host issues, one at a time, per decode step, by kind
@@ -238,107 +239,6 @@ def per_unit(x, micro_batches: int):
     """A per-layer array repeated for each of the layer's micro-batches (units, Plan "Units")."""
     return np.repeat(np.asarray(x), micro_batches, axis=0)
 
-
-def simulate(A, K, R, C, D, head: float, lookahead: int, act_chunks: int, W=None,
-             weight_lag: int = 2, back: float = 0.0, front: float = 0.0):
-    """Earliest-start schedule of one decode step, as the runtime issues it.
-
-    Arrays are [units, ...] (any trailing shape, e.g. contexts); a unit is a layer on one
-    micro-batch, and units are layers when there is one micro-batch. Streams: one H2D copy
-    stream (per layer: activation chunks, then the K,V tail), the compute stream (recompute
-    chunk k once chunk k has landed and chunk k-1 is done, then the layer once its K,V tail
-    has landed), and a D2H stream for write-back. Layer i's copies go into staging buffer
-    i mod (lookahead+1), so they wait for layer i-1-lookahead to finish computing: lookahead 1
-    (pipelined, full_offload) overlaps layer i+1's copies with layer i's compute; lookahead 0
-    (kvpr) runs layer by layer. The LP in scheduler.py states exactly these inequalities;
-    this is their earliest solution for fixed durations.
-    `W` (optional, [units, ...]): a weight-streamed layer's weight copy, issued on the copy
-    stream before its first unit's activation / K,V copies; nothing of the layer (recompute
-    included, it reads the K/V projections) starts before it lands. The copy waits for its
-    weight slot: the unit `weight_lag` before (micro_batches + 1: the last unit of the layer
-    two back, which used the same one of the two slots), not for the staging slot.
-    `back` (ms): the end of each unit's compute that runs after its attention has read the
-    staging slot; the slot is free for the next copies that much before the unit ends.
-    `front` (ms): the start of each unit's compute that reads nothing staged (the new token's
-    norm and projections), issued first in the layer: it runs as soon as the previous unit
-    (and the layer's streamed weights) are done, before the recompute chunks and while the
-    copies land; the rest of C waits for the K,V tail.
-    Returns (step, link_busy, gpu_busy) in ms.
-    """
-    L = A.shape[0]
-    W = np.zeros_like(A) if W is None else np.broadcast_to(W, A.shape)
-    zero = np.zeros(A.shape[1:])
-    ends = []  # compute end per layer
-    copy_end = zero
-    d2h_end = zero
-    c = act_chunks
-    for i in range(L):
-        j, jw = i - 1 - lookahead, i - weight_lag
-        w0 = np.maximum(copy_end, ends[jw]) if jw >= 0 else copy_end  # weight slot free
-        landed = np.where(W[i] > 0, w0 + W[i], zero)  # the layer's weights (W = 0: no wait)
-        wt = np.where(W[i] > 0, landed, copy_end)
-        start = np.maximum(wt, ends[j] - back) if j >= 0 else wt  # staging slot free
-        t = np.maximum(ends[i - 1] if i else zero, landed) + front
-        for k in range(1, c + 1):
-            t = np.maximum(t, start + k * A[i] / c) + R[i] / c
-        copy_end = start + A[i] + K[i]
-        end = np.maximum(t, copy_end) + C[i] - front
-        ends.append(end)
-        d2h_end = np.maximum(d2h_end, end) + D[i]
-    step = np.maximum(ends[-1] + head, d2h_end)
-    link = (W + A + K).sum(axis=0)
-    gpu = (R + C).sum(axis=0) + head
-    return step, link, gpu
-
-
-
-def intervals(A, K, R, C, D, head: float, lookahead: int, act_chunks: int, W=None,
-              weight_lag: int = 2, back: float = 0.0, front: float = 0.0) -> list[dict]:
-    """The same earliest-start schedule as `simulate`, for one context (arrays [layers]), as
-    the intervals each stream is busy: dicts with lane (copy-in | compute | copy-out), layer
-    (None for the head), kind (act_copy | kv_copy | recompute | compute | writeback | head),
-    start and end in ms. Zero-length work is left out. `simulate` stays the LP's evaluator;
-    this is its picture, so a test holds the two to the same step time.
-    """
-    A, K, R, C, D = (np.asarray(x, dtype=float).reshape(-1) for x in (A, K, R, C, D))
-    W = np.zeros_like(A) if W is None else np.asarray(W, dtype=float).reshape(-1)
-    out: list[dict] = []
-
-    def add(lane, layer, kind, start, end):
-        if end > start:
-            out.append({"lane": lane, "layer": layer, "kind": kind, "start": float(start),
-                        "end": float(end)})
-
-    ends: list[float] = []
-    copy_end = d2h_end = 0.0
-    c = act_chunks
-    for i in range(len(A)):
-        j, jw = i - 1 - lookahead, i - weight_lag
-        landed = 0.0
-        if W[i] > 0:
-            w0 = max(copy_end, ends[jw]) if jw >= 0 else copy_end
-            add("copy-in", i, "weight_copy", w0, w0 + W[i])
-            copy_end = landed = w0 + W[i]
-        start = max(copy_end, ends[j] - back) if j >= 0 else copy_end
-        t = max(ends[i - 1] if i else 0.0, landed)
-        add("compute", i, "compute", t, t + front)
-        t += front
-        for k in range(1, c + 1):
-            add("copy-in", i, "act_copy", start + (k - 1) * A[i] / c, start + k * A[i] / c)
-            t0 = max(t, start + k * A[i] / c)
-            t = t0 + R[i] / c
-            add("compute", i, "recompute", t0, t)
-        copy_end = start + A[i] + K[i]
-        add("copy-in", i, "kv_copy", start + A[i], copy_end)
-        begin = max(t, copy_end)
-        ends.append(begin + C[i] - front)
-        add("compute", i, "compute", begin, ends[-1])
-        wb = max(d2h_end, ends[-1])
-        d2h_end = wb + D[i]
-        add("copy-out", i, "writeback", wb, d2h_end)
-    last = ends[-1] if ends else 0.0
-    add("compute", None, "head", last, last + head)
-    return out
 
 # --- memory ----------------------------------------------------------------------------------
 

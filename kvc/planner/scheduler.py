@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import replace
 
 import numpy as np
-import pulp
 
 from kvc.planner import cost
+from kvc.planner.lp import solve as _solve
 from kvc.errors import KvcError
 from kvc.hardware import HardwareConfig
 from kvc.models.spec import ModelSpec
@@ -212,7 +211,8 @@ def step_terms(spec, hw, plan: Plan, s, l, b: int, dtype: str):
     A, K, R, C, D = cost.durations(c, np.asarray(s)[None, ...], l, res, plan.act_chunks)
     W = cost.weight_durations(c, streamed, trailing, m) if any(streamed) else None
     return ((A, K, R, C, D, m * c.head, plan.lookahead, plan.act_chunks),
-            {"W": W, "weight_lag": m + 1, "back": c.layer_back, "front": c.layer_front})
+            {"W": W, "weight_lag": m + 1, "back": c.layer_back, "front": c.layer_front,
+             "offloaded": [not r for r in plan.resident]})
 
 
 def _evaluate_arrays(spec, hw, plan: Plan, ctx, l, b, dtype):
@@ -309,122 +309,6 @@ def _check_memory(spec, hw, b, s_max, dtype, mode, buffers, with_act, streamed=(
                                       f"GPU memory; planned without recompute")
         return bare
     return {**t, "staging_for": "kv+act"}
-
-
-# --- the LP ----------------------------------------------------------------------------------
-
-def _solve(c: cost.LayerCosts, L: int, s: int, *, look: int, chunks: int, resident, deadline: float,
-           mem_budget: tuple[float, float] | None = None, wcopy=None, with_step: bool = False,
-           m: int = 1, weight_budget: tuple[float, float, float] | None = None,
-           fixed_x: float | None = None):
-    """One decode step at context s as an LP. Returns (l_i/s, z_i, w_i) per layer.
-
-    Variables per layer: x_i (recomputed fraction), z_i (kept-on-GPU fraction, only with
-    mem_budget), w_i (fraction of its weights streamed, only with weight_budget); the K,V
-    fraction is 1 - x_i - z_i. Times per unit u (layer u // m on micro-batch u % m, all m
-    sharing their layer's fractions): Pw_u weight copy start, P_u cache copy start, Q_uk
-    recompute chunk k start, E_u compute end, W_u write-back end, T the step. Same
-    inequalities as cost.simulate. `wcopy[i]`: a constant weight copy (ms) for layer i, or,
-    with `weight_budget = (full copy ms, layer GB, GB for layer weights and two slots)`, a
-    variable one w_i * full, under sum((1 - w_i) * layer GB) + 2 * slot <= budget, slot >=
-    w_i * layer GB. `fixed_x`: every x_i fixed (full_offload: 0). `with_step`: also return T.
-    """
-    prob = pulp.LpProblem("kvc_step", pulp.LpMinimize)
-    V = prob.add_variable  # pulp 3.3+: variables belong to their problem
-    T = V("T", 0)
-    prob += T
-    zero = pulp.LpAffineExpression()
-    x, z, w = [], [], []
-    for i in range(L):
-        if resident[i]:
-            x.append(zero)
-            z.append(zero)
-        else:
-            x.append(V(f"x{i}", 0, 1) if fixed_x is None else fixed_x + zero)
-            z.append(V(f"z{i}", 0, 1) if mem_budget else zero)
-            if mem_budget and fixed_x is None:
-                prob += x[i] + z[i] <= 1
-        if weight_budget:
-            w.append(V(f"w{i}", 0, 1))
-    if weight_budget:
-        full, layer_gb, room = weight_budget
-        slot = V("slot", 0)
-        for i in range(L):
-            prob += slot >= layer_gb * w[i]
-        prob += pulp.lpSum(layer_gb * (1 - w[i]) for i in range(L)) + 2 * slot <= room, "weights"
-        wc = [full * w[i] for i in range(L)]
-    else:
-        wc = list(wcopy or [0.0] * L)
-    E, copy_end, Wn_prev = [], None, None
-    C = c.layer_fixed + c.attn_per_tok * (s + 1)
-    for u in range(L * m):
-        i, first = u // m, u % m == 0
-        off = not resident[i]
-        streams = first and (weight_budget is not None or wc[i])
-        A = (c.act_per_tok * s) * x[i] + chunks * c.copy_fixed if off else zero
-        K = ((c.kv_per_tok * s) * (1 - x[i] - z[i]) + 2 * c.copy_fixed) if off else zero
-        R = (c.rec_per_tok * s) * x[i] + chunks * c.rec_chunk_fixed if off else zero
-        P = V(f"P{u}", 0)
-        if streams:  # the weight copy: after the previous copies, once its slot is free
-            Pw = V(f"Pw{u}", 0)
-            if copy_end is not None:
-                prob += Pw >= copy_end
-            if u - (m + 1) >= 0:
-                prob += Pw >= E[u - (m + 1)]
-            prob += P >= Pw + wc[i]
-        elif copy_end is not None:
-            prob += P >= copy_end  # one copy stream
-        if u - 1 - look >= 0:  # staging buffer u mod (look+1) is free: its attention is done
-            prob += P >= E[u - 1 - look] - c.layer_back
-        prev = None
-        for k in range(1, chunks + 1):
-            Q = V(f"Q{u}_{k}", 0)
-            if off or streams:
-                prob += Q >= P + (k / chunks) * A  # chunk k (and the weights) landed
-            if prev is not None:
-                prob += Q >= prev + (1.0 / chunks) * R
-            else:  # the layer's front (new token's norm and projections) runs first
-                if u:
-                    prob += Q >= E[u - 1] + c.layer_front
-                if streams:
-                    prob += Q >= Pw + wc[i] + c.layer_front
-                prob += Q >= c.layer_front
-            prev = Q
-        copy_end = P + A + K
-        E.append(V(f"E{u}", 0))
-        prob += E[u] >= prev + (1.0 / chunks) * R + C - c.layer_front
-        if off or streams:
-            prob += E[u] >= copy_end + C - c.layer_front  # the K,V tail (and the weights) have landed
-        Dw = c.writeback if off else 0.0
-        Wn = V(f"W{u}", 0)
-        prob += Wn >= E[u] + Dw
-        if Wn_prev is not None:
-            prob += Wn >= Wn_prev + Dw
-        Wn_prev = Wn
-    prob += T >= E[-1] + m * c.head
-    prob += T >= Wn_prev
-    if mem_budget:
-        free, per_layer = mem_budget
-        prob += pulp.lpSum(z) * per_layer <= free, "gpu_memory"
-    left = max(0.5, deadline - time.perf_counter())
-    with warnings.catch_warnings():
-        # PULP_CBC_CMD (the CBC bundled with pulp) is deprecated for pulp 4, which drops the
-        # bundle; until then it is the one solver every install has
-        warnings.simplefilter("ignore", DeprecationWarning)
-        status = prob.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=left))
-    if pulp.LpStatus[status] != "Optimal" or prob.sol_status != pulp.LpSolutionOptimal:
-        what = pulp.LpStatus[status]
-        sol = pulp.LpSolution.get(prob.sol_status, str(prob.sol_status))
-        hint = ("the GPU memory constraint (resident layers or weights vs gpu_mem_gb)"
-                if what == "Infeasible"
-                else f"no optimal solution within schedule.solver_time_limit_s ({left:.1f} s left)")
-        raise KvcError(f"scheduler LP at context {s} failed: status {what}, solution {sol}; "
-                       f"binding: {hint}")
-    val = lambda e: float(pulp.value(e) or 0.0) if not isinstance(e, pulp.LpAffineExpression) else 0.0
-    xs, zs = [min(1.0, max(0.0, val(v))) for v in x], [min(1.0, max(0.0, val(v))) for v in z]
-    ws = [min(1.0, max(0.0, val(v))) for v in w]
-    out = (xs, zs, ws)
-    return (*out, float(pulp.value(T))) if with_step else out
 
 
 def _representatives(lo: int, hi: int, chunk: int) -> list[int]:
