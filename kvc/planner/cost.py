@@ -7,6 +7,10 @@ exactly with the same numbers. Units: bytes, FLOPs, milliseconds; `*_gbps` is 1e
 GEMM time follows the profiler's fit `t = flops_per_row * (rows + r0) / F`: F is the peak
 rate and r0 (`gemm_half_rows`) the rows at which the rate reaches half of F. Summed over the
 chunks of a recompute, that is a slope in tokens plus r0 rows per chunk: still affine.
+
+The planner's other jobs live next door and stay reachable as cost.<name>: bytes and FLOPs
+(sizes.py), the walk of the step's lanes (lanes.py: simulate, intervals), GPU and host memory
+(memory.py) and the host lane (host.py).
 """
 from __future__ import annotations
 
@@ -14,118 +18,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvc.hardware import HardwareConfig
 from kvc.dtypes import dtype_bytes
+from kvc.hardware import HardwareConfig
 from kvc.models import costs as family_costs
-from kvc.models import layer_param_count, param_count
+from kvc.models import layer_param_count
 from kvc.models.spec import ModelSpec
-from kvc.planner.lanes import intervals, simulate  # noqa: F401  (cost.simulate, cost.intervals)
-
-GB = 1e9
-# nodes of the lowered decode graph the host issues, one at a time, per decode step, by kind
-# (HOST_KINDS: module calls, aten ops, views, kvc custom ops; a module call costs several
-# times a view): a layer, an offloaded layer's write-back/prefetch/event nodes, a recomputing
-# layer's fixed nodes and each chunk's (the cloned K/V subgraph, staged_act, put_recomputed,
-# its wait), the head, a weight-streamed layer's prefetch_weights and its record/wait pairs,
-# and grouped-query attention's K,V head expansion. Micro-batches (passes/microbatch.py): the
-# split and the final concatenation once, an embedding, head and batch slice per extra
-# micro-batch, and nodes that read no tokens (RoPE table slices) once per layer, not per unit.
-# tests/test_cost.py checks these against kvc.compiler.lowering; at small batch they bound the step.
-HOST_KINDS = ("module", "op", "view", "kvc", "graph")
-HOST_NODES = {  # passes/flatten.py calls Linear, LayerNorm and Embedding as functionals (ops)
-    "opt": {"layer": (0, 13, 10, 2, 0), "head": (0, 6, 0, 0, 0), "offload": (0, 0, 0, 10, 0),
-            "recompute": (0, 0, 0, 3, 0), "chunk": (0, 2, 5, 5, 0), "weights": (0, 0, 0, 5, 0),
-            "gqa": (0, 0, 0, 0, 0), "split": (0, 2, 1, 0, 0), "per_micro_batch": (0, 4, 1, 0, 0),
-            "shared_per_layer": (0, 0, 0, 0, 0), "gqa_offload": (0, 0, 0, 0, 0)},
-    "llama": {"layer": (0, 40, 20, 2, 0), "head": (0, 9, 5, 0, 0), "offload": (0, 0, 0, 10, 0),
-              "recompute": (0, 0, 0, 3, 0), "chunk": (0, 9, 16, 6, 0), "weights": (0, 0, 0, 5, 0),
-              "gqa": (0, 0, 4, 0, 0), "split": (0, 2, 1, 0, 0), "per_micro_batch": (0, 9, 2, 0, 0),
-              "shared_per_layer": (0, 0, 4, 0, 0), "gqa_offload": (0, 0, 0, 0, 0)},
-}
-# the same step run as piecewise CUDA graphs (kvc.passes.cudagraphs): a layer is one
-# segment call (kind "graph": its input copy and replay), its two cache ops, the views of the
-# cache and attention; the head's nodes join the last segment and the embedding a first one.
-# A value that leaves the step (the logits) or that another stream reads (offload_kv's K,V;
-# offload_act's activation) is cloned after the replay (an op). Segments never cross an event
-# recorded or awaited on the compute stream, which cuts an offloaded layer once more where
-# its K,V are recorded for the write-back, a recomputing layer where its activation is, and a
-# weight-streamed layer at its weights' wait and slot-free record. Views left alone between
-# two events (OPT's Q transpose, grouped-query attention's Q reshape) stay eager views.
-# Rows not named here (a recomputed chunk) are eager as before.
-_GRAPHED = {"layer": (0, 1, 4, 2, 1), "head": (0, 1, 0, 0, 1), "gqa": (0, 0, 0, 0, 0),
-            "gqa_offload": (0, 0, 2, 0, 0),
-            "recompute": (0, 1, 0, 3, 1), "weights": (0, 0, 0, 5, 2),
-            "split": (0, 0, 0, 0, 0), "per_micro_batch": (0, 0, 0, 0, 0),
-            "shared_per_layer": (0, 0, 0, 0, 0)}
-GRAPHED_NODES = {"opt": {**_GRAPHED, "offload": (0, 2, 1, 10, 1)},
-                 "llama": {**_GRAPHED, "offload": (0, 2, 0, 10, 1)}}
-
-
-def host_node_kinds(spec: ModelSpec, resident, recomputes, act_chunks: int, streamed=None,
-                    micro_batches: int = 1, graphed: bool = False) -> np.ndarray:
-    """Nodes per decode step by kind ([len(HOST_KINDS)]); `resident` and `recomputes` are
-    per-unit booleans (arrays), `streamed` per layer (weights). `graphed`: the step runs as
-    piecewise CUDA graphs (GRAPHED_NODES)."""
-    rows = {**HOST_NODES[spec.family], **(GRAPHED_NODES[spec.family] if graphed else {})}
-    n = {k: np.array(v) for k, v in rows.items()}
-    gqa = spec.num_kv_heads < spec.num_heads
-    layer = n["layer"] + (n["gqa"] if gqa else 0)
-    off = ~np.asarray(resident, dtype=bool)
-    rec = np.asarray(recomputes, dtype=bool) & off
-    total = (len(off) * layer + off.sum() * (n["offload"] + (n["gqa_offload"] if gqa else 0))
-             + rec.sum() * (n["recompute"] + act_chunks * n["chunk"]) + n["head"])
-    if micro_batches > 1:
-        layers = len(off) // micro_batches
-        total = total + n["split"] + (micro_batches - 1) * (
-            n["per_micro_batch"] - layers * n["shared_per_layer"])
-    if streamed is not None and len(streamed):
-        total = total + n["weights"] * int(np.count_nonzero(np.asarray(streamed, dtype=float)))
-    return total
-
-
-def host_nodes(spec: ModelSpec, resident, recomputes, act_chunks: int, streamed=None,
-               micro_batches: int = 1, graphed: bool = False) -> int:
-    """Nodes per decode step, all kinds together."""
-    return int(host_node_kinds(spec, resident, recomputes, act_chunks, streamed, micro_batches,
-                               graphed).sum())
-
-
-def host_ms(hw: HardwareConfig, kinds, spec: ModelSpec) -> float:
-    """Host time to issue nodes counted by kind (host_node_kinds) of `spec`'s decode graph."""
-    us = np.array([hw.host_module_us, hw.host_op_us * family_costs(spec).host_op_weight,
-                   hw.host_view_us, hw.host_kvc_us, hw.host_graph_us])
-    return float(np.asarray(kinds) @ us) * 1e-3
-
-
-# --- bytes and FLOPs ----------------------------------------------------------------------
-
-def act_bytes(spec: ModelSpec, b: int, tokens, p: int):
-    """A layer's input activations for `tokens` cached tokens: what ships instead of K,V."""
-    return b * tokens * spec.hidden_size * p
-
-
-def kv_bytes(spec: ModelSpec, b: int, tokens, p: int):
-    return 2 * b * tokens * spec.kv_width * p
-
-
-def recompute_flops(spec: ModelSpec, b: int, tokens):
-    """K and V projections of `tokens` activations: 2 GEMMs of [b*l, h] @ [h, h_kv]."""
-    return 2 * b * tokens * spec.hidden_size * 2 * spec.kv_width
-
-
-def weight_bytes(spec: ModelSpec, p: int) -> int:
-    return param_count(spec) * p
-
-
-def layer_weight_bytes(spec: ModelSpec, p: int) -> int:
-    """One decoder layer's parameters: what a weight-streamed layer copies each step."""
-    return layer_param_count(spec) * p
-
-
-def writeback_bytes(spec: ModelSpec, b: int, p: int) -> int:
-    """The new token's activation and K,V, back to the CPU pools each step (per layer)."""
-    return b * (spec.hidden_size + 2 * spec.kv_width) * p
-
+from kvc.planner.sizes import (GB, act_bytes, kv_bytes, layer_weight_bytes, recompute_flops,
+                               writeback_bytes)
+# what callers reach as cost.<name>: the byte counts, the step's walk, memory, the host lane
+from kvc.planner.sizes import weight_bytes  # noqa: F401
+from kvc.planner.lanes import intervals, simulate  # noqa: F401
+from kvc.planner.memory import (host_pool_bytes, memory_terms, staging_bytes,  # noqa: F401
+                                workspace_bytes)
+from kvc.planner.host import HOST_KINDS, host_ms, host_node_kinds, host_nodes  # noqa: F401
 
 # --- times ---------------------------------------------------------------------------------
 
@@ -238,64 +143,3 @@ def weight_durations(c: LayerCosts, streamed, shape=(), micro_batches: int = 1) 
 def per_unit(x, micro_batches: int):
     """A per-layer array repeated for each of the layer's micro-batches (units, Plan "Units")."""
     return np.repeat(np.asarray(x), micro_batches, axis=0)
-
-
-# --- memory ----------------------------------------------------------------------------------
-
-def workspace_bytes(spec: ModelSpec, b: int, s_max: int, p: int) -> int:
-    """Transient activations of one step: MLP intermediates, fp32 logits, attention scores."""
-    inter = b * (4 * spec.hidden_size + 2 * spec.intermediate_size) * p
-    return inter + b * spec.vocab_size * 4 + b * spec.num_heads * (s_max + 1) * 4
-
-
-def staging_bytes(spec: ModelSpec, b: int, s_max: int, p: int, buffers: int, with_act: bool) -> int:
-    """GPU staging for offloaded layers: per buffer, K,V of all s tokens (transferred tail and
-    recomputed head land in the same buffer, so attention reads one tensor), plus the
-    activations of the recomputed head when the plan recomputes anything."""
-    per = kv_bytes(spec, b, s_max + 1, p) + (act_bytes(spec, b, s_max, p) if with_act else 0)
-    return buffers * per
-
-
-def memory_terms(spec: ModelSpec, hw: HardwareConfig, b: int, s_max: int, dtype: str,
-                 buffers: int, with_act: bool, streamed_layers=0, micro_batches: int = 1) -> dict:
-    """GB figures for the GPU budget; `free_gb` is what is left for resident KV caches.
-
-    `streamed_layers`: how many whole layers keep their weights in pinned CPU memory, or per
-    layer the fraction of its weight bytes that does. Those bytes come off the resident
-    weights, and two GPU weight slots, each the size of the largest streamed part (one slot
-    if only one layer streams), come on as `weight_slots_gb`. The keys appear only when
-    something streams. With micro-batches, staging and the step's transients are per
-    micro-batch of b / micro_batches (the logits and hidden states of all of them live until
-    the step ends); a resident layer's cache holds the whole batch (`layer_kv_gb`).
-    """
-    p = dtype_bytes(dtype)
-    lw = layer_weight_bytes(spec, p)
-    if np.ndim(streamed_layers):
-        frac = np.clip(np.asarray(streamed_layers, dtype=float), 0.0, 1.0)
-    else:
-        n = max(0, min(spec.num_layers, int(streamed_layers)))
-        frac = np.array([1.0] * n)
-    bm = b // max(1, micro_batches)
-    rest = (b - bm) * (spec.vocab_size * 4 + 2 * spec.hidden_size * p)
-    t = {
-        "weights_gb": (weight_bytes(spec, p) - float(frac.sum()) * lw) / GB,
-        "staging_gb": staging_bytes(spec, bm, s_max, p, buffers, with_act) / GB if buffers else 0.0,
-        "workspace_gb": (workspace_bytes(spec, bm, s_max, p) + rest) / GB,
-        "margin_gb": hw.mem_margin_gb,
-        "layer_kv_gb": kv_bytes(spec, b, s_max + 1, p) / GB,
-    }
-    t["free_gb"] = hw.gpu_mem_gb - t["weights_gb"] - t["staging_gb"] - t["workspace_gb"] - t["margin_gb"]
-    n = int(np.count_nonzero(frac))
-    if n:
-        t["weights_streamed"] = round(float(frac.sum()), 4)
-        t["weight_slots_gb"] = min(n, 2) * float(frac.max()) * lw / GB
-        t["free_gb"] -= t["weight_slots_gb"]
-    return t
-
-
-def host_pool_bytes(spec: ModelSpec, b: int, max_tokens: int, p: int, offloaded: int,
-                    act_rows: int, kv_lo: int = 0) -> int:
-    """What OffloadedCache pins, for each offloaded layer: activations of the recomputed rows
-    [0, act_rows), K,V of the rows read back as K,V, [kv_lo, max_tokens) (Plan.min_kv_row)."""
-    return offloaded * (kv_bytes(spec, b, max_tokens - kv_lo, p) + act_bytes(spec, b, act_rows, p))
-

@@ -14,13 +14,12 @@ import warnings
 import pulp
 
 from kvc.errors import KvcError
-from kvc.planner.cost import LayerCosts
 from kvc.planner.lanes import LpOps, Step, walk
 
 
-def durations(c: LayerCosts, ctx, x, z, wc, resident, *, look: int, chunks: int, m: int,
+def durations(c, ctx, x, z, wc, resident, *, look: int, chunks: int, m: int,
               streams) -> Step:
-    """The step's units with the LP's durations at per-layer contexts `ctx` (the cached tokens
+    """The step's units with the LP's durations (c: cost.LayerCosts) at per-layer contexts `ctx` (the cached tokens
     each layer reads): A, K, R affine in x_i, z_i; C, D, W as the LP charges them. x, z, wc:
     per layer (pulp expressions or numbers); `streams` per layer: its weight copy is on the
     copy stream (a constant or variable one). Numbers in, numbers out: the test evaluates
@@ -42,7 +41,7 @@ def durations(c: LayerCosts, ctx, x, z, wc, resident, *, look: int, chunks: int,
                 weight_lag=m + 1, back=c.layer_back, front=c.layer_front)
 
 
-def solve(c: LayerCosts, L: int, s, *, look: int, chunks: int, resident, deadline: float,
+def solve(c, L: int, s, *, look: int, chunks: int, resident, deadline: float,
           mem_budget: tuple[float, float] | None = None, wcopy=None, with_step: bool = False,
           m: int = 1, weight_budget: tuple[float, float, float] | None = None,
           fixed_x: float | None = None, with_values: bool = False):

@@ -1,0 +1,171 @@
+"""GPU and host memory of a plan: what the budget holds (weights, staging, workspace, resident
+caches, pinned pools), the checks that refuse what does not fit, and the weight placement."""
+from __future__ import annotations
+
+import numpy as np
+
+from kvc.dtypes import dtype_bytes
+from kvc.errors import KvcError
+from kvc.hardware import HardwareConfig
+from kvc.ir.modes import Mode
+from kvc.ir.plan import Plan, rounded_fraction
+from kvc.models import layer_param_sizes
+from kvc.models.spec import ModelSpec
+from kvc.planner.lp import solve
+from kvc.planner.sizes import GB, act_bytes, kv_bytes, layer_weight_bytes, weight_bytes
+
+
+def workspace_bytes(spec: ModelSpec, b: int, s_max: int, p: int) -> int:
+    """Transient activations of one step: MLP intermediates, fp32 logits, attention scores."""
+    inter = b * (4 * spec.hidden_size + 2 * spec.intermediate_size) * p
+    return inter + b * spec.vocab_size * 4 + b * spec.num_heads * (s_max + 1) * 4
+
+
+def staging_bytes(spec: ModelSpec, b: int, s_max: int, p: int, buffers: int, with_act: bool) -> int:
+    """GPU staging for offloaded layers: per buffer, K,V of all s tokens (transferred tail and
+    recomputed head land in the same buffer, so attention reads one tensor), plus the
+    activations of the recomputed head when the plan recomputes anything."""
+    per = kv_bytes(spec, b, s_max + 1, p) + (act_bytes(spec, b, s_max, p) if with_act else 0)
+    return buffers * per
+
+
+def memory_terms(spec: ModelSpec, hw: HardwareConfig, b: int, s_max: int, dtype: str,
+                 buffers: int, with_act: bool, streamed_layers=0, micro_batches: int = 1) -> dict:
+    """GB figures for the GPU budget; `free_gb` is what is left for resident KV caches.
+
+    `streamed_layers`: how many whole layers keep their weights in pinned CPU memory, or per
+    layer the fraction of its weight bytes that does. Those bytes come off the resident
+    weights, and two GPU weight slots, each the size of the largest streamed part (one slot
+    if only one layer streams), come on as `weight_slots_gb`. The keys appear only when
+    something streams. With micro-batches, staging and the step's transients are per
+    micro-batch of b / micro_batches (the logits and hidden states of all of them live until
+    the step ends); a resident layer's cache holds the whole batch (`layer_kv_gb`).
+    """
+    p = dtype_bytes(dtype)
+    lw = layer_weight_bytes(spec, p)
+    if np.ndim(streamed_layers):
+        frac = np.clip(np.asarray(streamed_layers, dtype=float), 0.0, 1.0)
+    else:
+        n = max(0, min(spec.num_layers, int(streamed_layers)))
+        frac = np.array([1.0] * n)
+    bm = b // max(1, micro_batches)
+    rest = (b - bm) * (spec.vocab_size * 4 + 2 * spec.hidden_size * p)
+    t = {
+        "weights_gb": (weight_bytes(spec, p) - float(frac.sum()) * lw) / GB,
+        "staging_gb": staging_bytes(spec, bm, s_max, p, buffers, with_act) / GB if buffers else 0.0,
+        "workspace_gb": (workspace_bytes(spec, bm, s_max, p) + rest) / GB,
+        "margin_gb": hw.mem_margin_gb,
+        "layer_kv_gb": kv_bytes(spec, b, s_max + 1, p) / GB,
+    }
+    t["free_gb"] = hw.gpu_mem_gb - t["weights_gb"] - t["staging_gb"] - t["workspace_gb"] - t["margin_gb"]
+    n = int(np.count_nonzero(frac))
+    if n:
+        t["weights_streamed"] = round(float(frac.sum()), 4)
+        t["weight_slots_gb"] = min(n, 2) * float(frac.max()) * lw / GB
+        t["free_gb"] -= t["weight_slots_gb"]
+    return t
+
+
+def host_pool_bytes(spec: ModelSpec, b: int, max_tokens: int, p: int, offloaded: int,
+                    act_rows: int, kv_lo: int = 0) -> int:
+    """What OffloadedCache pins, for each offloaded layer: activations of the recomputed rows
+    [0, act_rows), K,V of the rows read back as K,V, [kv_lo, max_tokens) (Plan.min_kv_row)."""
+    return offloaded * (kv_bytes(spec, b, max_tokens - kv_lo, p) + act_bytes(spec, b, act_rows, p))
+
+
+# --- the plan's memory: host pools, checks, weight placement --------------------------------------
+
+def host_memory_gb(spec: ModelSpec, plan: Plan, b: int, dtype: str) -> float:
+    """Pinned host memory the runtime allocates for the plan's own workload: the offloaded
+    units' cache pools (each of b / micro_batches sequences), trimmed to the rows the plan
+    reads back (host_pool_bytes), and the streamed weights."""
+    s_max = plan.prompt_len + plan.gen_len
+    p = dtype_bytes(dtype)
+    act_rows = min(s_max, plan.max_recompute_tokens(s_max))
+    kv_lo = max(0, min(s_max, plan.min_kv_row(s_max)))
+    pools = host_pool_bytes(spec, b // plan.micro_batches, s_max, p,
+                            sum(not r for r in plan.resident), act_rows, kv_lo)
+    return (pools + sum(plan.weights_streamed) * layer_weight_bytes(spec, p)) / GB
+
+
+def check_host_memory(spec: ModelSpec, hw: HardwareConfig, plan: Plan, b: int, dtype: str) -> None:
+    """The pinned pools must fit `hardware.cpu_mem_gb`: refused here, before any allocation."""
+    need = host_memory_gb(spec, plan, b, dtype)
+    if need > hw.cpu_mem_gb:
+        raise KvcError(
+            f"{plan.mode}: the pinned CPU pools need {need:.1f} GB, more than hardware.cpu_mem_gb = "
+            f"{hw.cpu_mem_gb:g}; lower workload.batch_size or the context, or raise cpu_mem_gb "
+            "if the machine has the memory")
+
+
+def check_memory(spec, hw, b, s_max, dtype, mode: Mode, buffers, with_act, streamed=(),
+                 micro_batches: int = 1) -> dict:
+    """The GPU budget's terms for the plan (memory_terms), or a KvcError naming what does not
+    fit. An offloading mode whose activation staging does not fit plans without recompute
+    (`recompute_disabled`); `staging_for` says what the staging holds."""
+    m = micro_batches
+    if not mode.offloads:
+        t = memory_terms(spec, hw, b, s_max, dtype, 0, False, streamed, m)
+        need = t["layer_kv_gb"] * spec.num_layers - t["free_gb"]
+        if need > 0:
+            raise KvcError(
+                f"{mode.name} does not fit: needs {need:.1f} GB more than hardware.gpu_mem_gb = "
+                f"{hw.gpu_mem_gb:g} (weights {t['weights_gb']:.1f} GB + KV cache "
+                f"{t['layer_kv_gb'] * spec.num_layers:.1f} GB + workspace {t['workspace_gb']:.1f} GB"
+                f" + margin {t['margin_gb']:g} GB); use an offloading mode")
+        return t
+    bare = {**memory_terms(spec, hw, b, s_max, dtype, buffers, False, streamed, m),
+            "staging_for": "kv"}
+    if bare["free_gb"] < 0:
+        raise KvcError(
+            f"{mode.name}: GPU memory is {-bare['free_gb']:.2f} GB short of streaming even one "
+            f"layer: weights {bare['weights_gb']:.2f} GB + staging {bare['staging_gb']:.2f} GB + "
+            f"workspace {bare['workspace_gb']:.2f} GB + margin {bare['margin_gb']:g} GB > "
+            f"hardware.gpu_mem_gb = {hw.gpu_mem_gb:g}; lower workload.batch_size or the context")
+    if not with_act:
+        return bare
+    t = memory_terms(spec, hw, b, s_max, dtype, buffers, True, streamed, m)
+    if t["free_gb"] < 0:
+        bare["recompute_disabled"] = (f"activation staging needs {-t['free_gb']:.2f} GB more "
+                                      f"GPU memory; planned without recompute")
+        return bare
+    return {**t, "staging_for": "kv+act"}
+
+
+def place_weights(c, spec, hw, b, s_max, dtype, mode: Mode, buffers, look, chunks, m,
+                  recompute_fraction, deadline) -> tuple[float, ...]:
+    """Weight placement: () when every layer's weights fit next to the cache's staging;
+    otherwise per layer the fraction of its weights streamed from pinned CPU memory, as the LP
+    at the longest context chooses it under the GPU budget (with the split of that context
+    free, or fixed by the mode), each rounded up to whole parameters (largest first).
+    A mode that does not offload never streams on its own (weight_stream_fraction can force
+    it). Where even streaming every layer does not fit, the error names the shortfall."""
+    L = spec.num_layers
+    args = (spec, hw, b, s_max, dtype, buffers, False)
+    if not mode.offloads or memory_terms(*args, 0, m)["free_gb"] >= 0:
+        return ()
+    every = memory_terms(*args, L, m)
+    if every["free_gb"] < 0:
+        raise KvcError(
+            f"{mode.name}: GPU memory is {-every['free_gb']:.2f} GB short of streaming even one "
+            f"layer, with every layer's weights streamed from CPU: resident weights "
+            f"{every['weights_gb']:.2f} GB + weight slots {every['weight_slots_gb']:.2f} GB + "
+            f"staging {every['staging_gb']:.2f} GB + workspace {every['workspace_gb']:.2f} GB + "
+            f"margin {every['margin_gb']:g} GB > hardware.gpu_mem_gb = {hw.gpu_mem_gb:g}; "
+            "lower workload.batch_size or the context")
+    layer_gb = layer_weight_bytes(spec, dtype_bytes(dtype)) / GB
+    # what is left for layer weights and their two slots with every layer streamed
+    room = every["free_gb"] + every["weight_slots_gb"] + L * layer_gb
+    fixed = None if mode.recomputes and recompute_fraction is None else (
+        0.0 if recompute_fraction is None else recompute_fraction)
+    w = solve(c, L, s_max, look=look, chunks=chunks, resident=(False,) * L, deadline=deadline,
+              m=m, weight_budget=(c.weight_copy, layer_gb, room), fixed_x=fixed)[2]
+    sizes = layer_param_sizes(spec)
+    out = [rounded_fraction(sizes, f) if f > 1e-6 else 0.0 for f in w]
+    # rounding up streams at least what the LP chose; a vertex at exactly the budget may
+    # still be a hair short after rounding: stream the next layer whole until it fits
+    for i in sorted(range(L), key=lambda i: -out[i]):
+        if memory_terms(*args, out, m)["free_gb"] >= 0:
+            break
+        out[i] = 1.0
+    return tuple(out)
