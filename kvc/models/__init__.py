@@ -16,12 +16,12 @@ from typing import Any
 import torch
 
 from kvc.errors import KvcError
-from kvc.models import gemma2, llama, opt
+from kvc.models import gemma2, llama, opt, qwen3
 from kvc.models.build import build
 from kvc.models.checkpoint import checkpoint_files, read_config
 from kvc.models.spec import Family, FamilyCosts, ModelSpec
 
-FAMILIES: tuple[Family, ...] = (opt.FAMILY, llama.FAMILY, gemma2.FAMILY)
+FAMILIES: tuple[Family, ...] = (opt.FAMILY, llama.FAMILY, qwen3.FAMILY, gemma2.FAMILY)
 
 _BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 _BY_NAME = {f.name: f for f in FAMILIES}
