@@ -8,6 +8,8 @@ host application had initialised is put back afterwards.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +24,29 @@ from kvc.hardware import HardwareConfig
 from kvc.ir.modes import NAMES as MODE_NAMES
 
 GROUPS = ("hardware", "schedule")
+
+# What any input may ask for (model.yaml, overrides, a config dict, an artifact's manifest):
+# far above every real model and machine, low enough that a crafted number cannot make kvc
+# allocate, solve or loop without end. kvc.artifact holds manifests to the same bounds.
+MAX_YAML_BYTES = 1 << 20  # a model.yaml or hardware profile
+MAX_DEPTH = 32  # nesting of mappings and lists in one
+MAX_OVERRIDES, MAX_OVERRIDE_CHARS = 1000, 4096
+LIMITS = {
+    "batch_size": 1 << 16,
+    "context": 1 << 22,  # prompt_len + gen_len
+    "num_gpu_batches": 64,
+    "chunk_tokens": 1 << 22,
+    "act_chunks": 64,
+    "mem_gb": 1e6,  # gpu_mem_gb, cpu_mem_gb, mem_margin_gb
+    "solver_time_limit_s": 86400.0,
+    "seed": (1 << 63) - 1,
+    # a model's shape (ModelSpec): what a manifest's model_spec is held to
+    "num_layers": 512,
+    "width": 1 << 18,  # hidden_size, intermediate_size, head_dim
+    "heads": 1 << 12,  # num_heads, num_kv_heads
+    "vocab_size": 1 << 24,
+    "max_positions": 1 << 24,
+}
 
 
 @dataclass
@@ -107,35 +132,81 @@ def _read_user(source) -> tuple[dict, str]:
     if source is None:
         return {}, "defaults"
     if isinstance(source, dict):
-        return _plain(source), "config dict"
+        return _plain(source, "config dict"), "config dict"
     path = Path(source)
     if not path.is_file():
         raise KvcError(f"{path}: no such file; expected a model.yaml (see examples/)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise KvcError(f"{path}: cannot read it ({e.strerror})") from None
-    except UnicodeDecodeError as e:
-        raise KvcError(f"{path}: not UTF-8 text (byte {e.start}); expected a YAML file") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise KvcError(f"{path}: YAML syntax error{at}: {problem}") from None
+    data = load_yaml(read_text_capped(path, MAX_YAML_BYTES, "a model.yaml"), str(path))
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise KvcError(f"{path}: expected a mapping with keys model, workload, hardware, schedule")
-    return _plain(data), str(path)
+    return _plain(data, str(path)), str(path)
 
 
-def _plain(d: Any) -> Any:
+def read_text_capped(path, limit: int, what: str) -> str:
+    """A UTF-8 text file of at most `limit` bytes, read without reading more (a FIFO or
+    /dev/zero included: the read stops at limit + 1); one-line KvcErrors otherwise."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise KvcError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if len(data) > limit:
+        raise KvcError(f"{path}: larger than {limit // 1024} KiB; {what} is a small text file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise KvcError(f"{path}: not UTF-8 text (byte {e.start}); expected a YAML file") from None
+
+
+class _Refused(yaml.composer.ComposerError):
+    """Well-formed YAML that kvc will not compose (an alias, too deep)."""
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader without aliases and with a depth bound: a `*name` may stand for a
+    subtree any number of times, so a few hundred bytes of nested aliases expand to billions
+    of nodes (a "billion laughs"); refusing them while composing costs nothing before."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _Refused(
+                None, None, f"YAML aliases (*{event.anchor}) are not supported in kvc's "
+                "files; write the value out", event.start_mark)
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _Refused(
+                    None, None, f"nested deeper than {MAX_DEPTH} levels", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """YAML text -> plain data, through the alias-free loader; errors are one line."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        what = "" if isinstance(e, _Refused) else " YAML syntax error"
+        raise KvcError(f"{where}:{what}{at}: {problem}".replace(": at line", ", line")) from None
+    except RecursionError:  # the scanner's own recursion, before the composer's bound
+        raise KvcError(f"{where}: nested deeper than {MAX_DEPTH} levels") from None
+
+
+def _plain(d: Any, where: str = "config", depth: int = 0) -> Any:
+    if depth > MAX_DEPTH:  # a dict that contains itself ends here too
+        raise KvcError(f"{where}: nested deeper than {MAX_DEPTH} levels")
     if isinstance(d, dict):
-        return {str(k): _plain(v) for k, v in d.items()}
+        return {str(k): _plain(v, where, depth + 1) for k, v in d.items()}
     if isinstance(d, (list, tuple)):
-        return [_plain(v) for v in d]
+        return [_plain(v, where, depth + 1) for v in d]
     return d
 
 
@@ -145,7 +216,13 @@ def _parse_overrides(overrides: list[str]):
 
     parser = OverridesParser.create()
     out = []
+    if len(overrides) > MAX_OVERRIDES:
+        raise KvcError(f"{len(overrides)} overrides; expected at most {MAX_OVERRIDES}")
     for s in overrides:
+        if not isinstance(s, str):
+            raise KvcError(f"bad override {s!r}: expected a string key=value")
+        if len(s) > MAX_OVERRIDE_CHARS:
+            raise KvcError(f"bad override {s[:40]!r}...: longer than {MAX_OVERRIDE_CHARS} characters")
         try:
             (o,) = parser.parse_overrides([s])
         except HydraException as e:
@@ -202,7 +279,7 @@ def _set_dotted(d: dict, key: str, value: Any, line: str) -> None:
         if not isinstance(nxt, dict):
             raise KvcError(f"bad override {line!r}: {p!r} is not a section")
         d = nxt
-    d[parts[-1]] = _plain(value)
+    d[parts[-1]] = _plain(value, f"override {line!r}")
 
 
 # --- validation ------------------------------------------------------------------------
@@ -242,7 +319,10 @@ def _check_type(hint, value, key: str, where: str):
             raise KvcError(f"{where}: {key} = {value!r}; expected one of {list(choices)}")
         return value
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int past the float range
+            raise KvcError(f"{where}: {key} = {value}: too large; expected a finite number") from None
     if hint is dict and isinstance(value, dict):
         return value
     if hint in (int, str, bool) and type(value) is hint:
@@ -260,25 +340,66 @@ def _check_ranges(cfg: Config) -> None:
     need(m.dtype in DTYPE_NAMES, f"model.dtype = {m.dtype!r}; expected one of {list(DTYPE_NAMES)}")
     need((m.checkpoint is None) != (m.preset is None),
          "model: set exactly one of model.checkpoint (a HF folder) or model.preset (a named shape)")
-    need(w.batch_size >= 1, f"workload.batch_size = {w.batch_size}; expected an integer >= 1")
-    need(w.prompt_len >= 1, f"workload.prompt_len = {w.prompt_len}; expected an integer >= 1")
-    need(w.gen_len >= 1, f"workload.gen_len = {w.gen_len}; expected an integer >= 1")
-    need(w.num_gpu_batches >= 1, f"workload.num_gpu_batches = {w.num_gpu_batches}; expected >= 1")
-    for name in ("h2d_gbps", "d2h_gbps", "bidir_gbps", "gemm_tflops", "attn_gbps"):
-        v = getattr(h, name)
-        need(v > 0 or h.name == "auto", f"hardware.{name} = {v}; expected a positive number")
-    need(h.mem_gbps >= 0, f"hardware.mem_gbps = {h.mem_gbps}; expected a positive number, or 0 "
-                          "for attn_gbps's value")
-    for name in ("gpu_mem_gb", "cpu_mem_gb"):
-        v = getattr(h, name)
-        need(v > 0, f"hardware.{name} = {v}; expected a positive number of GB")
+    need(0 <= m.seed <= LIMITS["seed"], f"model.seed = {m.seed}; expected 0..{LIMITS['seed']}")
+    for name, top in (("batch_size", LIMITS["batch_size"]), ("prompt_len", LIMITS["context"]),
+                      ("gen_len", LIMITS["context"]), ("num_gpu_batches", LIMITS["num_gpu_batches"])):
+        v = getattr(w, name)
+        need(1 <= v <= top, f"workload.{name} = {v}; expected an integer 1..{top}")
+    need(w.prompt_len + w.gen_len <= LIMITS["context"],
+         f"workload.prompt_len + workload.gen_len = {w.prompt_len + w.gen_len}; expected at most "
+         f"{LIMITS['context']} tokens")
+    check_hardware(h)
     need(s.mode in MODE_NAMES, f"schedule.mode = {s.mode!r}; expected one of {list(MODE_NAMES)}")
     f = s.recompute_fraction
     need(f is None or 0.0 <= f <= 1.0, f"schedule.recompute_fraction = {f}; expected null or 0..1")
     f = s.weight_stream_fraction
     need(f is None or 0.0 <= f <= 1.0, f"schedule.weight_stream_fraction = {f}; expected null or 0..1")
-    need(s.chunk_tokens >= 1, f"schedule.chunk_tokens = {s.chunk_tokens}; expected >= 1")
-    need(s.act_chunks >= 1, f"schedule.act_chunks = {s.act_chunks}; expected >= 1")
+    for name in ("chunk_tokens", "act_chunks"):
+        v, top = getattr(s, name), LIMITS[name]
+        need(1 <= v <= top, f"schedule.{name} = {v}; expected an integer 1..{top}")
+    t = s.solver_time_limit_s
+    need(math.isfinite(t) and 0 < t <= LIMITS["solver_time_limit_s"],
+         f"schedule.solver_time_limit_s = {t}; expected a number of seconds in (0, "
+         f"{LIMITS['solver_time_limit_s']:g}]")
+
+
+def check_hardware(h: HardwareConfig, prefix: str = "hardware") -> None:
+    """A machine's numbers: finite, positive where a rate, bounded where a size (a config's
+    hardware section, a profile, an artifact's manifest)."""
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise KvcError(msg)
+
+    for f in dataclasses.fields(HardwareConfig):
+        v = getattr(h, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise KvcError(f"{prefix}.{f.name} = {v}; expected a finite number")
+    need(h.device in ("cpu", "cuda"), f"{prefix}.device = {h.device!r}; expected 'cpu' or 'cuda'")
+    for name in ("h2d_gbps", "d2h_gbps", "bidir_gbps", "gemm_tflops", "attn_gbps"):
+        v = getattr(h, name)
+        need(v > 0 or h.name == "auto", f"{prefix}.{name} = {v}; expected a positive number")
+    need(h.mem_gbps >= 0, f"{prefix}.mem_gbps = {h.mem_gbps}; expected a positive number, or 0 "
+                          "for attn_gbps's value")
+    top = LIMITS["mem_gb"]
+    for name in ("gpu_mem_gb", "cpu_mem_gb"):
+        v = getattr(h, name)
+        need(0 < v <= top, f"{prefix}.{name} = {v}; expected a positive number of GB (at most {top:g})")
+    need(0 <= h.mem_margin_gb <= top, f"{prefix}.mem_margin_gb = {h.mem_margin_gb}; expected 0..{top:g} GB")
+    for name in ("link_latency_us", "gemm_half_rows", "attn_fixed_us", "launch_us", "host_module_us",
+                 "host_op_us", "host_view_us", "host_kvc_us", "host_graph_us"):
+        v = getattr(h, name)
+        need(v >= 0, f"{prefix}.{name} = {v}; expected a number >= 0")
+    for name in ("compute_slowdown", "copy_slowdown"):
+        v = getattr(h, name)
+        need(v > 0, f"{prefix}.{name} = {v}; expected a positive factor")
+
+
+def hardware_from_dict(data: Any, where: str, prefix: str = "hardware") -> HardwareConfig:
+    """A HardwareConfig from a plain mapping (a profile YAML, a manifest), each field
+    type-checked like the config's and held to check_hardware's ranges."""
+    hw = _build(HardwareConfig, data, prefix + ".", where)
+    check_hardware(hw, prefix)
+    return hw
 
 
 def check_fits_model(cfg: Config, max_positions: int) -> None:

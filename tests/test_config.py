@@ -98,3 +98,88 @@ def test_host_hydra_is_left_alone():
         assert GlobalHydra.instance().is_initialized()
         compose(config_name="config")  # the host's Hydra still works
     assert not GlobalHydra.instance().is_initialized()
+
+
+# --------------------------------------------------------------------------- hostile input
+
+
+def _laughs(levels: int = 9) -> str:
+    """A "billion laughs": each level names the previous one nine times (9**levels leaves)."""
+    lines = ["model: {preset: tiny-opt}", "a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for i in range(1, levels):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def test_yaml_aliases_are_refused_before_expanding(tmp_path):
+    import time
+    import tracemalloc
+
+    p = write(tmp_path, _laughs())
+    assert len(p.read_bytes()) < 1000
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    with pytest.raises(KvcError, match=r"line 3, column \d+: YAML aliases \(\*a0\) are not supported"):
+        load_config(p)
+    assert time.perf_counter() - t0 < 2
+    assert tracemalloc.get_traced_memory()[1] < 50 << 20
+    tracemalloc.stop()
+    # a merge key is an alias too
+    with pytest.raises(KvcError, match="YAML aliases"):
+        load_config(write(tmp_path, "x: &x {batch_size: 2}\nworkload:\n  <<: *x\n"))
+    assert load_config(write(tmp_path, "model: &m {preset: tiny-opt}\n")).model.preset == "tiny-opt"
+
+
+def test_nesting_is_bounded(tmp_path):
+    with pytest.raises(KvcError, match="nested deeper than"):
+        load_config(write(tmp_path, "model: " + "[" * 5000 + "]" * 5000 + "\n"))
+    with pytest.raises(KvcError, match="nested deeper than"):
+        load_config(write(tmp_path, "model: " + "{a: " * 100 + "1" + "}" * 100 + "\n"))
+    loop: dict = {"model": {"preset": "tiny-opt"}}
+    loop["workload"] = loop  # a dict that contains itself
+    with pytest.raises(KvcError, match="nested deeper than"):
+        load_config(loop)
+
+
+def test_model_yaml_size_is_capped(tmp_path):
+    import time
+
+    p = tmp_path / "big.yaml"
+    p.write_text("model: {preset: tiny-opt}\n" + "# padding\n" * 400_000)  # 4 MB
+    t0 = time.perf_counter()
+    with pytest.raises(KvcError, match="larger than 1024 KiB"):
+        load_config(p)
+    assert time.perf_counter() - t0 < 1
+
+
+def test_overrides_are_capped():
+    with pytest.raises(KvcError, match="longer than 4096 characters"):
+        load_config(BASE, ["hardware.name=" + "x" * 5000])
+    with pytest.raises(KvcError, match="expected at most 1000"):
+        load_config(BASE, ["workload.batch_size=2"] * 1001)
+
+
+@pytest.mark.parametrize("data, overrides, needle", [
+    ({}, ["hardware.gpu_mem_gb=inf"], "hardware.gpu_mem_gb = inf; expected a finite number"),
+    ({"hardware": {"preset": "cpu", "gpu_mem_gb": float("inf")}}, [], "hardware.gpu_mem_gb = inf"),
+    ({}, ["hardware.gpu_mem_gb=nan"], "hardware.gpu_mem_gb = nan"),
+    ({}, ["hardware.h2d_gbps=-inf"], "hardware.h2d_gbps = -inf"),
+    ({}, ["hardware.gpu_mem_gb=1e300"], "hardware.gpu_mem_gb = 1e+300"),
+    ({}, ["hardware.launch_us=-1"], "hardware.launch_us = -1.0"),
+    ({}, ["hardware.device=mps"], "hardware.device = 'mps'"),
+    ({}, ["schedule.solver_time_limit_s=nan"], "schedule.solver_time_limit_s = nan"),
+    ({}, ["schedule.solver_time_limit_s=-1"], "schedule.solver_time_limit_s = -1.0"),
+    ({}, ["schedule.solver_time_limit_s=0"], "schedule.solver_time_limit_s = 0.0"),
+    ({}, ["schedule.solver_time_limit_s=inf"], "schedule.solver_time_limit_s = inf"),
+    ({}, ["workload.batch_size=1000000000000"], "workload.batch_size = 1000000000000"),
+    ({}, ["workload.prompt_len=4000000", "workload.gen_len=1000000"], "prompt_len + workload.gen_len"),
+    ({}, ["workload.num_gpu_batches=1000"], "workload.num_gpu_batches = 1000"),
+    ({}, ["schedule.act_chunks=100000"], "schedule.act_chunks = 100000"),
+    ({}, ["model.seed=-1"], "model.seed = -1"),
+    ({"hardware": {"preset": "cpu", "h2d_gbps": 10 ** 400}}, [], "too large"),
+])
+def test_numbers_must_be_finite_and_bounded(data, overrides, needle):
+    cfg = {**BASE, **data}
+    with pytest.raises(KvcError) as e:
+        load_config(cfg, overrides)
+    assert needle in str(e.value) and "\n" not in str(e.value)
