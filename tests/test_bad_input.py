@@ -13,7 +13,9 @@ traceback only with --debug. Cases already tested elsewhere are not repeated:
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -24,9 +26,9 @@ import pytest
 import torch
 
 import kvc
+import kvc.artifact
 from kvc.cli import main
 from kvc.models import preset
-from kvc_fixtures import INTERRUPT_WHILE_WRITING
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY = {"model": {"preset": "tiny-opt", "dtype": "float32"}, "hardware": "cpu",
@@ -209,9 +211,27 @@ def test_cuda_artifact_on_a_cpu_machine(tmp_path, capsys):
     cli_error(capsys, ["run", art, "--device", "cuda"], "no CUDA device")
 
 
-def test_ctrl_c_during_compile_via_cli(tmp_path):
-    """SIGINT while the artifact is written: exit 130, one line, no folder or temporary left."""
+# SIGINT from inside write_artifact's file writes: the temporary folder exists by then
+INTERRUPT_WHILE_WRITING = textwrap.dedent("""
+    import os, signal
+    import kvc.artifact as _art
+    _real = _art._write_file
+    def _interrupted(path, data):
+        assert ".kvc-tmp." in path.parent.name
+        os.kill(os.getpid(), signal.SIGINT)
+        return _real(path, data)
+    _art._write_file = _interrupted
+""")
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["fresh", "replacing"])
+def test_ctrl_c_during_compile_via_cli(tmp_path, existing):
+    """SIGINT while the artifact is written: exit 130, one line, no temporary left behind, and
+    an artifact that was there before is still there, whole."""
     out = tmp_path / "y.kvc"
+    if existing:
+        kvc.compile(EXAMPLES / "tiny-opt.yaml", output=out)
+        before = (out / "manifest.json").read_bytes()
     script = INTERRUPT_WHILE_WRITING + textwrap.dedent(f"""
         import sys
         from kvc.cli import main
@@ -220,4 +240,39 @@ def test_ctrl_c_during_compile_via_cli(tmp_path):
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert r.returncode == 130, r.stderr
     assert r.stderr.strip().splitlines() == ["kvc: interrupted"]
+    assert [p.name for p in tmp_path.iterdir()] == (["y.kvc"] if existing else [])
+    if existing:
+        assert (out / "manifest.json").read_bytes() == before
+        kvc.artifact.read_manifest(out)
+
+
+def test_compile_onto_a_folder_that_is_not_an_artifact(tmp_path, capsys):
+    """Issue 16's data loss: a folder with a manifest.json of its own is left alone."""
+    ext = tmp_path / "myext"
+    (ext / "src").mkdir(parents=True)
+    (ext / "manifest.json").write_text("{}")
+    (ext / "src" / "bg.js").write_text("x")
+    cli_error(capsys, ["compile", EXAMPLES / "tiny-opt.yaml", "-o", ext], "is not a kvc artifact")
+    assert (ext / "src" / "bg.js").read_text() == "x" and (ext / "manifest.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["myext"]
+
+
+@pytest.mark.parametrize("where", [".", ".."])
+def test_compile_onto_the_current_folder(tmp_path, capsys, monkeypatch, where):
+    (tmp_path / "d").mkdir()
+    monkeypatch.chdir(tmp_path / "d")
+    cli_error(capsys, ["compile", EXAMPLES / "tiny-opt.yaml", "-o", where], "the current folder")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["d"]
+
+
+@pytest.mark.parametrize("err", [errno.EROFS, errno.ENOSPC, errno.EACCES])
+def test_compile_onto_an_unwritable_filesystem(tmp_path, capsys, monkeypatch, err):
+    import kvc.artifact as art
+
+    def fail(path, data):
+        raise OSError(err, os.strerror(err), str(path))
+
+    monkeypatch.setattr(art, "_write_file", fail)
+    out = tmp_path / "x.kvc"
+    cli_error(capsys, ["compile", EXAMPLES / "tiny-opt.yaml", "-o", out], os.strerror(err))
     assert list(tmp_path.iterdir()) == []
