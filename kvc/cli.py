@@ -6,11 +6,36 @@ traceback instead. Hydra overrides follow the model.yaml: `kvc compile m.yaml ha
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 import time
 from pathlib import Path
 
 from kvc.errors import KvcError
+
+
+MAX_PROMPTS_BYTES = 16 << 20
+EXIT_BROKEN_PIPE = 128 + 13  # as a command killed by SIGPIPE: the reader went away
+
+
+def check_device(name: str | None) -> str | None:
+    """--device: cpu, cuda or cuda:N (a device this machine has), checked before anything is
+    loaded; None: the default (cuda if present)."""
+    if name is None:
+        return None
+    m = re.fullmatch(r"(cpu|cuda)(?::(\d{1,4}))?", name)
+    if not m or (m.group(1) == "cpu" and m.group(2)):
+        raise KvcError(f"--device {name!r}: kvc runs on cpu or cuda (cuda:N for the N-th GPU)")
+    if m.group(1) == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise KvcError(f"--device {name}: this machine has no CUDA device")
+        n = torch.cuda.device_count()
+        if m.group(2) is not None and int(m.group(2)) >= n:
+            raise KvcError(f"--device {name}: this machine has {n} CUDA device(s), cuda:0..cuda:{n - 1}")
+    return name
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -118,7 +143,9 @@ def cmd_profile(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise KvcError("--device cuda: this machine has no CUDA device")
-    hw = profile(device, progress=True)
+    from kvc.progress import is_enabled
+
+    hw = profile(device, progress=is_enabled())
     if args.output:
         write_profile_yaml(hw, Path(args.output))
         print(f"kvc: wrote {args.output}")
@@ -136,7 +163,12 @@ def _prompts(args) -> list[str] | None:
         raise KvcError("give --prompt or --prompts-file, not both")
     if args.prompts_file is not None:
         try:
-            lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+            with open(args.prompts_file, "rb") as f:
+                data = f.read(MAX_PROMPTS_BYTES + 1)
+            if len(data) > MAX_PROMPTS_BYTES:
+                raise KvcError(f"--prompts-file {args.prompts_file}: larger than "
+                               f"{MAX_PROMPTS_BYTES >> 20} MiB")
+            lines = data.decode("utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as e:
             raise KvcError(f"--prompts-file {args.prompts_file}: cannot read it "
                            f"({getattr(e, 'strerror', None) or e})") from None
@@ -180,6 +212,7 @@ def cmd_run(args) -> int:
     import kvc
     from kvc import progress
 
+    check_device(args.device)
     prompts = _prompts(args)
     if prompts is not None and args.prompt_ids:
         raise KvcError("give --prompt/--prompts-file or --prompt-ids, not both")
@@ -274,6 +307,9 @@ def cmd_bench(args) -> int:
 
     import kvc
 
+    check_device(args.device)
+    if args.trace:
+        _trace_folder(Path(args.trace))  # before minutes of compiling and timing
     with tempfile.TemporaryDirectory() as tmp:
         path = kvc.compile(args.config, overrides=args.overrides, output=Path(tmp) / "a.kvc")
         model = kvc.load(path, device=args.device)
@@ -298,11 +334,9 @@ def _trace_step(model, ids, folder: Path) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from kvc.hardware import HardwareConfig
-    from kvc.reports.timeline import predicted_intervals, write_chrome_trace
+    from kvc.reports.timeline import predicted_intervals, write_atomically, write_chrome_trace
 
-    if folder.exists() and not folder.is_dir():
-        raise KvcError(f"--trace {folder}: exists and is not a folder")
-    folder.mkdir(parents=True, exist_ok=True)
+    _trace_folder(folder)
     cuda = model.device.type == "cuda"
     prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
 
@@ -316,13 +350,25 @@ def _trace_step(model, ids, folder: Path) -> None:
 
     model.generate(ids, 2, on_token=window)
     measured = folder / "decode_step.json"
-    prof.export_chrome_trace(str(measured))
+    write_atomically(measured, lambda tmp: prof.export_chrome_trace(str(tmp)))
     hw = HardwareConfig(**model.manifest["hardware"])
     predicted = write_chrome_trace(
         predicted_intervals(model.spec, hw, model.plan, ids.shape[1], ids.shape[0], model.plan.dtype),
         folder / "predicted.json", name=f"kvc predicted ({hw.name})")
     print(f"kvc bench: wrote {measured} (measured) and {predicted} (predicted for {hw.name}); "
           "open both in https://ui.perfetto.dev", file=sys.stderr)
+
+
+def _trace_folder(folder: Path) -> None:
+    """--trace DIR: a folder that exists or can be made, and that can be written."""
+    if folder.exists() and not folder.is_dir():
+        raise KvcError(f"--trace {folder}: exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise KvcError(f"--trace {folder}: cannot make the folder ({e.strerror or e})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise KvcError(f"--trace {folder}: cannot write into it")
 
 
 def cmd_inspect(args) -> int:
@@ -349,7 +395,16 @@ def main(argv: list[str] | None = None) -> int:
         from kvc import progress
 
         with progress.enabled(not args.no_progress):
-            return COMMANDS[args.command](args)
+            rc = COMMANDS[args.command](args)
+            sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+            return rc
+    except BrokenPipeError:  # `kvc inspect X | head -1`: the reader is gone; so are we, quietly
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # the exit's flush has nowhere to fail
+        except (OSError, ValueError):
+            pass
+        return EXIT_BROKEN_PIPE
     except KvcError as e:
         if args.debug:
             raise

@@ -4,14 +4,17 @@ profile, measured once (kvc.profiler.measure) and cached per machine as a YAML f
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import secrets
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 import yaml
 
+from kvc.config import MAX_YAML_BYTES, hardware_from_dict, load_yaml, read_text_capped
 from kvc.errors import KvcError
 from kvc.hardware import HardwareConfig
 from kvc.profiler.measure import machine_info, profile
@@ -57,19 +60,35 @@ def resolve_hardware(hw: HardwareConfig, progress: bool = True) -> HardwareConfi
 
 
 def write_profile_yaml(hw: HardwareConfig, path) -> None:
-    """A flat mapping the `hardware` config group accepts; written atomically."""
+    """A flat mapping the `hardware` config group accepts; written atomically (a temporary
+    file beside it, renamed over it, removed whatever happens)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise KvcError(f"{path}: is a folder; give the profile's file name, e.g. {path / 'machine.yaml'}")
     m = hw.measured or {}
     head = (f"# kvc profile of {m.get('device_name', hw.device)} on {m.get('machine', '?')}, "
             f"{m.get('date', '?')}; torch {m.get('torch', '?')}, CUDA {m.get('cuda') or '-'}\n")
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(head + yaml.safe_dump(asdict(hw), sort_keys=False))
-    tmp.replace(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
+        with os.fdopen(fd, "w") as f:
+            f.write(head + yaml.safe_dump(asdict(hw), sort_keys=False))
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise KvcError(f"{path}: cannot write the profile ({e.strerror or e})") from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def read_profile_yaml(path) -> HardwareConfig:
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    """A profile written by write_profile_yaml (or by hand): size-capped, alias-free YAML
+    whose fields are type- and range-checked like a config's hardware section."""
+    data = load_yaml(read_text_capped(path, MAX_YAML_BYTES, "a hardware profile"), str(path)) or {}
     if not isinstance(data, dict):
         raise KvcError(f"{path}: expected a mapping of hardware fields")
-    return HardwareConfig.from_dict(data)
+    return hardware_from_dict(data, str(path))

@@ -15,7 +15,7 @@ def inspect_text(artifact) -> str:
     from kvc.ir.request import PlanRequest
     from kvc.planner.scheduler import make_plan, predict
 
-    m = read_manifest(artifact)
+    m = read_manifest(artifact)  # every field typed and bounded before anything is solved
     try:
         c, w = m["config"], m["config"]["workload"]
         spec, hw, plan = ModelSpec.from_dict(m["model_spec"]), HardwareConfig(**m["hardware"]), Plan.from_json(m["plan"])

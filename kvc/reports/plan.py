@@ -7,8 +7,9 @@ plan a compile with the same overrides builds.
 """
 from __future__ import annotations
 
-from kvc.planner import cost
+from kvc.config import LIMITS
 from kvc.errors import KvcError
+from kvc.planner import cost
 from kvc.hardware import HardwareConfig
 from kvc.models.spec import ModelSpec
 from kvc.ir.modes import NAMES as MODES
@@ -142,8 +143,9 @@ def search_text(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest, max_batch
     the overrides that select the winner."""
     from kvc.planner.scheduler import search_policy
 
-    if max_batch < 1:
-        raise KvcError(f"--search {max_batch}: expected the largest batch to try, >= 1")
+    top = LIMITS["batch_size"]
+    if not 1 <= max_batch <= top:
+        raise KvcError(f"--search {max_batch}: expected the largest batch to try, 1..{top}")
     batches = sorted({b for b in (2 ** k for k in range(max_batch.bit_length())) if b <= max_batch}
                      | set(range(16, max_batch + 1, 16)))
     tried: list[dict] = []

@@ -8,7 +8,10 @@ schedule the LP believed in, not a re-derivation of it. matplotlib is optional
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -55,9 +58,25 @@ def chrome_trace(items: list[dict], name: str = "kvc predicted") -> dict:
 
 
 def write_chrome_trace(items: list[dict], path, name: str = "kvc predicted") -> Path:
+    """Written whole or not at all: a temporary file beside it, renamed over it."""
     path = Path(path)
-    path.write_text(json.dumps(chrome_trace(items, name)))
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(chrome_trace(items, name))))
     return path
+
+
+def write_atomically(path: Path, write) -> None:
+    """`write(tmp)` into a temporary name beside `path`, then renamed to it; the temporary is
+    removed whatever happens (a full disk, Ctrl-C), and an OSError is one KvcError."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise KvcError(f"{path}: cannot write it ({e.strerror or e})") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def _pyplot():
