@@ -67,7 +67,9 @@ def test_host_time_weighs_each_familys_ops():
 
 
 def test_host_nodes_match_the_lowered_graphs():
-    """HOST_NODES counts the decode graph's nodes: compare with what kvc.compiler.lowering makes."""
+    """The host lane's counts (kvc.compiler.host_counts: rows solved from a 1- and 2-layer
+    model's probe plans) count a bigger decode graph's nodes: compare with what
+    kvc.compiler.lowering makes."""
     import dataclasses
 
     from kvc.compiler.lowering import lower
@@ -85,6 +87,26 @@ def test_host_nodes_match_the_lowered_graphs():
             assert cost.host_nodes(spec, plan.resident, rec, plan.act_chunks) == nodes, (name, mode)
             by_kind = host_kinds(gm)
             assert list(cost.host_node_kinds(spec, plan.resident, rec, plan.act_chunks)) == [by_kind[k] for k in HOST_KINDS], (name, mode)
+
+
+def test_host_rows_are_read_once_per_model_structure():
+    """The rows depend on the model's structure, not its layer count: one derivation serves
+    every depth of a model, and a grouped-query model gets its own (K,V head expansion)."""
+    import dataclasses
+
+    from kvc.compiler import host_counts
+
+    spec = PRESETS["tiny-llama"]
+    rows = host_counts.host_rows(spec)
+    hits = host_counts._rows.cache_info().hits
+    assert rows is host_counts.host_rows(dataclasses.replace(spec, num_layers=7))
+    assert host_counts._rows.cache_info().hits == hits + 1
+    assert rows.shape == (len(host_counts.ROWS), len(HOST_KINDS)) and (rows >= 0).all()
+    gqa = host_counts.host_rows(PRESETS["tiny-llama-gqa"])
+    layer = host_counts.ROWS.index("layer")
+    assert gqa[layer][HOST_KINDS.index("view")] > rows[layer][HOST_KINDS.index("view")]
+    single = host_counts.host_rows(spec, micro_batches=False)  # no micro-batch probes lowered
+    assert (single == rows[:len(single)]).all() and len(single) < len(rows)
 
 
 def _sim(c, s, l, resident, look, chunks):

@@ -130,8 +130,9 @@ def test_values_that_leave_the_step_or_the_stream_are_cloned():
 
 
 def test_graphed_host_nodes_match_the_partition():
-    """GRAPHED_NODES counts what the host issues for the partitioned step, as HOST_NODES does
-    for the graph itself (tests/test_cost.py)."""
+    """The graphed host rows (kvc.compiler.host_counts, from the partitioned probe graphs)
+    count what the host issues for the partitioned step, as the eager rows do for the graph
+    itself (tests/test_cost.py)."""
     for name in ("tiny-opt", "tiny-llama", "tiny-llama-gqa"):
         spec = dataclasses.replace(PRESETS[name], num_layers=3)
         for mode, chunks, m, w in (("gpu_resident", 1, 1, 0), ("full_offload", 1, 1, 0), ("kvpr", 1, 1, 0),
