@@ -195,7 +195,6 @@ def test_compiled_schedules_match_reference(loaded, mode):
 # GRAPHED_NODES, kvc/planner/host.py) are keyed by family name and have no 'qwen3' row, so
 # planning raises KeyError('qwen3'). Not strict: the working tree's kvc/compiler/host_counts.py
 # (counts read off the lowered graph) makes it pass in every mode; drop this once that lands.
-@pytest.mark.xfail(strict=False, raises=KeyError, reason="kvc/planner/host.py has no qwen3 host-node row")
 @pytest.mark.parametrize("mode", MODES)
 def test_compile_and_load_end_to_end(checkpoints, loaded, tmp_path, mode):
     spec, _, ids, ref_tokens, ref_logits = loaded
