@@ -34,6 +34,8 @@ def _instance(rng):
     if pick[2] < 0.2:
         kw["fixed_x"] = 0.0
     s = int(rng.choice([128, 1024, 4000]))
+    if pick[3] < 0.4:  # each layer at its own context (sliding windows)
+        s = [int(v) for v in rng.choice([7, 128, s], L)]
     return c, L, s, kw
 
 

@@ -199,3 +199,79 @@ def test_host_memory_budget_is_checked_before_any_allocation():
     with pytest.raises(KvcError, match=r"pinned CPU pools need [\d.]+ GB, more than hardware.cpu_mem_gb = 8"):
         plan("opt-6.7b", h, "full_offload", b=32, P=1024)
     plan("opt-6.7b", hw("h100-pcie5", gpu_mem_gb=24.0, cpu_mem_gb=64.0), "full_offload", b=32, P=1024)
+
+
+# --- sliding windows: each layer priced at the tokens it reads ----------------------------------
+
+def _windowed(name="tiny-opt", **kw):
+    return dataclasses.replace(PRESETS[name], sliding_window=8, **kw)
+
+
+def test_a_window_layer_is_priced_at_its_window():
+    """Layer 0 attends through a window of 8 (7 cached tokens), layer 1 to everything: on a
+    link slow enough to recompute, layer 0's l and its predicted copy bytes stay within its
+    window as the context grows, while layer 1's grow with it."""
+    import numpy as np
+
+    from kvc.planner.evaluate import copy_bytes
+
+    spec = _windowed(window_layers=(0,))
+    assert [spec.cached_tokens(i, 100) for i in range(2)] == [7, 100]
+    assert (cost.layer_contexts(spec, np.array([3, 100])) == [[3, 7], [3, 100]]).all()
+    h = hw("h100-pcie5", h2d_gbps=2.0, launch_us=0, link_latency_us=0, attn_fixed_us=0,
+           gemm_half_rows=0)
+    P, G, b = 64, 192, 64
+    for mode in ("kvpr", "pipelined"):
+        pl = plan(spec, h, mode, b=b, P=P, G=G, chunk_tokens=1, resident_cache=False)
+        ctx = np.arange(P, P + G + 1)
+        l = np.array(pl.recompute).T  # [units, contexts]
+        assert (l[0] <= 7).all() and (l[1] <= ctx).all()
+        assert l[1].max() > 7  # layer 1 recomputes beyond what layer 0 could
+        moved = copy_bytes(spec, pl, ctx, l, b, "float16")
+        assert moved[0].max() <= cost.kv_bytes(spec, b, 7, 2)  # bounded by the window
+        assert moved[1, -1] > moved[1, 0] > moved[0].max()
+        step = predict(spec, h, pl, P + G, b, "float16")
+        assert step["h2d_bytes"] == moved[:, -1].sum()
+    # without the window, layer 0 is layer 1's twin
+    full = plan("tiny-opt", h, "kvpr", b=b, P=P, G=G, chunk_tokens=1, resident_cache=False)
+    assert max(row[0] for row in full.recompute) > 7
+
+
+def test_window_staging_and_pools_stop_growing_past_the_window():
+    """Every layer windowed (Mistral's way): the staging slots, the attention workspace and
+    the CPU pools are sized by the window, not the context."""
+    spec = _windowed()
+    h = hw("h100-pcie5")
+    short, long = (cost.memory_terms(spec, h, 8, s, "float16", 2, True) for s in (100, 5000))
+    assert short["staging_gb"] == long["staging_gb"] and short["workspace_gb"] == long["workspace_gb"]
+    assert long["layer_kv_gb"] > short["layer_kv_gb"]  # a resident layer keeps every row
+    from kvc.planner.memory import host_memory_gb
+
+    pools = [host_memory_gb(spec, plan(spec, h, "full_offload", b=8, P=P, G=16,
+                                       resident_cache=False), 8, "float16") for P in (64, 1024)]
+    assert pools[0] == pools[1] > 0
+
+
+@pytest.mark.parametrize("window_layers", [(0,), ()])
+def test_window_pools_are_what_the_runtime_allocates(window_layers):
+    """The host check counts a windowed plan's pools to the byte (runtime/offloaded.py keeps
+    the rows each unit's contexts read, one pool shape for all units)."""
+    import torch
+
+    from kvc.ir.plan import forced_plan
+    from kvc.planner.memory import host_memory_gb
+    from kvc.runtime.offloaded import OffloadedCache
+
+    spec = _windowed(window_layers=window_layers)
+    slow = hw("cpu", h2d_gbps=0.001, host_module_us=0.0, host_op_us=0.0, host_view_us=0.0,
+              host_kvc_us=0.0)
+    plans = [forced_plan("pipelined", 2, 16, 8, 64, f) for f in (0.0, 0.5, 1.0)]
+    plans += [make_plan(spec, slow, PlanRequest(batch_size=2, prompt_len=16, gen_len=8,
+                        dtype="float32", mode=mode, chunk_tokens=k))
+              for mode, k in (("pipelined", 4), ("kvpr", 1))]
+    for pl in plans:
+        c = OffloadedCache(pl, num_layers=pl.num_units, batch=2, max_tokens=24,
+                           act_width=spec.hidden_size, num_kv_heads=spec.num_kv_heads,
+                           head_dim=spec.head_dim, dtype=torch.float32, device=torch.device("cpu"),
+                           num_events=0, windows=tuple(spec.window(u) for u in range(2)))
+        assert c.host_bytes == round(host_memory_gb(spec, pl, 2, "float32") * 1e9), pl

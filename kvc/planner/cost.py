@@ -26,7 +26,7 @@ from kvc.models.spec import ModelSpec
 from kvc.planner.sizes import (GB, act_bytes, kv_bytes, layer_weight_bytes, recompute_flops,
                                writeback_bytes)
 # what callers reach as cost.<name>: the byte counts, the step's walk, memory, the host lane
-from kvc.planner.sizes import weight_bytes  # noqa: F401
+from kvc.planner.sizes import layer_contexts, longest_context, weight_bytes  # noqa: F401
 from kvc.planner.lanes import intervals, simulate  # noqa: F401
 from kvc.planner.memory import (host_pool_bytes, memory_terms, staging_bytes,  # noqa: F401
                                 workspace_bytes)
@@ -107,7 +107,8 @@ def layer_costs(spec: ModelSpec, hw: HardwareConfig, b: int, dtype: str, offload
 
 
 def durations(c: LayerCosts, s, l, resident, act_chunks: int):
-    """Per-layer stream durations (ms) at context s with l recomputed: arrays broadcast.
+    """Per-layer stream durations (ms) at context s with l recomputed: arrays broadcast. s is
+    each layer's own context (sizes.layer_contexts: a sliding-window layer's window).
 
     Returns (A, K, R, C, D): activation copy, K,V copy, recompute, the layer's own compute,
     write-back. Fixed parts are only paid when the work they belong to exists, so a plan that

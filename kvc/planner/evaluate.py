@@ -30,24 +30,37 @@ def evaluate(spec, hw, plan: Plan, ctx: np.ndarray, b: int, dtype: str):
     plan's own l at each context."""
     l = np.array([[plan.recompute_tokens(u, int(s)) for s in ctx] for u in range(plan.num_units)])
     step, link, gpu, host = evaluate_arrays(spec, hw, plan, ctx, l, b, dtype)
-    p = cost.dtype_bytes(dtype)
-    bm = b // plan.micro_batches
-    off = ~np.array(plan.resident)[:, None]
-    moved = (cost.act_bytes(spec, bm, l, p) + cost.kv_bytes(spec, bm, ctx[None, :] - l, p)) * off
-    weights = sum(plan.weights_streamed) * cost.layer_weight_bytes(spec, p)
-    return step, link, gpu, host, moved.sum(axis=0) + weights
+    weights = sum(plan.weights_streamed) * cost.layer_weight_bytes(spec, cost.dtype_bytes(dtype))
+    return step, link, gpu, host, copy_bytes(spec, plan, ctx, l, b, dtype).sum(axis=0) + weights
+
+
+def copy_bytes(spec, plan: Plan, ctx, l, b: int, dtype: str) -> np.ndarray:
+    """[units, contexts]: the bytes each unit copies to the GPU at each context (activations
+    of its l recomputed tokens and K,V of the rest of the tokens it reads), weights aside."""
+    p, bm = cost.dtype_bytes(dtype), b // plan.micro_batches
+    n = unit_contexts(spec, plan, ctx)
+    l = np.minimum(l, n)
+    off = ~np.array(plan.resident).reshape((-1,) + (1,) * np.ndim(ctx))
+    return (cost.act_bytes(spec, bm, l, p) + cost.kv_bytes(spec, bm, n - l, p)) * off
+
+
+def unit_contexts(spec, plan: Plan, s) -> np.ndarray:
+    """[units, *shape(s)]: the cached tokens each unit's layer reads at context s."""
+    return cost.per_unit(cost.layer_contexts(spec, s), plan.micro_batches)
 
 
 def step_terms(spec, hw, plan: Plan, s, l, b: int, dtype: str):
     """What cost.simulate and cost.intervals take for this plan at a context s (or a 1-D array
-    of them) with per-unit l ([units] or [units, contexts]): (A, K, R, C, D, head, lookahead,
+    of them) with per-unit l ([units] or [units, contexts]; l beyond what a sliding-window
+    layer reads is capped, as the runtime does): (A, K, R, C, D, head, lookahead,
     act_chunks) and the keywords (weights, front and back, which units are offloaded). One
     place, so the prediction and the timeline picture never describe different schedules."""
     streamed, m = plan.weights_streamed, plan.micro_batches
     c = cost.layer_costs(spec, hw, b // m, dtype, offloaded=plan.offloaded or any(streamed))
     trailing = np.shape(s)
     res = np.array(plan.resident).reshape((-1,) + (1,) * len(trailing))
-    A, K, R, C, D = cost.durations(c, np.asarray(s)[None, ...], l, res, plan.act_chunks)
+    n = unit_contexts(spec, plan, s)  # each layer at its own context (its window)
+    A, K, R, C, D = cost.durations(c, n, np.minimum(l, n), res, plan.act_chunks)
     W = cost.weight_durations(c, streamed, trailing, m) if any(streamed) else None
     return ((A, K, R, C, D, m * c.head, plan.lookahead, plan.act_chunks),
             {"W": W, "weight_lag": m + 1, "back": c.layer_back, "front": c.layer_front,

@@ -19,8 +19,9 @@ from kvc.planner.lanes import LpOps, Step, walk
 
 def durations(c, ctx, x, z, wc, resident, *, look: int, chunks: int, m: int,
               streams) -> Step:
-    """The step's units with the LP's durations (c: cost.LayerCosts) at per-layer contexts `ctx` (the cached tokens
-    each layer reads): A, K, R affine in x_i, z_i; C, D, W as the LP charges them. x, z, wc:
+    """The step's units with the LP's durations (c: cost.LayerCosts) at per-layer contexts
+    `ctx` (the cached tokens each layer reads, sizes.layer_contexts): A, K, R affine in x_i,
+    z_i; C, D, W as the LP charges them. x, z, wc:
     per layer (pulp expressions or numbers); `streams` per layer: its weight copy is on the
     copy stream (a constant or variable one). Numbers in, numbers out: the test evaluates
     the LP's own solution with the walk."""

@@ -12,20 +12,23 @@ from kvc.ir.plan import Plan, rounded_fraction
 from kvc.models import layer_param_sizes
 from kvc.models.spec import ModelSpec
 from kvc.planner.lp import solve
-from kvc.planner.sizes import GB, act_bytes, kv_bytes, layer_weight_bytes, weight_bytes
+from kvc.planner.sizes import (GB, act_bytes, kv_bytes, layer_contexts, layer_weight_bytes,
+                               longest_context, weight_bytes)
 
 
 def workspace_bytes(spec: ModelSpec, b: int, s_max: int, p: int) -> int:
     """Transient activations of one step: MLP intermediates, fp32 logits, attention scores."""
     inter = b * (4 * spec.hidden_size + 2 * spec.intermediate_size) * p
-    return inter + b * spec.vocab_size * 4 + b * spec.num_heads * (s_max + 1) * 4
+    n = longest_context(spec, s_max)  # attention scores over the longest window read
+    return inter + b * spec.vocab_size * 4 + b * spec.num_heads * (n + 1) * 4
 
 
 def staging_bytes(spec: ModelSpec, b: int, s_max: int, p: int, buffers: int, with_act: bool) -> int:
     """GPU staging for offloaded layers: per buffer, K,V of all s tokens (transferred tail and
     recomputed head land in the same buffer, so attention reads one tensor), plus the
     activations of the recomputed head when the plan recomputes anything."""
-    per = kv_bytes(spec, b, s_max + 1, p) + (act_bytes(spec, b, s_max, p) if with_act else 0)
+    n = longest_context(spec, s_max)  # a sliding-window layer stages its window only
+    per = kv_bytes(spec, b, n + 1, p) + (act_bytes(spec, b, n, p) if with_act else 0)
     return buffers * per
 
 
@@ -78,14 +81,45 @@ def host_pool_bytes(spec: ModelSpec, b: int, max_tokens: int, p: int, offloaded:
 def host_memory_gb(spec: ModelSpec, plan: Plan, b: int, dtype: str) -> float:
     """Pinned host memory the runtime allocates for the plan's own workload: the offloaded
     units' cache pools (each of b / micro_batches sequences), trimmed to the rows the plan
-    reads back (host_pool_bytes), and the streamed weights."""
+    reads back (pool_rows), and the streamed weights."""
     s_max = plan.prompt_len + plan.gen_len
     p = dtype_bytes(dtype)
-    act_rows = min(s_max, plan.max_recompute_tokens(s_max))
-    kv_lo = max(0, min(s_max, plan.min_kv_row(s_max)))
-    pools = host_pool_bytes(spec, b // plan.micro_batches, s_max, p,
-                            sum(not r for r in plan.resident), act_rows, kv_lo)
+    off = [u for u, r in enumerate(plan.resident) if not r]
+    act_rows, kv_rows = pool_rows(spec, plan, s_max)
+    pools = host_pool_bytes(spec, b // plan.micro_batches, kv_rows, p, len(off), act_rows)
     return (pools + sum(plan.weights_streamed) * layer_weight_bytes(spec, p)) / GB
+
+
+def pool_rows(spec: ModelSpec, plan: Plan, s_max: int) -> tuple[int, int]:
+    """(activation rows, K,V rows) of every offloaded unit's pools: the most any one needs
+    (the runtime gives all units one pool shape). A unit attending to every row keeps
+    activations of the recomputed rows [0, max l) and K,V of [min l, s_max); a sliding-window
+    unit, which reads the last n = cached_tokens rows and recomputes the first l of them,
+    keeps the rows its contexts read, which move with s."""
+    full = (min(s_max, plan.max_recompute_tokens(s_max)),
+            s_max - max(0, min(s_max, plan.min_kv_row(s_max))))
+    rows = [(0, 0)]
+    for u, r in enumerate(plan.resident):
+        w = None if r else spec.window(plan.unit_layer(u))
+        if not r:
+            rows.append(full if w is None else _window_pool_rows(plan, u, w, s_max))
+    return max(a for a, _ in rows), max(k for _, k in rows)
+
+
+def _window_pool_rows(plan: Plan, unit: int, w: int, s_max: int) -> tuple[int, int]:
+    """(activation rows, K,V rows) a sliding-window unit's pools keep over the contexts
+    [prompt_len, s_max): activations of [min lo, max(lo + l)), K,V of [min(lo + l), s_max)."""
+    if plan.forced_fraction is None and not plan.recompute:
+        return s_max, s_max  # a hand-made plan without a table: keep every row
+    s = np.arange(plan.prompt_len, s_max)
+    n = np.clip(s, 0, w - 1)
+    lo = s - n
+    l = np.minimum([plan.recompute_tokens(unit, int(x)) for x in s], n)
+    rec, read = l > 0, lo + l < s
+    a_lo = int(lo[rec].min()) if rec.any() else 0
+    a_hi = int((lo + l)[rec].max()) if rec.any() else 0
+    k_lo = int((lo + l)[read].min()) if read.any() else s_max
+    return a_hi - min(a_lo, a_hi), s_max - k_lo
 
 
 def check_host_memory(spec: ModelSpec, hw: HardwareConfig, plan: Plan, b: int, dtype: str) -> None:
@@ -158,7 +192,7 @@ def place_weights(c, spec, hw, b, s_max, dtype, mode: Mode, buffers, look, chunk
     room = every["free_gb"] + every["weight_slots_gb"] + L * layer_gb
     fixed = None if mode.recomputes and recompute_fraction is None else (
         0.0 if recompute_fraction is None else recompute_fraction)
-    w = solve(c, L, s_max, look=look, chunks=chunks, resident=(False,) * L, deadline=deadline,
+    w = solve(c, L, layer_contexts(spec, s_max).tolist(), look=look, chunks=chunks, resident=(False,) * L, deadline=deadline,
               m=m, weight_budget=(c.weight_copy, layer_gb, room), fixed_x=fixed)[2]
     sizes = layer_param_sizes(spec)
     out = [rounded_fraction(sizes, f) if f > 1e-6 else 0.0 for f in w]

@@ -86,6 +86,10 @@ class _Job:
     def ctx(self) -> np.ndarray:
         return np.arange(self.req.prompt_len, self.req.max_context + 1)
 
+    def contexts(self, s: int) -> list[int]:
+        """Per layer, the cached tokens it reads at context s: what the LP prices it at."""
+        return cost.layer_contexts(self.spec, s).tolist()
+
     def lp(self) -> dict:
         """The keywords every LP of this plan takes."""
         wcopy = list(self.streamed) and [w * self.c.weight_copy for w in self.streamed]
@@ -166,7 +170,7 @@ def _residency(job: _Job) -> tuple[bool, ...]:
     if not (sched.recomputes and sched.keeps_resident and r.resident_cache) \
             or mem.get("recompute_disabled") or mem["free_gb"] < mem["layer_kv_gb"]:
         return resident
-    z = _solve(job.c, L, r.max_context, resident=resident,
+    z = _solve(job.c, L, job.contexts(r.max_context), resident=resident,
                mem_budget=(mem["free_gb"], mem["layer_kv_gb"]), **job.lp())[1]
     n_res = min(L, int(math.floor(sum(z) + 1e-6)), int(mem["free_gb"] // mem["layer_kv_gb"]))
     keep = sorted(range(L), key=lambda i: (-round(z[i], 6), i))[:n_res]
@@ -186,9 +190,10 @@ def _fractions(job: _Job, resident) -> np.ndarray:
     if all(resident):
         return recompute  # everything fits on the GPU: nothing left to split
     reps = _representatives(r.prompt_len, r.max_context, r.chunk_tokens)
-    fr = np.array([_solve(job.c, job.L, s, resident=resident, **job.lp())[0] for s in reps]).T
+    fr = np.array([_solve(job.c, job.L, job.contexts(s), resident=resident, **job.lp())[0]
+                   for s in reps]).T
     job.notes["buckets"] = [int(s) for s in reps]
-    return _round_to_chunks(fr, reps, ctx, r.chunk_tokens)
+    return _round_to_chunks(fr, reps, ctx, cost.layer_contexts(job.spec, ctx), r.chunk_tokens)
 
 
 def _drop_slower_recompute(job: _Job, plan: Plan, recompute: np.ndarray):
@@ -236,13 +241,15 @@ def _representatives(lo: int, hi: int, chunk: int) -> list[int]:
     return pts
 
 
-def _round_to_chunks(fr: np.ndarray, reps: list[int], ctx: np.ndarray, chunk: int) -> np.ndarray:
-    """Per-layer fraction at each context (log-interpolated), then l in whole chunks <= s."""
+def _round_to_chunks(fr: np.ndarray, reps: list[int], ctx: np.ndarray, n: np.ndarray,
+                     chunk: int) -> np.ndarray:
+    """Per-layer fraction at each context (log-interpolated), then l in whole chunks of the
+    n[i, j] tokens layer i reads at context j (n <= s: a sliding-window layer's window)."""
     logs = np.log(np.asarray(reps, dtype=float))
     lc = np.log(ctx.astype(float))
     f = np.stack([np.interp(lc, logs, row) for row in fr]) if len(reps) > 1 else fr.repeat(len(ctx), 1)
-    l = np.rint(f * ctx / chunk).astype(np.int64) * chunk
-    return np.minimum(l, (ctx // chunk) * chunk)
+    l = np.rint(f * n / chunk).astype(np.int64) * chunk
+    return np.minimum(l, (n // chunk) * chunk)
 
 
 def _round(d: dict) -> dict:

@@ -1,11 +1,30 @@
 """Bytes and FLOPs of one decode step, from shapes alone. Units: bytes, FLOPs; GB is 1e9 bytes."""
 from __future__ import annotations
 
+import numpy as np
+
 from kvc.dtypes import dtype_bytes  # noqa: F401  (cost.dtype_bytes)
 from kvc.models import layer_param_count, param_count
 from kvc.models.spec import ModelSpec
 
 GB = 1e9
+
+
+def layer_contexts(spec: ModelSpec, s) -> np.ndarray:
+    """[layers, *shape(s)]: the cached tokens each layer's decode step reads at context s (an
+    int or an array): ModelSpec.cached_tokens, s itself but for a sliding-window layer. The
+    planner prices every layer's copies, recompute, attention and staging at this context."""
+    s = np.asarray(s, dtype=np.int64)
+    out = np.empty((spec.num_layers,) + s.shape, dtype=np.int64)
+    for i in range(spec.num_layers):
+        w = spec.window(i)
+        out[i] = s if w is None else np.clip(s, 0, max(0, w - 1))
+    return out
+
+
+def longest_context(spec: ModelSpec, s: int) -> int:
+    """The most cached tokens any layer reads at context s."""
+    return max((spec.cached_tokens(i, s) for i in range(spec.num_layers)), default=s)
 
 
 def act_bytes(spec: ModelSpec, b: int, tokens, p: int):
