@@ -1,8 +1,9 @@
 """CompiledModel: runs the lowered prefill and decode graphs against an OffloadedCache.
 
 The generate loop is the only host-side logic per step: pick the split for this context
-(pure Python, from the Plan), call the decode graph, take the argmax on the device. Tokens
-stay on the device; the host synchronises once, at the end. Handed a `partition` (the
+(pure Python, from the Plan), call the decode graph, choose the token on the device
+(kvc.runtime.sampling: argmax, or transformers' sampling). Tokens stay on the device; the host
+synchronises once, at the end, or once a step when EOS ids may stop the batch early. Handed a `partition` (the
 CUDA-graph pass, passes/cudagraphs.py: kvc.api hands it over when the Plan says
 `cuda_graphs`), the decode graph runs partitioned: its static runs replay as CUDA graphs
 (kvc.runtime.segments), captured at the second step of the first generate for a batch size.
@@ -10,7 +11,7 @@ The runtime knows no planner and no compiler: it is given lowered graphs and a P
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -21,6 +22,7 @@ from kvc.progress import bar
 from kvc.ir import registry
 from kvc.runtime.attention import backends
 from kvc.runtime.offloaded import OffloadedCache
+from kvc.runtime.sampling import Sampler, Stopping, check_max_new_tokens
 from kvc.ir.graph import direct_calls
 from kvc.runtime.segments import SegmentSet
 from kvc.runtime.weights import WeightStreamer
@@ -99,17 +101,26 @@ class CompiledModel:
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, return_logits: bool = False,
-                 on_token: Callable[[int, torch.Tensor], None] | None = None):
-        """Greedy decoding. Returns tokens [b, s + n], or (tokens, logits [b, n, vocab]).
+                 on_token: Callable[[int, torch.Tensor], None] | None = None, *,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 50,
+                 top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                 eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None):
+        """Tokens [b, s + n], or (tokens, logits [b, n, vocab]): the raw logits of the n steps run.
+
+        Greedy unless `do_sample`; sampling and stopping as transformers' generate
+        (kvc.runtime.sampling): with `eos_token_id` (an id or a list) a row that emitted one
+        is finished and gets `pad_token_id` (default: the first EOS id) after it, and decoding
+        stops once every row has finished, so n <= max_new_tokens.
 
         `on_token(step, tokens[b])` is called after each new token (step 0 is the prefill's),
         with the tokens still on the device: a caller that streams text pays the host sync it
-        asks for, one that does not pays nothing."""
+        asks for, one that does not pays nothing (EOS stopping syncs once a step)."""
         if input_ids.dim() != 2 or input_ids.shape[1] < 1:
             raise KvcError(f"input_ids must be [batch, tokens] with tokens >= 1, got {tuple(input_ids.shape)}")
-        if max_new_tokens < 1:
-            raise KvcError(f"max_new_tokens = {max_new_tokens}; expected >= 1")
+        check_max_new_tokens(max_new_tokens)
+        sampler = Sampler(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
         b, p = input_ids.shape
+        stopping = Stopping(eos_token_id, pad_token_id, b, self.spec.vocab_size, self.device)
         if p + max_new_tokens > self.spec.max_positions:
             raise KvcError(f"prompt {p} + {max_new_tokens} new tokens exceeds the model's "
                            f"maximum positions ({self.spec.max_positions})")
@@ -120,21 +131,34 @@ class CompiledModel:
         pad = -b % self.plan.micro_batches
         if pad:
             ids = torch.cat([ids, ids[-1:].expand(pad, p)])
+        # the tokens so far, for the repetition penalty (the real rows only)
+        seen = torch.empty((b, p + max_new_tokens), dtype=torch.long, device=self.device)
+        seen[:, :p] = ids[:b]
+
+        def choose(logits: torch.Tensor, n: int) -> torch.Tensor:
+            # the real rows choose (a sampler's draws must not depend on the padding rows);
+            # the padding rows repeat the last real row, which they copy
+            tok = stopping(sampler(logits[:b], seen[:, :p + n]))
+            seen[:, p + n] = tok
+            return torch.cat([tok, tok[-1:].expand(pad)]) if pad else tok
+
         cache, rt = self._runtime(b + pad, p, p + max_new_tokens)
         with bar("kvc: generating", total=max_new_tokens, unit="step") as steps, backends():
             cache.begin_step(0, p)
             logits = self.prefill_step(ids, cache.positions[:p], rt)[:, -1]
             cache.end_step(p)
-            tokens, all_logits = [logits.argmax(-1)], [logits]
+            tokens, all_logits = [choose(logits, 0)], [logits]
             if on_token is not None:
                 on_token(0, tokens[-1][:b])
             steps.update()
             for step in range(1, max_new_tokens):
+                if stopping.done:
+                    break
                 s = cache.s
                 cache.begin_step(s, 1)
                 logits = self.decode_step(tokens[-1][:, None], cache.positions[s:s + 1], rt)[:, -1]
                 cache.end_step(1)
-                tokens.append(logits.argmax(-1))
+                tokens.append(choose(logits, step))
                 all_logits.append(logits)
                 if on_token is not None:
                     on_token(step, tokens[-1][:b])

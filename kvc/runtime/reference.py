@@ -1,7 +1,10 @@
-"""The reference decoder: eager PyTorch, device-resident cache, greedy. What compiled schedules
-must reproduce token for token, and what the parity tests hold against Hugging Face.
+"""The reference decoder: eager PyTorch, device-resident cache, greedy or sampled (with EOS
+stopping). What compiled schedules must reproduce token for token, and what the parity tests
+hold against Hugging Face.
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -10,6 +13,7 @@ from kvc.models.spec import ModelSpec
 from kvc.ir import registry
 from kvc.runtime.attention import backends
 from kvc.runtime.device_cache import DeviceCache
+from kvc.runtime.sampling import Sampler, Stopping
 
 
 class ReferenceDecoder:
@@ -38,11 +42,18 @@ class ReferenceDecoder:
 
     @torch.inference_mode()
     @backends()  # the attention kernels compiled models use (kvc.runtime.attention)
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, return_logits: bool = False):
-        """Greedy decoding: tokens [b, s+n], and with return_logits the logits [b, n, vocab]
-        that chose each new token (logits[:, 0] come from the prefill's last position)."""
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, return_logits: bool = False,
+                 *, do_sample: bool = False, temperature: float = 1.0, top_k: int = 50,
+                 top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                 eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None):
+        """Tokens [b, s+n], and with return_logits the logits [b, n, vocab] that chose each new
+        token (logits[:, 0] come from the prefill's last position). Greedy unless `do_sample`;
+        sampling and EOS stopping exactly as CompiledModel.generate (kvc.runtime.sampling), so
+        n < max_new_tokens when every row emitted an EOS id before the last step."""
         b, s = input_ids.shape
         device = input_ids.device
+        sampler = Sampler(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
+        stopping = Stopping(eos_token_id, pad_token_id, b, self.spec.vocab_size, device)
         # the last new token is never fed back, so s + n - 1 slots would do; one spare is cheap
         cache, rt = self._cache(b, s + max_new_tokens)
         tokens, logits = [input_ids], []
@@ -54,9 +65,10 @@ class ReferenceDecoder:
                 for i in range(max_new_tokens):
                     step = out[:, -1]
                     logits.append(step)
-                    nxt = step.argmax(-1, keepdim=True)
+                    seen = torch.cat(tokens, dim=1).long() if sampler.repetition_penalty != 1.0 else None
+                    nxt = stopping(sampler(step, seen))[:, None]
                     tokens.append(nxt)
-                    if i + 1 == max_new_tokens:
+                    if i + 1 == max_new_tokens or stopping.done:
                         break
                     out = self.model(nxt, torch.tensor([s + i], device=device), rt)
                     cache.advance(1)
@@ -76,7 +88,8 @@ class ReferenceDecoder:
         sequences do not interact, so this is the same decode; but fp16 GEMMs of 2 rows and of
         4 round differently, and a greedy near-tie may then pick another token, which a
         reference of the whole batch would call an error (H200, opt-125m ×4 weights,
-        2026-11-28: token 65 of 96 flips in fp16, never in fp32)."""
+        2026-11-28: token 65 of 96 flips in fp16, never in fp32). Greedy only: slices would
+        draw their own samples and stop on their own, which the compiled model does not."""
         b = input_ids.shape[0]
         if b % micro_batches:
             raise ValueError(f"batch {b} does not split into {micro_batches} equal micro-batches")
