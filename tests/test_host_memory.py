@@ -46,11 +46,12 @@ def table_plan(prompt=16, gen=8, chunks=2) -> Plan:
 
 
 def lp_plan(spec) -> Plan:
-    """A plan the LP solves: over a very slow link the offloaded layers recompute everything."""
+    """A plan the LP solves: over a very slow link the offloaded layers recompute everything
+    (no layer kept on the GPU, where the budget would hold them all)."""
     h = hw("cpu", h2d_gbps=0.001, host_module_us=0.0, host_op_us=0.0, host_view_us=0.0,
            host_kvc_us=0.0)
     plan = make_plan(spec, h, PlanRequest(batch_size=2, prompt_len=16, gen_len=8, dtype="float32",
-                     mode="pipelined", chunk_tokens=4))
+                     mode="pipelined", chunk_tokens=4, resident_cache=False))
     assert plan.forced_fraction is None and plan.offloaded
     return plan
 

@@ -275,3 +275,17 @@ def test_window_pools_are_what_the_runtime_allocates(window_layers):
                            head_dim=spec.head_dim, dtype=torch.float32, device=torch.device("cpu"),
                            num_events=0, windows=tuple(spec.window(u) for u in range(2)))
         assert c.host_bytes == round(host_memory_gb(spec, pl, 2, "float32") * 1e9), pl
+
+
+def test_lp_keeps_the_most_on_the_gpu_among_equal_steps():
+    """Where the step is flat in how much cache stays resident (the GPU binds at the longest
+    context), the LP keeps the most it can: here the budget holds every layer, and a plan that
+    streams some of them anyway would only move bytes (the hand LP returned 21 of 32)."""
+    from kvc.ir.request import PlanRequest
+
+    h = hw("h100-pcie5", gpu_mem_gb=80.0)
+    req = PlanRequest(batch_size=8, prompt_len=512, gen_len=8, dtype="float16")
+    p = make_plan(PRESETS["opt-6.7b"], h, req)
+    assert all(p.resident)
+    bare = make_plan(PRESETS["opt-6.7b"], h, req.but(resident_cache=False))
+    assert sum(p.predicted_step_ms) < sum(bare.predicted_step_ms)

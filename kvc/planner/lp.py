@@ -16,6 +16,8 @@ import pulp
 from kvc.errors import KvcError
 from kvc.planner.lanes import LpOps, Step, walk
 
+TIE_BREAK = 1e-6  # ms per layer kept resident: far below any step difference the LP weighs
+
 
 def durations(c, ctx, x, z, wc, resident, *, look: int, chunks: int, m: int,
               streams) -> Step:
@@ -62,7 +64,10 @@ def solve(c, L: int, s, *, look: int, chunks: int, resident, deadline: float,
     x, z, w, wc, streams = _variables(prob, L, resident, mem_budget, weight_budget, wcopy, fixed_x)
     kw = dict(look=look, chunks=chunks, m=m, streams=streams)
     T = walk(LpOps(prob), durations(c, ctx, x, z, wc, resident, **kw))
-    prob += T
+    # the step is flat in how much of the cache stays resident over a range of z (the link
+    # or the GPU binds, not the bytes): among equal steps, keep the most on the GPU (fewer
+    # bytes over PCIe, and a vertex that does not depend on the solver's pivoting order)
+    prob += T - TIE_BREAK * pulp.lpSum(z) if mem_budget else T
     if mem_budget:
         free, per_layer = mem_budget
         prob += pulp.lpSum(z) * per_layer <= free, "gpu_memory"
