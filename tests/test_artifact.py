@@ -6,12 +6,12 @@ import json
 import multiprocessing
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -248,7 +248,9 @@ def test_interrupted_first_compile_leaves_nothing_or_the_artifact(parts, tmp_pat
 
 # real signals, in a subprocess: each scenario patches one stage to send SIGINT to itself
 SIGNAL_SCRIPT = textwrap.dedent("""
-    import json, os, signal, sys
+    import json, os, signal, sys, time
+    # a process started in the background inherits SIGINT ignored: Ctrl-C as a terminal's
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     import kvc.artifact as art
     from kvc.api import make_plan, resolve
     from kvc.compiler.lowering import lower
@@ -267,6 +269,7 @@ SIGNAL_SCRIPT = textwrap.dedent("""
             n[0] += 1
             if (every or n[0] == 1) and (before is None or before(*a)):
                 os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.3)  # the signal may land on one of torch's threads: let it arrive
             return real(*a, **k)
         setattr(target, name, fn)
         return lambda: setattr(target, name, real)
@@ -305,7 +308,7 @@ def test_ctrl_c_at_every_stage_with_real_signals(tmp_path):
     """SIGINT as a user's Ctrl-C sends it: while writing (the old artifact stays), during the
     exchange and during the clean-up (held back until the new artifact is in place and every
     temporary is gone; a second Ctrl-C while cleaning up leaves nothing either)."""
-    r = subprocess.run([sys.executable, "-c", SIGNAL_SCRIPT.format(tiny=TINY), str(tmp_path)],
+    r = subprocess.run([sys.executable, "-c", SIGNAL_SCRIPT.format(tiny=TINY), str(tmp_path)], check=False,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
@@ -345,22 +348,33 @@ def test_two_compiles_at_once_end_with_one_whole_artifact(parts, tmp_path, monke
             barrier.wait()
 
     monkeypatch.setattr(art, "_fsync", fsync)
-    errors = []
-
-    def compile_one(f):
-        try:
-            art.write_artifact(out, *parts[f])
-        except BaseException as e:  # noqa: BLE001 - the test reports it
-            errors.append(e)
-
-    threads = [threading.Thread(target=compile_one, args=(f,)) for f in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    with ThreadPoolExecutor(2) as pool:  # .result() raises here what a compile raised there
+        for done in [pool.submit(art.write_artifact, out, *parts[f]) for f in (0, 1)]:
+            done.result(timeout=120)
     assert names(tmp_path) == ["x.kvc"]
     assert fraction(out) in (0, 1)
+
+
+@pytest.mark.parametrize("no_exchange", [False, True], ids=["exchange", "two renames"])
+def test_the_name_moved_away_while_placing(parts, tmp_path, monkeypatch, no_exchange):
+    """Between seeing the old artifact and replacing it, another compile moved it aside (the
+    first of its two renames): this compile tries again and places its own."""
+    out = tmp_path / "x.kvc"
+    art.write_artifact(out, *parts[0])
+    if no_exchange:
+        monkeypatch.setattr(art, "_exchange", lambda tmp, o: False)
+    real, calls = art._check_replaceable, []
+
+    def moved_first(o, missing_ok=False):
+        calls.append(missing_ok)
+        if not missing_ok and len(calls) == 2:  # the check in _place, the first time
+            os.rename(o, tmp_path / "aside")
+            shutil.rmtree(tmp_path / "aside")
+        return real(o, missing_ok)
+
+    monkeypatch.setattr(art, "_check_replaceable", moved_first)
+    art.write_artifact(out, *parts[1])
+    assert names(tmp_path) == ["x.kvc"] and fraction(out) == 1
 
 
 @pytest.mark.parametrize("no_exchange", [False, True], ids=["exchange", "two renames"])
@@ -400,7 +414,8 @@ def test_leftovers_of_a_killed_compile_are_recovered(parts, tmp_path):
     live.mkdir()
     art._recover_leftovers(out)
     assert names(tmp_path) == sorted([live.name, "x.kvc"]) and fraction(out) == 0
-    art.write_artifact(out, *parts[1])
+    (tmp_path / f".x.kvc.kvc-tmp.{host}.{dead}.def_2").mkdir()  # killed again
+    art.write_artifact(out, *parts[1])  # a compile recovers on its own
     assert names(tmp_path) == sorted([live.name, "x.kvc"]) and fraction(out) == 1
 
 
@@ -408,17 +423,19 @@ def test_interrupted_compile_leaves_nothing(tmp_path):
     """Ctrl-C while the artifact's files are written (the temporary folder exists): no
     folder, no temporary left behind."""
     script = textwrap.dedent(f"""
-        import os, signal
+        import os, signal, time
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal's, if inherited ignored
         import kvc, kvc.artifact as art
         real = art._write_file
         def interrupted(path, data):
             assert ".kvc-tmp." in path.parent.name  # the temporary folder exists
             os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.3)  # the signal may land on one of torch's threads: let it arrive
             return real(path, data)
         art._write_file = interrupted
         kvc.compile({TINY!r}, overrides=["schedule.recompute_fraction=0.5"], output={str(tmp_path / 'y.kvc')!r})
     """)
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
     assert r.returncode != 0 and "KeyboardInterrupt" in r.stderr
     assert list(tmp_path.iterdir()) == []
 
@@ -441,15 +458,43 @@ def _kvc_manifest_only(folder: Path, **fields):
      "it holds notes.txt"),
     (lambda p: p.write_text("a file"), "not a folder"),
     (lambda p: (p.mkdir(),), "no manifest.json"),
-])
-def test_only_a_kvc_artifact_is_replaced(parts, tmp_path, make, why):
+], ids=["issue-16 myext", "empty manifest", "not json", "other format", "extra file", "a file", "no manifest"])
+def test_only_a_kvc_artifact_is_replaced(parts, tmp_path, monkeypatch, make, why):
     out = tmp_path / "x"
     make(out)
     before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+
+    def no_temp(o):
+        raise AssertionError("refused only after making a temporary folder")
+
+    monkeypatch.setattr(art, "_make_temp", no_temp)  # refused before any work
     with pytest.raises(KvcError, match=why) as e:
         art.write_artifact(out, *parts[0])
     assert "\n" not in str(e.value) and "not a kvc artifact" in str(e.value)
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("appears", ["a folder of notes", "a file"])
+def test_a_folder_that_appears_while_compiling_is_not_replaced(parts, tmp_path, monkeypatch, appears):
+    """The name was free when the compile began; what another program puts there before the
+    artifact is placed is refused (not renamed over or exchanged away) and left as it is."""
+    out = tmp_path / "x.kvc"
+    real = art._write_file
+
+    def write(path, data):
+        if not out.exists():
+            if appears == "a file":
+                out.write_text("mine")
+            else:
+                out.mkdir()
+                (out / "notes.txt").write_text("mine")
+        real(path, data)
+
+    monkeypatch.setattr(art, "_write_file", write)
+    with pytest.raises(KvcError, match="is not a kvc artifact"):
+        art.write_artifact(out, *parts[0])
+    assert names(tmp_path) == ["x.kvc"]
+    assert (out.read_text() if appears == "a file" else (out / "notes.txt").read_text()) == "mine"
 
 
 def test_a_symlink_is_not_replaced(parts, tmp_path):
