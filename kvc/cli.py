@@ -14,7 +14,6 @@ from pathlib import Path
 
 from kvc.errors import KvcError
 
-
 MAX_PROMPTS_BYTES = 16 << 20
 EXIT_BROKEN_PIPE = 128 + 13  # as a command killed by SIGPIPE: the reader went away
 
@@ -135,10 +134,10 @@ def cmd_plan(args) -> int:
 
 
 def cmd_profile(args) -> int:
+    import torch
+
     from kvc.profiler.measure import profile
     from kvc.profiler.resolve import write_profile_yaml
-
-    import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -334,7 +333,11 @@ def _trace_step(model, ids, folder: Path) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from kvc.hardware import HardwareConfig
-    from kvc.reports.timeline import predicted_intervals, write_atomically, write_chrome_trace
+    from kvc.reports.timeline import (
+        predicted_intervals,
+        write_atomically,
+        write_chrome_trace,
+    )
 
     _trace_folder(folder)
     cuda = model.device.type == "cuda"

@@ -7,12 +7,12 @@ from kvc.errors import KvcError
 
 def inspect_text(artifact) -> str:
     from kvc.artifact import read_manifest
-    from kvc.hardware import HardwareConfig
-    from kvc.models.spec import ModelSpec
     from kvc.config import from_dict
+    from kvc.hardware import HardwareConfig
     from kvc.ir.modes import NAMES as MODES
     from kvc.ir.plan import Plan
     from kvc.ir.request import PlanRequest
+    from kvc.models.spec import ModelSpec
     from kvc.planner.scheduler import make_plan, predict
 
     m = read_manifest(artifact)  # every field typed and bounded before anything is solved
@@ -31,14 +31,14 @@ def inspect_text(artifact) -> str:
     off = plan.offloaded_units
     ls = [plan.recompute_tokens(i, s) for s in (P, P + G) for i in off]
     out = [f"kvc inspect: {artifact}",
-           f"  built:    kvc {m.get('kvc_version')}, torch {m.get('torch_version')}, {m.get('created')}, "
-           f"format {m['format_version']}, code {m['code_hash'][:12]}",
+           (f"  built:    kvc {m.get('kvc_version')}, torch {m.get('torch_version')}, {m.get('created')}, "
+            f"format {m['format_version']}, code {m['code_hash'][:12]}"),
            f"  model:    {src}",
-           f"            {spec.model_type}, {spec.num_layers} layers, hidden {spec.hidden_size}, heads "
-           f"{spec.num_heads} ({spec.num_kv_heads} KV), vocab {spec.vocab_size}, {dtype}",
+           (f"            {spec.model_type}, {spec.num_layers} layers, hidden {spec.hidden_size}, heads "
+            f"{spec.num_heads} ({spec.num_kv_heads} KV), vocab {spec.vocab_size}, {dtype}"),
            f"  workload: batch {b}, prompt {P}, generate {G} (decode contexts {P}..{P + G})",
-           f"  machine:  {hw.name} ({hw.device}): H2D {hw.h2d_gbps:g} GB/s, GEMM {hw.gemm_tflops:g} "
-           f"TFLOP/s, GPU memory {hw.gpu_mem_gb:g} GB; {measured}",
+           (f"  machine:  {hw.name} ({hw.device}): H2D {hw.h2d_gbps:g} GB/s, GEMM {hw.gemm_tflops:g} "
+            f"TFLOP/s, GPU memory {hw.gpu_mem_gb:g} GB; {measured}"),
            f"  plan:     {plan.mode}, {len(off)}/{plan.num_units} "
            f"{'units (layer x micro-batch)' if plan.micro_batches > 1 else 'layers'} offloaded, lookahead "
            f"{plan.lookahead}, {plan.act_chunks} activation chunk(s), chunk {plan.chunk_tokens} tokens"

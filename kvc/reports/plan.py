@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from kvc.config import LIMITS
 from kvc.errors import KvcError
-from kvc.planner import cost
 from kvc.hardware import HardwareConfig
-from kvc.models.spec import ModelSpec
 from kvc.ir.modes import NAMES as MODES
 from kvc.ir.request import PlanRequest
+from kvc.models.spec import ModelSpec
+from kvc.planner import cost
 from kvc.planner.scheduler import host_memory_gb, make_plan, predict
 
 
@@ -82,8 +82,8 @@ def plan_text(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest,
     mode, micro_batches = req.mode, req.micro_batches
     s = d["context"]
     mb = f" in {micro_batches} micro-batches" if micro_batches > 1 else ""
-    out = [f"kvc plan: {mode} on {d['hardware']}, batch {batch_size}{mb}, {dtype}, context {s} "
-           f"(contexts {prompt_len}..{prompt_len + gen_len})"]
+    out = [(f"kvc plan: {mode} on {d['hardware']}, batch {batch_size}{mb}, {dtype}, context {s} "
+            f"(contexts {prompt_len}..{prompt_len + gen_len})")]
     if d["forced_fraction"] is not None:
         out.append(f"  forced: l = round({d['forced_fraction']:g} * s) in every offloaded layer")
     out.append(f"  {'layer':>5}  {'recompute':>9}  {'kv':>7}  {'on gpu':>7}  {'act MB':>9}  {'kv MB':>9}")
@@ -150,9 +150,8 @@ def search_text(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest, max_batch
                      | set(range(16, max_batch + 1, 16)))
     tried: list[dict] = []
     plan, tps = search_policy(spec, hw, req, batch_sizes=batches, tried=tried)
-    out = [f"kvc plan --search: {req.mode} on {hw.name}, {req.dtype}, prompt {req.prompt_len} + gen "
-           f"{req.gen_len}, "
-           f"batches up to {max_batch} ({len(tried)} candidates planned)"]
+    out = [(f"kvc plan --search: {req.mode} on {hw.name}, {req.dtype}, prompt {req.prompt_len} + gen "
+            f"{req.gen_len}, batches up to {max_batch} ({len(tried)} candidates planned)")]
     out.append(f"  {'micro-batches':>13}  {'best batch':>10}  {'tokens/s (predicted)':>20}  refused")
     for m in sorted({t["micro_batches"] for t in tried}):
         ok = [t for t in tried if t["micro_batches"] == m and "tokens_per_s" in t]

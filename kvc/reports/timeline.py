@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from kvc.planner import cost
 from kvc.errors import KvcError
 from kvc.hardware import HardwareConfig
-from kvc.models.spec import ModelSpec
 from kvc.ir.plan import Plan
+from kvc.models.spec import ModelSpec
+from kvc.planner import cost
 from kvc.planner.scheduler import step_terms
 
 LANES = ("copy-in", "compute", "copy-out")
