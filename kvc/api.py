@@ -116,6 +116,25 @@ def assemble(lowered, plan: Plan, spec: ModelSpec, dtype, device, manifest: dict
                          partition=partition if cuda_graphs else None)
 
 
+def check_device(device) -> torch.device:
+    """cpu, cuda or cuda:N of this machine (None: cuda if present); a KvcError for anything
+    else (foo, '', meta, mps), before anything is loaded."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise KvcError(f"device {device!r}: kvc runs on cpu or cuda (cuda:N for the N-th GPU)") from None
+    if d.type not in ("cpu", "cuda") or (d.type == "cpu" and d.index not in (None, 0)):
+        raise KvcError(f"device {device!r}: kvc runs on cpu or cuda (cuda:N for the N-th GPU)")
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise KvcError("device 'cuda' asked for, but this machine has no CUDA device; "
+                       "load with device='cpu' (the same schedule runs there, without streams)")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise KvcError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return d
+
+
 def load_artifact(path, device=None):
     """Rebuild a compiled artifact into a CompiledModel (kvc.artifact checks what it names)."""
     from kvc.artifact import MANIFEST, check_weights, read_manifest
@@ -133,12 +152,7 @@ def load_artifact(path, device=None):
     if spec.to_dict() != manifest["model_spec"]:
         raise KvcError(f"{path}: the model's config changed since compile; recompile")
     checkpoint = check_weights(manifest["weights"])
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise KvcError("device 'cuda' asked for, but this machine has no CUDA device; "
-                       "load with device='cpu' (the same schedule runs there, without streams)")
+    device = check_device(device)
     # weight-streamed parameters are built (drawn or loaded) straight into their pinned pool
     place = place_streamed(plan, device) if plan.streamed_layers else None
     model = build_model(spec, device, cfg.model.dtype, seed=cfg.model.seed, checkpoint=checkpoint,

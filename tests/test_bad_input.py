@@ -291,8 +291,6 @@ def test_bad_device(artifact, capsys, device):
     cli_error(capsys, ["bench", EXAMPLES / "tiny-opt.yaml", "--device", device], needle)
 
 
-@pytest.mark.xfail(strict=True, reason="needs kvc.api.load_artifact to check its device argument "
-                   "(cli.check_device's rule) before torch.device(); see issue 16's report")
 @pytest.mark.parametrize("device", ["foo", "meta"])
 def test_bad_device_through_the_api(artifact, device):
     with pytest.raises(kvc.KvcError):
@@ -343,9 +341,6 @@ def test_config_json_of_the_wrong_shape(tmp_path, capsys, name, config):
     cli_error(capsys, ["plan", cfg], "config.json")
 
 
-@pytest.mark.xfail(strict=True, reason="needs kvc.models to read config.json integers as integers (spec.hf_common) and "
-                   "to check the spec's sizes against kvc.config.LIMITS (spec_from_hf_config); see "
-                   "issue 16's report")
 @pytest.mark.parametrize("key, value", [("num_hidden_layers", -2), ("vocab_size", 10 ** 30),
                                         ("hidden_size", 64.5), ("num_hidden_layers", "2")])
 def test_config_json_with_a_wrong_value(tmp_path, capsys, key, value):
@@ -472,9 +467,6 @@ def test_profile_yaml_with_aliases_or_bad_values_is_refused(tmp_path):
         resolve.read_profile_yaml(p)
 
 
-@pytest.mark.xfail(strict=True, reason="needs kvc.models.build to check the weights' bytes against "
-                   "the memory they are about to be made in (MemAvailable on the CPU, free memory "
-                   "on a GPU) before materialising; see issue 16's report")
 def test_model_larger_than_host_memory_is_refused():
     """llama-2-70b's 138 GB of weights on a CPU: one KvcError before any allocation, not the
     OS's OOM killer. (The subprocess runs under a 4 GB address-space limit, so today's
@@ -496,9 +488,6 @@ def test_model_larger_than_host_memory_is_refused():
     assert r.stdout.startswith("KvcError"), (r.stdout, r.stderr[-500:])
 
 
-@pytest.mark.xfail(strict=True, reason="needs kvc.planner.lp._run to solve in a private "
-                   "tempfile.TemporaryDirectory (solver.tmpDir), removed whatever happens; see "
-                   "issue 16's report")
 def test_ctrl_c_while_solving_leaves_no_solver_files(tmp_path, monkeypatch):
     """Ctrl-C while CBC runs (`kvc plan --search` pressed away): pulp's .mps/.sol files go."""
     import tempfile

@@ -1,6 +1,7 @@
 """The pass pipeline as a whole: its order and meta, idempotence, refusal to run early, DCE
 keeping every side-effect node, and `gm.code` as plain readable Python, the same on a retrace.
 """
+# ruff: noqa: F405  (names come from pass_fixtures, shared by the three pass test files)
 from __future__ import annotations
 
 import pytest

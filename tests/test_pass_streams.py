@@ -4,6 +4,7 @@ is read before its copy lands or refilled while a layer still reads it, no pool 
 prefetched before its write-back lands, and no write-back reads a tensor before compute made
 it. Each record/wait the pass inserts is shown to be necessary.
 """
+# ruff: noqa: F405  (names come from pass_fixtures, shared by the three pass test files)
 from __future__ import annotations
 
 import pytest

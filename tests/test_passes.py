@@ -8,6 +8,7 @@ no staged buffer is read before its copy lands or refilled while a layer still r
 pool row is prefetched before its write-back lands, and no write-back reads a tensor before
 compute made it. Each record/wait the streams pass inserts is shown to be necessary.
 """
+# ruff: noqa: F405  (names come from pass_fixtures, shared by the three pass test files)
 from __future__ import annotations
 
 import pytest

@@ -60,11 +60,30 @@ def spec_from_hf_config(config: dict[str, Any], where: str = "config.json") -> M
     if family is None:
         raise KvcError(f"{where}: unsupported model_type {model_type!r}; kvc supports {sorted(_BY_TYPE)}")
     try:
-        return family.spec_from_hf(config, model_type, where)
+        spec = family.spec_from_hf(config, model_type, where)
     except KeyError as e:
         raise KvcError(f"{where}: missing key {e.args[0]!r} needed for model_type {model_type!r}") from None
     except (TypeError, ValueError) as e:
         raise KvcError(f"{where}: a value has the wrong type for model_type {model_type!r} ({e})") from None
+    check_spec(spec, where)
+    return spec
+
+
+def check_spec(spec: ModelSpec, where: str) -> None:
+    """A model's sizes within kvc.config.LIMITS (the bounds a manifest's model_spec is held
+    to): a crafted config.json cannot make kvc build or plan a model of any size."""
+    from kvc.config import LIMITS
+
+    for name, top in (("num_layers", LIMITS["num_layers"]), ("vocab_size", LIMITS["vocab_size"]),
+                      ("hidden_size", LIMITS["width"]), ("intermediate_size", LIMITS["width"]),
+                      ("head_dim", LIMITS["width"]), ("num_heads", LIMITS["heads"]),
+                      ("num_kv_heads", LIMITS["heads"]), ("max_positions", LIMITS["max_positions"])):
+        v = getattr(spec, name)
+        if type(v) is not int or not 1 <= v <= top:
+            raise KvcError(f"{where}: {name} = {v!r}; expected an integer 1..{top}")
+    if spec.num_heads % spec.num_kv_heads:
+        raise KvcError(f"{where}: {spec.num_heads} attention heads do not split into "
+                       f"{spec.num_kv_heads} KV heads")
 
 
 def spec_from_checkpoint(folder: str | Path) -> ModelSpec:

@@ -11,11 +11,32 @@ import torch
 from torch import nn
 
 from kvc.dtypes import torch_dtype
+from kvc.errors import KvcError
 from kvc.models.checkpoint import load_checkpoint
 from kvc.models.spec import Family, ModelSpec
 from kvc.progress import bar
 
 INIT_STD = 0.02  # HF's initializer_range default: dummy logits look like an untrained model's
+
+
+def _check_room(nbytes: int, device: torch.device, spec: ModelSpec) -> None:
+    """KvcError when the weights cannot fit where they are about to be made: host memory
+    available (MemAvailable) for the CPU, free device memory for a GPU."""
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                room = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration, ValueError):
+            return
+        where = "host memory available"
+    elif device.type == "cuda":
+        room, where = torch.cuda.mem_get_info(device)[0], f"free on {device}"
+    else:
+        return
+    if nbytes > room:
+        raise KvcError(f"the model's weights need {nbytes / 1e9:.1f} GB, {room / 1e9:.1f} GB is {where} "
+                       f"({spec.num_layers} layers, hidden {spec.hidden_size}); stream weights from "
+                       "the CPU (schedule.weight_stream_fraction) or use a machine with more memory")
 
 
 @torch.no_grad()
@@ -76,6 +97,10 @@ def build(family: Family, spec: ModelSpec, device: torch.device | str = "cpu",
     if device.type == "meta":
         return model
     views = place(model) if place is not None else {}
+    # what is about to be allocated on `device` (placed parameters live in their own pools,
+    # checked where those are made): refused here, not by the OS's OOM killer halfway through
+    need = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in views)
+    _check_room(need, device, spec)
     if views:
         _materialize(model, device, views)
     else:

@@ -87,14 +87,25 @@ def with_overrides(spec: ModelSpec, **changes) -> ModelSpec:
     return replace(spec, **changes)
 
 
+def hf_int(cfg: dict, key: str) -> int:
+    """An integer field of config.json: a JSON integer (or a float with no fraction), never a
+    string, a bool or 64.5 silently truncated (TypeError: the registry's one line)."""
+    v = cfg[key]
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if type(v) is not int:
+        raise TypeError(f"{key} = {v!r}, expected an integer")
+    return v
+
+
 def hf_common(cfg: dict, model_type: str, family: str, tie_default: bool) -> dict:
     """The ModelSpec fields every decoder's config.json spells the same way."""
     extra = {k: cfg[k] for k in ("architectures", "torch_dtype", "dtype") if cfg.get(k) is not None}
     return dict(
-        model_type=model_type, family=family, vocab_size=int(cfg["vocab_size"]),
-        hidden_size=int(cfg["hidden_size"]), num_layers=int(cfg["num_hidden_layers"]),
-        num_heads=int(cfg["num_attention_heads"]),
-        max_positions=int(cfg["max_position_embeddings"]),
+        model_type=model_type, family=family, vocab_size=hf_int(cfg, "vocab_size"),
+        hidden_size=hf_int(cfg, "hidden_size"), num_layers=hf_int(cfg, "num_hidden_layers"),
+        num_heads=hf_int(cfg, "num_attention_heads"),
+        max_positions=hf_int(cfg, "max_position_embeddings"),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", tie_default)), extra=extra)
 
 

@@ -8,6 +8,7 @@ backend turns each max of the schedule into a variable; the objective minimises 
 """
 from __future__ import annotations
 
+import tempfile
 import time
 import warnings
 
@@ -117,7 +118,12 @@ def _run(prob, deadline: float, s) -> None:
         # PULP_CBC_CMD (the CBC bundled with pulp) is deprecated for pulp 4, which drops the
         # bundle; until then it is the one solver every install has
         warnings.simplefilter("ignore", DeprecationWarning)
-        status = prob.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=left))
+        solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=left)
+        # pulp writes the problem and CBC's solution as files: in a folder of this solve's
+        # own, removed whatever happens (Ctrl-C left .mps/.sol files in /tmp)
+        with tempfile.TemporaryDirectory(prefix="kvc-lp-") as tmp:
+            solver.tmpDir = tmp
+            status = prob.solve(solver)
     if pulp.LpStatus[status] != "Optimal" or prob.sol_status != pulp.LpSolutionOptimal:
         what = pulp.LpStatus[status]
         sol = pulp.LpSolution.get(prob.sol_status, str(prob.sol_status))
