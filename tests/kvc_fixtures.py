@@ -1,6 +1,5 @@
-"""Shared helpers for tests that build kvc models or interrupt a compile."""
+"""Shared helpers for tests that build kvc models."""
 import dataclasses
-import textwrap
 from pathlib import Path
 
 import torch
@@ -15,17 +14,6 @@ def hw(name: str, **kw) -> HardwareConfig:
     """A packaged hardware preset (conf/hardware/<name>.yaml) with fields replaced."""
     base = HardwareConfig.from_dict(yaml.safe_load((CONF / f"{name}.yaml").read_text()))
     return dataclasses.replace(base, **kw)
-
-# prepended to a subprocess script: SIGINT arrives while the artifact's manifest is written
-INTERRUPT_WHILE_WRITING = textwrap.dedent("""
-    import os, signal
-    import kvc.artifact as _art
-    _real = _art.json.dumps
-    def _interrupted(*a, **k):
-        os.kill(os.getpid(), signal.SIGINT)
-        return _real(*a, **k)
-    _art.json.dumps = _interrupted
-""")
 
 
 @torch.no_grad()

@@ -19,6 +19,8 @@ import torch
 
 import kvc
 import kvc.artifact as art
+from kvc.artifact import replace as art_replace
+from kvc.artifact import write as art_write
 from kvc.errors import KvcError
 from kvc.models import build_model, preset
 from kvc.runtime.reference import ReferenceDecoder
@@ -166,9 +168,9 @@ def test_replacing_swaps_in_one_step(parts, tmp_path, monkeypatch):
     art.write_artifact(out, *parts[0])
     renames = []
     real = os.rename
-    monkeypatch.setattr(art.os, "rename", lambda a, b: (renames.append((a, b)), real(a, b)))
+    monkeypatch.setattr(art_replace.os, "rename", lambda a, b: (renames.append((a, b)), real(a, b)))
     seen = []
-    real_exchange = art._exchange
+    real_exchange = art_replace._exchange
 
     def exchange(tmp, o):
         seen.append(fraction(o))  # the name holds the old artifact up to the exchange...
@@ -176,17 +178,23 @@ def test_replacing_swaps_in_one_step(parts, tmp_path, monkeypatch):
         seen.append(fraction(o))  # ...and the new one right after
         return done
 
-    monkeypatch.setattr(art, "_exchange", exchange)
+    monkeypatch.setattr(art_replace, "_exchange", exchange)
     art.write_artifact(out, *parts[1])
     assert seen == [0, 1] and renames == [] and fraction(out) == 1
     assert names(tmp_path) == ["x.kvc"]
 
 
-class Interrupt:
-    """Patch `name` in kvc.artifact so that its `call`-th call raises KeyboardInterrupt,
-    before doing its work (`after=False`) or after it."""
+def _home(name: str):
+    """The kvc.artifact module whose function `name` is: every caller looks it up there."""
+    return art_write if hasattr(art_write, name) else art_replace
 
-    def __init__(self, monkeypatch, name, call=1, after=False, target=art):
+
+class Interrupt:
+    """Patch `name` in the kvc.artifact module that defines it (write or replace) so that its
+    `call`-th call raises KeyboardInterrupt, before doing its work (`after=False`) or after it."""
+
+    def __init__(self, monkeypatch, name, call=1, after=False, target=None):
+        target = target or _home(name)
         self.real, self.n = getattr(target, name), 0
 
         def fn(*a, **k):
@@ -225,8 +233,8 @@ def test_interrupted_replace_keeps_one_whole_artifact(parts, tmp_path, monkeypat
     out = tmp_path / "x.kvc"
     art.write_artifact(out, *parts[0])
     if stage.startswith(NO_EXCHANGE):
-        monkeypatch.setattr(art, "_exchange", lambda tmp, o: False)
-    Interrupt(monkeypatch, name, call, after, target=art.os if name == "rename" else art)
+        monkeypatch.setattr(art_replace, "_exchange", lambda tmp, o: False)
+    Interrupt(monkeypatch, name, call, after, target=art_replace.os if name == "rename" else None)
     with pytest.raises(KeyboardInterrupt):
         art.write_artifact(out, *parts[1])
     monkeypatch.undo()
@@ -252,6 +260,7 @@ SIGNAL_SCRIPT = textwrap.dedent("""
     # a process started in the background inherits SIGINT ignored: Ctrl-C as a terminal's
     signal.signal(signal.SIGINT, signal.default_int_handler)
     import kvc.artifact as art
+    from kvc.artifact import replace as art_replace, write as art_write
     from kvc.api import make_plan, resolve
     from kvc.compiler.lowering import lower
     from kvc.models import build_model
@@ -263,7 +272,8 @@ SIGNAL_SCRIPT = textwrap.dedent("""
         plan = make_plan(r)
         parts[f] = (r, plan, lower(build_model(r.spec, "meta", "float32"), plan))
 
-    def ctrl_c(name, every=False, target=art, before=None):
+    def ctrl_c(name, every=False, target=None, before=None):
+        target = target or (art_write if hasattr(art_write, name) else art_replace)
         real, n = getattr(target, name), [0]
         def fn(*a, **k):
             n[0] += 1
@@ -280,10 +290,10 @@ SIGNAL_SCRIPT = textwrap.dedent("""
         ("while writing", lambda: ctrl_c("_write_file")),
         ("during the exchange", lambda: ctrl_c("_exchange")),
         ("twice while cleaning up", lambda: ctrl_c("_remove_tree", every=True)),
-        ("between two renames", lambda: (setattr(art, "_exchange", lambda t, o: False),
-                                         ctrl_c("rename", target=art.os))[1]),
+        ("between two renames", lambda: (setattr(art_replace, "_exchange", lambda t, o: False),
+                                         ctrl_c("rename", target=art_replace.os))[1]),
     ]
-    real_exchange = art._exchange
+    real_exchange = art_replace._exchange
     for k, (name, patch) in enumerate(scenarios):
         parent = os.path.join(root, str(k))
         os.makedirs(parent)
@@ -296,7 +306,7 @@ SIGNAL_SCRIPT = textwrap.dedent("""
         except KeyboardInterrupt:
             interrupted = True
         undo()
-        art._exchange = real_exchange
+        art_replace._exchange = real_exchange
         m = art.read_manifest(out)
         results[name] = {{"interrupted": interrupted, "left": sorted(os.listdir(parent)),
                          "fraction": m["config"]["schedule"]["recompute_fraction"]}}
@@ -323,7 +333,7 @@ def test_ctrl_c_at_every_stage_with_real_signals(tmp_path):
 
 def _write_many(out, parts_list, n, no_exchange, barrier=None):
     if no_exchange:
-        art._exchange = lambda tmp, o: False
+        art_replace._exchange = lambda tmp, o: False
     for k in range(n):
         art.write_artifact(out, *parts_list[k % 2])
 
@@ -338,16 +348,16 @@ def test_two_compiles_at_once_end_with_one_whole_artifact(parts, tmp_path, monke
     if existing:
         art.write_artifact(out, *parts[0])
     if no_exchange:
-        monkeypatch.setattr(art, "_exchange", lambda tmp, o: False)
+        monkeypatch.setattr(art_replace, "_exchange", lambda tmp, o: False)
     barrier = threading.Barrier(2, timeout=60)
-    real_fsync = art._fsync
+    real_fsync = art_write._fsync
 
     def fsync(folder):
         real_fsync(folder)
         if ".kvc-tmp." in folder.name:
             barrier.wait()
 
-    monkeypatch.setattr(art, "_fsync", fsync)
+    monkeypatch.setattr(art_write, "_fsync", fsync)
     with ThreadPoolExecutor(2) as pool:  # .result() raises here what a compile raised there
         for done in [pool.submit(art.write_artifact, out, *parts[f]) for f in (0, 1)]:
             done.result(timeout=120)
@@ -362,8 +372,8 @@ def test_the_name_moved_away_while_placing(parts, tmp_path, monkeypatch, no_exch
     out = tmp_path / "x.kvc"
     art.write_artifact(out, *parts[0])
     if no_exchange:
-        monkeypatch.setattr(art, "_exchange", lambda tmp, o: False)
-    real, calls = art._check_replaceable, []
+        monkeypatch.setattr(art_replace, "_exchange", lambda tmp, o: False)
+    real, calls = art_replace._check_replaceable, []
 
     def moved_first(o, missing_ok=False):
         calls.append(missing_ok)
@@ -372,7 +382,7 @@ def test_the_name_moved_away_while_placing(parts, tmp_path, monkeypatch, no_exch
             shutil.rmtree(tmp_path / "aside")
         return real(o, missing_ok)
 
-    monkeypatch.setattr(art, "_check_replaceable", moved_first)
+    monkeypatch.setattr(art_replace, "_check_replaceable", moved_first)
     art.write_artifact(out, *parts[1])
     assert names(tmp_path) == ["x.kvc"] and fraction(out) == 1
 
@@ -404,7 +414,7 @@ def test_leftovers_of_a_killed_compile_are_recovered(parts, tmp_path):
     replaces it; a live compile's temporary is never touched."""
     out = tmp_path / "x.kvc"
     art.write_artifact(out, *parts[0])
-    host, dead = art._tag().split(".")[0], _dead_pid()
+    host, dead = art_replace._tag().split(".")[0], _dead_pid()
     old = tmp_path / f".x.kvc.kvc-old.{host}.{dead}.abc_1"
     os.rename(out, old)
     tmp = tmp_path / f".x.kvc.kvc-tmp.{host}.{dead}.abc_1"
@@ -412,7 +422,7 @@ def test_leftovers_of_a_killed_compile_are_recovered(parts, tmp_path):
     (tmp / "graph.py").write_text("half")
     live = tmp_path / f".x.kvc.kvc-tmp.{host}.{os.getppid()}.xyz"
     live.mkdir()
-    art._recover_leftovers(out)
+    art_replace._recover_leftovers(out)
     assert names(tmp_path) == sorted([live.name, "x.kvc"]) and fraction(out) == 0
     (tmp_path / f".x.kvc.kvc-tmp.{host}.{dead}.def_2").mkdir()  # killed again
     art.write_artifact(out, *parts[1])  # a compile recovers on its own
@@ -425,14 +435,14 @@ def test_interrupted_compile_leaves_nothing(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, time
         signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal's, if inherited ignored
-        import kvc, kvc.artifact as art
-        real = art._write_file
+        import kvc, kvc.artifact.write as art_write
+        real = art_write._write_file
         def interrupted(path, data):
             assert ".kvc-tmp." in path.parent.name  # the temporary folder exists
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.3)  # the signal may land on one of torch's threads: let it arrive
             return real(path, data)
-        art._write_file = interrupted
+        art_write._write_file = interrupted
         kvc.compile({TINY!r}, overrides=["schedule.recompute_fraction=0.5"], output={str(tmp_path / 'y.kvc')!r})
     """)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
@@ -467,7 +477,7 @@ def test_only_a_kvc_artifact_is_replaced(parts, tmp_path, monkeypatch, make, why
     def no_temp(o):
         raise AssertionError("refused only after making a temporary folder")
 
-    monkeypatch.setattr(art, "_make_temp", no_temp)  # refused before any work
+    monkeypatch.setattr(art_write, "_make_temp", no_temp)  # refused before any work
     with pytest.raises(KvcError, match=why) as e:
         art.write_artifact(out, *parts[0])
     assert "\n" not in str(e.value) and "not a kvc artifact" in str(e.value)
@@ -479,7 +489,7 @@ def test_a_folder_that_appears_while_compiling_is_not_replaced(parts, tmp_path, 
     """The name was free when the compile began; what another program puts there before the
     artifact is placed is refused (not renamed over or exchanged away) and left as it is."""
     out = tmp_path / "x.kvc"
-    real = art._write_file
+    real = art_write._write_file
 
     def write(path, data):
         if not out.exists():
@@ -490,7 +500,7 @@ def test_a_folder_that_appears_while_compiling_is_not_replaced(parts, tmp_path, 
                 (out / "notes.txt").write_text("mine")
         real(path, data)
 
-    monkeypatch.setattr(art, "_write_file", write)
+    monkeypatch.setattr(art_write, "_write_file", write)
     with pytest.raises(KvcError, match="is not a kvc artifact"):
         art.write_artifact(out, *parts[0])
     assert names(tmp_path) == ["x.kvc"]
@@ -534,14 +544,14 @@ def test_unwritable_output_is_one_line_and_leaves_the_old(parts, tmp_path, monke
     if fail == "mkdtemp":
         def mkdtemp(*a, **k):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path))
-        monkeypatch.setattr(art.tempfile, "mkdtemp", mkdtemp)
+        monkeypatch.setattr(art_write.tempfile, "mkdtemp", mkdtemp)
     elif fail == "write":
-        real = art._write_file
+        real = art_write._write_file
 
         def write(path, data):
             real(path, data[: len(data) // 2])
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        monkeypatch.setattr(art, "_write_file", write)
+        monkeypatch.setattr(art_write, "_write_file", write)
     else:
         (tmp_path / "f").write_text("")
         out = tmp_path / "f" / "x.kvc"

@@ -215,7 +215,7 @@ def test_cuda_artifact_on_a_cpu_machine(tmp_path, capsys):
 INTERRUPT_WHILE_WRITING = textwrap.dedent("""
     import os, signal, time
     signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal's, if inherited ignored
-    import kvc.artifact as _art
+    import kvc.artifact.write as _art
     _real = _art._write_file
     def _interrupted(path, data):
         assert ".kvc-tmp." in path.parent.name
@@ -269,7 +269,7 @@ def test_compile_onto_the_current_folder(tmp_path, capsys, monkeypatch, where):
 
 @pytest.mark.parametrize("err", [errno.EROFS, errno.ENOSPC, errno.EACCES])
 def test_compile_onto_an_unwritable_filesystem(tmp_path, capsys, monkeypatch, err):
-    import kvc.artifact as art
+    import kvc.artifact.write as art
 
     def fail(path, data):
         raise OSError(err, os.strerror(err), str(path))

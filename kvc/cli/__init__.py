@@ -1,0 +1,119 @@
+"""`kvc` command line: thin wrappers over the Python API.
+
+Every user error is one line, `kvc: error: ...`, and exit status 2; `--debug` shows the
+traceback instead. Hydra overrides follow the model.yaml: `kvc compile m.yaml hardware=h100-pcie5`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from kvc.cli.bench import cmd_bench
+from kvc.cli.commands import cmd_compile, cmd_inspect, cmd_plan, cmd_profile
+from kvc.cli.run import MAX_PROMPTS_BYTES, check_device, cmd_run
+from kvc.errors import KvcError
+
+__all__ = ["COMMANDS", "EXIT_BROKEN_PIPE", "MAX_PROMPTS_BYTES", "build_parser", "check_device",
+           "cmd_bench", "cmd_compile", "cmd_inspect", "cmd_plan", "cmd_profile", "cmd_run", "main"]
+
+EXIT_BROKEN_PIPE = 128 + 13  # as a command killed by SIGPIPE: the reader went away
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="model.yaml (see examples/)")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. hardware=h100-pcie5 hardware.h2d_gbps=40")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvc", description="Compile LLM decoding with the KV cache offloaded to CPU memory.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("compile", help="compile a model.yaml into an artifact folder")
+    _add_config_args(p)
+    p.add_argument("-o", "--output", help="artifact folder (default: <model.yaml stem>.kvc)")
+
+    p = sub.add_parser("plan", help="show the split the solver chooses and its predicted time")
+    _add_config_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--context", type=int, default=None, help="context length S (default: prompt_len)")
+    p.add_argument("--timeline", metavar="PNG", default=None,
+                   help="draw the predicted per-stream timeline of one decode step (needs matplotlib)")
+    p.add_argument("--search", metavar="MAX_BATCH", type=int, default=None,
+                   help="policy search: the batch (up to MAX_BATCH) and micro-batch count with the "
+                        "highest predicted decode throughput that fits the budgets")
+
+    p = sub.add_parser("profile", help="measure this machine into a hardware config YAML")
+    p.add_argument("-o", "--output", help="where to write the YAML (default: print it)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default=None)
+
+    p = sub.add_parser("run", help="generate with a compiled artifact (streams the text)")
+    p.add_argument("artifact")
+    p.add_argument("--prompt", default=None, help="text, tokenized with the checkpoint's own tokenizer")
+    p.add_argument("--prompts-file", default=None, help="one prompt per line, each run in turn")
+    p.add_argument("--prompt-ids", default=None,
+                   help="comma-separated token ids (default: random ids of the compiled prompt length)")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+
+    p = sub.add_parser("bench", help="compile, load and time decoding for a model.yaml")
+    _add_config_args(p)
+    p.add_argument("--device", default=None)
+    p.add_argument("--trace", metavar="DIR", default=None,
+                   help="write torch.profiler's Chrome trace of one decode step, and the predicted one")
+
+    p = sub.add_parser("inspect", help="what an artifact was compiled for, and its predicted speed-up")
+    p.add_argument("artifact")
+    for s in sub.choices.values():  # --debug also after the command, without resetting it
+        s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        s.add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS,
+                       help=argparse.SUPPRESS)
+    return parser
+
+
+COMMANDS = {"compile": cmd_compile, "plan": cmd_plan, "profile": cmd_profile, "run": cmd_run,
+            "bench": cmd_bench, "inspect": cmd_inspect}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # overrides may come after options (`compile m.yaml -o out hardware=cpu`): collect leftovers
+    args, extra = parser.parse_known_args(argv)
+    flags = [e for e in extra if e.startswith("-")]
+    if flags or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(flags or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    try:
+        from kvc import progress
+
+        with progress.enabled(not args.no_progress):
+            rc = COMMANDS[args.command](args)
+            sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+            return rc
+    except BrokenPipeError:  # `kvc inspect X | head -1`: the reader is gone; so are we, quietly
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # the exit's flush has nowhere to fail
+        except (OSError, ValueError):
+            pass
+        return EXIT_BROKEN_PIPE
+    except KvcError as e:
+        if args.debug:
+            raise
+        print(f"kvc: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("kvc: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug in kvc, not the user's input: say so, in one line
+        if args.debug:
+            raise
+        print(f"kvc: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1

@@ -1,0 +1,78 @@
+"""The config's shape: the typed dataclasses, the Hydra groups, and the bounds (LIMITS) any
+input is held to."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from kvc.hardware import HardwareConfig
+
+GROUPS = ("hardware", "schedule")
+
+# What any input may ask for (model.yaml, overrides, a config dict, an artifact's manifest):
+# far above every real model and machine, low enough that a crafted number cannot make kvc
+# allocate, solve or loop without end. kvc.artifact holds manifests to the same bounds.
+MAX_YAML_BYTES = 1 << 20  # a model.yaml or hardware profile
+MAX_DEPTH = 32  # nesting of mappings and lists in one
+MAX_OVERRIDES, MAX_OVERRIDE_CHARS = 1000, 4096
+LIMITS = {
+    "batch_size": 1 << 16,
+    "context": 1 << 22,  # prompt_len + gen_len
+    "num_gpu_batches": 64,
+    "chunk_tokens": 1 << 22,
+    "act_chunks": 64,
+    "mem_gb": 1e6,  # gpu_mem_gb, cpu_mem_gb, mem_margin_gb
+    "solver_time_limit_s": 86400.0,
+    "seed": (1 << 63) - 1,
+    # a model's shape (ModelSpec): what a manifest's model_spec is held to
+    "num_layers": 512,
+    "width": 1 << 18,  # hidden_size, intermediate_size, head_dim
+    "heads": 1 << 12,  # num_heads, num_kv_heads
+    "vocab_size": 1 << 24,
+    "max_positions": 1 << 24,
+}
+
+
+@dataclass
+class ModelConfig:
+    checkpoint: str | None = None
+    preset: str | None = None
+    dtype: str = "float16"  # a name of kvc.dtypes.DTYPES
+    seed: int = 0
+
+
+@dataclass
+class WorkloadConfig:
+    batch_size: int = 1
+    prompt_len: int = 128
+    gen_len: int = 32
+    num_gpu_batches: int = 1
+
+
+@dataclass
+class ScheduleConfig:
+    mode: str = "pipelined"  # a row of kvc.ir.modes.MODES
+    recompute_fraction: float | None = None
+    # set: stream this fraction of the layers' weights from pinned CPU memory (whole layers,
+    # spread evenly); null: stream only what gpu_mem_gb forces (tests and experiments)
+    weight_stream_fraction: float | None = None
+    # false: every layer's KV cache lives in CPU memory even where the GPU budget could hold
+    # some (FlexGen's "--percent x y 0 100" setting); true: the LP may keep layers resident
+    resident_cache: bool = True
+    chunk_tokens: int = 64
+    act_chunks: int = 4
+    solver_time_limit_s: float = 10.0
+    # on a CUDA device, replay each decode step's static runs (projections, norms, MLP) as
+    # CUDA graphs; the cache ops and attention stay eager (kvc.passes.cudagraphs)
+    cuda_graphs: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
