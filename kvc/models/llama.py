@@ -113,12 +113,21 @@ class LlamaAttention(nn.Module):
         c, s = cos[:, None, :half], sin[:, None, :half]
         return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
 
+    def q_heads(self, x):
+        """Q as heads [b, T, H, hd], before RoPE (a family may normalise it here: Qwen3)."""
+        return self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))
+
+    def k_heads(self, x):
+        """K as heads [b, T, n_kv, hd], before RoPE; on the path the compiler clones to
+        recompute K, so it may read only x and weights."""
+        return self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
+
     def forward(self, x, cos, sin, rt, layer: int, prefill: bool, mask=None):
         """`mask`: prefill's sliding causal mask (windowed layers only); None: causal."""
-        k = self._rope(self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim)), cos, sin)
+        k = self._rope(self.k_heads(x), cos, sin)
         v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
         torch.ops.kvc.kv_write(k, v, rt, layer)
-        q = self._rope(self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim)), cos, sin)
+        q = self._rope(self.q_heads(x), cos, sin)
         q = q.transpose(1, 2)  # [b, H, T, hd]
         if prefill:
             out = F.scaled_dot_product_attention(

@@ -14,8 +14,6 @@ compiler's recompute clone rebuilds the normalised, rotated K from a staged acti
 """
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 import kvc.ir.ops  # noqa: F401  (registers torch.ops.kvc.*)
@@ -26,37 +24,19 @@ from kvc.models.spec import Family, FamilyCosts, ModelSpec, hf_common
 
 
 class Qwen3Attention(LlamaAttention):
-    """LlamaAttention (projections without biases, `_rope`) with q_norm / k_norm."""
+    """LlamaAttention (its forward: projections without biases, RoPE, attention) with q_norm /
+    k_norm applied to the heads before RoPE, as HF's Qwen3Attention does."""
 
     def __init__(self, spec: ModelSpec):
         super().__init__(spec)
         self.q_norm = RMSNorm(spec.head_dim, spec.norm_eps)
         self.k_norm = RMSNorm(spec.head_dim, spec.norm_eps)
 
-    def forward(self, x, cos, sin, rt, layer: int, prefill: bool, mask=None):
-        """LlamaAttention.forward with the norms; `mask` as there (None: Qwen3 has no window)."""
-        k = self.k_norm(self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim)))
-        k = self._rope(k, cos, sin)
-        v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
-        torch.ops.kvc.kv_write(k, v, rt, layer)
-        q = self.q_norm(self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim)))
-        q = self._rope(q, cos, sin).transpose(1, 2)  # [b, H, T, hd]
-        if prefill:
-            out = F.scaled_dot_product_attention(
-                q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=mask is None,
-                enable_gqa=self.groups > 1)
-        else:
-            kv = torch.ops.kvc.kv_read(rt, layer)  # the cached rows and this step's
-            k_all = kv[0].transpose(1, 2)  # [b, n_kv, s+T, hd]
-            v_all = kv[1].transpose(1, 2)
-            if self.groups > 1:
-                # as llama.py: the query heads sharing a KV head become extra query rows
-                qg = q.unflatten(1, (self.num_kv_heads, self.groups)).flatten(2, 3)
-                out = F.scaled_dot_product_attention(qg, k_all, v_all)
-                out = out.unflatten(2, (self.groups, -1)).flatten(1, 2)
-            else:
-                out = F.scaled_dot_product_attention(q, k_all, v_all)
-        return self.o_proj(out.transpose(1, 2).flatten(-2))
+    def q_heads(self, x):
+        return self.q_norm(super().q_heads(x))
+
+    def k_heads(self, x):
+        return self.k_norm(super().k_heads(x))
 
 
 class Qwen3DecoderLayer(LlamaDecoderLayer):
