@@ -284,10 +284,17 @@ def test_compile_onto_an_unwritable_filesystem(tmp_path, capsys, monkeypatch, er
 
 
 @pytest.mark.parametrize("device", ["foo", "", "meta", "mps", "cpu:1", "cuda:x", "cuda:9999"])
-def test_bad_device(artifact, capsys, device):
+def test_bad_device(artifact, capsys, device, monkeypatch):
     needle = "no CUDA device" if device == "cuda:9999" and not torch.cuda.is_available() else \
         ("CUDA device(s)" if device == "cuda:9999" else "kvc runs on cpu or cuda")
-    cli_error(capsys, ["run", artifact, "--device", device], needle)
+
+    def loads(*a, **k):  # the device is refused before anything is read or built
+        raise AssertionError("kvc run loaded the artifact before checking --device")
+
+    with monkeypatch.context() as m:
+        m.setattr(kvc, "load", loads)
+        m.setattr("kvc.api.load_artifact", loads)
+        cli_error(capsys, ["run", artifact, "--device", device], needle)
     cli_error(capsys, ["bench", EXAMPLES / "tiny-opt.yaml", "--device", device], needle)
 
 
