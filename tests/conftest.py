@@ -1,5 +1,13 @@
+import os
+
 import pytest
 import torch
+
+# Subprocesses the tests start (`python -m kvc.cli`, `python -c ...`) must import kvc as it is
+# installed: Python would otherwise put the current folder first on sys.path, and from the
+# repository root that is the source kvc/, which lacks kvc.passes and kvc.conf (they are
+# installed into the package from passes/ and conf/). PYTHONSAFEPATH (3.11+) drops that entry.
+os.environ["PYTHONSAFEPATH"] = "1"
 
 
 def pytest_collection_modifyitems(config, items):
