@@ -48,11 +48,18 @@ def hf_config(case: str):
 
 
 def hf_model(case: str, seed: int = 0):
+    return random_hf_model(hf_config(case), seed)
+
+
+def random_hf_model(cfg, seed: int = 0):
+    """A random HF causal LM from a transformers config (eager attention, fp32), with its 1-D
+    parameters moved off their initial values and no special tokens in its generation config."""
     import transformers
 
+    cfg.bos_token_id = cfg.eos_token_id = cfg.pad_token_id = None
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(
-        hf_config(case), attn_implementation="eager", dtype=torch.float32)
+        cfg, attn_implementation="eager", dtype=torch.float32)
     # HF starts biases at 0 and norms at 1: perturb them so a dropped bias or norm shows
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():

@@ -49,19 +49,7 @@ def hf_gemma2(seed: int = 0, **overrides):
     weights, and the (1 + w) norm weights moved off 0 so that a dropped norm shows."""
     import transformers
 
-    cfg = transformers.Gemma2Config(**{**TINY, **overrides})
-    cfg.bos_token_id = cfg.eos_token_id = cfg.pad_token_id = None
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager",
-                                                          dtype=torch.float32)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
-    for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
-        setattr(model.generation_config, key, None)
-    return model.eval()
+    return hf.random_hf_model(transformers.Gemma2Config(**{**TINY, **overrides}), seed)
 
 
 @pytest.fixture(scope="module")

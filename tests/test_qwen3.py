@@ -48,19 +48,7 @@ def hf_qwen3(case: str, seed: int = 0):
     weights, and norm scales moved off 1 so that a dropped q_norm / k_norm shows."""
     import transformers
 
-    cfg = transformers.Qwen3Config(**TINY, **CASES[case])
-    cfg.bos_token_id = cfg.eos_token_id = cfg.pad_token_id = None
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager",
-                                                          dtype=torch.float32)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
-    for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
-        setattr(model.generation_config, key, None)
-    return model.eval()
+    return hf.random_hf_model(transformers.Qwen3Config(**TINY, **CASES[case]), seed)
 
 
 @pytest.fixture(scope="module")

@@ -185,17 +185,22 @@ def rope_tables(spec: ModelSpec, inv_freq: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 class LlamaForCausalLM(nn.Module):
+    # a family built on Llama's decoder (Qwen3) subclasses with its own name and layer
+    family = "llama"
+    layer_class = LlamaDecoderLayer
+
     def __init__(self, spec: ModelSpec):
         super().__init__()
-        if spec.family != "llama":
-            raise ValueError(f"LlamaForCausalLM needs a llama-family spec, got {spec.model_type!r}")
+        if spec.family != self.family:
+            raise ValueError(f"{type(self).__name__} needs a {self.family}-family spec, got "
+                             f"{spec.model_type!r}")
         if spec.activation != "silu":
-            raise ValueError(f"llama-family activation must be silu, got {spec.activation!r}")
+            raise ValueError(f"{self.family}-family activation must be silu, got {spec.activation!r}")
         if spec.num_heads % spec.num_kv_heads:
             raise ValueError(f"num_heads {spec.num_heads} is not a multiple of num_kv_heads {spec.num_kv_heads}")
         self.spec = spec
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList([LlamaDecoderLayer(spec, i) for i in range(spec.num_layers)])
+        self.layers = nn.ModuleList([self.layer_class(spec, i) for i in range(spec.num_layers)])
         self.norm = RMSNorm(spec.hidden_size, spec.norm_eps)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         # float32 always (see init_buffers); not persistent: HF checkpoints do not carry them

@@ -14,12 +14,15 @@ compiler's recompute clone rebuilds the normalised, rotated K from a staged acti
 """
 from __future__ import annotations
 
-from torch import nn
-
 import kvc.ir.ops  # noqa: F401  (registers torch.ops.kvc.*)
 from kvc.errors import KvcError
-from kvc.models.llama import (LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, RMSNorm,
-                              rope_from_hf, rope_inv_freq, rope_tables)
+from kvc.models.llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    RMSNorm,
+    rope_from_hf,
+)
 from kvc.models.spec import Family, FamilyCosts, ModelSpec, hf_common
 
 
@@ -48,36 +51,17 @@ class Qwen3DecoderLayer(LlamaDecoderLayer):
         self.self_attn = Qwen3Attention(spec)
 
 
-class Qwen3ForCausalLM(nn.Module):
-    """Llama's embedding, RoPE tables, final norm and head: its forward, tie_weights and
-    init_buffers are LlamaForCausalLM's own functions (not a subclass: that constructor
-    accepts llama-family specs only, and a Qwen3 model is not a Llama one)."""
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    """Llama's embedding, RoPE tables, final norm, head and forward, with Qwen3's layers;
+    attention biases and sliding windows are refused (no released dense Qwen3 has them)."""
+
+    family = "qwen3"
+    layer_class = Qwen3DecoderLayer
 
     def __init__(self, spec: ModelSpec):
-        super().__init__()
-        if spec.family != "qwen3":
-            raise ValueError(f"Qwen3ForCausalLM needs a qwen3-family spec, got {spec.model_type!r}")
-        if spec.activation != "silu":
-            raise ValueError(f"qwen3 activation must be silu, got {spec.activation!r}")
         if spec.attention_bias or spec.sliding_window is not None:
             raise ValueError("qwen3: attention biases and sliding windows are not supported")
-        if spec.num_heads % spec.num_kv_heads:
-            raise ValueError(f"num_heads {spec.num_heads} is not a multiple of num_kv_heads {spec.num_kv_heads}")
-        self.spec = spec
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList([Qwen3DecoderLayer(spec, i) for i in range(spec.num_layers)])
-        self.norm = RMSNorm(spec.hidden_size, spec.norm_eps)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
-        # float32 always (init_buffers); not persistent: HF checkpoints do not carry them
-        self.register_buffer("inv_freq", rope_inv_freq(spec), persistent=False)
-        cos, sin = rope_tables(spec, self.inv_freq)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        self.tie_weights()
-
-    tie_weights = LlamaForCausalLM.tie_weights
-    init_buffers = LlamaForCausalLM.init_buffers
-    forward = LlamaForCausalLM.forward
+        super().__init__(spec)
 
 
 # --- what the rest of kvc knows about the Qwen3 family (the registry reads FAMILY) ------------
