@@ -131,15 +131,19 @@ class CompiledModel:
         pad = -b % self.plan.micro_batches
         if pad:
             ids = torch.cat([ids, ids[-1:].expand(pad, p)])
-        # the tokens so far, for the repetition penalty (the real rows only)
-        seen = torch.empty((b, p + max_new_tokens), dtype=torch.long, device=self.device)
-        seen[:, :p] = ids[:b]
+        # the tokens so far, for the repetition penalty only (the real rows): without one a
+        # decode step does nothing here but choose its token
+        seen = None
+        if sampler.repetition_penalty != 1.0:
+            seen = torch.empty((b, p + max_new_tokens), dtype=torch.long, device=self.device)
+            seen[:, :p] = ids[:b]
 
         def choose(logits: torch.Tensor, n: int) -> torch.Tensor:
             # the real rows choose (a sampler's draws must not depend on the padding rows);
             # the padding rows repeat the last real row, which they copy
-            tok = stopping(sampler(logits[:b], seen[:, :p + n]))
-            seen[:, p + n] = tok
+            tok = stopping(sampler(logits[:b], None if seen is None else seen[:, :p + n]))
+            if seen is not None:
+                seen[:, p + n] = tok
             return torch.cat([tok, tok[-1:].expand(pad)]) if pad else tok
 
         cache, rt = self._runtime(b + pad, p, p + max_new_tokens)
