@@ -94,3 +94,34 @@ def hf_greedy(model, input_ids: torch.Tensor, steps: int) -> tuple[torch.Tensor,
             max_new_tokens=steps, output_logits=True,
             return_dict_in_generate=True, eos_token_id=None, pad_token_id=0)
     return out.sequences, torch.stack(out.logits, dim=1)
+
+
+def kv_write_leaves(write, source) -> tuple[set, set]:
+    """What the path from a traced `kv_write` node back to the attention input `source`
+    reads: leaf kinds ("source", placeholder names, "get_attr") and the weights' targets.
+    The compiler clones that path to recompute K,V, so only source, positions and weights
+    may appear."""
+    stack, leaves, weights = list(write.args[:2]), set(), set()
+    while stack:
+        node = stack.pop()
+        if node is source:
+            leaves.add("source")
+        elif node.op == "placeholder":
+            leaves.add(node.target)
+        elif node.op == "get_attr":
+            leaves.add("get_attr")
+            weights.add(node.target)
+        else:
+            stack.extend(node.all_input_nodes)
+    return leaves, weights
+
+
+def run_compiled(lowered, plan, spec, ids, steps: int):
+    """(tokens, logits) of a CompiledModel assembled from `lowered` on the CPU, in float32."""
+    from kvc.api import assemble
+
+    cm = assemble(lowered, plan, spec, torch.float32, torch.device("cpu"))
+    try:
+        return cm.generate(ids, steps, return_logits=True)
+    finally:
+        cm.close()

@@ -22,7 +22,6 @@ pytest.importorskip("transformers")
 
 import hf_fixtures as hf  # noqa: E402
 import kvc  # noqa: E402
-from kvc.api import assemble  # noqa: E402
 from kvc.compiler.lowering import lower  # noqa: E402
 from kvc.ir.modes import NAMES as MODES  # noqa: E402
 from kvc.ir.plan import forced_plan  # noqa: E402
@@ -199,11 +198,7 @@ def test_compiled_schedules_match_reference(checkpoint, reference, mode):
             # K,V really are recomputed: every layer's clone reads its k_proj weight
             code = low.decode.code
             assert all(f"re{u}_0" in code for u in range(plan.num_units)), mode
-        cm = assemble(low, plan, spec, torch.float32, torch.device("cpu"))
-        try:
-            tokens, logits = cm.generate(ids, STEPS, return_logits=True)
-        finally:
-            cm.close()
+        tokens, logits = hf.run_compiled(low, plan, spec, ids, STEPS)
         where = f"{mode} fraction={plan.forced_fraction} m={plan.micro_batches}"
         assert torch.equal(tokens, ref_tokens), where
         err = (logits - ref_logits).abs().max().item()

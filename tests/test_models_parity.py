@@ -281,17 +281,7 @@ def test_kv_write_depends_only_on_attention_input(name):
         v_proj = next(n for n in gm.graph.nodes if n.target == f"layers.{layer}.self_attn.v_proj")
         source = k_proj.args[0]
         assert v_proj.args[0] is source
-        stack, leaves = list(write.args[:2]), set()
-        while stack:
-            node = stack.pop()
-            if node is source:
-                leaves.add("source")
-            elif node.op == "placeholder":
-                leaves.add(node.target)
-            elif node.op == "get_attr":
-                leaves.add("get_attr")
-            else:
-                stack.extend(node.all_input_nodes)
+        leaves, _ = hf.kv_write_leaves(write, source)
         assert "source" in leaves and leaves <= {"source", "get_attr", "positions"}, leaves
         if spec.family == "llama":
             assert "positions" in leaves  # RoPE

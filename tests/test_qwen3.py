@@ -17,7 +17,6 @@ pytest.importorskip("transformers")
 
 import hf_fixtures as hf  # noqa: E402
 import kvc  # noqa: E402
-from kvc.api import assemble  # noqa: E402
 from kvc.compiler.lowering import lower  # noqa: E402
 from kvc.errors import KvcError  # noqa: E402
 from kvc.ir.modes import NAMES as MODES  # noqa: E402
@@ -125,18 +124,7 @@ def test_kv_write_depends_only_on_attention_input():
     for write in writes:
         i = write.args[3]
         source = next(n for n in gm.graph.nodes if n.target == f"layers.{i}.self_attn.k_proj").args[0]
-        stack, leaves, weights = list(write.args[:2]), set(), set()
-        while stack:
-            node = stack.pop()
-            if node is source:
-                leaves.add("source")
-            elif node.op == "placeholder":
-                leaves.add(node.target)
-            elif node.op == "get_attr":
-                leaves.add("get_attr")
-                weights.add(node.target)
-            else:
-                stack.extend(node.all_input_nodes)
+        leaves, weights = hf.kv_write_leaves(write, source)
         assert leaves == {"source", "get_attr", "positions"}, leaves
         assert f"layers.{i}.self_attn.k_norm.weight" in weights
         assert f"layers.{i}.self_attn.q_norm.weight" not in weights
@@ -168,11 +156,7 @@ def test_compiled_schedules_match_reference(loaded, mode):
                 clones = {u.name.split("_")[1] for u in w.users if u.name.startswith(f"re{i}_")}
                 want = {str(j) for j in range(plan.act_chunks)}
                 assert clones == want, (mode, i, [u.name for u in w.users])
-        cm = assemble(low, plan, spec, torch.float32, torch.device("cpu"))
-        try:
-            tokens, logits = cm.generate(ids, gen, return_logits=True)
-        finally:
-            cm.close()
+        tokens, logits = hf.run_compiled(low, plan, spec, ids, gen)
         where = f"{mode} fraction={fraction}"
         assert torch.equal(tokens, ref_tokens), where
         err = (logits - ref_logits).abs().max().item()
