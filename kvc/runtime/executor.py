@@ -57,6 +57,11 @@ class CompiledModel:
     def graph_code(self) -> str:
         return self.lowered.code
 
+    @property
+    def max_context(self) -> int:
+        """The most tokens a row may reach, prompt and new tokens together (p + n)."""
+        return min(self.spec.max_positions, self.plan.prompt_len + self.plan.gen_len)
+
     def _runtime(self, batch: int, prompt: int, tokens: int) -> tuple[OffloadedCache, int]:
         """The pools for `batch` sequences: with micro-batches, one set per unit of batch/m."""
         c = self._cache
@@ -104,7 +109,8 @@ class CompiledModel:
                  on_token: Callable[[int, torch.Tensor], None] | None = None, *,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 50,
                  top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
-                 eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None):
+                 eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+                 attention_mask: torch.Tensor | None = None):
         """Tokens [b, s + n], or (tokens, logits [b, n, vocab]): the raw logits of the n steps run.
 
         Greedy unless `do_sample`; sampling and stopping as transformers' generate
@@ -114,12 +120,19 @@ class CompiledModel:
 
         `on_token(step, tokens[b])` is called after each new token (step 0 is the prefill's),
         with the tokens still on the device: a caller that streams text pays the host sync it
-        asks for, one that does not pays nothing (EOS stopping syncs once a step)."""
+        asks for, one that does not pays nothing (EOS stopping syncs once a step). It may return
+        a bool per row (a list or tensor [b]): True finishes that row now (a stop string), as
+        an EOS would.
+
+        `attention_mask` [b, s] (1: a token, 0: padding), transformers' left padding: a row's
+        padding comes before its prompt."""
         if input_ids.dim() != 2 or input_ids.shape[1] < 1:
             raise KvcError(f"input_ids must be [batch, tokens] with tokens >= 1, got {tuple(input_ids.shape)}")
         check_max_new_tokens(max_new_tokens)
         sampler = Sampler(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
         b, p = input_ids.shape
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise KvcError("attention_mask with padding is not supported yet")
         stopping = Stopping(eos_token_id, pad_token_id, b, self.spec.vocab_size, self.device)
         if p + max_new_tokens > self.spec.max_positions:
             raise KvcError(f"prompt {p} + {max_new_tokens} new tokens exceeds the model's "
@@ -153,7 +166,7 @@ class CompiledModel:
             cache.end_step(p)
             tokens, all_logits = [choose(logits, 0)], [logits]
             if on_token is not None:
-                on_token(0, tokens[-1][:b])
+                stopping.finish(on_token(0, tokens[-1][:b]))
             steps.update()
             for step in range(1, max_new_tokens):
                 if stopping.done:
@@ -165,7 +178,7 @@ class CompiledModel:
                 tokens.append(choose(logits, step))
                 all_logits.append(logits)
                 if on_token is not None:
-                    on_token(step, tokens[-1][:b])
+                    stopping.finish(on_token(step, tokens[-1][:b]))
                 steps.update()
         out = torch.cat([ids, torch.stack(tokens, 1)], 1)[:b]
         if return_logits:

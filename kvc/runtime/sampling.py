@@ -137,13 +137,14 @@ class Stopping:
     def __init__(self, eos_token_id: int | Sequence[int] | None, pad_token_id: int | None,
                  batch: int, vocab: int, device: torch.device):
         self.eos = None
+        self.device, self.batch = torch.device(device), batch
+        if pad_token_id is not None and not _is_int(pad_token_id):
+            raise KvcError(f"pad_token_id = {pad_token_id!r}; expected one token id")
+        self.pad_id = None if pad_token_id is None else int(_token_ids(pad_token_id, "pad_token_id", vocab)[0])
         if eos_token_id is not None:
             eos = [int(i) for i in _token_ids(eos_token_id, "eos_token_id", vocab)]
-            if pad_token_id is not None and not _is_int(pad_token_id):
-                raise KvcError(f"pad_token_id = {pad_token_id!r}; expected one token id")
-            pad = eos[0] if pad_token_id is None else int(_token_ids(pad_token_id, "pad_token_id", vocab)[0])
             self.eos = torch.tensor(eos, device=device)
-            self.pad = pad
+            self.pad = eos[0] if self.pad_id is None else self.pad_id
             self.unfinished = torch.ones(batch, dtype=torch.bool, device=device)
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -153,6 +154,20 @@ class Stopping:
         tokens = torch.where(self.unfinished, tokens, torch.full_like(tokens, self.pad))
         self.unfinished &= ~torch.isin(tokens, self.eos)
         return tokens
+
+    def finish(self, rows) -> None:
+        """Mark `rows` (a bool per row, or None: nothing) finished, as if each had emitted an
+        EOS now (a stop string the caller found): their later tokens are the pad."""
+        if rows is None:
+            return
+        rows = torch.as_tensor(rows, dtype=torch.bool, device=self.device)
+        if not bool(rows.any()):
+            return
+        if self.eos is None:  # no EOS ids: stop only on what the caller says; pad with 0
+            self.eos = torch.empty(0, dtype=torch.long, device=self.device)
+            self.pad = 0 if self.pad_id is None else self.pad_id
+            self.unfinished = torch.ones(self.batch, dtype=torch.bool, device=self.device)
+        self.unfinished &= ~rows
 
     @property
     def done(self) -> bool:
