@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from kvc.errors import KvcError
-from kvc.models.spec import Family, ModelSpec
+from kvc.models.spec import Family, ModelSpec, hf_token_ids
 from kvc.progress import bar
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -26,14 +26,51 @@ SAFE_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 
+GENERATION_CONFIG = "generation_config.json"
+# what generation_config.json may set over config.json: transformers' generate() reads these
+# from the generation config, which it builds from config.json only where that file is absent
+GENERATION_KEYS = ("eos_token_id", "pad_token_id")
+MAX_GENERATION_CONFIG_BYTES = 1 << 20
+
+
 def read_config(folder: str | Path) -> dict[str, Any]:
+    """config.json, with generation_config.json's eos_token_id / pad_token_id (where that file
+    sets them) in place of config.json's."""
     path = Path(folder) / "config.json"
     try:
-        return json.loads(path.read_text())
+        cfg = json.loads(path.read_text())
     except FileNotFoundError:
         raise KvcError(f"{path}: not found; a checkpoint folder needs a config.json") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise KvcError(f"{path}: not valid JSON ({e})") from None
+    if isinstance(cfg, dict):
+        gen = read_generation_config(folder)
+        vocab = cfg.get("vocab_size")
+        if "eos_token_id" in gen and type(vocab) is int:
+            try:  # its own file named: config.json's check would name config.json
+                hf_token_ids(gen, "eos_token_id", vocab)
+            except ValueError as e:
+                raise KvcError(f"{Path(folder) / GENERATION_CONFIG}: {e}") from None
+        cfg.update(gen)
+    return cfg
+
+
+def read_generation_config(folder: str | Path) -> dict[str, Any]:
+    """The keys of GENERATION_KEYS that generation_config.json sets (not null); {} without it."""
+    path = Path(folder) / GENERATION_CONFIG
+    if not path.is_file():
+        return {}
+    try:
+        if path.stat().st_size > MAX_GENERATION_CONFIG_BYTES:
+            raise KvcError(f"{path}: larger than {MAX_GENERATION_CONFIG_BYTES} bytes; not a generation config")
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise KvcError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise KvcError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if not isinstance(data, dict):
+        raise KvcError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return {k: data[k] for k in GENERATION_KEYS if data.get(k) is not None}
 
 
 # --------------------------------------------------------------------------- weight files

@@ -43,8 +43,18 @@ class ModelSpec:
     # family-specific settings only the family's own file reads (e.g. soft-capping)
     options: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # unused HF keys kept for the manifest, never read
+    # the checkpoint's end-of-sequence ids (generation_config.json's, else config.json's; one
+    # or several, empty: none) and its padding id: the defaults text generation stops / pads with
+    eos_token_id: tuple[int, ...] = ()
+    pad_token_id: int | None = None
 
     def __post_init__(self):
+        if not isinstance(self.eos_token_id, tuple):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        for v in (*self.eos_token_id, *(() if self.pad_token_id is None else (self.pad_token_id,))):
+            if type(v) is not int or not 0 <= v < self.vocab_size:
+                raise ValueError(f"token id {v!r} (eos_token_id {list(self.eos_token_id)}, pad_token_id "
+                                 f"{self.pad_token_id!r}) is not an integer 0..{self.vocab_size - 1}")
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.word_embed_proj_dim == 0:
@@ -73,13 +83,22 @@ class ModelSpec:
         return s if w is None else max(0, min(s, w - 1))
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready (tuples as lists): what a manifest stores and `from_dict` reads back."""
-        return json.loads(json.dumps(asdict(self)))
+        """JSON-ready (tuples as lists): what a manifest stores and `from_dict` reads back.
+        A spec without EOS / pad ids leaves those keys out, so it is the dict that manifests
+        written before the fields existed hold (kvc.load compares the two)."""
+        d = json.loads(json.dumps(asdict(self)))
+        for key, none in (("eos_token_id", []), ("pad_token_id", None)):
+            if d[key] == none:
+                del d[key]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
         d = dict(d)
         d["window_layers"] = tuple(d.get("window_layers", ()))
+        if not isinstance(d.get("eos_token_id", ()), (list, tuple)):
+            raise TypeError(f"eos_token_id = {str(d['eos_token_id'])[:40]}; expected a list of token ids")
+        d["eos_token_id"] = tuple(d.get("eos_token_id", ()))
         return cls(**d)
 
 
@@ -98,15 +117,42 @@ def hf_int(cfg: dict, key: str) -> int:
     return v
 
 
+def hf_token_ids(cfg: dict, key: str, vocab_size: int) -> tuple[int, ...]:
+    """config.json's `eos_token_id` (or `pad_token_id`): absent or null -> (), an integer or a
+    list of integers -> a tuple, each a token id 0..vocab_size-1 (ValueError otherwise)."""
+    v = cfg.get(key)
+    if v is None:
+        return ()
+    ids = v if isinstance(v, list) else [v]
+    out = []
+    for i in ids:
+        if isinstance(i, float) and i.is_integer():
+            i = int(i)
+        if type(i) is not int or not 0 <= i < vocab_size:
+            raise ValueError(f"{key} = {str(v)[:80]}; expected a token id 0..{vocab_size - 1} "
+                             "(an integer, or a list of them)")
+        out.append(i)
+    return tuple(dict.fromkeys(out))  # order kept, repeats dropped
+
+
 def hf_common(cfg: dict, model_type: str, family: str, tie_default: bool) -> dict:
-    """The ModelSpec fields every decoder's config.json spells the same way."""
+    """The ModelSpec fields every decoder's config.json spells the same way (the EOS and pad
+    ids included: kvc.models.checkpoint.read_config has put generation_config.json's over
+    config.json's)."""
     extra = {k: cfg[k] for k in ("architectures", "torch_dtype", "dtype") if cfg.get(k) is not None}
+    vocab = hf_int(cfg, "vocab_size")
+    pad = cfg.get("pad_token_id")
+    # a pad id outside the vocabulary (old Llama configs say -1) means "none": it must never
+    # reach the embedding, and transformers pads with EOS then
+    pad_ids = hf_token_ids(cfg, "pad_token_id", vocab) if type(pad) is int and 0 <= pad < vocab else ()
     return dict(
-        model_type=model_type, family=family, vocab_size=hf_int(cfg, "vocab_size"),
+        model_type=model_type, family=family, vocab_size=vocab,
         hidden_size=hf_int(cfg, "hidden_size"), num_layers=hf_int(cfg, "num_hidden_layers"),
         num_heads=hf_int(cfg, "num_attention_heads"),
         max_positions=hf_int(cfg, "max_position_embeddings"),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", tie_default)), extra=extra)
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", tie_default)), extra=extra,
+        eos_token_id=hf_token_ids(cfg, "eos_token_id", vocab),
+        pad_token_id=pad_ids[0] if pad_ids else None)
 
 
 @dataclass(frozen=True)
