@@ -74,7 +74,6 @@ def compile_artifact(config, overrides: list[str] | tuple = (), output=None,
     from kvc.artifact import write_artifact
     from kvc.compiler.lowering import lower
     from kvc.models import build_model
-
     from kvc.progress import bar
 
     r = resolve(config, overrides, progress=progress)
@@ -102,18 +101,19 @@ def default_output_name(source, cfg: Config) -> str:
 
 
 def assemble(lowered, plan: Plan, spec: ModelSpec, dtype, device, manifest: dict | None = None,
-             cuda_graphs: bool | None = None):
+             cuda_graphs: bool | None = None, model_class=None):
     """A CompiledModel from lowered graphs: the runtime, handed the CUDA-graph partition pass
     when the decode step should run as graphed segments. `cuda_graphs` None: as the Plan says,
-    on a CUDA device only; True on a CPU runs the segments eagerly (how tests check them)."""
+    on a CUDA device only; True on a CPU runs the segments eagerly (how tests check them).
+    `model_class`: a CompiledModel subclass to make (load_artifact's kvc.text.TextModel)."""
     from kvc.passes.cudagraphs import partition
     from kvc.runtime.executor import CompiledModel
 
     device = torch.device(device)
     if cuda_graphs is None:
         cuda_graphs = plan.cuda_graphs and device.type == "cuda"
-    return CompiledModel(lowered, plan, spec, torch_dtype(dtype), device, manifest,
-                         partition=partition if cuda_graphs else None)
+    return (model_class or CompiledModel)(lowered, plan, spec, torch_dtype(dtype), device, manifest,
+                                          partition=partition if cuda_graphs else None)
 
 
 def check_device(device) -> torch.device:
@@ -135,12 +135,32 @@ def check_device(device) -> torch.device:
     return d
 
 
+def load_tokenizer_of(weights: dict):
+    """The checkpoint's tokenizer, None for dummy weights or a folder without tokenizer files
+    (a tokenizer file that is there but unreadable is an error)."""
+    from kvc.tokenizer import load_tokenizer
+
+    if weights.get("kind") != "checkpoint":
+        return None
+    folder = Path(weights["path"])
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    return load_tokenizer(folder)
+
+
+# what kvc.tokenizer can build a tokenizer from (tokenizer.json, or AutoTokenizer's files)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model",
+                   "tokenizer_config.json")
+
+
 def load_artifact(path, device=None):
-    """Rebuild a compiled artifact into a CompiledModel (kvc.artifact checks what it names)."""
+    """Rebuild a compiled artifact into a kvc.text.TextModel: a CompiledModel (kvc.artifact
+    checks what it names) with the checkpoint's tokenizer and text-level generation."""
     from kvc.artifact import MANIFEST, check_weights, read_manifest
     from kvc.compiler.lowering import lower
     from kvc.models import build_model
     from kvc.runtime.weights import place_streamed
+    from kvc.text import TextModel
 
     manifest = read_manifest(path)
     try:
@@ -152,6 +172,7 @@ def load_artifact(path, device=None):
     if spec.to_dict() != manifest["model_spec"]:
         raise KvcError(f"{path}: the model's config changed since compile; recompile")
     checkpoint = check_weights(manifest["weights"])
+    tokenizer = load_tokenizer_of(manifest["weights"])  # a broken one fails before the weights load
     device = check_device(device)
     # weight-streamed parameters are built (drawn or loaded) straight into their pinned pool
     place = place_streamed(plan, device) if plan.streamed_layers else None
@@ -162,4 +183,6 @@ def load_artifact(path, device=None):
         raise KvcError(f"{path}: regenerated code differs from the compiled code (hash "
                        f"{lowered.code_hash[:12]} != {manifest['code_hash'][:12]}); this kvc or "
                        "torch version lowers it differently: recompile")
-    return assemble(lowered, plan, spec, cfg.model.dtype, device, manifest)
+    model = assemble(lowered, plan, spec, cfg.model.dtype, device, manifest, model_class=TextModel)
+    model.tokenizer = tokenizer
+    return model

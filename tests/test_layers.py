@@ -26,9 +26,10 @@ LAYERS: list[tuple[str, ...]] = [
     ("kvc.compiler",),
     ("kvc.planner", "kvc.runtime"),
     ("kvc.profiler", "kvc.artifact", "kvc.tokenizer"),
+    ("kvc.text",),  # a CompiledModel with a tokenizer: texts, chats, batches, stop strings
     ("kvc.api",),
     ("kvc",),  # the package's own facade: kvc.compile, kvc.load
-    ("kvc.reports",),
+    ("kvc.reports", "kvc.jobs"),  # reading artifacts and plans · JSONL batch jobs through a model
     ("kvc.cli",),
 ]
 
