@@ -25,9 +25,48 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. hardware=h100-pcie5 hardware.h2d_gbps=40")
 
 
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifact")
+    p.add_argument("--prompt", default=None,
+                   help="text, tokenized with the checkpoint's own tokenizer; the completion is streamed")
+    p.add_argument("--prompts-file", default=None,
+                   help="one prompt per line (- for stdin), batched, printed in order")
+    p.add_argument("--prompt-ids", default=None,
+                   help="comma-separated token ids (default: random ids of the compiled prompt length)")
+    p.add_argument("--input", default=None, metavar="JSONL",
+                   help='a JSONL job (- for stdin): a line per prompt, {"prompt": ...}, '
+                        '{"messages": [...]} or {"prompt_ids": [...]}, optional max_new_tokens, stop')
+    p.add_argument("--output", default=None, metavar="JSONL",
+                   help="the job's results, a line per input line in order (- for stdout); written to "
+                        "OUTPUT.partial and renamed when the job completes")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted job from what OUTPUT(.partial) already holds")
+    p.add_argument("--on-error", choices=["fail", "skip"], default="fail",
+                   help="a malformed input line: fail (default; checked before generating) or skip "
+                        "(reported, and written as a line with an 'error' field)")
+    p.add_argument("--window", type=int, default=None, metavar="LINES",
+                   help="a job's lines sorted and written together (default: 8 compiled batches)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: the compiled gen_len; never past the artifact's tokens per row")
+    p.add_argument("--do-sample", action="store_true", help="sample (default: greedy)")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    p.add_argument("--eos-token-id", default=None, metavar="IDS",
+                   help="ids that end a row, e.g. 2 or 2,32000, or none (default: the checkpoint's)")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="a string that ends a row, cut from its text (repeatable)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from kvc.version import __version__
+
     parser = argparse.ArgumentParser(
         prog="kvc", description="Compile LLM decoding with the KV cache offloaded to CPU memory.")
+    parser.add_argument("--version", action="version", version=f"kvc {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -51,13 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cuda", "cpu"], default=None)
 
     p = sub.add_parser("run", help="generate with a compiled artifact (streams the text)")
-    p.add_argument("artifact")
-    p.add_argument("--prompt", default=None, help="text, tokenized with the checkpoint's own tokenizer")
-    p.add_argument("--prompts-file", default=None, help="one prompt per line, each run in turn")
-    p.add_argument("--prompt-ids", default=None,
-                   help="comma-separated token ids (default: random ids of the compiled prompt length)")
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    _add_run_args(p)
 
     p = sub.add_parser("bench", help="compile, load and time decoding for a model.yaml")
     _add_config_args(p)

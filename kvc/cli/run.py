@@ -1,7 +1,8 @@
-"""`kvc run`: generate with a compiled artifact (prompts, token ids, streamed text), and the
---device check shared with `kvc bench`."""
+"""`kvc run`: generate with a compiled artifact (a streamed prompt, a prompts file, token ids,
+a JSONL job through kvc.jobs), and the --device check shared with `kvc bench`."""
 from __future__ import annotations
 
+import os
 import re
 import sys
 import time
@@ -34,139 +35,179 @@ def _prompts(args) -> list[str] | None:
     if args.prompt is not None and args.prompts_file is not None:
         raise KvcError("give --prompt or --prompts-file, not both")
     if args.prompts_file is not None:
+        where = "stdin" if args.prompts_file == "-" else args.prompts_file
         try:
-            with open(args.prompts_file, "rb") as f:
-                data = f.read(MAX_PROMPTS_BYTES + 1)
+            if args.prompts_file == "-":
+                data = sys.stdin.buffer.read(MAX_PROMPTS_BYTES + 1)
+            else:
+                with open(args.prompts_file, "rb") as f:
+                    data = f.read(MAX_PROMPTS_BYTES + 1)
             if len(data) > MAX_PROMPTS_BYTES:
-                raise KvcError(f"--prompts-file {args.prompts_file}: larger than "
-                               f"{MAX_PROMPTS_BYTES >> 20} MiB")
+                raise KvcError(f"--prompts-file {where}: larger than {MAX_PROMPTS_BYTES >> 20} MiB")
             lines = data.decode("utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as e:
-            raise KvcError(f"--prompts-file {args.prompts_file}: cannot read it "
+            raise KvcError(f"--prompts-file {where}: cannot read it "
                            f"({getattr(e, 'strerror', None) or e})") from None
         prompts = [line for line in lines if line.strip()]
         if not prompts:
-            raise KvcError(f"--prompts-file {args.prompts_file}: no prompts (one per line)")
+            raise KvcError(f"--prompts-file {where}: no prompts (one per line)")
         return prompts
     return None if args.prompt is None else [args.prompt]
 
 
-def _new_tokens(model, p: int, asked: int | None) -> int:
-    """How many tokens to generate after a p-token prompt: as asked, else the compiled gen_len
-    clipped to the contexts the plan covers. A prompt the plan cannot serve is an error that
-    says which lengths it can."""
-    spec, plan = model.spec, model.plan
-    if p + (asked or 1) > spec.max_positions:
-        raise KvcError(f"the prompt is {p} tokens{f' + {asked} new' if asked else ''}; the "
-                       f"model's maximum positions is {spec.max_positions}")
+def eos_flag(value: str | None):
+    """--eos-token-id: None (the checkpoint's), 'none' (never stop on a token) or ids '2,32000'."""
+    if value is None:
+        return None
+    if value.strip().lower() == "none":
+        return ()
+    try:
+        return tuple(int(t) for t in value.split(","))
+    except ValueError:
+        raise KvcError(f"--eos-token-id {value!r}: expected token ids (2 or 2,32000) or none") from None
 
-    def covers(s: int) -> bool:
-        try:
-            return all(plan.recompute_tokens(i, s) >= 0 for i in range(plan.num_units))
-        except ValueError:
-            return False
 
-    lo, hi = plan.prompt_len, plan.prompt_len + plan.gen_len
-    if not covers(p):
-        raise KvcError(f"the prompt is {p} tokens; this artifact's plan covers prompts of {lo}.."
-                       f"{hi} tokens: recompile with workload.prompt_len={p} (or set "
-                       f"schedule.recompute_fraction, which covers any length)")
-    n = asked or max(1, min(plan.gen_len, hi - p + 2, spec.max_positions - p))
-    if n > 1 and not covers(p + n - 2):
-        raise KvcError(f"--max-new-tokens {n}: a {p}-token prompt may grow to {hi + 2 - p} new "
-                       f"tokens under this artifact's plan (contexts {lo}..{hi})")
-    return n
+def settings(args) -> dict:
+    """The sampling flags that were given (the rest keep generate's transformers defaults)."""
+    out = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "repetition_penalty", "seed")
+           if getattr(args, k) is not None}
+    if args.do_sample:
+        out["do_sample"] = True
+    return out
+
+
+def _check_args(args, prompts) -> None:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise KvcError(f"--max-new-tokens {args.max_new_tokens}: expected >= 1")
+    if prompts is not None and args.prompt_ids:
+        raise KvcError("give --prompt/--prompts-file or --prompt-ids, not both")
+    if args.input is not None:
+        if args.prompt is not None or args.prompts_file is not None or args.prompt_ids:
+            raise KvcError("--input runs a JSONL job; give it without --prompt/--prompts-file/--prompt-ids")
+        if args.output is None:
+            raise KvcError("--input needs --output (a file, or - for stdout)")
+        # what can be checked before a model loads (minutes, for a large one)
+        if args.input != "-" and not os.access(args.input, os.R_OK):
+            raise KvcError(f"--input {args.input}: cannot read it (no such file, or not readable)")
+        partial = f"{args.output}.partial"
+        if args.output != "-" and not args.resume and os.path.exists(partial):
+            raise KvcError(f"{partial} is left from an interrupted job: pass --resume to continue "
+                           "it, or delete it to start over")
+    elif args.output is not None or args.resume:
+        raise KvcError("--output and --resume belong to a JSONL job: give --input too")
+    if args.stop and prompts is None and args.input is None:
+        raise KvcError("--stop needs text: give --prompt, --prompts-file or --input")
 
 
 def cmd_run(args) -> int:
-    import torch
-
     import kvc
-    from kvc import progress
 
     check_device(args.device)
-    prompts = _prompts(args)
-    if prompts is not None and args.prompt_ids:
-        raise KvcError("give --prompt/--prompts-file or --prompt-ids, not both")
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise KvcError(f"--max-new-tokens {args.max_new_tokens}: expected >= 1")
+    if args.input == "-" and args.prompts_file == "-":
+        raise KvcError("stdin can be --input or --prompts-file, not both")
+    prompts = None if args.input is not None else _prompts(args)
+    _check_args(args, prompts)
+    eos = eos_flag(args.eos_token_id)
+    sampling = settings(args)
     model = kvc.load(args.artifact, device=args.device)
     m = model.manifest
     if m.get("hardware", {}).get("device") == "cuda" and model.device.type == "cpu":
         print(f"kvc: note: compiled for CUDA ({m['hardware'].get('name')}); running the same "
               "schedule on the CPU (streams are no-ops; slow)", file=sys.stderr)
     dummy = m["weights"]["kind"] == "dummy"
+    if args.input is not None:
+        from kvc.jobs import run_job
+
+        summary = run_job(model, args.input, args.output, resume=args.resume,
+                          on_error=args.on_error, window=args.window,
+                          max_new_tokens=args.max_new_tokens, stop=args.stop, eos_token_id=eos,
+                          **sampling)
+        print(summary.line(), file=sys.stderr)
+        return 0
     if prompts is None:
-        return _run_ids(args, model, dummy)
-    tok = None
-    if dummy:
+        return _run_ids(args, model, dummy, eos, sampling)
+    if model.tokenizer is None and not dummy:
+        from kvc.tokenizer import load_tokenizer
+
+        load_tokenizer(m["weights"]["path"])  # raises its one line: the folder has no tokenizer
+    return _run_text(args, model, prompts, dummy, eos, sampling)
+
+
+def _run_text(args, model, prompts: list[str], dummy: bool, eos, sampling: dict) -> int:
+    from kvc import progress
+
+    tok = model.tokenizer
+    if tok is None:
         print("kvc: note: this artifact has dummy weights and no tokenizer: the prompt is "
               "encoded as its UTF-8 bytes, the output printed as token ids, and both are "
               "meaningless", file=sys.stderr)
+        items = [[b % model.spec.vocab_size for b in text.encode()] for text in prompts]
     else:
-        from kvc.tokenizer import load_tokenizer
-
-        tok = load_tokenizer(m["weights"]["path"])
-    total, t0 = 0, time.perf_counter()
-    for k, text in enumerate(prompts):
-        ids = tok.encode(text) if tok else [b % model.spec.vocab_size for b in text.encode()]
-        if not ids:
-            raise KvcError(f"prompt {k + 1} is empty after tokenizing")
-        n = _new_tokens(model, len(ids), args.max_new_tokens)
-        if k:
-            print()
-        sys.stdout.write(text if tok else (" ".join(map(str, ids)) + " |"))
+        items = list(prompts)
+    if any(not item for item in items):
+        raise KvcError(f"prompt {[bool(i) for i in items].index(False) + 1} is empty")
+    t0 = time.perf_counter()
+    kw = dict(max_new_tokens=args.max_new_tokens, stop=args.stop or None, eos_token_id=eos,
+              **sampling)
+    if len(items) == 1 and tok is not None:  # streamed, each piece a whole character
+        sys.stdout.write(prompts[0])
         sys.stdout.flush()
-        out: list[int] = []
-        shown = ""
 
-        def stream(step, new, out=out):
-            nonlocal shown
-            out.append(int(new[0]))  # one host sync per token: the price of streaming
-            if tok is None:
-                sys.stdout.write(f" {out[-1]}")
-            else:  # decode the whole tail: a token may complete a character begun earlier
-                text_now = tok.decode(out)
-                sys.stdout.write(text_now[len(shown):] if text_now.startswith(shown) else "")
-                shown = text_now
+        def show(i, piece):
+            sys.stdout.write(piece)
             sys.stdout.flush()
 
-        # the bar and the streamed text would share one terminal line: text wins
-        with progress.enabled(False):
-            model.generate(torch.tensor([ids]), n, on_token=stream)
+        with progress.enabled(False):  # the bar and the text would share one terminal line
+            done = model.complete(items, on_text=show, **kw)
         print()
-        total += n
+    else:
+        done = model.complete(items, **kw)
+        for k, (text, c) in enumerate(zip(prompts, done)):
+            if k:
+                print()
+            if tok is None:
+                print(" ".join(map(str, items[k])) + " | " + " ".join(map(str, c.token_ids)))
+            else:
+                print(text + c.text)
+    total = sum(c.completion_tokens for c in done)
     dt = time.perf_counter() - t0
-    print(f"kvc: {total} tokens in {dt:.2f} s ({total / dt:.1f} tokens/s)", file=sys.stderr)
+    reasons = ", ".join(sorted({c.finish_reason for c in done}))
+    print(f"kvc: {total} tokens in {dt:.2f} s ({total / dt:.1f} tokens/s; finished by {reasons})",
+          file=sys.stderr)
     return 0
 
 
-def _run_ids(args, model, dummy: bool) -> int:
+def _run_ids(args, model, dummy: bool, eos, sampling: dict) -> int:
     import torch
 
     w = model.manifest["config"]["workload"]
-    if args.prompt_ids:
-        try:
-            ids = [[int(t) for t in args.prompt_ids.split(",")]]
-        except ValueError:
-            raise KvcError(f"--prompt-ids {args.prompt_ids!r}: expected comma-separated integers") from None
-        bad = [t for t in ids[0] if not 0 <= t < model.spec.vocab_size]
-        if bad:
-            raise KvcError(f"--prompt-ids: token id {bad[0]} is outside the vocabulary "
-                           f"(0..{model.spec.vocab_size - 1})")
-        input_ids = torch.tensor(ids)
-        n = _new_tokens(model, input_ids.shape[1], args.max_new_tokens)
-    else:
-        gen = torch.Generator().manual_seed(0)
-        input_ids = torch.randint(0, model.spec.vocab_size, (w["batch_size"], w["prompt_len"]), generator=gen)
-        n = args.max_new_tokens or w["gen_len"]
     if dummy:
         print("kvc: note: this artifact has dummy weights; its tokens are meaningless", file=sys.stderr)
+    if args.prompt_ids:
+        try:
+            ids = [int(t) for t in args.prompt_ids.split(",")]
+        except ValueError:
+            raise KvcError(f"--prompt-ids {args.prompt_ids!r}: expected comma-separated integers") from None
+        t0 = time.perf_counter()
+        c = model.complete([ids], args.max_new_tokens, eos_token_id=eos, **sampling)[0]
+        dt = time.perf_counter() - t0
+        print(" ".join(map(str, c.token_ids)))
+        print(f"kvc: {c.completion_tokens} tokens in {dt:.2f} s ({c.completion_tokens / dt:.1f} "
+              f"tokens/s; finished by {c.finish_reason})", file=sys.stderr)
+        return 0
+    # no prompt: random ids of the compiled shape, a timing run (no EOS unless --eos-token-id)
+    p = w["prompt_len"]
+    n = args.max_new_tokens or w["gen_len"]
+    if p + n > model.max_context:
+        raise KvcError(f"--max-new-tokens {n}: the compiled prompt of {p} tokens + {n} new exceeds "
+                       f"this artifact's {model.max_context} tokens per row")
+    gen = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, model.spec.vocab_size, (w["batch_size"], p), generator=gen)
     t0 = time.perf_counter()
-    out = model.generate(input_ids, n)
+    out = model.generate(input_ids, n, eos_token_id=list(eos) if eos else None, **sampling)
     dt = time.perf_counter() - t0
-    for row in out[:, input_ids.shape[1]:].tolist():
+    for row in out[:, p:].tolist():
         print(" ".join(map(str, row)))
-    print(f"kvc: {out.shape[0] * n} tokens in {dt:.2f} s ({out.shape[0] * n / dt:.1f} tokens/s)",
-          file=sys.stderr)
+    made = out[:, p:].numel()
+    print(f"kvc: {made} tokens in {dt:.2f} s ({made / dt:.1f} tokens/s)", file=sys.stderr)
     return 0
