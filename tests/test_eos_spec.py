@@ -130,7 +130,7 @@ def test_artifact_keeps_the_checkpoint_eos(tmp_path, one_thread):
     (ckpt / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 6]}))
     art = kvc.compile({"model": {"checkpoint": str(ckpt), "dtype": "float32"},
                        "workload": {"batch_size": 1, "prompt_len": 4, "gen_len": 4},
-                       "hardware": "cpu", "schedule": {"mode": "full_offload"}},
+                       "hardware": "cpu", "schedule": {"mode": "pipelined"}},
                       output=tmp_path / "a.kvc")
     manifest = json.loads((art / "manifest.json").read_text())
     assert manifest["model_spec"]["eos_token_id"] == [5, 6]

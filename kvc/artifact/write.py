@@ -32,7 +32,7 @@ def _manifest(r, plan: Plan, lowered, graph_text: str) -> dict:
         "kvc_version": __version__,
         "torch_version": torch.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "config": r.config.to_dict(),
+        "config": _config_dict(r.config),
         "model_spec": r.spec.to_dict(),
         "hardware": asdict(r.hardware),
         "plan": plan.to_json(),
@@ -40,6 +40,16 @@ def _manifest(r, plan: Plan, lowered, graph_text: str) -> dict:
         "graph_sha256": hashlib.sha256(graph_text.encode()).hexdigest(),
         "weights": _weights_entry(r),
     }
+
+
+def _config_dict(cfg) -> dict:
+    """The config as stored: model.checkpoint absolute (kvc.config makes it so; a Config built
+    in code may not have), so the artifact names its checkpoint from any folder."""
+    d = cfg.to_dict()
+    ckpt = d["model"].get("checkpoint")
+    if isinstance(ckpt, str) and ckpt:
+        d["model"]["checkpoint"] = os.path.abspath(os.path.expanduser(ckpt))
+    return d
 
 
 def write_artifact(out: Path, r, plan: Plan, lowered) -> Path:
