@@ -10,7 +10,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 def kvc(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "kvc.cli", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd)
+                          check=False, capture_output=True, text=True, cwd=cwd)
 
 
 def test_help_lists_commands():
@@ -70,3 +70,10 @@ def test_debug_shows_traceback(tmp_path):
 def test_damaged_artifact_run(tmp_path):
     (tmp_path / "a.kvc").mkdir()
     _one_line_error(kvc("run", tmp_path / "a.kvc"), "not a kvc artifact")
+
+
+def test_version():
+    from kvc.version import __version__
+
+    r = kvc("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"kvc {__version__}"
