@@ -93,6 +93,26 @@ def test_prompt_plus_generation_within_max_positions():
     check_fits_model(cfg, max_positions=520)
 
 
+def test_max_context_defaults_to_null_and_is_bounded():
+    cfg = load_config(BASE, ["workload.prompt_len=500", "workload.gen_len=20"])
+    assert cfg.workload.max_context is None  # the model's positions, as memory allows
+    assert load_config(BASE, ["workload.max_context=520"]).workload.max_context == 520
+    with pytest.raises(KvcError, match=r"^workload.max_context = 519; expected null .* integer "
+                                       r"520\.\.\d+ \(at least workload.prompt_len \+ "
+                                       r"workload.gen_len\)$"):
+        load_config(BASE, ["workload.prompt_len=500", "workload.gen_len=20",
+                           "workload.max_context=519"])
+    with pytest.raises(KvcError, match="workload.max_context = 4194305"):
+        load_config(BASE, [f"workload.max_context={(1 << 22) + 1}"])
+    with pytest.raises(KvcError, match="workload.max_context = 'long' has the wrong type"):
+        load_config(BASE, ["workload.max_context=long"])
+    cfg = load_config(BASE, ["workload.max_context=1024"])
+    check_fits_model(cfg, max_positions=1024)
+    with pytest.raises(KvcError, match=r"^workload.max_context = 1024 exceeds the model's maximum "
+                                       r"positions \(512\); use at most 512, or null for that$"):
+        check_fits_model(cfg, max_positions=512)
+
+
 def test_host_hydra_is_left_alone():
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra

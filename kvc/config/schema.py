@@ -17,7 +17,7 @@ MAX_DEPTH = 32  # nesting of mappings and lists in one
 MAX_OVERRIDES, MAX_OVERRIDE_CHARS = 1000, 4096
 LIMITS = {
     "batch_size": 1 << 16,
-    "context": 1 << 22,  # prompt_len + gen_len
+    "context": 1 << 22,  # prompt_len + gen_len, max_context
     "num_gpu_batches": 64,
     "chunk_tokens": 1 << 22,
     "act_chunks": 64,
@@ -47,6 +47,10 @@ class WorkloadConfig:
     prompt_len: int = 128
     gen_len: int = 32
     num_gpu_batches: int = 1
+    # the longest context an artifact serves (any prompt and generation up to it; prompt_len
+    # and gen_len are the workload its predictions are reported for). null: the model's
+    # maximum positions, capped by what the host memory (and in gpu_resident the GPU) holds
+    max_context: int | None = None
 
 
 @dataclass

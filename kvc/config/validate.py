@@ -85,6 +85,10 @@ def _check_ranges(cfg: Config) -> None:
     need(w.prompt_len + w.gen_len <= LIMITS["context"],
          f"workload.prompt_len + workload.gen_len = {w.prompt_len + w.gen_len}; expected at most "
          f"{LIMITS['context']} tokens")
+    mc, end = w.max_context, w.prompt_len + w.gen_len
+    need(mc is None or end <= mc <= LIMITS["context"],
+         f"workload.max_context = {mc}; expected null (the model's maximum positions) or an "
+         f"integer {end}..{LIMITS['context']} (at least workload.prompt_len + workload.gen_len)")
     check_hardware(h)
     need(s.mode in MODE_NAMES, f"schedule.mode = {s.mode!r}; expected one of {list(MODE_NAMES)}")
     f = s.recompute_fraction
@@ -147,3 +151,7 @@ def check_fits_model(cfg: Config, max_positions: int) -> None:
             f"workload.prompt_len + workload.gen_len = {total} exceeds the model's maximum "
             f"positions ({max_positions}); shorten the prompt or the generation"
         )
+    mc = cfg.workload.max_context
+    if mc is not None and mc > max_positions:
+        raise KvcError(f"workload.max_context = {mc} exceeds the model's maximum positions "
+                       f"({max_positions}); use at most {max_positions}, or null for that")

@@ -6,6 +6,14 @@ Per layer and context s (the number of cached tokens at a decode step), tokens
 the layer is resident (its whole cache lives on the GPU, growing). `l` is looked up for
 exactly the context asked: a Plan refuses a context it was not solved for.
 
+The table (issue 15): a plan covers every context 1..max_context (`context_range`), stored as
+runs: `recompute_from[k]` is the first context of run k, `recompute[k]` its l per unit, up to
+the next run's first context (the last run: up to max_context). Plans made before issue 15
+have no `recompute_from`: `recompute[j]` is context prompt_len + j, j in 0..gen_len. In the
+manifest the runs are `recompute_runs: [[first context, [l per unit]], ...]`; old manifests
+(`recompute` rows) still load. `prompt_len` / `gen_len` stay the workload the predictions
+(`predicted_step_ms`, one per context prompt_len..prompt_len + gen_len) are reported for.
+
 Units (issue 6, the block schedule): with `micro_batches` m > 1 the batch is split into m
 equal micro-batches, and each layer runs once per micro-batch, in block order: unit
 u = layer * m + k is layer u // m on micro-batch k. Everything the cache touches (`resident`,
@@ -14,6 +22,8 @@ once for all m units of their layer. With m = 1 units are layers.
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 from dataclasses import dataclass, field, fields
 
@@ -30,7 +40,8 @@ class Plan:
     gen_len: int
     chunk_tokens: int
     resident: tuple[bool, ...]  # per unit: its whole cache on the GPU
-    # recompute[j][u]: l for unit u at context s = prompt_len + j (j in 0..gen_len)
+    # recompute[k][u]: l for unit u in run k of the table (module docstring); without
+    # recompute_from (old plans), at context s = prompt_len + k (k in 0..gen_len)
     recompute: tuple[tuple[int, ...], ...] = ()
     forced_fraction: float | None = None  # set: l = round(fraction * s), any s
     # how the runtime overlaps: prefetch this many layers ahead (0: kvpr, the paper's
@@ -52,11 +63,26 @@ class Plan:
     # on a CUDA device, replay the decode step's static runs as CUDA graphs
     # (kvc.passes.cudagraphs; schedule.cuda_graphs): the host issues a layer in a few calls
     cuda_graphs: bool = False
+    # the longest context the plan serves (its pools' default size; memory was checked here);
+    # 0 when made: prompt_len + gen_len (plans made before issue 15)
+    max_context: int = 0
+    # the first context of each run of `recompute`, increasing (empty: the old layout)
+    recompute_from: tuple[int, ...] = ()
 
     def __post_init__(self):
         if len(self.resident) != self.num_units:
             raise ValueError(f"plan: {len(self.resident)} resident flags for {self.num_units} units "
                              f"({self.num_layers} layers x {self.micro_batches} micro-batches)")
+        if not self.max_context:
+            object.__setattr__(self, "max_context", self.prompt_len + self.gen_len)
+        starts = self.recompute_from
+        if starts:
+            if len(starts) != len(self.recompute):
+                raise ValueError(f"plan: {len(starts)} run starts for {len(self.recompute)} runs")
+            if starts[0] < 0 or any(b <= a for a, b in itertools.pairwise(starts)) \
+                    or starts[-1] > self.max_context:
+                raise ValueError(f"plan: run starts must increase from 0 within max_context "
+                                 f"{self.max_context}")
 
     @property
     def num_units(self) -> int:
@@ -80,18 +106,66 @@ class Plan:
         return tuple(i for i, r in enumerate(self.resident) if not r)
 
     def recompute_tokens(self, layer: int, s: int) -> int:
-        """l for unit `layer` (a layer, when micro_batches is 1) at context s."""
+        """l for unit `layer` (a layer, when micro_batches is 1) at context s. A ValueError
+        for a context outside the table (`covers`). Called per unit per decode step: a
+        bisect over the run starts."""
         if self.forced_fraction is not None:
             return 0 if self.resident[layer] else min(s, max(0, round(self.forced_fraction * s)))
-        j = s - self.prompt_len
         if self.resident[layer] and not self.recompute:
             return 0  # a hand-made all-resident plan may carry no rows
-        if not 0 <= j < len(self.recompute):
-            raise ValueError(
-                f"the plan covers contexts {self.prompt_len}..{self.prompt_len + len(self.recompute) - 1}"
-                f" tokens, not {s}; compile with a workload that covers it"
-            )
-        return 0 if self.resident[layer] else self.recompute[j][layer]
+        return 0 if self.resident[layer] else self.recompute[self._row(s)][layer]
+
+    def _row(self, s: int) -> int:
+        """The index into `recompute` of the row for context s."""
+        first, last = self.context_range
+        if not (self.recompute and first <= s <= last):
+            raise ValueError(f"the plan covers contexts {first}..{last} tokens, not {s}; compile "
+                             "with workload.max_context (or a workload) that covers it")
+        if self.recompute_from:
+            return bisect.bisect_right(self.recompute_from, s) - 1
+        return s - self.prompt_len
+
+    @property
+    def context_range(self) -> tuple[int, int]:
+        """(first, last): the contexts the plan was made for, both included. A solved plan:
+        (1, max_context); a plan made before issue 15: (prompt_len, prompt_len + gen_len) (its
+        rows); a forced plan: (1, max_context), though its l answers any context."""
+        if self.forced_fraction is not None:
+            return 1, self.max_context
+        if self.recompute_from:
+            return self.recompute_from[0], self.max_context
+        if self.recompute:
+            return self.prompt_len, self.prompt_len + len(self.recompute) - 1
+        return self.prompt_len, self.max_context
+
+    def covers(self, s: int) -> bool:
+        """Whether recompute_tokens answers context s for every unit: a forced plan and a
+        hand-made all-resident plan without rows for any s >= 0, a table within
+        context_range."""
+        if s < 0:
+            return False
+        if self.forced_fraction is not None or (not self.recompute and all(self.resident)):
+            return True
+        first, last = self.context_range
+        return bool(self.recompute) and first <= s <= last
+
+    def _rows_between(self, lo: int, hi: int) -> tuple[tuple[int, ...], ...]:
+        """The rows of the table that serve some context in [lo, hi] (clipped to the table)."""
+        first, last = self.context_range
+        lo, hi = max(lo, first), min(hi, last)
+        if lo > hi or not self.recompute:
+            return ()
+        return self.recompute[self._row(lo):self._row(hi) + 1]
+
+    def recompute_table(self, contexts, units=None) -> list[list[int]]:
+        """[units][contexts]: l of each unit (`units`; None: all) at each context, every one
+        covered: recompute_tokens over arrays, for the planner's evaluations."""
+        ctx = [int(s) for s in contexts]
+        units = range(self.num_units) if units is None else units
+        if self.forced_fraction is not None or not self.recompute:
+            return [[self.recompute_tokens(u, s) for s in ctx] for u in units]
+        rows = [self.recompute[self._row(s)] for s in ctx]
+        return [[0] * len(ctx) if self.resident[u] else [row[u] for row in rows] for u in units]
 
     @property
     def staging_slots(self) -> int:
@@ -116,11 +190,13 @@ class Plan:
         return self.streamed_layers.index(layer) % WEIGHT_SLOTS
 
     def max_recompute_tokens(self, max_context: int) -> int:
-        """The most tokens any layer recomputes at any context up to `max_context`: how many
-        rows of activations the CPU pools must keep (the rest are never read back)."""
+        """The most tokens any layer recomputes at any context up to `max_context` (included):
+        how many rows of activations the CPU pools must keep (the rest are never read back)."""
         if self.forced_fraction is not None:
             return 0 if all(self.resident) else min(max_context, round(self.forced_fraction * max_context) + 1)
-        return max((max(row) for row in self.recompute), default=0)
+        off = self.offloaded_units
+        return max((max(row[i] for i in off) for row in self._rows_between(0, max_context)
+                    if off), default=0)
 
     def min_kv_row(self, max_context: int, min_context: int | None = None) -> int:
         """The lowest token row any offloaded layer reads back as K,V at a context in
@@ -136,16 +212,23 @@ class Plan:
             return self.recompute_tokens(off[0], lo)
         if not self.recompute:
             return 0  # a hand-made plan without a table: keep every row
-        first = max(lo, self.prompt_len) - self.prompt_len  # contexts outside the table are refused
-        last = min(max_context - self.prompt_len, len(self.recompute))
-        return min((min(row[i] for i in off) for row in self.recompute[first:last]),
+        # contexts outside the table are refused
+        return min((min(row[i] for i in off) for row in self._rows_between(lo, max_context - 1)),
                    default=max_context)
 
     def to_json(self) -> dict:
-        # asdict() walks every int of `recompute` (gen_len x layers): build lists directly
+        # asdict() walks every int of `recompute` (runs x units): build lists directly
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["resident"] = list(self.resident)
-        d["recompute"] = [list(r) for r in self.recompute]
+        del d["recompute_from"]
+        if self.recompute_from:  # runs: [first context, l per unit]
+            del d["recompute"]
+            d["recompute_runs"] = [[s, list(r)] for s, r in zip(self.recompute_from, self.recompute)]
+        else:
+            d["recompute"] = [list(r) for r in self.recompute]
+        if not self.recompute_from and self.forced_fraction is None \
+                and self.max_context == self.prompt_len + self.gen_len:
+            del d["max_context"]  # the old layout's manifests stay as they were
         d["predicted_step_ms"] = list(self.predicted_step_ms)
         d["notes"] = json.loads(json.dumps(self.notes))
         if self.weights_streamed:
@@ -162,7 +245,14 @@ class Plan:
     def from_json(cls, d: dict) -> "Plan":
         d = dict(d)
         d["resident"] = tuple(d["resident"])
-        d["recompute"] = tuple(tuple(r) for r in d.get("recompute", ()))
+        if "recompute_runs" in d:
+            if "recompute" in d:
+                raise ValueError("plan: both recompute and recompute_runs")
+            runs = d.pop("recompute_runs")
+            d["recompute_from"] = tuple(int(first) for first, _ in runs)
+            d["recompute"] = tuple(tuple(r) for _, r in runs)
+        else:
+            d["recompute"] = tuple(tuple(r) for r in d.get("recompute", ()))
         d["predicted_step_ms"] = tuple(d.get("predicted_step_ms", ()))
         d["weights_streamed"] = tuple(float(x) for x in d.get("weights_streamed", ()))
         return cls(**d)
@@ -172,10 +262,12 @@ class Plan:
 
 
 def forced_plan(mode: str, num_layers: int, prompt_len: int, gen_len: int, chunk_tokens: int,
-                fraction: float, act_chunks: int = 4, micro_batches: int = 1) -> Plan:
-    """l = round(fraction * s) in every layer: for tests and experiments (schedule.recompute_fraction)."""
+                fraction: float, act_chunks: int = 4, micro_batches: int = 1,
+                max_context: int = 0) -> Plan:
+    """l = round(fraction * s) in every layer: for tests and experiments (schedule.recompute_fraction).
+    `max_context` 0: prompt_len + gen_len."""
     return Plan(mode=mode, num_layers=num_layers, prompt_len=prompt_len, gen_len=gen_len,
-                chunk_tokens=chunk_tokens,
+                chunk_tokens=chunk_tokens, max_context=max_context,
                 resident=(not mode_of(mode).offloads,) * (num_layers * micro_batches),
                 forced_fraction=float(fraction), micro_batches=micro_batches,
                 **mode_of(mode).overlap(act_chunks))

@@ -28,6 +28,10 @@ class PlanRequest:
     micro_batches: int = 1
     resident_cache: bool = True
     cuda_graphs: bool = False
+    # the longest context the plan must serve (workload.max_context); None: the model's
+    # maximum positions, capped by what the memory holds (the planner fills it in:
+    # kvc.planner.memory.default_max_context)
+    max_context: int | None = None
 
     def __post_init__(self):
         mode(self.mode)  # a KvcError naming the modes, for a request built by hand
@@ -40,6 +44,11 @@ class PlanRequest:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < least:
                 raise KvcError(f"{key} = {v!r}: expected an integer >= {least}")
+        mc = self.max_context
+        if mc is not None and (isinstance(mc, bool) or not isinstance(mc, int)
+                               or mc < self.workload_end):
+            raise KvcError(f"workload.max_context = {mc!r}: expected null or an integer >= "
+                           f"workload.prompt_len + workload.gen_len = {self.workload_end}")
         for name in ("recompute_fraction", "weight_stream_fraction"):
             f = getattr(self, name)
             if f is not None and not 0.0 <= f <= 1.0:
@@ -58,15 +67,22 @@ class PlanRequest:
                    act_chunks=s.act_chunks, recompute_fraction=s.recompute_fraction,
                    weight_stream_fraction=s.weight_stream_fraction,
                    time_limit_s=s.solver_time_limit_s, micro_batches=w.num_gpu_batches,
-                   resident_cache=s.resident_cache, cuda_graphs=s.cuda_graphs)
+                   resident_cache=s.resident_cache, cuda_graphs=s.cuda_graphs,
+                   max_context=w.max_context)
 
     @property
     def schedule(self) -> Mode:
         return mode(self.mode)
 
     @property
-    def max_context(self) -> int:
+    def workload_end(self) -> int:
+        """The longest context of the workload the predictions are reported for (its decode
+        contexts are prompt_len..workload_end); max_context is never below it."""
         return self.prompt_len + self.gen_len
+
+    @property
+    def workload_contexts(self) -> range:
+        return range(self.prompt_len, self.workload_end + 1)
 
     def but(self, **changes) -> "PlanRequest":
         """This request with some fields changed (another mode, batch, ...)."""
