@@ -15,7 +15,7 @@ from kvc.errors import KvcError
 from kvc.ir.request import PlanRequest
 
 MODEL = {"model": {"preset": "tiny-opt", "dtype": "float32"}, "hardware": "cpu",
-         "workload": {"batch_size": 2, "prompt_len": 96, "gen_len": 8}}
+         "workload": {"batch_size": 2, "prompt_len": 96, "gen_len": 8, "max_context": 104}}
 # one override per schedule field (and the workload's micro-batches); the test below fails
 # when a ScheduleConfig field is added without a case here
 OVERRIDES = {
@@ -30,7 +30,8 @@ OVERRIDES = {
 }
 # a GPU budget that holds the tiny model's caches next to its weights and staging
 BUDGET = ["hardware.mem_margin_gb=0", "hardware.gpu_mem_gb=0.0016"]
-CASES = [[], ["workload.num_gpu_batches=2"]] + [[o] for v in OVERRIDES.values() for o in v]
+CASES = [[], ["workload.num_gpu_batches=2"], ["workload.max_context=null"],
+         ["workload.max_context=150"]] + [[o] for v in OVERRIDES.values() for o in v]
 
 
 def _comparable(plan: dict) -> dict:
@@ -71,3 +72,21 @@ def test_a_request_refuses_what_no_plan_can_serve():
         base.but(micro_batches=3)
     with pytest.raises(KvcError, match="recompute_fraction"):
         base.but(recompute_fraction=1.5)
+    with pytest.raises(KvcError, match=r"workload.max_context = 9: expected null or an integer >= "
+                                       r"workload.prompt_len \+ workload.gen_len = 10"):
+        base.but(max_context=9)
+    with pytest.raises(KvcError, match="workload.max_context"):
+        base.but(max_context=True)
+
+
+def test_a_request_carries_max_context_from_the_config():
+    from kvc.config import load_config as load
+
+    assert PlanRequest.from_config(load(MODEL)).max_context == 104
+    cfg = load({**MODEL, "workload": {**MODEL["workload"], "max_context": None}})
+    req = PlanRequest.from_config(cfg)
+    assert req.max_context is None and req.workload_end == 104
+    assert list(req.workload_contexts) == list(range(96, 105))
+    plan = make_plan(resolve(cfg))  # null: the model's positions as far as memory holds them
+    assert 104 <= plan.max_context <= 2048 and plan.context_range == (1, plan.max_context)
+    assert "max_context" in plan.notes

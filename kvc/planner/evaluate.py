@@ -28,7 +28,8 @@ def predict(spec: ModelSpec, hw: HardwareConfig, plan: Plan, s: int, batch_size:
 def evaluate(spec, hw, plan: Plan, ctx: np.ndarray, b: int, dtype: str):
     """(step, link busy, GPU busy, H2D bytes) per context of `ctx` and the host time, with the
     plan's own l at each context."""
-    l = np.array([[plan.recompute_tokens(u, int(s)) for s in ctx] for u in range(plan.num_units)])
+    l = np.array(plan.recompute_table(np.reshape(ctx, -1)), dtype=np.int64).reshape(
+        (plan.num_units,) + np.shape(ctx))
     step, link, gpu, host = evaluate_arrays(spec, hw, plan, ctx, l, b, dtype)
     weights = sum(plan.weights_streamed) * cost.layer_weight_bytes(spec, cost.dtype_bytes(dtype))
     return step, link, gpu, host, copy_bytes(spec, plan, ctx, l, b, dtype).sum(axis=0) + weights

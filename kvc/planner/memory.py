@@ -8,7 +8,8 @@ from kvc.dtypes import dtype_bytes
 from kvc.errors import KvcError
 from kvc.hardware import HardwareConfig
 from kvc.ir.modes import Mode
-from kvc.ir.plan import Plan, rounded_fraction
+from kvc.ir.plan import Plan, rounded_fraction, weights_for_fraction
+from kvc.ir.request import PlanRequest
 from kvc.models import layer_param_sizes
 from kvc.models.spec import ModelSpec
 from kvc.planner.lp import solve
@@ -79,10 +80,11 @@ def host_pool_bytes(spec: ModelSpec, b: int, max_tokens: int, p: int, offloaded:
 # --- the plan's memory: host pools, checks, weight placement --------------------------------------
 
 def host_memory_gb(spec: ModelSpec, plan: Plan, b: int, dtype: str) -> float:
-    """Pinned host memory the runtime allocates for the plan's own workload: the offloaded
-    units' cache pools (each of b / micro_batches sequences), trimmed to the rows the plan
-    reads back (pool_rows), and the streamed weights."""
-    s_max = plan.prompt_len + plan.gen_len
+    """Pinned host memory the runtime allocates for the plan by default: the offloaded
+    units' cache pools (each of b / micro_batches sequences) for contexts up to
+    plan.max_context, trimmed to the rows the plan reads back from prompts of at least
+    prompt_len (pool_rows), and the streamed weights."""
+    s_max = plan.max_context
     p = dtype_bytes(dtype)
     off = [u for u, r in enumerate(plan.resident) if not r]
     act_rows, kv_rows = pool_rows(spec, plan, s_max)
@@ -111,10 +113,10 @@ def _window_pool_rows(plan: Plan, unit: int, w: int, s_max: int) -> tuple[int, i
     [prompt_len, s_max): activations of [min lo, max(lo + l)), K,V of [min(lo + l), s_max)."""
     if plan.forced_fraction is None and not plan.recompute:
         return s_max, s_max  # a hand-made plan without a table: keep every row
-    s = np.arange(plan.prompt_len, s_max)
+    s = np.array([x for x in range(plan.prompt_len, s_max) if plan.covers(x)], dtype=np.int64)
     n = np.clip(s, 0, w - 1)
     lo = s - n
-    l = np.minimum([plan.recompute_tokens(unit, int(x)) for x in s], n)
+    l = np.minimum(np.asarray(plan.recompute_table(s, [unit])[0], dtype=np.int64), n)
     rec, read = l > 0, lo + l < s
     a_lo = int(lo[rec].min()) if rec.any() else 0
     a_hi = int((lo + l)[rec].max()) if rec.any() else 0
@@ -128,8 +130,61 @@ def check_host_memory(spec: ModelSpec, hw: HardwareConfig, plan: Plan, b: int, d
     if need > hw.cpu_mem_gb:
         raise KvcError(
             f"{plan.mode}: the pinned CPU pools need {need:.1f} GB, more than hardware.cpu_mem_gb = "
-            f"{hw.cpu_mem_gb:g}; lower workload.batch_size or the context, or raise cpu_mem_gb "
-            "if the machine has the memory")
+            f"{hw.cpu_mem_gb:g}, at workload.max_context = {plan.max_context}; lower "
+            "workload.batch_size or the context, or raise cpu_mem_gb if the machine has the memory")
+
+
+def default_max_context(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest) -> tuple[int, str]:
+    """workload.max_context null: the model's maximum positions, capped at the longest
+    context whose memory fits at the request's batch, and what capped it. Growing the context
+    must cost the workload nothing the memory had: the GPU keeps what it held at the
+    workload's longest context (weights unstreamed if they fit there, activation staging if
+    it fit there; in a mode that keeps every layer's cache on the GPU, the whole cache), and
+    the host holds every unit's pools in full (K,V and, where recomputed, activations of
+    every row: an upper bound of what the plan's trimmed pools take). Never below the
+    workload's own longest context: there the planner's own checks say what does not fit."""
+    lo, hi = req.workload_end, spec.max_positions
+    if hi <= lo:
+        return lo, "the workload (prompt_len + gen_len)"
+    gpu, host = _context_fits(spec, hw, req)
+    if gpu(hi) and host(hi):
+        return hi, "the model's maximum positions"
+    if not (gpu(lo) and host(lo)):
+        return lo, "the workload (prompt_len + gen_len): memory holds no longer context"
+    a, b = lo, hi  # gpu(a) and host(a); not at b
+    while b - a > 1:
+        mid = (a + b) // 2
+        a, b = (mid, b) if gpu(mid) and host(mid) else (a, mid)
+    return a, ("GPU memory" if not gpu(b) else "host memory (hardware.cpu_mem_gb)")
+
+
+def _context_fits(spec, hw, req: PlanRequest):
+    """(GPU fits at s, host fits at s): two predicates over contexts, for default_max_context."""
+    mode, b, m, dtype, L = req.schedule, req.batch_size, req.micro_batches, req.dtype, spec.num_layers
+    p, lo = dtype_bytes(dtype), req.workload_end
+    forced = () if req.weight_stream_fraction is None else \
+        tuple(float(x) for x in weights_for_fraction(L, req.weight_stream_fraction))
+    if not mode.offloads:
+        def gpu(s):
+            t = memory_terms(spec, hw, b, s, dtype, 0, False, forced, m)
+            return t["layer_kv_gb"] * L <= t["free_gb"]
+        return gpu, lambda s: True
+    buffers = mode.overlap(req.act_chunks)["lookahead"] + 1
+    streamed = forced or (() if memory_terms(spec, hw, b, lo, dtype, buffers, False, 0, m)["free_gb"] >= 0
+                          else L)
+    with_act = (mode.recomputes and req.recompute_fraction != 0
+                and memory_terms(spec, hw, b, lo, dtype, buffers, True, streamed, m)["free_gb"] >= 0)
+    n_streamed = float(np.sum(streamed)) if np.ndim(streamed) else float(streamed)
+    weights = n_streamed * layer_weight_bytes(spec, p)
+    bm = b // m
+
+    def gpu(s):
+        return memory_terms(spec, hw, b, s, dtype, buffers, with_act, streamed, m)["free_gb"] >= 0
+
+    def host(s):
+        pools = host_pool_bytes(spec, bm, s, p, L * m, s if with_act else 0)
+        return pools + weights <= hw.cpu_mem_gb * GB
+    return gpu, host
 
 
 def check_memory(spec, hw, b, s_max, dtype, mode: Mode, buffers, with_act, streamed=(),

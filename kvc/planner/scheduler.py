@@ -11,14 +11,21 @@ How a plan is made (`make_plan`):
 2. A mode that keeps layers resident: one LP at the longest context, with a free per-layer
    GPU fraction z_i under the memory budget, says which layers to keep resident (the largest
    z_i, rounded down to whole layers: the runtime keeps a layer's cache entirely on one side).
-3. For a few representative contexts (geometric from one chunk to the longest), an LP with
-   that residency fixed gives each layer's recompute fraction l_i/s. A context between two
-   representatives interpolates the fraction in log s; l is rounded to `chunk_tokens`.
+3. The plan covers every context 1..max_context (workload.max_context; null: the model's
+   maximum positions as memory allows, kvc.planner.memory.default_max_context). With that
+   residency fixed, the LP at context s is the same LP at every s but for constants that are
+   affine in s (durations are affine in the tokens l_i = x_i s and in s): its optimal step
+   T(s) is convex and piecewise linear in s, and so can l_i(s) be. So a few contexts are
+   solved (`_buckets`: one chunk, the longest, then geometric midpoints only where T is not
+   yet linear between two solved neighbours) and l_i interpolates linearly in s between them,
+   which is the LP's own optimum wherever T is linear; l is rounded to `chunk_tokens`.
 4. The rounded plan is evaluated at every context (kvc.planner.evaluate: the LP's walk on
    arrays, with fixed costs only where paid); where recomputing nothing is predicted faster,
    that context recomputes nothing. So pipelined is never predicted slower than
    full_offload, and grouped-query models, whose activations are bigger than their K,V,
    recompute nothing: the LP's slope says so, no special case.
+`predicted_step_ms` is reported for the workload's contexts prompt_len..prompt_len + gen_len;
+the table is stored as runs of equal rows (kvc.ir.plan).
 The scheduler asks the request's Mode what it may decide (offloads, recomputes,
 keeps_resident, lookahead, chunked), never its name.
 """
@@ -38,12 +45,14 @@ from kvc.models.spec import ModelSpec
 from kvc.planner import cost
 from kvc.planner.evaluate import evaluate, evaluate_arrays
 from kvc.planner.lp import solve as _solve
-from kvc.planner.memory import check_host_memory, check_memory, place_weights
+from kvc.planner.memory import (check_host_memory, check_memory, default_max_context,
+                                place_weights)
 # what callers import from here
 from kvc.planner.evaluate import predict, step_terms  # noqa: F401
 from kvc.planner.memory import host_memory_gb  # noqa: F401
 
-MAX_BUCKETS = 7
+MAX_BUCKETS = 7  # LP solves per plan at most (contexts where the split is solved)
+LINEAR_TOL = 2e-3  # T(s) this close (relative) to its chord counts as linear on the interval
 
 
 def make_plan(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest) -> Plan:
@@ -52,14 +61,23 @@ def make_plan(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest) -> Plan:
     but cost the host more nodes to issue, so the plan with the lower predicted generation
     time wins (1 or all). `req.micro_batches`: the block schedule's micro-batches per step;
     `req.resident_cache` false: no layer keeps its cache on the GPU; `req.cuda_graphs`: the
-    runtime replays the step's static runs as CUDA graphs on a GPU, which the host lane counts."""
+    runtime replays the step's static runs as CUDA graphs on a GPU, which the host lane counts.
+    `req.max_context` None: kvc.planner.memory.default_max_context."""
+    t0 = time.perf_counter()
+    why = "workload.max_context"
+    if req.max_context is None:
+        n, why = default_max_context(spec, hw, req)
+        req = req.but(max_context=n)
     plan = _make_plan(spec, hw, req)
     if req.schedule.chunked and req.recompute_fraction is None and req.act_chunks > 1:
         single = _make_plan(spec, hw, req.but(act_chunks=1))
         if sum(single.predicted_step_ms) < sum(plan.predicted_step_ms):
             plan = single
     check_host_memory(spec, hw, plan, req.batch_size, req.dtype)
-    return plan
+    notes = {**plan.notes, "max_context": f"{req.max_context} ({why})"}
+    if "solve_s" in notes:
+        notes["solve_s"] = round(time.perf_counter() - t0, 4)  # both plans, end to end
+    return replace(plan, notes=notes)
 
 
 @dataclass
@@ -84,7 +102,13 @@ class _Job:
 
     @property
     def ctx(self) -> np.ndarray:
-        return np.arange(self.req.prompt_len, self.req.max_context + 1)
+        """The table's contexts: every one from 1 to max_context."""
+        return np.arange(1, self.req.max_context + 1)
+
+    @property
+    def workload(self) -> slice:
+        """Where the workload's contexts prompt_len..prompt_len + gen_len lie in `ctx`."""
+        return slice(self.req.prompt_len - 1, self.req.workload_end)
 
     def contexts(self, s: int) -> list[int]:
         """Per layer, the cached tokens it reads at context s: what the LP prices it at."""
@@ -102,7 +126,7 @@ class _Job:
                     chunk_tokens=r.chunk_tokens, batch_size=r.batch_size, dtype=r.dtype,
                     weights_streamed=self.streamed, micro_batches=m, cuda_graphs=r.cuda_graphs,
                     resident=tuple(cost.per_unit(resident, m).tolist()), recompute=(),
-                    **self.overlap)
+                    max_context=r.max_context, **self.overlap)
 
     def steps(self, plan: Plan, recompute: np.ndarray) -> np.ndarray:
         """Predicted step per context for per-layer l ([layers, contexts])."""
@@ -122,9 +146,20 @@ def _make_plan(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest) -> Plan:
     recompute, steps = _drop_slower_recompute(job, plan, recompute)
     plan, steps = _more_resident(job, plan, recompute, steps)
     job.notes["solve_s"] = round(time.perf_counter() - t0, 4)
-    rows = cost.per_unit(recompute, req.micro_batches)
-    return replace(plan, recompute=tuple(map(tuple, rows.T.tolist())),
-                   predicted_step_ms=_ms(steps), notes=job.notes)
+    starts, rows = _runs(cost.per_unit(recompute, req.micro_batches), first=int(job.ctx[0]))
+    return replace(plan, recompute=rows, recompute_from=starts,
+                   predicted_step_ms=_ms(steps[job.workload]), notes=job.notes)
+
+
+def _runs(l: np.ndarray, first: int) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
+    """l per unit and context ([units, contexts], contexts first, first + 1, ...) as runs of
+    equal rows: (the first context of each run, its row)."""
+    if l.shape[1] == 0:
+        return (), ()
+    change = np.ones(l.shape[1], dtype=bool)
+    change[1:] = (l[:, 1:] != l[:, :-1]).any(axis=0)
+    idx = np.flatnonzero(change)
+    return tuple((idx + first).tolist()), tuple(map(tuple, l[:, idx].T.tolist()))
 
 
 def _prepare(spec, hw, req: PlanRequest, deadline: float) -> _Job:
@@ -155,10 +190,11 @@ def _forced(job: _Job) -> Plan:
     """schedule.recompute_fraction: l = round(fraction * s) everywhere, no LP."""
     r = job.req
     plan = forced_plan(r.mode, job.L, r.prompt_len, r.gen_len, r.chunk_tokens,
-                       r.recompute_fraction, r.act_chunks, micro_batches=r.micro_batches)
+                       r.recompute_fraction, r.act_chunks, micro_batches=r.micro_batches,
+                       max_context=r.max_context)
     plan = replace(plan, batch_size=r.batch_size, dtype=r.dtype, weights_streamed=job.streamed,
                    cuda_graphs=r.cuda_graphs)
-    steps = evaluate(job.spec, job.hw, plan, job.ctx, r.batch_size, r.dtype)[0]
+    steps = evaluate(job.spec, job.hw, plan, np.asarray(r.workload_contexts), r.batch_size, r.dtype)[0]
     return replace(plan, predicted_step_ms=_ms(steps), notes={**job.notes, "forced": True})
 
 
@@ -178,8 +214,8 @@ def _residency(job: _Job) -> tuple[bool, ...]:
 
 
 def _fractions(job: _Job, resident) -> np.ndarray:
-    """l per layer and context ([layers, contexts]): the LP's fractions at a few
-    representative contexts, interpolated and rounded to whole chunks."""
+    """l per layer and context ([layers, contexts]): the LP's split at a few contexts
+    (`_buckets`), interpolated linearly in s and rounded to whole chunks."""
     r, ctx = job.req, job.ctx
     recompute = np.zeros((job.L, len(ctx)), dtype=np.int64)
     if not r.schedule.recomputes:
@@ -189,11 +225,45 @@ def _fractions(job: _Job, resident) -> np.ndarray:
         return recompute
     if all(resident):
         return recompute  # everything fits on the GPU: nothing left to split
-    reps = _representatives(r.prompt_len, r.max_context, r.chunk_tokens)
-    fr = np.array([_solve(job.c, job.L, job.contexts(s), resident=resident, **job.lp())[0]
-                   for s in reps]).T
-    job.notes["buckets"] = [int(s) for s in reps]
-    return _round_to_chunks(fr, reps, ctx, cost.layer_contexts(job.spec, ctx), r.chunk_tokens)
+    reps, tokens = _buckets(job, resident)
+    job.notes["buckets"] = reps
+    return _round_to_chunks(tokens, reps, ctx, cost.layer_contexts(job.spec, ctx), r.chunk_tokens)
+
+
+def _buckets(job: _Job, resident) -> tuple[list[int], np.ndarray]:
+    """The contexts the LP is solved at and its tokens l_i there ([layers, contexts]).
+
+    Between two solved contexts a and b, the tokens interpolated linearly are feasible at
+    every s in [a, b] (the LP's constraints are affine in (l, s)) with the step T's chord as
+    their objective; T(s) is convex, so they are optimal wherever T is linear. Solve one
+    chunk and the longest context, then the geometric midpoint of an interval (the kinks
+    crowd at short contexts, where the fixed costs weigh); an interval whose midpoint T lies
+    on its chord (within LINEAR_TOL) is linear throughout (a convex function meeting its
+    chord inside an interval equals it there; within a tolerance, the chord is off by at
+    most twice the midpoint's gap), so only the others are split again, up to MAX_BUCKETS."""
+    r = job.req
+    lo, hi = max(1, min(r.chunk_tokens, r.max_context)), r.max_context
+    solved = {s: _solve_at(job, resident, s) for s in dict.fromkeys((lo, hi))}
+    todo = [(lo, hi)] if hi > lo else []
+    while todo and len(solved) < MAX_BUCKETS:
+        a, b = todo.pop(0)  # widest first: breadth-first in log s
+        mid = round(math.sqrt(a * b))
+        if not a < mid < b or b - a < 2 * r.chunk_tokens:
+            continue  # l moves in whole chunks: a finer split cannot change it
+        solved[mid] = _solve_at(job, resident, mid)
+        ta, tm, tb = solved[a][1], solved[mid][1], solved[b][1]
+        chord = ta + (tb - ta) * (mid - a) / (b - a)
+        if chord - tm > LINEAR_TOL * max(tm, 1e-9):
+            todo += [(a, mid), (mid, b)]
+    reps = sorted(solved)
+    return reps, np.stack([solved[s][0] for s in reps], axis=1)
+
+
+def _solve_at(job: _Job, resident, s: int) -> tuple[np.ndarray, float]:
+    """The LP at context s with the residency fixed: (tokens l_i per layer, its step T)."""
+    n = job.contexts(s)
+    x, _, _, T = _solve(job.c, job.L, n, resident=resident, with_step=True, **job.lp())
+    return np.asarray(x) * np.asarray(n, dtype=float), float(T)
 
 
 def _drop_slower_recompute(job: _Job, plan: Plan, recompute: np.ndarray):
@@ -228,27 +298,21 @@ def _more_resident(job: _Job, plan: Plan, recompute: np.ndarray, steps):
 
 
 def _ms(steps) -> tuple[float, ...]:
-    return tuple(float(round(v, 6)) for v in steps)
+    return tuple(np.round(np.asarray(steps, dtype=float), 6).tolist())
 
 
-def _representatives(lo: int, hi: int, chunk: int) -> list[int]:
-    """Contexts to solve at: geometric between one chunk (below it, l rounds to 0) and hi."""
-    a = max(lo, min(chunk, hi))
-    if hi <= a:
-        return [hi]
-    n = min(MAX_BUCKETS, max(2, math.ceil(math.log2(hi / a)) + 1))
-    pts = sorted({int(round(a * (hi / a) ** (k / (n - 1)))) for k in range(n)})
-    return pts
-
-
-def _round_to_chunks(fr: np.ndarray, reps: list[int], ctx: np.ndarray, n: np.ndarray,
+def _round_to_chunks(tokens: np.ndarray, reps: list[int], ctx: np.ndarray, n: np.ndarray,
                      chunk: int) -> np.ndarray:
-    """Per-layer fraction at each context (log-interpolated), then l in whole chunks of the
-    n[i, j] tokens layer i reads at context j (n <= s: a sliding-window layer's window)."""
-    logs = np.log(np.asarray(reps, dtype=float))
-    lc = np.log(ctx.astype(float))
-    f = np.stack([np.interp(lc, logs, row) for row in fr]) if len(reps) > 1 else fr.repeat(len(ctx), 1)
-    l = np.rint(f * n / chunk).astype(np.int64) * chunk
+    """Per-layer tokens at each context, linear in s between the solved contexts `reps` (a
+    fixed fraction of s below the first and of n above the last), then l in whole chunks of
+    the n[i, j] tokens layer i reads at context j (n <= s: a sliding-window layer's window)."""
+    s = ctx.astype(float)
+    y = np.stack([np.interp(s, reps, row) for row in tokens]) if len(reps) > 1 \
+        else tokens.repeat(len(ctx), 1)
+    below = s < reps[0]
+    if below.any():  # the first solved context's fraction, as the old log-interpolation did
+        y[:, below] = tokens[:, :1] / reps[0] * s[below]
+    l = np.rint(np.minimum(y, n) / chunk).astype(np.int64) * chunk
     return np.minimum(l, (n // chunk) * chunk)
 
 
