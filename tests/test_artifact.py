@@ -619,6 +619,10 @@ def _deep(m, keys, value):
     (["plan", "recompute"], [[0, 0]] * 20, "plan.recompute has more rows than contexts"),
     (["plan", "recompute"], [["a", 0]] * 9, "plan.recompute rows"),
     (["plan", "gen_len"], 10 ** 12, "plan.gen_len"),
+    (["plan", "max_context"], 10 ** 9, "plan.max_context = 1000000000"),
+    (["plan", "max_context"], 600, "plan.max_context = 600 exceeds model_spec.max_positions (512)"),
+    (["plan", "max_context"], 3, "plan.max_context = 3; expected an integer 16.."),
+    (["plan", "recompute_runs"], [[1, [0, 0]]], "both recompute and recompute_runs"),
     (["plan", "micro_batches"], 10 ** 6, "plan.micro_batches"),
     (["plan", "forced_fraction"], float("nan"), "plan.forced_fraction"),
     (["plan", "mode"], ["pipelined"], "plan.mode"),
@@ -642,6 +646,71 @@ def test_manifest_fields_are_checked(artifact, tmp_path, keys, value, needle):
     assert "\n" not in str(e.value)
     if needle:
         assert needle in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def solved(tmp_path_factory):
+    """An artifact whose plan the LP made (a table of runs, not a forced fraction), on a link
+    slow enough that tiny-llama recomputes."""
+    out = tmp_path_factory.mktemp("s") / "solved.kvc"
+    return kvc.compile(TINY, overrides=["hardware.h2d_gbps=0.001", "workload.max_context=300",
+                                        "schedule.chunk_tokens=4"], output=out)
+
+
+def test_a_solved_plan_is_stored_as_runs_and_round_trips(solved):
+    from kvc.ir.plan import Plan
+
+    m = art.read_manifest(solved)
+    d = m["plan"]
+    assert "recompute" not in d and d["max_context"] == 300
+    runs = d["recompute_runs"]
+    assert runs[0][0] == 1 and len(runs) < 300 and all(len(r) == 2 for r in runs)
+    plan = Plan.from_json(d)
+    assert plan.context_range == (1, 300) and plan.covers(1) and plan.covers(300)
+    assert not plan.covers(301)
+    assert any(l > 0 for _, row in runs for l in row)
+    assert Plan.from_json(json.loads(plan.dumps())) == plan
+    assert json.loads(plan.dumps()) == json.loads(json.dumps(d, sort_keys=True))
+
+
+def test_an_old_manifest_plan_still_loads(solved, tmp_path):
+    """Manifests written before issue 15: `recompute` rows for contexts prompt_len..prompt_len +
+    gen_len, no max_context."""
+    from kvc.ir.plan import Plan
+
+    a = _copy(solved, tmp_path)
+    table = Plan.from_json(art.read_manifest(a)["plan"])
+
+    def old(m):
+        p = m["plan"]
+        rows = table.recompute_table(range(8, 17))
+        p["recompute"] = [list(r) for r in zip(*rows)]
+        del p["recompute_runs"], p["max_context"], m["config"]["workload"]["max_context"]
+    _edit_manifest(a, old)
+    plan = Plan.from_json(art.read_manifest(a)["plan"])
+    assert plan.max_context == 16 and plan.context_range == (8, 16)
+    assert plan.covers(8) and plan.covers(16) and not plan.covers(7) and not plan.covers(17)
+    assert [plan.recompute_tokens(u, s) for u in range(2) for s in range(8, 17)] == \
+        [table.recompute_tokens(u, s) for u in range(2) for s in range(8, 17)]
+    with pytest.raises(ValueError, match="covers contexts 8..16"):
+        plan.recompute_tokens(1, 17)
+
+
+@pytest.mark.parametrize("keys, value, needle", [
+    (["plan", "recompute_runs"], [[1, [0, 0]], [1, [4, 4]]], "the contexts increasing"),
+    (["plan", "recompute_runs"], [[1, [0]]], "rows must hold 2 token counts"),
+    (["plan", "recompute_runs"], [[9, [0, 0]]], "start after the workload's prompt_len 8"),
+    (["plan", "recompute_runs"], [[1, [0, 0]]] * 400, "more runs than contexts"),
+    (["plan", "recompute_runs"], [[1, [-1, 0]]], "token counts 0..300"),
+    (["plan", "recompute_runs"], "runs", "recompute_runs"),
+    (["plan", "max_context"], 299, "plan.max_context differs from the config's workload.max_context"),
+])
+def test_damaged_runs_are_refused_in_one_line(solved, tmp_path, keys, value, needle):
+    a = _copy(solved, tmp_path)
+    _edit_manifest(a, lambda m: _deep(m, keys, value))
+    with pytest.raises(KvcError) as e:
+        art.read_manifest(a)
+    assert "\n" not in str(e.value) and needle in str(e.value)
 
 
 def test_crafted_3000_layer_manifest_is_refused_quickly(artifact, tmp_path, capsys):

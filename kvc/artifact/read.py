@@ -143,15 +143,38 @@ def _check_plan(d: dict, spec, cfg, need) -> None:
     r = d.get("resident")
     need(isinstance(r, list) and len(r) == units and all(type(x) is bool for x in r),
          f"plan.resident is not {units} true/false flags")
-    rows = d.get("recompute", [])
-    need(isinstance(rows, list) and len(rows) <= g + 1, "plan.recompute has more rows than contexts")
-    for row in rows:
-        need(isinstance(row, list) and len(row) == units and all(_int(x, 0, p + g) for x in row),
-             f"plan.recompute rows must hold {units} token counts 0..{p + g}")
+    mc = d.get("max_context", p + g)  # absent: a plan made before issue 15 (prompt_len + gen_len)
+    need(_int(mc, p + g, ctx), f"plan.max_context = {str(mc)[:40]}; expected an integer {p + g}..{ctx}")
+    want = cfg.workload.max_context
+    need(mc <= spec.max_positions or "max_context" not in d,
+         f"plan.max_context = {mc} exceeds model_spec.max_positions ({spec.max_positions})")
+    need(want is None or mc == want, "plan.max_context differs from the config's workload.max_context")
     f = d.get("forced_fraction")
     need(f is None or _num(f, 0.0, 1.0), "plan.forced_fraction is not null or 0..1")
-    need(f is not None or all(r) or len(rows) == g + 1,
-         f"plan.recompute has {len(rows)} rows; its contexts {p}..{p + g} need {g + 1}")
+    if "recompute_runs" in d:  # issue 15: runs [first context, l per unit] covering ..max_context
+        runs = d["recompute_runs"]
+        need("recompute" not in d, "plan has both recompute and recompute_runs")
+        need(isinstance(runs, list) and len(runs) <= mc, "plan.recompute_runs has more runs than contexts")
+        last = -1
+        for run in runs:
+            need(isinstance(run, list) and len(run) == 2 and _int(run[0], last + 1, mc),
+                 f"plan.recompute_runs entries must be [first context, row], the contexts "
+                 f"increasing within 0..{mc}")
+            need(isinstance(run[1], list) and len(run[1]) == units
+                 and all(_int(x, 0, mc) for x in run[1]),
+                 f"plan.recompute_runs rows must hold {units} token counts 0..{mc}")
+            last = run[0]
+        need(f is not None or all(r) or (runs and runs[0][0] <= p),
+             f"plan.recompute_runs start after the workload's prompt_len {p}")
+    else:
+        rows = d.get("recompute", [])
+        need(isinstance(rows, list) and len(rows) <= g + 1, "plan.recompute has more rows than contexts")
+        for row in rows:
+            need(isinstance(row, list) and len(row) == units and all(_int(x, 0, p + g) for x in row),
+                 f"plan.recompute rows must hold {units} token counts 0..{p + g}")
+        need(f is not None or all(r) or len(rows) == g + 1,
+             f"plan.recompute has {len(rows)} rows; its contexts {p}..{p + g} need {g + 1}")
+        need(f is not None or mc == p + g, "plan.max_context differs from its recompute rows' contexts")
     ms = d.get("predicted_step_ms", [])
     need(isinstance(ms, list) and len(ms) <= g + 1 and all(_num(x, 0, 1e12) for x in ms),
          "plan.predicted_step_ms is not a list of times")

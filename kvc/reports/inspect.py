@@ -36,7 +36,8 @@ def inspect_text(artifact) -> str:
            f"  model:    {src}",
            (f"            {spec.model_type}, {spec.num_layers} layers, hidden {spec.hidden_size}, heads "
             f"{spec.num_heads} ({spec.num_kv_heads} KV), vocab {spec.vocab_size}, {dtype}"),
-           f"  workload: batch {b}, prompt {P}, generate {G} (decode contexts {P}..{P + G})",
+           (f"  workload: batch {b}, prompt {P}, generate {G} (decode contexts {P}..{P + G}); the "
+            f"plan serves contexts {plan.context_range[0]}..{plan.context_range[1]}"),
            (f"  machine:  {hw.name} ({hw.device}): H2D {hw.h2d_gbps:g} GB/s, GEMM {hw.gemm_tflops:g} "
             f"TFLOP/s, GPU memory {hw.gpu_mem_gb:g} GB; {measured}"),
            f"  plan:     {plan.mode}, {len(off)}/{plan.num_units} "

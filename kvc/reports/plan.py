@@ -22,10 +22,14 @@ def plan_json(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest,
     batch_size, prompt_len, gen_len, dtype = req.batch_size, req.prompt_len, req.gen_len, req.dtype
     mode, micro_batches = req.mode, req.micro_batches
     s = prompt_len if context is None else int(context)
-    if not prompt_len <= s <= prompt_len + gen_len:
-        raise KvcError(f"--context {s}: the plan covers contexts {prompt_len}.."
-                       f"{prompt_len + gen_len} (workload.prompt_len .. prompt_len + gen_len)")
+    if s < 1 or (req.max_context is not None and s > req.max_context):
+        raise KvcError(f"--context {s}: the plan covers contexts 1..{req.max_context or 'max_context'}"
+                       " (workload.max_context)")
     plan = make_plan(spec, hw, req)
+    first, last = plan.context_range
+    if not plan.covers(s) or not first <= s <= last:
+        raise KvcError(f"--context {s}: the plan covers contexts {first}..{last} "
+                       f"(workload.max_context; {plan.notes.get('max_context', last)})")
     pred = predict(spec, hw, plan, s, batch_size, dtype)
     p = cost.dtype_bytes(dtype)
     layers = []
@@ -50,6 +54,10 @@ def plan_json(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest,
         except KvcError as e:
             modes[m] = {"predicted_step_ms": None, "infeasible": str(e)}
             continue
+        if not other.covers(s):  # its own default max_context is shorter (its memory)
+            modes[m] = {"predicted_step_ms": None, "infeasible": f"its plan serves contexts "
+                        f"{other.context_range[0]}..{other.context_range[1]}, not {s}"}
+            continue
         modes[m] = {"predicted_step_ms": predict(spec, hw, other, s, batch_size, dtype)["predicted_step_ms"]}
     base = pred["predicted_step_ms"]
     for v in modes.values():
@@ -60,7 +68,8 @@ def plan_json(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest,
                   "kv_width": spec.kv_width, "dtype": dtype},
         "hardware": hw.name,
         "mode": mode, "context": s, "batch_size": batch_size, "micro_batches": micro_batches,
-        "prompt_len": prompt_len, "gen_len": gen_len,
+        "prompt_len": prompt_len, "gen_len": gen_len, "max_context": plan.max_context,
+        "context_range": list(plan.context_range),
         "chunk_tokens": req.chunk_tokens, "act_chunks": plan.act_chunks, "lookahead": plan.lookahead,
         "forced_fraction": plan.forced_fraction,
         "weights_streamed": plan.streamed_layers,
@@ -82,8 +91,10 @@ def plan_text(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest,
     mode, micro_batches = req.mode, req.micro_batches
     s = d["context"]
     mb = f" in {micro_batches} micro-batches" if micro_batches > 1 else ""
+    first, last = d["context_range"]
     out = [(f"kvc plan: {mode} on {d['hardware']}, batch {batch_size}{mb}, {dtype}, context {s} "
-            f"(contexts {prompt_len}..{prompt_len + gen_len})")]
+            f"(workload contexts {prompt_len}..{prompt_len + gen_len}; the plan serves "
+            f"{first}..{last})")]
     if d["forced_fraction"] is not None:
         out.append(f"  forced: l = round({d['forced_fraction']:g} * s) in every offloaded layer")
     out.append(f"  {'layer':>5}  {'recompute':>9}  {'kv':>7}  {'on gpu':>7}  {'act MB':>9}  {'kv MB':>9}")
