@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch.fx
 
+from .microbatch import batch_rows
 from .nodes import KvcPass, is_op, kvc_meta, layer_nodes, op_arg, placeholder
 
 
@@ -73,7 +74,11 @@ class Annotate(KvcPass):
                 raise ValueError(f"layer {i}: K and V share no input activation")
             act = max(common, key=order.__getitem__)
             below = _descendants([act]) | only_positions
-            candidates = ((anc_k | anc_v) & below) - {act, positions}
+            # the positions this unit's K,V read: the input's, or with micro-batches its
+            # micro-batch's rows of them (microbatch.batch_rows), which recompute replaces
+            pos = next((n for n in anc_k | anc_v if n.op == "call_function" and n.target is batch_rows),
+                       positions)
+            candidates = ((anc_k | anc_v) & below) - {act, positions, pos}
             kv_slice = sorted(_needed(candidates, [k, v]), key=order.__getitem__)
             for n in kv_slice:
                 for inp in n.all_input_nodes:
@@ -90,7 +95,7 @@ class Annotate(KvcPass):
                 "v": v.name,
                 "kv_read": reads[i].name if i in reads else None,
                 "kv_slice": [n.name for n in kv_slice],
-                "positions": positions.name,
+                "positions": pos.name,
                 "first": firsts[i].name if i in firsts else act.name,
             }
         gm.meta["kvc"]["layers"] = dict(sorted(layers.items()))

@@ -9,7 +9,8 @@ attention over those views. `partition` cuts the lowered decode graph at exactly
 
 - **eager** nodes: every `torch.ops.kvc.*` call, and every node that reads a value whose
   shape depends on `s` (what kv_read / staged_kv / staged_act / recompute_positions return,
-  and anything computed from it). Attention is the one such op whose output does not depend
+  and anything computed from it). Attention (scaled_dot_product_attention, or a function
+  marked `kvc_attention`: kvc.models.attend) is the one such op whose output does not depend
   on `s`: its output has the query's shape, so what follows it is static again.
 - **static** segments: the runs of other nodes between eager ones. A static node runs in the
   segment right after the last eager node it depends on (so the Q projection joins the K,V
@@ -46,14 +47,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx
-
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from kvc.ir.graph import host_kind, op_name, segment_host_kinds
 from kvc.ir.ops import COMPUTE, STREAM_NAMES
 
 # kvc ops whose tensors have a shape that moves with the context
-_DYNAMIC_RESULTS = frozenset({"kv_read", "staged_kv", "staged_act", "recompute_positions"})
+_DYNAMIC_RESULTS = frozenset({"kv_read", "kv_mask", "staged_kv", "staged_act", "recompute_positions"})
 # ops whose output shape does not depend on their key/value inputs' length
 _ATTENTION = frozenset({torch._C._nn.scaled_dot_product_attention,
                         torch.nn.functional.scaled_dot_product_attention})
@@ -87,7 +87,8 @@ def classify(graph: torch.fx.Graph) -> Split:
             index[node] = len(eager)
             eager.append(node)
             # attention's output has the query's shape, whatever the cache's length
-            query_shaped = node.target in _ATTENTION and node.args[0] not in dynamic
+            query_shaped = ((node.target in _ATTENTION or getattr(node.target, "kvc_attention", False))
+                            and node.args[0] not in dynamic)
             if name in _DYNAMIC_RESULTS or (reads_dynamic and not query_shaped):
                 dynamic.add(node)
             if is_fence(node):

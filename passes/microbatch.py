@@ -8,8 +8,11 @@ pipeline; every later pass then sees m * L "layers" (units, `Plan` "Units"): uni
 u = i * m + k is layer i on micro-batch k.
 
 - `input_ids` is split once (`chunk(m)`); each micro-batch gets its own copy of every node
-  that depends on the tokens or touches the cache (the cache ops' `layer` becomes the unit).
-- Nodes that depend on neither (positions, RoPE tables, weights) stay single and shared.
+  that depends on the tokens, on the positions or touches the cache (the cache ops' `layer`
+  becomes the unit). Positions are [T], shared by every row, or [b, T] per row for a
+  left-padded batch: `batch_rows` gives each micro-batch its rows of them (or all of a [T]),
+  a choice made when the step runs.
+- Nodes that depend on none of those (weights) stay single and shared.
 - Nodes are ordered by (layer, micro-batch): layer i of micro-batch 0, ..., of micro-batch
   m-1, then layer i+1. Shared nodes go first within their layer. Nodes outside any layer
   belong to the layer before them (the embedding to "layer -1", the head to the last).
@@ -37,6 +40,11 @@ from .nodes import (
 )
 
 
+def batch_rows(x: torch.Tensor, m: int, k: int) -> torch.Tensor:
+    """Micro-batch k's rows of per-row positions [b, T]; shared positions [T] as they are."""
+    return x.chunk(m)[k] if x.dim() == 2 else x
+
+
 class MicroBatch(PlanPass):
     name = "microbatch"
 
@@ -50,6 +58,7 @@ class MicroBatch(PlanPass):
         g = gm.graph
         old = list(g.nodes)
         ids = placeholder(gm, "input_ids")
+        pos = placeholder(gm, "positions")
         # rank: the layer a node belongs to, carried forward over nodes outside any layer
         rank, last = {}, -1
         for n in old:
@@ -59,10 +68,11 @@ class MicroBatch(PlanPass):
         # per micro-batch: whatever depends on the tokens or on a cache op
         cloned: set[torch.fx.Node] = set()
         for n in old:
-            if n is ids or op_name(n) is not None or any(x in cloned for x in n.all_input_nodes):
+            if n in (ids, pos) or op_name(n) is not None or any(x in cloned for x in n.all_input_nodes):
                 if n.op != "output":
                     cloned.add(n)
         cloned.discard(ids)
+        cloned.discard(pos)
         output = next(n for n in old if n.op == "output")
 
         new_graph = torch.fx.Graph()
@@ -96,6 +106,9 @@ class MicroBatch(PlanPass):
                     part = new_graph.call_function(operator.getitem, (chunks, j))
                     part._rename(f"input_ids_mb{j}")
                     env[j][ids] = part
+                    rows = new_graph.call_function(batch_rows, (shared[pos], m, j))
+                    rows._rename(f"positions_mb{j}")
+                    env[j][pos] = rows
                 split = True
             if k is None:
                 new = new_graph.node_copy(n, lookup(None))

@@ -25,6 +25,8 @@ _SCHEMAS: dict[str, tuple[str, bool]] = {
     # logical cache I/O, written by the models
     "kv_read": ("kv_read(int rt, int layer) -> (Tensor, Tensor)", False),
     "kv_write": ("kv_write(Tensor k, Tensor v, int rt, int layer) -> ()", True),
+    # the batch's padding mask for the rows kv_read returns ([b, 1, T, S] bool; empty: none)
+    "kv_mask": ("kv_mask(int rt, int layer) -> Tensor", False),
     # offload: the new tokens' activation and K,V to the CPU pools at rows [s, s+T)
     "offload_act": ("offload_act(Tensor h, int rt, int stream, int layer) -> ()", True),
     "offload_kv": ("offload_kv(Tensor k, Tensor v, int rt, int stream, int layer) -> ()", True),

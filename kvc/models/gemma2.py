@@ -24,13 +24,23 @@ final_logit_softcapping (None: no cap).
 from __future__ import annotations
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
 import kvc.ir.ops  # noqa: F401  (registers torch.ops.kvc.*)
 from kvc.errors import KvcError
-from kvc.models.llama import LlamaAttention, causal_mask, rope_from_hf, rope_inv_freq, rope_tables
+from kvc.models.attend import mask_scores
+from kvc.models.llama import (
+    LlamaAttention,
+    causal_mask,
+    rope_from_hf,
+    rope_inv_freq,
+    rope_tables,
+)
 from kvc.models.spec import Family, FamilyCosts, ModelSpec, hf_common
+
+torch.fx.wrap("mask_scores")  # a leaf of the traced graph: it picks the mask when the step runs
 
 
 class GemmaRMSNorm(nn.Module):
@@ -83,8 +93,8 @@ class Gemma2Attention(nn.Module):
         # K,V are never repeated; the products are the same dot products as HF's repeat_kv
         qg = q.transpose(1, 2).unflatten(1, (self.num_kv_heads, self.groups)).flatten(2, 3)
         scores = soft_cap(torch.matmul(qg, k_all.transpose(2, 3)) * self.scaling, self.softcap)
-        if mask is not None:
-            scores = scores.unflatten(2, (self.groups, -1)).masked_fill(~mask, float("-inf")).flatten(2, 3)
+        # the batch's padding mask (kv_mask, empty without padding), else prefill's `mask`
+        scores = mask_scores(scores, torch.ops.kvc.kv_mask(rt, layer), mask, self.groups)
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         out = torch.matmul(probs, v_all)  # [b, n_kv, g*T, hd]
         out = out.unflatten(2, (self.groups, -1)).flatten(1, 2)  # [b, H, T, hd]

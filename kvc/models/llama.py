@@ -10,13 +10,16 @@ Other families reuse its parts (RMSNorm, RoPE tables, `rope_from_hf`).
 
 The forward contract every family keeps (the compiler depends on it):
 
-    forward(input_ids[b, T], positions[T], rt, prefill=False, last_only=False) -> logits
+    forward(input_ids[b, T], positions[T] or [b, T], rt, prefill=False, last_only=False) -> logits
 
-- `positions` are the absolute positions of the T tokens; every sequence has the same length.
+- `positions` are the absolute positions of the T tokens: [T] when every row has the same
+  length, [b, T] per row for a left-padded batch (a row's positions start at its first real
+  token; its padding is masked by what `kv_mask(rt, i)` returns, kvc/models/attend.py).
 - Each layer writes the NEW tokens' K,V with `torch.ops.kvc.kv_write(k, v, rt, i)`, layout
   [b, T, n_kv, hd], RoPE applied. Decode reads the cached rows with `kv_read(rt, i)`
   (indexed, never tuple-unpacked, so it traces; this step's rows included, and for a layer
-  with a sliding window only the window's rows), and attends with no mask.
+  with a sliding window only the window's rows), and attends through kvc.models.attend with
+  `kv_mask(rt, i)`: no mask unless the batch is padded.
 - No Python control flow on tensor values or shapes, so `torch.fx.symbolic_trace` works with
   `concrete_args={"prefill": ..., "last_only": ...}`. cos/sin are computed once from
   `positions` at the top and handed to the layers, so the path from a layer's attention
@@ -28,12 +31,16 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
 import kvc.ir.ops  # noqa: F401  (registers torch.ops.kvc.*)
 from kvc.errors import KvcError
+from kvc.models.attend import attend
 from kvc.models.spec import Family, FamilyCosts, ModelSpec, hf_common
+
+torch.fx.wrap("attend")  # a leaf of the traced graph: it picks the mask when the step runs
 
 
 def rope_inv_freq(spec: ModelSpec, device=None) -> torch.Tensor:
@@ -78,10 +85,10 @@ class RMSNorm(nn.Module):
 
 
 def causal_mask(positions: torch.Tensor, window: int | None = None) -> torch.Tensor:
-    """[T, T] bool, True where query q may attend to key k: k <= q, and with a sliding
+    """[T, T] bool ([b, T, T] for per-row positions [b, T]), True where query q may attend to key k: k <= q, and with a sliding
     window q - k < window (HF's sliding_window_overlay: each query sees `window` positions,
     itself included). Built from positions, so it traces and depends on no token."""
-    d = positions[:, None] - positions[None, :]
+    d = positions[..., :, None] - positions[..., None, :]
     allowed = d >= 0
     if window is not None:
         allowed = allowed & (d < window)
@@ -107,10 +114,11 @@ class LlamaAttention(nn.Module):
         where c, s are the tables' first halves (their two halves are equal: rope_tables'
         cat((freqs, freqs)), as HF's). No full-width rotated copy: on recomputed K that is a
         third fewer passes (tools/rope_bench.py, H200: 16.4 against 24.4 passes over K).
-        x [b, T, heads, hd]; cos/sin [T, hd] broadcast over batch and heads."""
+        x [b, T, heads, hd]; cos/sin [T, hd] (or [b, T, hd]: a left-padded batch's per-row
+        positions) broadcast over batch and heads."""
         half = self.head_dim // 2
         x1, x2 = x[..., :half], x[..., half:]
-        c, s = cos[:, None, :half], sin[:, None, :half]
+        c, s = cos[..., None, :half], sin[..., None, :half]
         return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
 
     def q_heads(self, x):
@@ -127,24 +135,14 @@ class LlamaAttention(nn.Module):
         k = self._rope(self.k_heads(x), cos, sin)
         v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
         torch.ops.kvc.kv_write(k, v, rt, layer)
-        q = self._rope(self.q_heads(x), cos, sin)
-        q = q.transpose(1, 2)  # [b, H, T, hd]
+        q = self._rope(self.q_heads(x), cos, sin).transpose(1, 2)  # [b, H, T, hd]
         if prefill:
-            out = F.scaled_dot_product_attention(
-                q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=mask is None,
-                enable_gqa=self.groups > 1)
+            k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)
         else:
             kv = torch.ops.kvc.kv_read(rt, layer)  # tokens [lo, s+T): this step's included
-            k_all = kv[0].transpose(1, 2)  # [b, n_kv, s+T, hd]
-            v_all = kv[1].transpose(1, 2)
-            if self.groups > 1:
-                # with no mask, the query heads sharing a KV head can be stacked as extra
-                # query rows: plain MHA kernels, and the cached K,V are never repeated
-                qg = q.unflatten(1, (self.num_kv_heads, self.groups)).flatten(2, 3)
-                out = F.scaled_dot_product_attention(qg, k_all, v_all)
-                out = out.unflatten(2, (self.groups, -1)).flatten(1, 2)
-            else:
-                out = F.scaled_dot_product_attention(q, k_all, v_all)
+            k_all, v_all = kv[0].transpose(1, 2), kv[1].transpose(1, 2)  # [b, n_kv, S, hd]
+        # kv_mask: the batch's padding mask for these rows (empty: no padding; kvc.models.attend)
+        out = attend(q, k_all, v_all, torch.ops.kvc.kv_mask(rt, layer), mask, prefill, self.groups)
         return self.o_proj(out.transpose(1, 2).flatten(-2))
 
 

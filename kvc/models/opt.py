@@ -16,12 +16,16 @@ The forward contract (inputs, cache ops, traceability) is described in kvc/model
 from __future__ import annotations
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
 import kvc.ir.ops  # noqa: F401  (registers torch.ops.kvc.*)
 from kvc.errors import KvcError
+from kvc.models.attend import attend
 from kvc.models.spec import Family, FamilyCosts, ModelSpec, hf_common
+
+torch.fx.wrap("attend")  # a leaf of the traced graph: it picks the mask when the step runs
 
 POSITION_OFFSET = 2  # OPT's learned position table starts at row 2
 
@@ -52,13 +56,13 @@ class OPTAttention(nn.Module):
         torch.ops.kvc.kv_write(k, v, rt, layer)
         q = (self.q_proj(x) * self.scaling).unflatten(-1, (self.num_heads, self.head_dim))
         if prefill:
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=1.0)
+            k_all, v_all = k, v
         else:
             kv = torch.ops.kvc.kv_read(rt, layer)  # tokens [0, s+T): this step's included
             k_all, v_all = kv[0], kv[1]
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), scale=1.0)
+        # kv_mask: the batch's padding mask for these rows (empty: no padding; kvc.models.attend)
+        out = attend(q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2),
+                     torch.ops.kvc.kv_mask(rt, layer), None, prefill, 1, 1.0)
         return self.o_proj(out.transpose(1, 2).flatten(-2))
 
 

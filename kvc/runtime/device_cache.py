@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from kvc.runtime.padding import Padding
+
 
 class DeviceCache:
     def __init__(self, layers: int | list[int], batch: int, max_tokens: int, num_kv_heads: int,
@@ -27,12 +29,24 @@ class DeviceCache:
         self.max_tokens = max_tokens
         self.s = 0
         self.t = 0  # tokens of the step in flight, written at [s, s+t)
+        self.padding: Padding | None = None  # a left-padded batch's (kvc.runtime.padding)
+        self.no_mask = torch.empty(0, dtype=torch.bool, device=device)
+
+    def _lo(self, layer: int) -> int:
+        """The first row the layer reads: 0, or the start of its window."""
+        w = self.windows.get(layer)
+        return 0 if w is None else self.s - max(0, min(self.s, w - 1))
 
     def kv_read(self, layer: int):
-        n = self.s + self.t
-        w = self.windows.get(layer)
-        lo = 0 if w is None else self.s - max(0, min(self.s, w - 1))
+        n, lo = self.s + self.t, self._lo(layer)
         return self.k[layer][lo:n].transpose(0, 1), self.v[layer][lo:n].transpose(0, 1)
+
+    def kv_mask(self, layer: int, rows: slice = slice(None)):
+        """The padding mask for what kv_read returns (empty: the batch has no padding);
+        `rows`: this cache's rows of the padding (a micro-batch's)."""
+        if self.padding is None:
+            return self.no_mask
+        return self.padding.mask(rows, self._lo(layer), self.s, self.t, self.windows.get(layer))
 
     def kv_write(self, k: torch.Tensor, v: torch.Tensor, layer: int) -> None:
         t = k.shape[1]

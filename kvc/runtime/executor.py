@@ -16,14 +16,15 @@ from collections.abc import Callable, Sequence
 import torch
 
 from kvc.errors import KvcError
-from kvc.models.spec import ModelSpec
-from kvc.ir.plan import Plan
-from kvc.progress import bar
 from kvc.ir import registry
+from kvc.ir.graph import direct_calls
+from kvc.ir.plan import Plan
+from kvc.models.spec import ModelSpec
+from kvc.progress import bar
 from kvc.runtime.attention import backends
 from kvc.runtime.offloaded import OffloadedCache
+from kvc.runtime.padding import cache_real, left_pads
 from kvc.runtime.sampling import Sampler, Stopping, check_max_new_tokens
-from kvc.ir.graph import direct_calls
 from kvc.runtime.segments import SegmentSet
 from kvc.runtime.weights import WeightStreamer
 
@@ -60,7 +61,7 @@ class CompiledModel:
     @property
     def max_context(self) -> int:
         """The most tokens a row may reach, prompt and new tokens together (p + n)."""
-        return min(self.spec.max_positions, self.plan.prompt_len + self.plan.gen_len)
+        return min(self.spec.max_positions, self.plan.max_context)
 
     def _runtime(self, batch: int, prompt: int, tokens: int) -> tuple[OffloadedCache, int]:
         """The pools for `batch` sequences: with micro-batches, one set per unit of batch/m."""
@@ -68,8 +69,13 @@ class CompiledModel:
         # a cache made for longer prompts keeps fewer K,V rows than a shorter one reads
         if (c is None or c.batch != batch // self.plan.micro_batches or c.max_tokens < tokens
                 or c.min_context > prompt):
+            # at least the compiled workload's rows; a call that outgrows them grows the pools
+            # geometrically (up to max_context), so a job of growing prompts rebuilds them
+            # a few times, not at every batch (pinning gigabytes takes seconds)
+            grown = (min(self.plan.max_context, 2 * c.max_tokens)
+                     if c is not None and c.max_tokens < tokens else 0)
             self.close()
-            max_tokens = max(tokens, self.plan.prompt_len + self.plan.gen_len)
+            max_tokens = max(tokens, self.plan.prompt_len + self.plan.gen_len, grown)
             with bar("kvc: allocating KV/activation pools", total=1, unit="pool set") as shown:
                 c = self._allocate(batch, max_tokens, min(prompt, self.plan.prompt_len))
                 shown.update()
@@ -125,14 +131,22 @@ class CompiledModel:
         an EOS would.
 
         `attention_mask` [b, s] (1: a token, 0: padding), transformers' left padding: a row's
-        padding comes before its prompt."""
+        padding comes before its prompt, its positions start at its first token, no query
+        attends to padding (kvc.runtime.padding), so each row decodes as it would alone.
+        Columns that every row pads are dropped before the prefill (they would cost PCIe
+        bytes and compute for nothing) and are returned as given."""
         if input_ids.dim() != 2 or input_ids.shape[1] < 1:
             raise KvcError(f"input_ids must be [batch, tokens] with tokens >= 1, got {tuple(input_ids.shape)}")
         check_max_new_tokens(max_new_tokens)
         sampler = Sampler(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
+        head, pads = None, None
+        if attention_mask is not None:
+            pads = left_pads(attention_mask, input_ids).to(self.device)
+            cut = int(pads.min())
+            if cut:
+                head, input_ids, pads = input_ids[:, :cut], input_ids[:, cut:], pads - cut
+            pads = pads if bool(pads.any()) else None
         b, p = input_ids.shape
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            raise KvcError("attention_mask with padding is not supported yet")
         stopping = Stopping(eos_token_id, pad_token_id, b, self.spec.vocab_size, self.device)
         if p + max_new_tokens > self.spec.max_positions:
             raise KvcError(f"prompt {p} + {max_new_tokens} new tokens exceeds the model's "
@@ -144,12 +158,16 @@ class CompiledModel:
         pad = -b % self.plan.micro_batches
         if pad:
             ids = torch.cat([ids, ids[-1:].expand(pad, p)])
+            pads = None if pads is None else torch.cat([pads, pads[-1:].expand(pad)])
         # the tokens so far, for the repetition penalty only (the real rows): without one a
         # decode step does nothing here but choose its token
         seen = None
         if sampler.repetition_penalty != 1.0:
             seen = torch.empty((b, p + max_new_tokens), dtype=torch.long, device=self.device)
             seen[:, :p] = ids[:b]
+            if pads is not None:  # a row's padding is no token of its: repeat its first token
+                first = ids[:b].gather(1, pads[:b, None])
+                seen[:, :p] = torch.where(cache_real(pads[:b], p), seen[:, :p], first)
 
         def choose(logits: torch.Tensor, n: int) -> torch.Tensor:
             # the real rows choose (a sampler's draws must not depend on the padding rows);
@@ -160,9 +178,10 @@ class CompiledModel:
             return torch.cat([tok, tok[-1:].expand(pad)]) if pad else tok
 
         cache, rt = self._runtime(b + pad, p, p + max_new_tokens)
+        cache.set_padding(pads)
         with bar("kvc: generating", total=max_new_tokens, unit="step") as steps, backends():
             cache.begin_step(0, p)
-            logits = self.prefill_step(ids, cache.positions[:p], rt)[:, -1]
+            logits = self.prefill_step(ids, cache.step_positions(0, p), rt)[:, -1]
             cache.end_step(p)
             tokens, all_logits = [choose(logits, 0)], [logits]
             if on_token is not None:
@@ -173,7 +192,7 @@ class CompiledModel:
                     break
                 s = cache.s
                 cache.begin_step(s, 1)
-                logits = self.decode_step(tokens[-1][:, None], cache.positions[s:s + 1], rt)[:, -1]
+                logits = self.decode_step(tokens[-1][:, None], cache.step_positions(s, 1), rt)[:, -1]
                 cache.end_step(1)
                 tokens.append(choose(logits, step))
                 all_logits.append(logits)
@@ -181,6 +200,8 @@ class CompiledModel:
                     stopping.finish(on_token(step, tokens[-1][:b]))
                 steps.update()
         out = torch.cat([ids, torch.stack(tokens, 1)], 1)[:b]
+        if head is not None:
+            out = torch.cat([head.to(out.device), out], 1)
         if return_logits:
             return out, torch.stack(all_logits, 1)[:b].float()
         return out

@@ -36,6 +36,7 @@ import torch
 from kvc.errors import KvcError
 from kvc.ir.plan import Plan
 from kvc.runtime.device_cache import DeviceCache
+from kvc.runtime.padding import Padding
 from kvc.runtime.pinned import check_host_memory, pinned_empty
 from kvc.runtime.streams import StreamSet
 
@@ -61,7 +62,7 @@ class OffloadedCache:
                  device: torch.device, num_events: int, weights=None,
                  min_context: int | None = None, windows: tuple[int | None, ...] = ()):
         """`min_context`: the shortest context a decode step will have (the prompt length;
-        Plan.prompt_len by default). K,V rows the plan never reads at contexts from there to
+        the compiled workload's, Plan.prompt_len, by default, as the planner's host check). K,V rows the plan never reads at contexts from there to
         max_tokens are not kept, so a call with a shorter prompt needs a new cache.
         `windows`: per unit, its layer's sliding window (None: attends to every row; empty:
         no unit has one)."""
@@ -122,6 +123,8 @@ class OffloadedCache:
         self.resident = DeviceCache(resident, batch, max_tokens, num_kv_heads, head_dim, dtype,
                                     self.device, windows=dict(enumerate(self.windows)))
         self.positions = torch.arange(max_tokens, device=self.device)
+        self.padding: Padding | None = None  # set per generate call: set_padding
+        self.no_mask = torch.empty(0, dtype=torch.bool, device=self.device)
         self.s = 0
         self.bounds: dict[int, list[int]] = {}  # per unit: its recomputed rows' chunks, [0, l)
         self.base: dict[int, int] = {}  # per unit: the token at staging row 0 (lo)
@@ -135,8 +138,8 @@ class OffloadedCache:
         if plan.forced_fraction is None:
             if not plan.recompute:
                 return 0, max_tokens, 0, max_tokens  # a hand-made plan without a table: keep all
-            first = max(first, plan.prompt_len)  # contexts outside the table are refused
-            end = min(end, plan.prompt_len + len(plan.recompute))
+            lo, hi = plan.context_range  # contexts outside the table are refused
+            first, end = max(first, lo), min(end, hi + 1)
         a_lo, a_hi, k_lo, most = max_tokens, 0, max_tokens, 0
         for s in range(first, end):
             lo, l = self._rows(unit, s)
@@ -154,6 +157,36 @@ class OffloadedCache:
             return 0, l
         n = max(0, min(s, w - 1))
         return s - n, min(l, n)
+
+    def set_padding(self, pads: torch.Tensor | None) -> None:
+        """The call's left padding, per row of the whole batch (all micro-batches, in order),
+        or None: no row is padded (positions are shared, kv_mask is empty)."""
+        if pads is not None and len(pads) != self.batch * self.plan.micro_batches:
+            raise ValueError(f"{len(pads)} padding counts for {self.batch * self.plan.micro_batches} rows")
+        self.padding = None if pads is None else Padding(pads, self.max_tokens, self.device)
+        self.resident.padding = self.padding
+
+    def step_positions(self, s: int, t: int) -> torch.Tensor:
+        """Positions of the step's tokens [s, s+t): [t], or [b, t] per row when padded."""
+        if self.padding is None:
+            return self.positions[s:s + t]
+        return self.padding.positions[:, s:s + t]
+
+    def _batch_rows(self, unit: int) -> slice:
+        """The rows of the whole batch that unit `unit` computes (its micro-batch)."""
+        k = unit % self.plan.micro_batches
+        return slice(k * self.batch, (k + 1) * self.batch)
+
+    def kv_mask(self, layer: int):
+        """The padding mask for the rows this unit attends to (empty: no padding): prefill's
+        own tokens, a resident unit's kv_read, an offloaded unit's staged_kv."""
+        if self.padding is None:
+            return self.no_mask
+        rows = self._batch_rows(layer)
+        if self.plan.resident[layer]:
+            return self.resident.kv_mask(layer, rows)
+        lo = 0 if self.s == 0 else self.base[layer]
+        return self.padding.mask(rows, lo, self.s, self.t, self.windows[layer])
 
     @property
     def host_bytes(self) -> int:
@@ -263,7 +296,10 @@ class OffloadedCache:
 
     def recompute_positions(self, layer: int, chunk: int):
         lo = self.base[layer]
-        return self.positions[lo + self.bounds[layer][chunk]:lo + self.bounds[layer][chunk + 1]]
+        a, b = lo + self.bounds[layer][chunk], lo + self.bounds[layer][chunk + 1]
+        if self.padding is None:
+            return self.positions[a:b]
+        return self.padding.positions[self._batch_rows(layer), a:b]  # the unit's rows
 
     # --- weights: a streamed layer's CPU pool -> its GPU weight slot ---------------------
     def prefetch_weights(self, stream: int, layer: int) -> None:

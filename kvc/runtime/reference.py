@@ -9,10 +9,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from kvc.models.spec import ModelSpec
 from kvc.ir import registry
+from kvc.models.spec import ModelSpec
 from kvc.runtime.attention import backends
 from kvc.runtime.device_cache import DeviceCache
+from kvc.runtime.padding import Padding, cache_real, left_pads
 from kvc.runtime.sampling import Sampler, Stopping
 
 
@@ -45,32 +46,50 @@ class ReferenceDecoder:
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, return_logits: bool = False,
                  *, do_sample: bool = False, temperature: float = 1.0, top_k: int = 50,
                  top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
-                 eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None):
+                 eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+                 attention_mask: torch.Tensor | None = None):
         """Tokens [b, s+n], and with return_logits the logits [b, n, vocab] that chose each new
         token (logits[:, 0] come from the prefill's last position). Greedy unless `do_sample`;
         sampling and EOS stopping exactly as CompiledModel.generate (kvc.runtime.sampling), so
-        n < max_new_tokens when every row emitted an EOS id before the last step."""
+        n < max_new_tokens when every row emitted an EOS id before the last step.
+        `attention_mask`: transformers' left padding, as CompiledModel.generate."""
         b, s = input_ids.shape
         device = input_ids.device
+        pads = None if attention_mask is None else left_pads(attention_mask, input_ids).to(device)
         sampler = Sampler(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
         stopping = Stopping(eos_token_id, pad_token_id, b, self.spec.vocab_size, device)
         # the last new token is never fed back, so s + n - 1 slots would do; one spare is cheap
         cache, rt = self._cache(b, s + max_new_tokens)
+        if pads is not None and bool(pads.any()):
+            cache.padding = Padding(pads, s + max_new_tokens, device)
+
+        def positions(lo: int, t: int) -> torch.Tensor:
+            if cache.padding is None:
+                return torch.arange(lo, lo + t, device=device)
+            return cache.padding.positions[:, lo:lo + t]
+
+        def history() -> torch.Tensor:  # the tokens so far, a row's padding replaced by its first token
+            seen = torch.cat(tokens, dim=1).long()
+            if cache.padding is None:
+                return seen
+            first = input_ids.gather(1, cache.padding.pads[:, None])
+            real = cache_real(cache.padding.pads, seen.shape[1])
+            return torch.where(real, seen, first)
+
         tokens, logits = [input_ids], []
         try:
             if max_new_tokens > 0:
-                out = self.model(input_ids, torch.arange(s, device=device), rt,
-                                 prefill=True, last_only=True)
+                out = self.model(input_ids, positions(0, s), rt, prefill=True, last_only=True)
                 cache.advance(s)
                 for i in range(max_new_tokens):
                     step = out[:, -1]
                     logits.append(step)
-                    seen = torch.cat(tokens, dim=1).long() if sampler.repetition_penalty != 1.0 else None
+                    seen = history() if sampler.repetition_penalty != 1.0 else None
                     nxt = stopping(sampler(step, seen))[:, None]
                     tokens.append(nxt)
                     if i + 1 == max_new_tokens or stopping.done:
                         break
-                    out = self.model(nxt, torch.tensor([s + i], device=device), rt)
+                    out = self.model(nxt, positions(s + i, 1), rt)
                     cache.advance(1)
         finally:
             registry.release(rt)

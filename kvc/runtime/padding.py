@@ -1,0 +1,68 @@
+"""Left padding: a batch of prompts of different lengths, the transformers way.
+
+transformers pads a batch on the left (padding_side="left") and hands `attention_mask`
+[b, p] (0: padding) to generate: row r's first pads[r] tokens are padding, its positions
+count from its first real token (RoPE angles, OPT's learned positions), and no query attends
+to a padding key. `Padding` holds that for one generate call, for every row of the cache
+(the executor's micro-batch filler rows included): per-row positions [b, N] and which token
+rows are real, and makes the mask `kv_mask` returns for any step and layer. The caches
+(DeviceCache, OffloadedCache) ask it; without padding they answer an empty tensor and the
+models attend exactly as before (kvc.models.attend).
+"""
+from __future__ import annotations
+
+import torch
+
+from kvc.errors import KvcError
+
+
+def left_pads(attention_mask: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Padding tokens per row [b] (long, on the mask's device) of a transformers attention
+    mask, checked: the input's shape, 0/1 values, left padding, a real token in every row."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise KvcError(f"attention_mask must be a tensor shaped like input_ids {tuple(input_ids.shape)}, "
+                       f"got {shape}")
+    m = attention_mask
+    if m.dtype != torch.bool and bool(((m != 0) & (m != 1)).any()):
+        raise KvcError("attention_mask must hold 0 (padding) and 1 (token) only")
+    m = m.bool()
+    if bool((m[:, :-1] & ~m[:, 1:]).any()):
+        raise KvcError("attention_mask pads on the right; kvc pads on the left like transformers' "
+                       "generate (tokenizer padding_side='left'): each row's padding before its prompt")
+    pads = (~m).sum(1)
+    if bool((pads == m.shape[1]).any()):
+        raise KvcError("attention_mask has a row with no token (all 0)")
+    return pads
+
+
+def cache_real(pads: torch.Tensor, tokens: int) -> torch.Tensor:
+    """[b, tokens] bool: which of the first `tokens` token rows of each row are real."""
+    return torch.arange(tokens, device=pads.device)[None] >= pads[:, None]
+
+
+class Padding:
+    """One generate call's left padding over a cache of `max_tokens` token rows."""
+
+    def __init__(self, pads: torch.Tensor, max_tokens: int, device: torch.device):
+        idx = torch.arange(max_tokens, device=device)
+        pads = pads.to(device)
+        self.pads = pads
+        # a padding token's position is clamped to 0: it is computed and never attended to
+        self.positions = (idx[None] - pads[:, None]).clamp_min(0)  # [b, N]
+        self.real = cache_real(pads, max_tokens)  # [b, N]: which token rows are real
+        self._idx = idx
+
+    def mask(self, rows: slice, lo: int, s: int, t: int, window: int | None) -> torch.Tensor:
+        """[b', 1, t, n] bool for the queries at token rows [s, s+t) of batch rows `rows`
+        against the keys at [lo, s+t) (n = s+t-lo: what kv_read returns): causal, within the
+        window, never a padding key; a padding query sees itself (no empty softmax row)."""
+        real = self.real[rows, lo:s + t]
+        if t == 1:  # decode: one query, the last key; lo already applies the window
+            return real[:, None, None, :]
+        q = self._idx[s:s + t, None]
+        k = self._idx[None, lo:s + t]
+        allowed = k <= q
+        if window is not None:
+            allowed = allowed & (q - k < window)
+        return ((allowed[None] & real[:, None, :]) | (k == q)[None])[:, None]
