@@ -132,12 +132,16 @@ def test_checkpoint_without_tokenizer_and_a_text_prompt(tmp_path, capsys):
 def test_prompt_longer_than_max_positions(artifact, capsys):
     n = preset("tiny-opt").max_positions + 1
     cli_error(capsys, ["run", artifact, "--prompt-ids", ",".join(["1"] * n)],
-              f"maximum positions is {n - 1}")
+              f"{n} tokens; this artifact serves at most {n - 1} tokens per row")
 
 
-def test_prompt_outside_the_plans_contexts(tmp_path, capsys):
-    art = kvc.compile(TINY, output=tmp_path / "solved.kvc")  # solved plan: contexts 8..16 only
-    cli_error(capsys, ["run", art, "--prompt-ids", "1,2,3"], "recompile with workload.prompt_len=3")
+def test_prompt_beyond_the_plans_max_context(tmp_path, capsys):
+    """A solved plan serves every prompt up to workload.max_context (here 16), shorter than
+    the compiled workload's included; a longer one is refused in one line."""
+    art = kvc.compile(TINY, ["workload.max_context=16"], output=tmp_path / "solved.kvc")
+    assert main(["run", str(art), "--prompt-ids", "1,2,3", "--max-new-tokens", "4"]) == 0
+    cli_error(capsys, ["run", art, "--prompt-ids", ",".join(["1"] * 17)],
+              "recompile with a larger workload.max_context")
 
 
 def test_infeasible_memory_budget(capsys):

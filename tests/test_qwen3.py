@@ -204,7 +204,8 @@ def _config(**changes) -> dict:
 def test_registry_maps_qwen3():
     spec = spec_from_hf_config(_config())
     assert family_of(spec) is qwen3.FAMILY and spec.model_type == "qwen3"
-    assert replace(spec, extra={}) == preset("qwen3-8b")
+    assert replace(spec, extra={}, eos_token_id=(), pad_token_id=None) == preset("qwen3-8b")
+    assert spec.eos_token_id == (151645,)  # the checkpoint's EOS, which presets do not carry
     assert family_of(preset("tiny-qwen3")) is qwen3.FAMILY
     # head_dim left out: HF's Qwen3Config default (128), not hidden_size / heads
     cfg = _config(hidden_size=1024, num_attention_heads=16)

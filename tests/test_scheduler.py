@@ -304,9 +304,6 @@ def test_window_staging_and_pools_stop_growing_past_the_window():
     assert pools[0] == pools[1] > 0
 
 
-@pytest.mark.xfail(strict=False, reason="kvc/runtime/offloaded.py's _window_rows still ends the "
-                   "table at prompt_len + len(plan.recompute) (rows per context); a plan of runs "
-                   "needs Plan.context_range there (issue 15, the runtime's half)")
 @pytest.mark.parametrize("window_layers", [(0,), ()])
 def test_window_pools_are_what_the_runtime_allocates(window_layers):
     """The host check counts a windowed plan's pools to the byte (runtime/offloaded.py keeps

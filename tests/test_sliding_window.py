@@ -227,7 +227,7 @@ def test_recompute_positions_are_the_windows_absolute_positions():
     plan = forced_plan("pipelined", 2, 16, 40, 64, 0.25, act_chunks=3)
     c = OffloadedCache(plan, num_layers=2, batch=1, max_tokens=56, act_width=8, num_kv_heads=1,
                        head_dim=4, dtype=torch.float32, device=torch.device("cpu"), num_events=0,
-                       windows=(W, None))
+                       windows=(W, None), min_context=16)
     for s in (16, 30, 55):
         c.begin_step(s, 1)
         pos = [torch.cat([c.recompute_positions(u, j) for j in range(3)]).tolist() for u in (0, 1)]

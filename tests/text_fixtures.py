@@ -61,11 +61,13 @@ def text_checkpoint(folder: Path, seed: int = 0) -> Path:
 
 def compile_text_artifact(root: Path, batch_size: int = 4, prompt_len: int = 300,
                           gen_len: int = 8) -> Path:
-    """The checkpoint compiled with a fixed recompute fraction: its plan covers every context,
-    so prompts of 1..prompt_len tokens (plus gen_len new) are served."""
+    """The checkpoint compiled for rows of up to prompt_len + gen_len tokens (its plan covers
+    every context 1..max_context), with a fixed recompute fraction so that every decode step
+    recomputes part of its context."""
     import kvc
 
     ckpt = text_checkpoint(root / "ckpt")
     cfg = {"model": {"checkpoint": str(ckpt), "dtype": "float32"}, "hardware": "cpu",
-           "workload": {"batch_size": batch_size, "prompt_len": prompt_len, "gen_len": gen_len}}
+           "workload": {"batch_size": batch_size, "prompt_len": prompt_len, "gen_len": gen_len,
+                        "max_context": prompt_len + gen_len}}
     return kvc.compile(cfg, ["schedule.recompute_fraction=0.5"], output=root / "t.kvc")

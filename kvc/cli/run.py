@@ -181,8 +181,7 @@ def _run_ids(args, model, dummy: bool, eos, sampling: dict) -> int:
     import torch
 
     w = model.manifest["config"]["workload"]
-    if dummy:
-        print("kvc: note: this artifact has dummy weights; its tokens are meaningless", file=sys.stderr)
+    note = "kvc: note: this artifact has dummy weights; its tokens are meaningless"
     if args.prompt_ids:
         try:
             ids = [int(t) for t in args.prompt_ids.split(",")]
@@ -191,10 +190,14 @@ def _run_ids(args, model, dummy: bool, eos, sampling: dict) -> int:
         t0 = time.perf_counter()
         c = model.complete([ids], args.max_new_tokens, eos_token_id=eos, **sampling)[0]
         dt = time.perf_counter() - t0
+        if dummy:  # after the ids were accepted: a refused prompt gets its one error line only
+            print(note, file=sys.stderr)
         print(" ".join(map(str, c.token_ids)))
         print(f"kvc: {c.completion_tokens} tokens in {dt:.2f} s ({c.completion_tokens / dt:.1f} "
               f"tokens/s; finished by {c.finish_reason})", file=sys.stderr)
         return 0
+    if dummy:
+        print(note, file=sys.stderr)
     # no prompt: random ids of the compiled shape, a timing run (no EOS unless --eos-token-id)
     p = w["prompt_len"]
     n = args.max_new_tokens or w["gen_len"]
