@@ -34,7 +34,7 @@ def test_streams_pairs_per_layer():
             (PREFETCH, event_id(plan, i, OFFLOADED)), (PREFETCH, event_id(plan, prev_user, SLOT_FREE))]
         # the slot is free once attention (reached through views of staged_kv) has read it
         (attn,) = [n for n in gm.graph.nodes if n.op == "call_function" and layer_of(n) == i
-                   and "scaled_dot_product_attention" in str(n.target)]
+                   and getattr(n.target, "kvc_attention", False)]  # kvc.models.attend
         assert nodes[f"staged_kv_{i}"] in sources(attn)
         rec = attn.next
         assert is_op(rec, "record_event") and event_args(rec) == (COMPUTE, event_id(plan, i, SLOT_FREE))

@@ -141,11 +141,12 @@ class CompiledModel:
         sampler = Sampler(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
         head, pads = None, None
         if attention_mask is not None:
-            pads = left_pads(attention_mask, input_ids).to(self.device)
+            # read where the mask is (a tokenizer's: the CPU, so the host never waits on the GPU)
+            pads = left_pads(attention_mask, input_ids)
             cut = int(pads.min())
             if cut:
                 head, input_ids, pads = input_ids[:, :cut], input_ids[:, cut:], pads - cut
-            pads = pads if bool(pads.any()) else None
+            pads = pads.to(self.device, non_blocking=True) if bool(pads.any()) else None
         b, p = input_ids.shape
         stopping = Stopping(eos_token_id, pad_token_id, b, self.spec.vocab_size, self.device)
         if p + max_new_tokens > self.spec.max_positions:
