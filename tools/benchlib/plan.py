@@ -25,10 +25,13 @@ def offload_budget_gb(spec, hw, batch: int, s_max: int) -> float:
 
 
 def planned(name, mode, batch, context, hw_name, budget, fraction=None, extra=()):
-    """(plan, resolved config) of one bench row: the card's preset with this run's host costs."""
+    """(plan, resolved config) of one bench row: the card's preset with this run's host costs,
+    planned for the row's contexts (max_context = context + GEN_LEN: residency and memory at
+    the row's longest context, as every bench row before plans covered every context)."""
     overrides = [f"hardware={hw_name}", f"schedule.mode={mode}",
                  f"workload.batch_size={batch}", f"workload.prompt_len={context}",
-                 f"workload.gen_len={GEN_LEN}", f"hardware.gpu_mem_gb={budget}", *env.HOST_OVERRIDES, *extra]
+                 f"workload.gen_len={GEN_LEN}", f"workload.max_context={context + GEN_LEN}",
+                 f"hardware.gpu_mem_gb={budget}", *env.HOST_OVERRIDES, *extra]
     if fraction is not None:
         overrides.append(f"schedule.recompute_fraction={fraction}")
     r = resolve(load_config({"model": {"preset": name, "dtype": env.DTYPE_NAME}}, overrides))

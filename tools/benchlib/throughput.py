@@ -41,6 +41,7 @@ def throughput_point(name, gpu_gb, hw_name, log=print,
         t0 = time.perf_counter()
         try:
             req = PlanRequest(batch_size=1, prompt_len=TP_PROMPT, gen_len=GEN_LEN, dtype=env.DTYPE_NAME,
+                              max_context=TP_PROMPT + GEN_LEN,
                               mode=mode, weight_stream_fraction=1.0, resident_cache=False,
                               cuda_graphs=env.GRAPHS[-1])
             plan, _pred_tps = search_policy(spec, hw, req, batch_sizes=TP_BATCHES,
