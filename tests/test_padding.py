@@ -1,7 +1,8 @@
 """Left-padded batches of mixed-length prompts, the transformers way (kvc.runtime.padding).
 
-- the reference decoder against transformers' generate with the same attention_mask, for
-  every family (tiny random checkpoints, fp32): the same greedy tokens, logits within 1e-4;
+- the reference decoder and every compiled schedule against transformers' generate with the
+  same attention_mask, for every family (tiny random checkpoints, fp32): the same greedy
+  tokens, logits within 1e-4;
 - a padded row decodes exactly as that row alone;
 - every compiled schedule (modes, recompute fractions, micro-batches, sliding windows)
   against the reference on the padded batch: the same tokens, logits within 1e-5;
@@ -82,6 +83,15 @@ def test_reference_matches_transformers_with_left_padding(case, tmp_path):
                                                            attention_mask=mask)
     assert torch.equal(tokens, want_tokens), case
     torch.testing.assert_close(logits, want_logits, atol=1e-4, rtol=0)
+    # and every compiled schedule on the same weights, half of each context recomputed
+    for mode in MODES:
+        cm = _assemble(ours, spec, mode, 0.5)
+        try:
+            got, got_logits = cm.generate(ids, STEPS, return_logits=True, attention_mask=mask)
+        finally:
+            cm.close()
+        assert torch.equal(got, want_tokens), (case, mode)
+        torch.testing.assert_close(got_logits, want_logits, atol=1e-4, rtol=0)
 
 
 # --- a padded row is the row alone ------------------------------------------------------------
@@ -124,14 +134,17 @@ def test_a_padded_row_decodes_as_the_row_alone(name):
 
 # --- compiled schedules -----------------------------------------------------------------------
 
-def _compiled(name, mode, fraction, micro_batches=1, act_chunks=2):
+def _assemble(m, spec, mode, fraction, micro_batches=1, act_chunks=2):
     from kvc.api import assemble
 
-    spec, m = model(name)
-    width = max(LENGTHS)
-    plan = forced_plan(mode, spec.num_layers, width, STEPS, 64, fraction, act_chunks=act_chunks,
-                       micro_batches=micro_batches)
+    plan = forced_plan(mode, spec.num_layers, max(LENGTHS), STEPS, 64, fraction,
+                       act_chunks=act_chunks, micro_batches=micro_batches)
     return assemble(lower(m, plan), plan, spec, torch.float32, torch.device("cpu"))
+
+
+def _compiled(name, mode, fraction, micro_batches=1, act_chunks=2):
+    spec, m = model(name)
+    return _assemble(m, spec, mode, fraction, micro_batches, act_chunks)
 
 
 def _check(name, mode, fraction, micro_batches=1):
