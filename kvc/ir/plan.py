@@ -68,6 +68,13 @@ class Plan:
     max_context: int = 0
     # the first context of each run of `recompute`, increasing (empty: the old layout)
     recompute_from: tuple[int, ...] = ()
+    # the CPU attention lane (issue 17): cpu[k][u], the cached tokens unit u attends to on the
+    # CPU in run k of the table (the runs of `recompute`; empty: none). At context s a unit
+    # that attends to cached tokens [lo, s) (lo > 0 only with a window) attends to [lo, lo+c)
+    # on the CPU, recomputes [lo+c, lo+c+l) and copies [lo+c+l, s) as K,V.
+    cpu: tuple[tuple[int, ...], ...] = ()
+    cpu_fraction: float | None = None  # set: c = round(fraction * n) of the n cached tokens, any s
+    cpu_threads: int = 0  # the lane's torch threads (0: the runtime's default)
 
     def __post_init__(self):
         if len(self.resident) != self.num_units:
@@ -114,6 +121,24 @@ class Plan:
         if self.resident[layer] and not self.recompute:
             return 0  # a hand-made all-resident plan may carry no rows
         return 0 if self.resident[layer] else self.recompute[self._row(s)][layer]
+
+    def cpu_tokens(self, unit: int, n: int, s: int | None = None) -> int:
+        """c for `unit` at context s (default n) whose n cached tokens it attends to: how many
+        of the oldest it attends to on the CPU. 0 for a resident unit or without a lane."""
+        if self.resident[unit]:
+            return 0
+        if self.cpu_fraction is not None:
+            return min(n, max(0, round(self.cpu_fraction * n)))
+        if not self.cpu:
+            return 0
+        return min(n, self.cpu[self._row(n if s is None else s)][unit])
+
+    @property
+    def cpu_lane(self) -> bool:
+        """Whether any unit ever attends on the CPU (the runtime then starts its lane)."""
+        if self.cpu_fraction is not None:
+            return self.cpu_fraction > 0 and self.offloaded
+        return any(any(row) for row in self.cpu)
 
     def _row(self, s: int) -> int:
         """The index into `recompute` of the row for context s."""
@@ -231,6 +256,11 @@ class Plan:
             del d["max_context"]  # the old layout's manifests stay as they were
         d["predicted_step_ms"] = list(self.predicted_step_ms)
         d["notes"] = json.loads(json.dumps(self.notes))
+        if self.cpu:
+            d["cpu"] = [list(r) for r in self.cpu]
+        for name, none in (("cpu", ()), ("cpu_fraction", None), ("cpu_threads", 0)):
+            if getattr(self, name) == none:  # plans without the CPU lane stay as they were
+                del d[name]
         if self.weights_streamed:
             d["weights_streamed"] = list(self.weights_streamed)
         else:  # manifests of plans that stream nothing stay as they were
@@ -254,6 +284,7 @@ class Plan:
         else:
             d["recompute"] = tuple(tuple(r) for r in d.get("recompute", ()))
         d["predicted_step_ms"] = tuple(d.get("predicted_step_ms", ()))
+        d["cpu"] = tuple(tuple(r) for r in d.get("cpu", ()))
         d["weights_streamed"] = tuple(float(x) for x in d.get("weights_streamed", ()))
         return cls(**d)
 
@@ -263,13 +294,15 @@ class Plan:
 
 def forced_plan(mode: str, num_layers: int, prompt_len: int, gen_len: int, chunk_tokens: int,
                 fraction: float, act_chunks: int = 4, micro_batches: int = 1,
-                max_context: int = 0) -> Plan:
+                max_context: int = 0, cpu_fraction: float | None = None) -> Plan:
     """l = round(fraction * s) in every layer: for tests and experiments (schedule.recompute_fraction).
-    `max_context` 0: prompt_len + gen_len."""
+    `max_context` 0: prompt_len + gen_len. `cpu_fraction`: the CPU attention lane takes that
+    fraction of every offloaded unit's cached tokens (schedule.cpu_attention_fraction)."""
     return Plan(mode=mode, num_layers=num_layers, prompt_len=prompt_len, gen_len=gen_len,
                 chunk_tokens=chunk_tokens, max_context=max_context,
                 resident=(not mode_of(mode).offloads,) * (num_layers * micro_batches),
                 forced_fraction=float(fraction), micro_batches=micro_batches,
+                cpu_fraction=None if cpu_fraction is None else float(cpu_fraction),
                 **mode_of(mode).overlap(act_chunks))
 
 
