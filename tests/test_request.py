@@ -27,6 +27,8 @@ OVERRIDES = {
     "act_chunks": ["schedule.act_chunks=2"],
     "solver_time_limit_s": ["schedule.solver_time_limit_s=3"],
     "cuda_graphs": ["schedule.cuda_graphs=false"],
+    "cpu_attention": ["schedule.cpu_attention=off"],
+    "cpu_attention_fraction": ["schedule.cpu_attention_fraction=0.25"],
 }
 # a GPU budget that holds the tiny model's caches next to its weights and staging
 BUDGET = ["hardware.mem_margin_gb=0", "hardware.gpu_mem_gb=0.0016"]
@@ -77,6 +79,12 @@ def test_a_request_refuses_what_no_plan_can_serve():
         base.but(max_context=9)
     with pytest.raises(KvcError, match="workload.max_context"):
         base.but(max_context=True)
+    with pytest.raises(KvcError, match=r"schedule.cpu_attention = 'on'; expected one of \['auto', 'off'\]"):
+        base.but(cpu_attention="on")
+    with pytest.raises(KvcError, match=r"schedule.cpu_attention_fraction = 1.5: expected null or 0..1"):
+        base.but(cpu_attention_fraction=1.5)
+    with pytest.raises(KvcError, match="keeps the cache on the GPU"):
+        base.but(mode="gpu_resident", cpu_attention_fraction=0.5)
 
 
 def test_a_request_carries_max_context_from_the_config():

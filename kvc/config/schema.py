@@ -21,6 +21,7 @@ LIMITS = {
     "num_gpu_batches": 64,
     "chunk_tokens": 1 << 22,
     "act_chunks": 64,
+    "cpu_threads": 4096,  # hardware.cpu_attn_threads, a plan's cpu_threads
     "mem_gb": 1e6,  # gpu_mem_gb, cpu_mem_gb, mem_margin_gb
     "solver_time_limit_s": 86400.0,
     "seed": (1 << 63) - 1,
@@ -69,6 +70,13 @@ class ScheduleConfig:
     # on a CUDA device, replay each decode step's static runs (projections, norms, MLP) as
     # CUDA graphs; the cache ops and attention stay eager (kvc.passes.cudagraphs)
     cuda_graphs: bool = True
+    # the CPU attention lane (issue 17): auto, the LP decides per layer how many of the oldest
+    # cached tokens the CPU attends to in place (none when it does not pay, or when
+    # hardware.cpu_attn_gbps is 0); off: never
+    cpu_attention: str = "auto"
+    # set: force c = round(fraction * n) of every offloaded layer's n cached tokens onto the
+    # CPU lane (tests and experiments, like recompute_fraction); null: the LP's
+    cpu_attention_fraction: float | None = None
 
 
 @dataclass

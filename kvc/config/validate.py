@@ -13,6 +13,8 @@ from kvc.dtypes import NAMES as DTYPE_NAMES
 from kvc.errors import KvcError
 from kvc.hardware import HardwareConfig
 from kvc.ir.modes import NAMES as MODE_NAMES
+from kvc.ir.modes import mode as mode_of
+from kvc.ir.request import check_cpu_attention
 
 
 def from_dict(data: dict, where: str = "config") -> Config:
@@ -95,6 +97,9 @@ def _check_ranges(cfg: Config) -> None:
     need(f is None or 0.0 <= f <= 1.0, f"schedule.recompute_fraction = {f}; expected null or 0..1")
     f = s.weight_stream_fraction
     need(f is None or 0.0 <= f <= 1.0, f"schedule.weight_stream_fraction = {f}; expected null or 0..1")
+    f = s.cpu_attention_fraction
+    need(f is None or 0.0 <= f <= 1.0, f"schedule.cpu_attention_fraction = {f}; expected null or 0..1")
+    check_cpu_attention(s.cpu_attention, f, s.recompute_fraction, mode_of(s.mode))
     for name in ("chunk_tokens", "act_chunks"):
         v, top = getattr(s, name), LIMITS[name]
         need(1 <= v <= top, f"schedule.{name} = {v}; expected an integer 1..{top}")
@@ -133,6 +138,13 @@ def check_hardware(h: HardwareConfig, prefix: str = "hardware") -> None:
     for name in ("compute_slowdown", "copy_slowdown"):
         v = getattr(h, name)
         need(v > 0, f"{prefix}.{name} = {v}; expected a positive factor")
+    for name in ("cpu_attn_gbps", "cpu_attn_fixed_us"):
+        v = getattr(h, name)
+        need(v >= 0, f"{prefix}.{name} = {v}; expected a number >= 0"
+                     + (" (0: no CPU attention lane)" if name == "cpu_attn_gbps" else ""))
+    need(0 <= h.cpu_attn_threads <= LIMITS["cpu_threads"],
+         f"{prefix}.cpu_attn_threads = {h.cpu_attn_threads}; expected 0 (the machine's cores "
+         f"minus two) or a thread count up to {LIMITS['cpu_threads']}")
 
 
 def hardware_from_dict(data: Any, where: str, prefix: str = "hardware") -> HardwareConfig:

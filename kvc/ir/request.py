@@ -32,6 +32,12 @@ class PlanRequest:
     # maximum positions, capped by what the memory holds (the planner fills it in:
     # kvc.planner.memory.default_max_context)
     max_context: int | None = None
+    # the CPU attention lane (issue 17): "auto", the LP decides per layer (none when it does
+    # not pay or the machine has none, hardware.cpu_attn_gbps 0), or "off"; a set fraction
+    # forces c = round(fraction * n) of every offloaded unit's n cached tokens (tests and
+    # experiments, like recompute_fraction)
+    cpu_attention: str = "auto"
+    cpu_attention_fraction: float | None = None
 
     def __post_init__(self):
         mode(self.mode)  # a KvcError naming the modes, for a request built by hand
@@ -49,10 +55,12 @@ class PlanRequest:
                                or mc < self.workload_end):
             raise KvcError(f"workload.max_context = {mc!r}: expected null or an integer >= "
                            f"workload.prompt_len + workload.gen_len = {self.workload_end}")
-        for name in ("recompute_fraction", "weight_stream_fraction"):
+        for name in ("recompute_fraction", "weight_stream_fraction", "cpu_attention_fraction"):
             f = getattr(self, name)
             if f is not None and not 0.0 <= f <= 1.0:
                 raise KvcError(f"schedule.{name} = {f}: expected null or 0..1")
+        check_cpu_attention(self.cpu_attention, self.cpu_attention_fraction,
+                            self.recompute_fraction, self.schedule)
         if self.batch_size % self.micro_batches:
             raise KvcError(f"workload.batch_size = {self.batch_size} does not split into "
                            f"workload.num_gpu_batches = {self.micro_batches} equal micro-batches;"
@@ -68,7 +76,8 @@ class PlanRequest:
                    weight_stream_fraction=s.weight_stream_fraction,
                    time_limit_s=s.solver_time_limit_s, micro_batches=w.num_gpu_batches,
                    resident_cache=s.resident_cache, cuda_graphs=s.cuda_graphs,
-                   max_context=w.max_context)
+                   max_context=w.max_context, cpu_attention=s.cpu_attention,
+                   cpu_attention_fraction=s.cpu_attention_fraction)
 
     @property
     def schedule(self) -> Mode:
@@ -90,3 +99,34 @@ class PlanRequest:
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def cpu_lane_allowed(self) -> bool:
+        """The planner may give the CPU attention lane tokens (the machine must have one too):
+        a mode that offloads, schedule.cpu_attention auto or a forced fraction above 0."""
+        if not self.schedule.offloads:
+            return False
+        if self.cpu_attention_fraction is not None:
+            return self.cpu_attention_fraction > 0
+        return self.cpu_attention == "auto"
+
+
+CPU_ATTENTION = ("auto", "off")
+
+
+def check_cpu_attention(value, fraction, recompute_fraction, mode: Mode) -> None:
+    """schedule.cpu_attention and schedule.cpu_attention_fraction together, one line each."""
+    if value not in CPU_ATTENTION:
+        raise KvcError(f"schedule.cpu_attention = {value!r}; expected one of {list(CPU_ATTENTION)}")
+    if fraction is None or fraction == 0:
+        return
+    if value == "off":
+        raise KvcError(f"schedule.cpu_attention_fraction = {fraction} with schedule.cpu_attention"
+                       " = off; set the fraction to null, or cpu_attention to auto")
+    if not mode.offloads:
+        raise KvcError(f"schedule.cpu_attention_fraction = {fraction}: schedule.mode = {mode.name}"
+                       " keeps the cache on the GPU, there is nothing to attend to on the CPU; "
+                       "use an offloading mode or set the fraction to null")
+    if recompute_fraction is not None and recompute_fraction + fraction > 1:
+        raise KvcError(f"schedule.recompute_fraction + schedule.cpu_attention_fraction = "
+                       f"{recompute_fraction} + {fraction} > 1: they split the same tokens")

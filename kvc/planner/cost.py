@@ -60,6 +60,17 @@ class LayerCosts:
     # the part before attention that reads no staged K,V (norm, Q/K/V projections of the new
     # token): the runtime issues it first in the layer, so it runs while the layer's copies land
     layer_front: float = 0.0
+    # the CPU attention lane (issue 17): per cached token it attends to on the host (K,V bytes
+    # at hardware.cpu_attn_gbps; 0: no lane) and its fixed part per unit and step (the query
+    # down, the hand-off, the partial up, the merge). Never slowed down: the GPU's streams
+    # do not run on the host's cores.
+    cpu_per_tok: float = 0.0
+    cpu_fixed: float = 0.0
+
+    @property
+    def cpu_lane(self) -> bool:
+        """The machine has a CPU attention lane (hardware.cpu_attn_gbps > 0)."""
+        return self.cpu_per_tok > 0
 
 
 def layer_costs(spec: ModelSpec, hw: HardwareConfig, b: int, dtype: str, offloaded=True) -> LayerCosts:
@@ -103,30 +114,43 @@ def layer_costs(spec: ModelSpec, hw: HardwareConfig, b: int, dtype: str, offload
         weight_copy=(layer_weight_bytes(spec, p) / h2d * ms + lat) * ks,
         layer_back=(weights_ms * back + fam.layer_ops / 2 * launch) * cs,
         layer_front=(weights_ms * (1 - back) + fam.layer_ops / 2 * launch) * cs,
+        cpu_per_tok=(kv_bytes(spec, b, 1, p) / (hw.cpu_attn_gbps * GB) * ms
+                     if hw.cpu_attn_gbps > 0 else 0.0),
+        cpu_fixed=hw.cpu_attn_fixed_us * 1e-3,
     )
 
 
-def durations(c: LayerCosts, s, l, resident, act_chunks: int):
-    """Per-layer stream durations (ms) at context s with l recomputed: arrays broadcast. s is
-    each layer's own context (sizes.layer_contexts: a sliding-window layer's window).
+def durations(c: LayerCosts, s, l, resident, act_chunks: int, cpu=0):
+    """Per-layer stream durations (ms) at context s with l recomputed and `cpu` tokens
+    attended to on the CPU (cpu_durations): arrays broadcast. s is each layer's own context
+    (sizes.layer_contexts: a sliding-window layer's window).
 
-    Returns (A, K, R, C, D): activation copy, K,V copy, recompute, the layer's own compute,
-    write-back. Fixed parts are only paid when the work they belong to exists, so a plan that
-    recomputes nothing costs exactly what full offload costs.
+    Returns (A, K, R, C, D): activation copy, K,V copy, recompute, the layer's own compute
+    (its attention over the tokens the GPU holds), write-back. Fixed parts are only paid when
+    the work they belong to exists, so a plan that recomputes nothing costs exactly what full
+    offload costs.
     """
     s = np.asarray(s, dtype=float)
     l = np.asarray(l, dtype=float)
     off = ~np.asarray(resident, dtype=bool)
-    kv = np.where(off, s - l, 0.0)
+    cpu = np.where(off, np.asarray(cpu, dtype=float), 0.0)
+    kv = np.where(off, s - l - cpu, 0.0)
     l = np.where(off, l, 0.0)
     uses = l > 0
     A = np.where(uses, c.act_per_tok * l + act_chunks * c.copy_fixed, 0.0)
     K = np.where(kv > 0, c.kv_per_tok * kv + 2 * c.copy_fixed, 0.0)
     R = np.where(uses, c.rec_per_tok * l + act_chunks * c.rec_chunk_fixed, 0.0)
     # attention reads the s cached tokens plus the new one, resident or not
-    C = c.layer_fixed + c.attn_per_tok * (s + 1) + 0 * l
+    C = c.layer_fixed + c.attn_per_tok * (s + 1 - cpu) + 0 * l
     D = np.where(off, c.writeback, 0.0) + 0 * l
     return A, K, R, C, D
+
+
+def cpu_durations(c: LayerCosts, cpu) -> np.ndarray:
+    """P per unit (ms): the CPU lane's attention over `cpu` cached tokens (the fixed part only
+    where it attends to any)."""
+    cpu = np.asarray(cpu, dtype=float)
+    return np.where(cpu > 0, c.cpu_fixed + c.cpu_per_tok * cpu, 0.0)
 
 
 def weight_durations(c: LayerCosts, streamed, shape=(), micro_batches: int = 1) -> np.ndarray:

@@ -5,6 +5,11 @@ runtime issues a step on three lanes: one H2D copy stream (per unit: a streamed 
 weights on its first unit, then the activation chunks, then the K,V tail), the compute stream
 (the new token's front, recompute chunk k once chunk k has landed and chunk k-1 is done, then
 the rest of the layer once its K,V tail has landed) and a D2H stream for the write-back.
+A fourth lane (issue 17), the CPU's: a unit with CPU tokens attends to them on the host's
+worker threads, from when its query exists (its `front` is done) for `P` ms; the layer's
+attention merges that partial before the rest of the layer (`back`) runs, so the unit's
+compute waits max(its GPU attention, its CPU part). One unit's CPU part ends before the next
+unit's query exists (the next unit starts after this one ends), so the CPU lane never queues.
 
 `walk` states that schedule once. Every `max(a, b, ...)` in it goes through the backend:
 - `ArrayOps`: numpy arrays of any trailing (context) shape, `np.maximum`: `simulate`;
@@ -32,7 +37,7 @@ import numpy as np
 class Step:
     """One decode step: per-unit durations (ms; anything the backend adds and compares) and
     structure. A, K, R, C, D, W: activation copy, K,V copy, recompute, the unit's own compute,
-    write-back, weight copy. `weight_lag`: the weight copy waits for the unit that many before
+    write-back, weight copy; P: the CPU lane's attention (issue 17), for the units `cpu` marks. `weight_lag`: the weight copy waits for the unit that many before
     (micro_batches + 1: the last unit of the layer two back, which used the same one of the
     two weight slots). `lookahead`: the copies of unit u go into staging slot u mod
     (lookahead + 1), free once unit u-1-lookahead's attention has read it, `back` ms before it
@@ -51,6 +56,8 @@ class Step:
     weight_lag: int = 2
     back: Any = 0.0
     front: Any = 0.0
+    P: Sequence[Any] = ()  # per unit, the CPU lane's part (only where `cpu` marks the unit)
+    cpu: Sequence[bool] = ()  # per unit: it attends to some tokens on the CPU (empty: none)
 
     @property
     def units(self) -> int:
@@ -75,6 +82,10 @@ def walk(ops, st: Step):
         start = ops.max(copy_end, ends[j] - st.back) if j >= 0 else copy_end  # staging slot free
         t0, t = t, t + st.front
         ops.record("compute", u, "compute", t0, t)
+        lane = bool(st.cpu) and st.cpu[u]
+        if lane:  # the query exists: the CPU attends to its tokens beside everything else
+            cpu_end = t + st.P[u]
+            ops.record("cpu", u, "cpu_attn", t, cpu_end)
         waits = st.offloaded[u] or st.streams[u]  # a unit with copies waits for them
         landed = start
         for k in range(1, c + 1):
@@ -86,8 +97,15 @@ def walk(ops, st: Step):
         copy_end = landed + K  # landed: start + A
         ops.record("copy-in", u, "kv_copy", landed, copy_end)
         begin = ops.max(t, copy_end) if waits else t
-        ends.append(begin + C - st.front)
-        ops.record("compute", u, "compute", begin, ends[-1])
+        if lane:  # the GPU's attention, then the merge waits for the CPU's partial
+            attn = begin + C - st.front - st.back
+            ops.record("compute", u, "compute", begin, attn)
+            merged = ops.max(attn, cpu_end)
+            ends.append(merged + st.back)
+            ops.record("compute", u, "compute", merged, ends[-1])
+        else:
+            ends.append(begin + C - st.front)
+            ops.record("compute", u, "compute", begin, ends[-1])
         wb = ops.max(d2h_end, ends[-1])
         d2h_end = wb + st.D[u]
         ops.record("copy-out", u, "writeback", wb, d2h_end)
@@ -166,19 +184,34 @@ def _structure(A, K, W, offloaded, streams):
     return [bool(x) for x in np.reshape(offloaded, -1)], [bool(x) for x in np.reshape(streams, -1)]
 
 
+def _cpu_structure(P, A, cpu):
+    """(P as an array shaped like A, per-unit flags): given, or read off P (units with a CPU
+    part at some context)."""
+    if P is None:
+        return None, []
+    P = np.broadcast_to(np.asarray(P, dtype=float), np.shape(A))
+    if cpu is None:
+        axes = tuple(range(1, P.ndim))
+        cpu = np.any(P > 0, axis=axes) if axes else P > 0
+    return P, [bool(x) for x in np.reshape(cpu, -1)]
+
+
 def simulate(A, K, R, C, D, head: float, lookahead: int, act_chunks: int, W=None,
              weight_lag: int = 2, back: float = 0.0, front: float = 0.0, offloaded=None,
-             streams=None):
+             streams=None, P=None, cpu=None):
     """The walk on numpy arrays [units, ...] (any trailing shape, e.g. contexts): the step's
     earliest-start schedule for fixed durations, the LP's evaluator. `W` (optional): a
     weight-streamed layer's weight copy on its first unit. `offloaded` / `streams` (per unit;
-    default: units with activation or K,V copies / a weight copy). Returns (step, link_busy,
-    gpu_busy) in ms."""
+    default: units with activation or K,V copies / a weight copy). `P` (optional): the CPU
+    lane's part per unit, `cpu` its units (default: those with P > 0 somewhere). Returns
+    (step, link_busy, gpu_busy) in ms."""
     A, K, R, C, D = (np.asarray(x, dtype=float) for x in (A, K, R, C, D))
     W = np.zeros_like(A) if W is None else np.broadcast_to(np.asarray(W, dtype=float), A.shape)
     off, st = _structure(A, K, W, offloaded, streams)
+    P, lane = _cpu_structure(P, A, cpu)
     step = walk(ArrayOps(A.shape[1:]), Step(A, K, R, C, D, W, head, off, st, lookahead,
-                                            act_chunks, weight_lag, back, front))
+                                            act_chunks, weight_lag, back, front,
+                                            () if P is None else P, lane))
     link = (W + A + K).sum(axis=0)
     gpu = (R + C).sum(axis=0) + head
     return step, link, gpu
@@ -186,15 +219,17 @@ def simulate(A, K, R, C, D, head: float, lookahead: int, act_chunks: int, W=None
 
 def intervals(A, K, R, C, D, head: float, lookahead: int, act_chunks: int, W=None,
               weight_lag: int = 2, back: float = 0.0, front: float = 0.0, offloaded=None,
-              streams=None) -> list[dict]:
+              streams=None, P=None, cpu=None) -> list[dict]:
     """The same walk as `simulate`, for one context (arrays [units]), as the intervals each
-    lane is busy: dicts with lane (copy-in | compute | copy-out), layer (the unit; None for the
-    head), kind (weight_copy | act_copy | kv_copy | recompute | compute | writeback | head),
-    start and end in ms. Zero-length work is left out."""
+    lane is busy: dicts with lane (copy-in | compute | copy-out | cpu), layer (the unit; None
+    for the head), kind (weight_copy | act_copy | kv_copy | recompute | compute | writeback |
+    cpu_attn | head), start and end in ms. Zero-length work is left out."""
     A, K, R, C, D = (np.asarray(x, dtype=float).reshape(-1) for x in (A, K, R, C, D))
     W = np.zeros_like(A) if W is None else np.asarray(W, dtype=float).reshape(-1)
     off, st = _structure(A, K, W, offloaded, streams)
+    P, lane = _cpu_structure(None if P is None else np.asarray(P, dtype=float).reshape(-1), A, cpu)
     ops = IntervalOps()
     walk(ops, Step(*(x.tolist() for x in (A, K, R, C, D, W)), float(head), off, st, lookahead,
-                   act_chunks, weight_lag, float(back), float(front)))
+                   act_chunks, weight_lag, float(back), float(front),
+                   () if P is None else P.tolist(), lane))
     return ops.items

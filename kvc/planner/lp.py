@@ -1,10 +1,13 @@
 """The scheduler's linear program (pulp + CBC), generated from the step's walk (kvc.planner.lanes).
 
 Variables per layer: x_i (recomputed fraction), z_i (kept-on-GPU fraction, only with a memory
-budget), w_i (fraction of its weights streamed, only with a weight budget); the K,V fraction
-is 1 - x_i - z_i. `durations` turns them into each unit's affine durations, with every fixed
-cost charged (the LP cannot switch a fixed cost off with its work); `lanes.walk` on the pulp
-backend turns each max of the schedule into a variable; the objective minimises the step.
+budget), w_i (fraction of its weights streamed, only with a weight budget), y_i (fraction
+attended to on the CPU, only with the CPU lane on: issue 17); the K,V fraction is
+1 - x_i - y_i - z_i >= 0. `durations` turns them into each unit's affine durations, with every
+fixed cost charged (the LP cannot switch a fixed cost off with its work: with the lane on,
+every offloaded unit pays the lane's fixed part, so the scheduler also plans with it off and
+keeps the faster); `lanes.walk` on the pulp backend turns each max of the schedule into a
+variable; the objective minimises the step.
 """
 from __future__ import annotations
 
@@ -21,36 +24,46 @@ TIE_BREAK = 1e-6  # ms per layer kept resident: far below any step difference th
 
 
 def durations(c, ctx, x, z, wc, resident, *, look: int, chunks: int, m: int,
-              streams) -> Step:
+              streams, y=None) -> Step:
     """The step's units with the LP's durations (c: cost.LayerCosts) at per-layer contexts
     `ctx` (the cached tokens each layer reads, sizes.layer_contexts): A, K, R affine in x_i,
-    z_i; C, D, W as the LP charges them. x, z, wc:
+    z_i (and y_i); C, D, W as the LP charges them. x, z, wc:
     per layer (pulp expressions or numbers); `streams` per layer: its weight copy is on the
-    copy stream (a constant or variable one). Numbers in, numbers out: the test evaluates
-    the LP's own solution with the walk."""
-    A, K, R, C, D, W, off, st = ([] for _ in range(8))
+    copy stream (a constant or variable one). `y` (None: no CPU lane): per layer the fraction
+    of its tokens the CPU attends to; every offloaded unit then has a CPU part P, its fixed
+    cost charged, and its GPU attention reads the rest. Numbers in, numbers out: the test
+    evaluates the LP's own solution with the walk."""
+    A, K, R, C, D, W, P, off, st = ([] for _ in range(9))
     for u in range(len(resident) * m):
         i, s = u // m, ctx[u // m]
         o = not resident[i]
+        cpu = (c.cpu_per_tok * s) * y[i] + c.cpu_fixed if o and y is not None else None
         A.append((c.act_per_tok * s) * x[i] + chunks * c.copy_fixed if o else 0.0)
-        K.append((c.kv_per_tok * s) * (1 - x[i] - z[i]) + 2 * c.copy_fixed if o else 0.0)
+        if cpu is None:
+            K.append((c.kv_per_tok * s) * (1 - x[i] - z[i]) + 2 * c.copy_fixed if o else 0.0)
+            C.append(c.layer_fixed + c.attn_per_tok * (s + 1))
+        else:
+            K.append((c.kv_per_tok * s) * (1 - x[i] - y[i] - z[i]) + 2 * c.copy_fixed)
+            C.append(c.layer_fixed + c.attn_per_tok * (s + 1) - (c.attn_per_tok * s) * y[i])
         R.append((c.rec_per_tok * s) * x[i] + chunks * c.rec_chunk_fixed if o else 0.0)
-        C.append(c.layer_fixed + c.attn_per_tok * (s + 1))
         D.append(c.writeback if o else 0.0)
+        P.append(0.0 if cpu is None else cpu)
         first = u % m == 0
         W.append(wc[i] if first and streams[i] else 0.0)
         off.append(o)
         st.append(bool(first and streams[i]))
+    lane = [o and y is not None for o in off] if y is not None else []
     return Step(A, K, R, C, D, W, m * c.head, off, st, lookahead=look, act_chunks=chunks,
-                weight_lag=m + 1, back=c.layer_back, front=c.layer_front)
+                weight_lag=m + 1, back=c.layer_back, front=c.layer_front,
+                P=P if lane else [], cpu=lane)
 
 
 def solve(c, L: int, s, *, look: int, chunks: int, resident, deadline: float,
           mem_budget: tuple[float, float] | None = None, wcopy=None, with_step: bool = False,
           m: int = 1, weight_budget: tuple[float, float, float] | None = None,
-          fixed_x: float | None = None, with_values: bool = False):
+          fixed_x: float | None = None, with_values: bool = False, cpu=None):
     """One decode step at context s (an int, or per layer the cached tokens it reads) as an
-    LP. Returns (l_i/s, z_i, w_i) per layer.
+    LP. Returns (l_i/s, z_i, w_i) per layer; with `cpu` set, (l_i/s, z_i, w_i, c_i/s).
 
     `wcopy[i]`: a constant weight copy (ms) for layer i, or, with `weight_budget = (full copy
     ms, layer GB, GB for layer weights and two slots)`, a variable one w_i * full, under
@@ -58,13 +71,17 @@ def solve(c, L: int, s, *, look: int, chunks: int, resident, deadline: float,
     streams structurally (its copies wait for its weight slot). `mem_budget = (free GB, GB per
     layer)`: sum(z_i) * per layer <= free. `fixed_x`: every x_i fixed (full_offload: 0).
     `with_step`: also return the step T. `with_values`: also return the solved Step (durations
-    at the solution), which `lanes.walk` evaluates to T.
+    at the solution), which `lanes.walk` evaluates to T. `cpu` (None: no CPU lane): "free", a
+    CPU fraction y_i per offloaded layer with x_i + y_i + z_i <= 1, or a number, every y_i
+    fixed to it (schedule.cpu_attention_fraction); with the lane, every offloaded unit pays
+    its fixed part.
     """
     ctx = list(s) if isinstance(s, (list, tuple)) else [s] * L
     prob = pulp.LpProblem("kvc_step", pulp.LpMinimize)
     x, z, w, wc, streams = _variables(prob, L, resident, mem_budget, weight_budget, wcopy, fixed_x)
+    y = None if cpu is None else _cpu_variables(prob, resident, x, z, cpu)
     kw = dict(look=look, chunks=chunks, m=m, streams=streams)
-    T = walk(LpOps(prob), durations(c, ctx, x, z, wc, resident, **kw))
+    T = walk(LpOps(prob), durations(c, ctx, x, z, wc, resident, y=y, **kw))
     # the step is flat in how much of the cache stays resident over a range of z (the link
     # or the GPU binds, not the bytes): among equal steps, keep the most on the GPU (fewer
     # bytes over PCIe, and a vertex that does not depend on the solver's pivoting order)
@@ -74,12 +91,27 @@ def solve(c, L: int, s, *, look: int, chunks: int, resident, deadline: float,
         prob += pulp.lpSum(z) * per_layer <= free, "gpu_memory"
     _run(prob, deadline, max(ctx, default=0))
     xs, zs, ws = ([min(1.0, max(0.0, _value(v))) for v in vs] for vs in (x, z, w))
-    out = (xs, zs, ws)
+    ys = None if y is None else [min(1.0, max(0.0, _value(v))) for v in y]
+    out = (xs, zs, ws) if ys is None else (xs, zs, ws, ys)
     if with_step:
         out = (*out, _value(T))
     if with_values:
-        out = (*out, durations(c, ctx, xs, zs, [_value(e) for e in wc], resident, **kw))
+        out = (*out, durations(c, ctx, xs, zs, [_value(e) for e in wc], resident, y=ys, **kw))
     return out
+
+
+def _cpu_variables(prob, resident, x, z, cpu):
+    """y per layer: the fraction the CPU lane attends to (0 for a resident layer), with the
+    layer's fractions summing to at most 1 (the K,V copied are what is left)."""
+    y = []
+    for i, r in enumerate(resident):
+        if r:
+            y.append(0.0)
+            continue
+        y.append(prob.add_variable(f"y{i}", 0, 1) if cpu == "free" else float(cpu))
+        if not all(isinstance(v, (int, float)) for v in (x[i], y[i], z[i])):
+            prob += x[i] + y[i] + z[i] <= 1
+    return y
 
 
 def _variables(prob, L, resident, mem_budget, weight_budget, wcopy, fixed_x):

@@ -83,11 +83,14 @@ def host_memory_gb(spec: ModelSpec, plan: Plan, b: int, dtype: str) -> float:
     """Pinned host memory the runtime allocates for the plan by default: the offloaded
     units' cache pools (each of b / micro_batches sequences) for contexts up to
     plan.max_context, trimmed to the rows the plan reads back from prompts of at least
-    prompt_len (pool_rows), and the streamed weights."""
+    prompt_len (pool_rows; untrimmed when the plan has a CPU attention lane), and the
+    streamed weights."""
     s_max = plan.max_context
     p = dtype_bytes(dtype)
     off = [u for u, r in enumerate(plan.resident) if not r]
-    act_rows, kv_rows = pool_rows(spec, plan, s_max)
+    # with the CPU attention lane the runtime keeps every row of every pool (it attends in
+    # place to the oldest rows, which the trimming would drop): K,V and activations of all
+    act_rows, kv_rows = (s_max, s_max) if plan.cpu_lane else pool_rows(spec, plan, s_max)
     pools = host_pool_bytes(spec, b // plan.micro_batches, kv_rows, p, len(off), act_rows)
     return (pools + sum(plan.weights_streamed) * layer_weight_bytes(spec, p)) / GB
 

@@ -24,6 +24,14 @@ How a plan is made (`make_plan`):
    that context recomputes nothing. So pipelined is never predicted slower than
    full_offload, and grouped-query models, whose activations are bigger than their K,V,
    recompute nothing: the LP's slope says so, no special case.
+5. The CPU attention lane (issue 17; schedule.cpu_attention auto, a machine with
+   hardware.cpu_attn_gbps > 0, a mode that offloads): the same buckets are solved again with
+   a CPU fraction y_i per offloaded layer (x_i + y_i + z_i <= 1; the lane's fixed part charged
+   to every offloaded unit, since an LP cannot switch it off with its work), c_i interpolated
+   and rounded like l_i. At every context the faster of the plan without the lane, the lane's
+   (l, c) and the lane's c with nothing recomputed is kept, so auto is never predicted slower
+   than off. A plan with CPU tokens keeps every host pool row (memory.host_memory_gb); where
+   that does not fit the host, the plan goes without the lane.
 `predicted_step_ms` is reported for the workload's contexts prompt_len..prompt_len + gen_len;
 the table is stored as runs of equal rows (kvc.ir.plan).
 The scheduler asks the request's Mode what it may decide (offloads, recomputes,
@@ -43,13 +51,13 @@ from kvc.ir.plan import Plan, forced_plan, weights_for_fraction
 from kvc.ir.request import PlanRequest
 from kvc.models.spec import ModelSpec
 from kvc.planner import cost
-from kvc.planner.evaluate import evaluate, evaluate_arrays
+from kvc.planner.evaluate import cpu_table, evaluate, evaluate_arrays
 from kvc.planner.lp import solve as _solve
 from kvc.planner.memory import (check_host_memory, check_memory, default_max_context,
                                 place_weights)
 # what callers import from here
 from kvc.planner.evaluate import predict, step_terms  # noqa: F401
-from kvc.planner.memory import host_memory_gb  # noqa: F401
+from kvc.planner.memory import host_memory_gb
 
 MAX_BUCKETS = 7  # LP solves per plan at most (contexts where the split is solved)
 LINEAR_TOL = 2e-3  # T(s) this close (relative) to its chord counts as linear on the interval
@@ -68,16 +76,30 @@ def make_plan(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest) -> Plan:
     if req.max_context is None:
         n, why = default_max_context(spec, hw, req)
         req = req.but(max_context=n)
-    plan = _make_plan(spec, hw, req)
-    if req.schedule.chunked and req.recompute_fraction is None and req.act_chunks > 1:
-        single = _make_plan(spec, hw, req.but(act_chunks=1))
-        if sum(single.predicted_step_ms) < sum(plan.predicted_step_ms):
-            plan = single
+    plan = _best_chunks(spec, hw, req)
+    if plan.cpu_lane and req.cpu_attention_fraction is None \
+            and host_memory_gb(spec, plan, req.batch_size, req.dtype) > hw.cpu_mem_gb:
+        # the lane keeps every pool row: where that does not fit, plan without it
+        need = host_memory_gb(spec, plan, req.batch_size, req.dtype)
+        plan = _best_chunks(spec, hw, req.but(cpu_attention="off"))
+        plan = replace(plan, notes={**plan.notes, "cpu_attention": (
+            f"off: the lane's pools (every row kept) need {need:.1f} GB of pinned memory, more "
+            f"than hardware.cpu_mem_gb = {hw.cpu_mem_gb:g}")})
     check_host_memory(spec, hw, plan, req.batch_size, req.dtype)
     notes = {**plan.notes, "max_context": f"{req.max_context} ({why})"}
     if "solve_s" in notes:
         notes["solve_s"] = round(time.perf_counter() - t0, 4)  # both plans, end to end
     return replace(plan, notes=notes)
+
+
+def _best_chunks(spec, hw, req: PlanRequest) -> Plan:
+    """The plan with req.act_chunks chunks, or with one where that is predicted faster."""
+    plan = _make_plan(spec, hw, req)
+    if req.schedule.chunked and req.recompute_fraction is None and req.act_chunks > 1:
+        single = _make_plan(spec, hw, req.but(act_chunks=1))
+        if sum(single.predicted_step_ms) < sum(plan.predicted_step_ms):
+            plan = single
+    return plan
 
 
 @dataclass
@@ -91,6 +113,8 @@ class _Job:
     mem: dict  # memory.check_memory's terms
     notes: dict
     deadline: float
+    # the CPU attention lane: None (none), "free" (the LP decides) or a forced fraction
+    lane: str | float | None = None
 
     @property
     def L(self) -> int:
@@ -128,11 +152,15 @@ class _Job:
                     resident=tuple(cost.per_unit(resident, m).tolist()), recompute=(),
                     max_context=r.max_context, **self.overlap)
 
-    def steps(self, plan: Plan, recompute: np.ndarray) -> np.ndarray:
-        """Predicted step per context for per-layer l ([layers, contexts])."""
-        l = cost.per_unit(recompute, plan.micro_batches)
+    def steps(self, plan: Plan, recompute: np.ndarray, cpu: np.ndarray | None = None) -> np.ndarray:
+        """Predicted step per context for per-layer l and CPU tokens ([layers, contexts];
+        cpu None: the plan's own, e.g. its forced fraction)."""
+        m = plan.micro_batches
+        l = cost.per_unit(recompute, m)
+        c = cost.per_unit(cpu, m) if cpu is not None else \
+            (cpu_table(self.spec, plan, self.ctx) if plan.cpu_lane else None)
         return evaluate_arrays(self.spec, self.hw, plan, self.ctx, l, self.req.batch_size,
-                               self.req.dtype)[0]
+                               self.req.dtype, c)[0]
 
 
 def _make_plan(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest) -> Plan:
@@ -141,14 +169,26 @@ def _make_plan(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest) -> Plan:
     if req.recompute_fraction is not None:
         return _forced(job)
     resident = _residency(job)
-    recompute = _fractions(job, resident)
     plan = job.plan(resident)
+    if isinstance(job.lane, float):  # schedule.cpu_attention_fraction: c forced, l the LP's
+        plan = replace(plan, cpu_fraction=job.lane, cpu_threads=hw.cpu_attn_threads)
+        recompute = _fractions(job, resident, cpu=job.lane)
+    else:
+        recompute = _fractions(job, resident)
     recompute, steps = _drop_slower_recompute(job, plan, recompute)
-    plan, steps = _more_resident(job, plan, recompute, steps)
+    cpu = np.zeros_like(recompute)
+    if job.lane == "free":
+        recompute, cpu, steps = _with_cpu_lane(job, plan, resident, recompute, steps)
+    if cpu.any():
+        plan = replace(plan, cpu_threads=hw.cpu_attn_threads)
+    plan, steps, cpu = _more_resident(job, plan, recompute, steps, cpu)
     job.notes["solve_s"] = round(time.perf_counter() - t0, 4)
-    starts, rows = _runs(cost.per_unit(recompute, req.micro_batches), first=int(job.ctx[0]))
-    return replace(plan, recompute=rows, recompute_from=starts,
-                   predicted_step_ms=_ms(steps[job.workload]), notes=job.notes)
+    m = req.micro_batches
+    units = cost.per_unit(recompute, m)
+    starts, rows = _runs(np.concatenate([units, cost.per_unit(cpu, m)]), first=int(job.ctx[0]))
+    cpu_rows = tuple(r[len(units):] for r in rows) if cpu.any() else ()
+    return replace(plan, recompute=tuple(r[:len(units)] for r in rows), recompute_from=starts,
+                   cpu=cpu_rows, predicted_step_ms=_ms(steps[job.workload]), notes=job.notes)
 
 
 def _runs(l: np.ndarray, first: int) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
@@ -183,7 +223,25 @@ def _prepare(spec, hw, req: PlanRequest, deadline: float) -> _Job:
     if any(streamed) and req.weight_stream_fraction is None:
         notes["weights"] = (f"{sum(streamed):.2f} of {L} layers' weights stream from CPU: the LP's "
                             "per-layer fractions, rounded up to whole parameters")
-    return _Job(spec, hw, req, c, streamed, mem, notes, deadline)
+    return _Job(spec, hw, req, c, streamed, mem, notes, deadline, _lane(hw, req, notes))
+
+
+def _lane(hw, req: PlanRequest, notes: dict) -> str | float | None:
+    """What the plan may do with the CPU attention lane: None, "free" (the LP decides) or
+    the forced fraction. A note says why not where the machine has a lane."""
+    if req.cpu_attention_fraction is not None:
+        if not req.cpu_lane_allowed:
+            return None
+        if hw.cpu_attn_gbps <= 0:
+            notes["cpu_attention"] = ("forced on a machine without a measured lane "
+                                      "(hardware.cpu_attn_gbps 0): its time is not predicted")
+        return float(req.cpu_attention_fraction)
+    if hw.cpu_attn_gbps <= 0 or not req.schedule.offloads:
+        return None
+    if not req.cpu_lane_allowed:
+        notes["cpu_attention"] = "off (schedule.cpu_attention)"
+        return None
+    return "free"
 
 
 def _forced(job: _Job) -> Plan:
@@ -191,9 +249,11 @@ def _forced(job: _Job) -> Plan:
     r = job.req
     plan = forced_plan(r.mode, job.L, r.prompt_len, r.gen_len, r.chunk_tokens,
                        r.recompute_fraction, r.act_chunks, micro_batches=r.micro_batches,
-                       max_context=r.max_context)
+                       max_context=r.max_context,
+                       cpu_fraction=job.lane if isinstance(job.lane, float) else None)
     plan = replace(plan, batch_size=r.batch_size, dtype=r.dtype, weights_streamed=job.streamed,
-                   cuda_graphs=r.cuda_graphs)
+                   cuda_graphs=r.cuda_graphs,
+                   cpu_threads=job.hw.cpu_attn_threads if plan.cpu_lane else 0)
     steps = evaluate(job.spec, job.hw, plan, np.asarray(r.workload_contexts), r.batch_size, r.dtype)[0]
     return replace(plan, predicted_step_ms=_ms(steps), notes={**job.notes, "forced": True})
 
@@ -213,25 +273,37 @@ def _residency(job: _Job) -> tuple[bool, ...]:
     return tuple(i in keep for i in range(L))
 
 
-def _fractions(job: _Job, resident) -> np.ndarray:
+def _fractions(job: _Job, resident, cpu=None):
     """l per layer and context ([layers, contexts]): the LP's split at a few contexts
-    (`_buckets`), interpolated linearly in s and rounded to whole chunks."""
+    (`_buckets`), interpolated linearly in s and rounded to whole chunks. `cpu` "free": the
+    LP with the CPU lane, (l, c); a number: the lane's forced fraction, l at most n - c."""
     r, ctx = job.req, job.ctx
     recompute = np.zeros((job.L, len(ctx)), dtype=np.int64)
-    if not r.schedule.recomputes:
-        return recompute
-    if job.mem.get("recompute_disabled"):
-        job.notes["recompute_disabled"] = job.mem["recompute_disabled"]
-        return recompute
-    if all(resident):
-        return recompute  # everything fits on the GPU: nothing left to split
-    reps, tokens = _buckets(job, resident)
+    n = cost.layer_contexts(job.spec, ctx)
+    fixed_x = None
+    if not r.schedule.recomputes or job.mem.get("recompute_disabled"):
+        if job.mem.get("recompute_disabled"):
+            job.notes["recompute_disabled"] = job.mem["recompute_disabled"]
+        if cpu != "free":
+            return recompute
+        fixed_x = 0.0  # the lane alone (full_offload: c from the LP, l = 0)
+    if all(resident):  # everything fits on the GPU: nothing left to split
+        return recompute if cpu != "free" else (recompute, recompute.copy())
+    reps, tokens = _buckets(job, resident, cpu, fixed_x)
+    if cpu == "free":
+        job.notes["cpu_buckets"] = reps
+        c = _round_to_chunks(tokens[1], reps, ctx, n, r.chunk_tokens)
+        return _round_to_chunks(tokens[0], reps, ctx, n - c, r.chunk_tokens), c
     job.notes["buckets"] = reps
-    return _round_to_chunks(tokens, reps, ctx, cost.layer_contexts(job.spec, ctx), r.chunk_tokens)
+    if cpu is not None:  # the forced lane's c = round(f * n), as Plan.cpu_tokens
+        return _round_to_chunks(tokens, reps, ctx, n - np.rint(cpu * n).astype(np.int64),
+                                r.chunk_tokens)
+    return _round_to_chunks(tokens, reps, ctx, n, r.chunk_tokens)
 
 
-def _buckets(job: _Job, resident) -> tuple[list[int], np.ndarray]:
-    """The contexts the LP is solved at and its tokens l_i there ([layers, contexts]).
+def _buckets(job: _Job, resident, cpu=None, fixed_x=None) -> tuple[list[int], np.ndarray]:
+    """The contexts the LP is solved at and its tokens l_i there ([layers, contexts]; with
+    `cpu` "free", [2, layers, contexts]: l_i and c_i).
 
     Between two solved contexts a and b, the tokens interpolated linearly are feasible at
     every s in [a, b] (the LP's constraints are affine in (l, s)) with the step T's chord as
@@ -243,27 +315,32 @@ def _buckets(job: _Job, resident) -> tuple[list[int], np.ndarray]:
     most twice the midpoint's gap), so only the others are split again, up to MAX_BUCKETS."""
     r = job.req
     lo, hi = max(1, min(r.chunk_tokens, r.max_context)), r.max_context
-    solved = {s: _solve_at(job, resident, s) for s in dict.fromkeys((lo, hi))}
+    solved = {s: _solve_at(job, resident, s, cpu, fixed_x) for s in dict.fromkeys((lo, hi))}
     todo = [(lo, hi)] if hi > lo else []
     while todo and len(solved) < MAX_BUCKETS:
         a, b = todo.pop(0)  # widest first: breadth-first in log s
         mid = round(math.sqrt(a * b))
         if not a < mid < b or b - a < 2 * r.chunk_tokens:
             continue  # l moves in whole chunks: a finer split cannot change it
-        solved[mid] = _solve_at(job, resident, mid)
+        solved[mid] = _solve_at(job, resident, mid, cpu, fixed_x)
         ta, tm, tb = solved[a][1], solved[mid][1], solved[b][1]
         chord = ta + (tb - ta) * (mid - a) / (b - a)
         if chord - tm > LINEAR_TOL * max(tm, 1e-9):
             todo += [(a, mid), (mid, b)]
     reps = sorted(solved)
-    return reps, np.stack([solved[s][0] for s in reps], axis=1)
+    return reps, np.stack([solved[s][0] for s in reps], axis=-1)
 
 
-def _solve_at(job: _Job, resident, s: int) -> tuple[np.ndarray, float]:
-    """The LP at context s with the residency fixed: (tokens l_i per layer, its step T)."""
-    n = job.contexts(s)
-    x, _, _, T = _solve(job.c, job.L, n, resident=resident, with_step=True, **job.lp())
-    return np.asarray(x) * np.asarray(n, dtype=float), float(T)
+def _solve_at(job: _Job, resident, s: int, cpu=None, fixed_x=None) -> tuple[np.ndarray, float]:
+    """The LP at context s with the residency fixed: (tokens l_i per layer, its step T);
+    with `cpu` "free", ([l_i, c_i], T)."""
+    n = np.asarray(job.contexts(s), dtype=float)
+    out = _solve(job.c, job.L, n.tolist(), resident=resident, with_step=True, cpu=cpu,
+                 fixed_x=fixed_x, **job.lp())
+    if cpu == "free":
+        x, _, _, y, T = out
+        return np.stack([np.asarray(x) * n, np.asarray(y) * n]), float(T)
+    return np.asarray(out[0]) * n, float(out[-1])
 
 
 def _drop_slower_recompute(job: _Job, plan: Plan, recompute: np.ndarray):
@@ -278,23 +355,45 @@ def _drop_slower_recompute(job: _Job, plan: Plan, recompute: np.ndarray):
     return recompute, steps
 
 
-def _more_resident(job: _Job, plan: Plan, recompute: np.ndarray, steps):
+def _with_cpu_lane(job: _Job, plan: Plan, resident, recompute, steps):
+    """The LP again with the CPU lane; at each context the fastest of the plan without it,
+    the lane's (l, c) and the lane's c with nothing recomputed (the LP charged every fixed
+    cost). (l, c, steps), [layers, contexts] each."""
+    l_on, c_on = _fractions(job, resident, cpu="free")
+    cpu = np.zeros_like(recompute)
+    if not c_on.any():
+        job.notes["cpu_attention"] = "auto: the LP put no tokens on the CPU lane"
+        return recompute, cpu, steps
+    for l in (l_on, np.zeros_like(l_on)):
+        st = job.steps(plan, l, c_on)
+        better = st < steps
+        recompute[:, better], cpu[:, better] = l[:, better], c_on[:, better]
+        steps = np.where(better, st, steps)
+    on = cpu.any(axis=0)
+    job.notes["cpu_attention"] = (f"auto: on at {int(on.sum())} of {len(on)} contexts" if on.any()
+                                  else "auto: off, the lane's plans were predicted no faster")
+    return recompute, cpu, steps
+
+
+def _more_resident(job: _Job, plan: Plan, recompute: np.ndarray, steps, cpu):
     """Nothing recomputed (e.g. grouped-query models): the activation staging is not needed,
-    and its memory holds more resident layers, which never slow a step. (plan, steps)."""
+    and its memory holds more resident layers, which never slow a step. (plan, steps, cpu)."""
     r, L = job.req, job.L
     if not (r.schedule.keeps_resident and r.resident_cache and not recompute.any()
             and "act" in job.mem.get("staging_for", "")):
-        return plan, steps
+        return plan, steps, cpu
     bare = cost.memory_terms(job.spec, job.hw, r.batch_size, r.max_context, r.dtype,
                              plan.lookahead + 1, False, job.streamed, r.micro_batches)
     resident = plan.resident[::r.micro_batches]
     n_max = min(L, int(max(0.0, bare["free_gb"]) // bare["layer_kv_gb"]))
     extra = [i for i in range(L) if not resident[i]][:max(0, n_max - sum(resident))]
     if not extra:
-        return plan, steps
-    plan = job.plan(tuple(res or i in extra for i, res in enumerate(resident)))
+        return plan, steps, cpu
+    lane = {f: getattr(plan, f) for f in ("cpu_fraction", "cpu_threads")}
+    plan = replace(job.plan(tuple(res or i in extra for i, res in enumerate(resident))), **lane)
+    cpu = np.where(np.array(plan.resident[::r.micro_batches])[:, None], 0, cpu)
     job.notes["memory_gb"] = _round({**bare, "staging_for": "kv"})
-    return plan, job.steps(plan, recompute)
+    return plan, job.steps(plan, recompute, cpu if cpu.any() else None), cpu
 
 
 def _ms(steps) -> tuple[float, ...]:
