@@ -88,14 +88,14 @@ def _lowered(name, plan):
 def test_a_resident_layer_is_one_segment_and_its_cache_ops():
     """gpu_resident: the embedding and each layer's projections run in one segment, the Q
     projection joining K,V before kv_write; the rest is the cache ops, their views and attention
-    (kvc.models.attend, with the padding mask kv_mask returns)."""
+    (kvc.models.attend, with the padding mask kv_mask returns, and the CPU lane's hand-off)."""
     spec = VARIANTS["tiny-opt"]
     gm = _lowered("tiny-opt", _plan("gpu_resident", spec.num_layers))
     split = classify(gm.graph)
     assert len(set(split.segment_of.values())) == spec.num_layers + 1
     eager = [op_name(n) or getattr(n.target, "__name__", n.target) for n in split.eager]
-    per_layer = ["kv_write", "kv_read", "getitem", "transpose", "getitem", "transpose",
-                 "kv_mask", "attend"]
+    per_layer = ["kv_write", "cpu_attn_begin", "kv_read", "getitem", "transpose", "getitem",
+                 "transpose", "kv_mask", "attend"]
     assert sorted(eager) == sorted(per_layer * spec.num_layers)
     q_proj = next(n for n in gm.graph.nodes if n.name == "layers_0_self_attn_q_proj")
     first_write = next(n for n in split.eager if op_name(n) == "kv_write")

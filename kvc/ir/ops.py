@@ -27,6 +27,9 @@ _SCHEMAS: dict[str, tuple[str, bool]] = {
     "kv_write": ("kv_write(Tensor k, Tensor v, int rt, int layer) -> ()", True),
     # the batch's padding mask for the rows kv_read returns ([b, 1, T, S] bool; empty: none)
     "kv_mask": ("kv_mask(int rt, int layer) -> Tensor", False),
+    # the CPU attention lane: hand the step's query to the CPU for the unit's oldest cached
+    # rows; returns the unit for kvc.models.attend to collect the part from, or -1: none
+    "cpu_attn_begin": ("cpu_attn_begin(Tensor q, int rt, int layer, float scale, float softcap) -> int", True),
     # offload: the new tokens' activation and K,V to the CPU pools at rows [s, s+T)
     "offload_act": ("offload_act(Tensor h, int rt, int stream, int layer) -> ()", True),
     "offload_kv": ("offload_kv(Tensor k, Tensor v, int rt, int stream, int layer) -> ()", True),

@@ -17,13 +17,39 @@ context.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
+from kvc.ir import registry
 
-def attend(q, k, v, pad_mask, default_mask, prefill: bool, groups: int = 1, scale=None):
+
+def merge(out_g: torch.Tensor, lse_g: torch.Tensor, out_c: torch.Tensor, lse_c: torch.Tensor):
+    """The exact softmax over both sides' keys from each side's normalised output and its
+    log-sum-exp (out [..., hd], lse [...], float32): flash-decoding's split-softmax merge. A
+    side with no key (lse -inf) weighs nothing."""
+    m = torch.maximum(lse_g, lse_c)
+    m = torch.where(torch.isinf(m), 0.0, m)
+    wg, wc = torch.exp(lse_g - m)[..., None], torch.exp(lse_c - m)[..., None]
+    return (out_g * wg + out_c * wc) / (wg + wc)
+
+
+def _cpu_part(rt, unit):
+    """The CPU lane's (out, lse) for `unit` this step (kvc.runtime.cpu_attention), or None."""
+    if unit is None or unit < 0:
+        return None
+    return registry.get(rt).cpu_attn_end(unit)
+
+
+def attend(q, k, v, pad_mask, default_mask, prefill: bool, groups: int = 1, scale=None,
+           rt=None, unit=None):
     """q [b, H, T, hd]; k, v [b, n_kv, S, hd]; `pad_mask` from kv_mask (empty: no padding);
     `default_mask`: the model's prefill mask without padding (a windowed layer's sliding
-    causal mask; None: causal in prefill, nothing in decode). Returns [b, H, T, hd]."""
+    causal mask; None: causal in prefill, nothing in decode). `unit` (from cpu_attn_begin):
+    the CPU lane attended to the oldest rows, not in k, v: its part is merged exactly.
+    Returns [b, H, T, hd]."""
+    part = _cpu_part(rt, unit)
+    if part is not None:
+        return _attend_and_merge(q, k, v, pad_mask, groups, scale, part)
     if pad_mask.numel():
         mask, causal = pad_mask, False
     else:
@@ -40,6 +66,38 @@ def attend(q, k, v, pad_mask, default_mask, prefill: bool, groups: int = 1, scal
                                           enable_gqa=groups > 1)
 
 
+def _attend_and_merge(q, k, v, pad_mask, groups, scale, part):
+    """Decode attention over k, v with its log-sum-exp, merged with the CPU's part."""
+    b, h, t, d = q.shape
+    qg = q.reshape(b, h // groups, groups * t, d)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * (d ** -0.5 if scale is None else scale)
+    if pad_mask.numel():
+        scores = scores.masked_fill(~pad_mask, float("-inf"))
+    return merge_scores(scores, v, part, q.dtype).reshape(b, h, t, d)
+
+
+def merge_scores(scores, v, part, dtype):
+    """softmax(scores) @ v [b, n_kv, g*T, hd] (scores float32, -inf where masked), merged with
+    the CPU lane's part (out [b, H, hd], lse [b, H]; T = 1) in float32, cast to `dtype`."""
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None])
+    out = torch.matmul(probs.to(v.dtype), v).float()  # [b, n_kv, g, hd]
+    b, n_kv, g, d = out.shape
+    out_c, lse_c = part
+    merged = merge(out.reshape(b, n_kv * g, d), lse.reshape(b, n_kv * g), out_c, lse_c)
+    return merged.reshape(b, n_kv, g, d).to(dtype)
+
+
+def softmax_attend(scores, v, rt=None, unit=None):
+    """Explicit attention's last half (Gemma 2's soft-capped scores): softmax in float32, cast,
+    times v ([b, n_kv, g*T, S] -> [b, n_kv, g*T, hd]), merged with the CPU lane's part when
+    `unit` (from cpu_attn_begin) has one."""
+    part = _cpu_part(rt, unit)
+    if part is None:
+        return torch.matmul(F.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype), v)
+    return merge_scores(scores.float(), v, part, v.dtype)
+
+
 def mask_scores(scores, pad_mask, default_mask, groups: int):
     """Explicit attention's scores [b, n_kv, g*T, S] (query heads stacked per KV head) with
     -inf where the mask forbids: the padding mask when there is one, else `default_mask`
@@ -51,3 +109,4 @@ def mask_scores(scores, pad_mask, default_mask, groups: int):
 
 
 attend.kvc_attention = True
+softmax_attend.kvc_attention = True

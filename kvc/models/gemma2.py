@@ -30,7 +30,7 @@ from torch import nn
 
 import kvc.ir.ops  # noqa: F401  (registers torch.ops.kvc.*)
 from kvc.errors import KvcError
-from kvc.models.attend import mask_scores
+from kvc.models.attend import mask_scores, softmax_attend
 from kvc.models.llama import (
     LlamaAttention,
     causal_mask,
@@ -40,7 +40,9 @@ from kvc.models.llama import (
 )
 from kvc.models.spec import Family, FamilyCosts, ModelSpec, hf_common
 
-torch.fx.wrap("mask_scores")  # a leaf of the traced graph: it picks the mask when the step runs
+# leaves of the traced graph: they pick the mask, and merge the CPU lane's part, when the step runs
+torch.fx.wrap("mask_scores")
+torch.fx.wrap("softmax_attend")
 
 
 class GemmaRMSNorm(nn.Module):
@@ -84,9 +86,13 @@ class Gemma2Attention(nn.Module):
         v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
         torch.ops.kvc.kv_write(k, v, rt, layer)
         q = self._rope(self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim)), cos, sin)
+        unit = None
         if prefill:
             k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)  # [b, n_kv, T, hd]
         else:
+            # the CPU lane (if the plan gives this unit one) starts on the oldest rows now
+            unit = torch.ops.kvc.cpu_attn_begin(q.transpose(1, 2), rt, layer, self.scaling,
+                                                float(self.softcap or 0.0))
             kv = torch.ops.kvc.kv_read(rt, layer)  # the rows attended to, this step's included
             k_all, v_all = kv[0].transpose(1, 2), kv[1].transpose(1, 2)
         # the query heads sharing a KV head become extra query rows: [b, n_kv, g*T, hd], so
@@ -95,8 +101,7 @@ class Gemma2Attention(nn.Module):
         scores = soft_cap(torch.matmul(qg, k_all.transpose(2, 3)) * self.scaling, self.softcap)
         # the batch's padding mask (kv_mask, empty without padding), else prefill's `mask`
         scores = mask_scores(scores, torch.ops.kvc.kv_mask(rt, layer), mask, self.groups)
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = torch.matmul(probs, v_all)  # [b, n_kv, g*T, hd]
+        out = softmax_attend(scores, v_all, rt, unit)  # [b, n_kv, g*T, hd], the CPU's part merged
         out = out.unflatten(2, (self.groups, -1)).flatten(1, 2)  # [b, H, T, hd]
         return self.o_proj(out.transpose(1, 2).flatten(-2))
 

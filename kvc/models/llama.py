@@ -136,13 +136,17 @@ class LlamaAttention(nn.Module):
         v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
         torch.ops.kvc.kv_write(k, v, rt, layer)
         q = self._rope(self.q_heads(x), cos, sin).transpose(1, 2)  # [b, H, T, hd]
+        unit = None
         if prefill:
             k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)
         else:
+            # the CPU lane (if the plan gives this unit one) starts on the oldest rows now
+            unit = torch.ops.kvc.cpu_attn_begin(q, rt, layer, self.head_dim ** -0.5, 0.0)
             kv = torch.ops.kvc.kv_read(rt, layer)  # tokens [lo, s+T): this step's included
             k_all, v_all = kv[0].transpose(1, 2), kv[1].transpose(1, 2)  # [b, n_kv, S, hd]
         # kv_mask: the batch's padding mask for these rows (empty: no padding; kvc.models.attend)
-        out = attend(q, k_all, v_all, torch.ops.kvc.kv_mask(rt, layer), mask, prefill, self.groups)
+        out = attend(q, k_all, v_all, torch.ops.kvc.kv_mask(rt, layer), mask, prefill, self.groups,
+                     None, rt, unit)
         return self.o_proj(out.transpose(1, 2).flatten(-2))
 
 

@@ -55,14 +55,18 @@ class OPTAttention(nn.Module):
         v = self.v_proj(x).unflatten(-1, (self.num_heads, self.head_dim))
         torch.ops.kvc.kv_write(k, v, rt, layer)
         q = (self.q_proj(x) * self.scaling).unflatten(-1, (self.num_heads, self.head_dim))
+        q = q.transpose(1, 2)  # [b, H, T, hd]
+        unit = None
         if prefill:
             k_all, v_all = k, v
         else:
+            # the CPU lane (if the plan gives this unit one) starts on the oldest rows now
+            unit = torch.ops.kvc.cpu_attn_begin(q, rt, layer, 1.0, 0.0)
             kv = torch.ops.kvc.kv_read(rt, layer)  # tokens [0, s+T): this step's included
             k_all, v_all = kv[0], kv[1]
         # kv_mask: the batch's padding mask for these rows (empty: no padding; kvc.models.attend)
-        out = attend(q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2),
-                     torch.ops.kvc.kv_mask(rt, layer), None, prefill, 1, 1.0)
+        out = attend(q, k_all.transpose(1, 2), v_all.transpose(1, 2),
+                     torch.ops.kvc.kv_mask(rt, layer), None, prefill, 1, 1.0, rt, unit)
         return self.o_proj(out.transpose(1, 2).flatten(-2))
 
 

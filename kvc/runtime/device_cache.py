@@ -48,6 +48,13 @@ class DeviceCache:
             return self.no_mask
         return self.padding.mask(rows, self._lo(layer), self.s, self.t, self.windows.get(layer))
 
+    def cpu_attn_begin(self, q, layer: int, scale: float, softcap: float) -> int:
+        """No CPU attention lane here: every row is on the device."""
+        return -1
+
+    def cpu_attn_end(self, unit: int):
+        return None
+
     def kv_write(self, k: torch.Tensor, v: torch.Tensor, layer: int) -> None:
         t = k.shape[1]
         if self.s + t > self.max_tokens:

@@ -146,7 +146,7 @@ class CompiledModel:
             cut = int(pads.min())
             if cut:
                 head, input_ids, pads = input_ids[:, :cut], input_ids[:, cut:], pads - cut
-            pads = pads.to(self.device, non_blocking=True) if bool(pads.any()) else None
+            pads = pads if bool(pads.any()) else None  # the caches move it to the device
         b, p = input_ids.shape
         stopping = Stopping(eos_token_id, pad_token_id, b, self.spec.vocab_size, self.device)
         if p + max_new_tokens > self.spec.max_positions:
@@ -167,8 +167,8 @@ class CompiledModel:
             seen = torch.empty((b, p + max_new_tokens), dtype=torch.long, device=self.device)
             seen[:, :p] = ids[:b]
             if pads is not None:  # a row's padding is no token of its: repeat its first token
-                first = ids[:b].gather(1, pads[:b, None])
-                seen[:, :p] = torch.where(cache_real(pads[:b], p), seen[:, :p], first)
+                pd = pads[:b].to(self.device, non_blocking=True)
+                seen[:, :p] = torch.where(cache_real(pd, p), seen[:, :p], ids[:b].gather(1, pd[:, None]))
 
         def choose(logits: torch.Tensor, n: int) -> torch.Tensor:
             # the real rows choose (a sampler's draws must not depend on the padding rows);

@@ -35,6 +35,7 @@ import torch
 
 from kvc.errors import KvcError
 from kvc.ir.plan import Plan
+from kvc.runtime.cpu_attention import CpuLane
 from kvc.runtime.device_cache import DeviceCache
 from kvc.runtime.padding import Padding
 from kvc.runtime.pinned import check_host_memory, pinned_empty
@@ -75,6 +76,7 @@ class OffloadedCache:
             raise ValueError(f"{len(self.windows)} windows for {num_layers} units")
         self.offloaded = list(plan.offloaded_units)
         n_off = len(self.offloaded)
+        self.lane = CpuLane(self.device, num_layers, plan.cpu_threads) if plan.cpu_lane else None
         self.min_context = plan.prompt_len if min_context is None else min_context
         # K,V rows below kv_lo are never read back (the plan recomputes them from activations)
         self.kv_lo = max(0, min(max_tokens, plan.min_kv_row(max_tokens, self.min_context)))
@@ -84,11 +86,14 @@ class OffloadedCache:
         # each needs, and the most rows its staging slot holds (activations, K,V)
         self.act_base, self.kv_base = {}, {}
         act_need, kv_need, stage_need, act_stage_need = [0], [0], [0], [0]
+        lane = plan.cpu_lane
+        if lane:  # the CPU lane reads the oldest rows, recompute the next: every row is kept
+            self.kv_lo, full_act = 0, max_tokens
         for i in self.offloaded:
-            if self.windows[i] is None:
+            if self.windows[i] is None or lane:
                 self.act_base[i], self.kv_base[i] = 0, self.kv_lo
                 act_need.append(full_act)
-                stage_need.append(max_tokens)
+                stage_need.append(max_tokens if self.windows[i] is None else min(max_tokens, self.windows[i]))
                 act_stage_need.append(full_act)
             else:
                 a_lo, a_hi, k_lo, most_l = self._window_rows(i, max_tokens)
@@ -128,7 +133,10 @@ class OffloadedCache:
         self.s = 0
         self.bounds: dict[int, list[int]] = {}  # per unit: its recomputed rows' chunks, [0, l)
         self.base: dict[int, int] = {}  # per unit: the token at staging row 0 (lo)
-        self.cached: dict[int, int] = {}  # per unit: n, the cached rows it attends to
+        self.cached: dict[int, int] = {}  # per unit: the cached rows the GPU attends to
+        # the CPU attention lane (issue 17): per unit, the first token and count of the cached
+        # rows the CPU attends to this step (the oldest c, before the GPU's base)
+        self.cpu_rows: dict[int, tuple[int, int]] = {}
 
     def _window_rows(self, unit: int, max_tokens: int) -> tuple[int, int, int, int]:
         """A windowed unit over the contexts the cache serves: (first and end token of the
@@ -150,13 +158,18 @@ class OffloadedCache:
         return min(a_lo, a_hi), a_hi, k_lo, most
 
     def _rows(self, unit: int, s: int) -> tuple[int, int]:
-        """(lo, l) of a unit at context s: it attends to cached tokens [lo, s) and recomputes
-        [lo, lo + l) of them."""
+        """(lo, l) of a unit at context s: the GPU attends to cached tokens [lo, s) and
+        recomputes [lo, lo + l) of them (the CPU lane's rows, if any, come before lo)."""
+        lo, c, l = self._split(unit, s)
+        return lo + c, l
+
+    def _split(self, unit: int, s: int) -> tuple[int, int, int]:
+        """(lo, c, l): the unit attends to cached tokens [lo, s) (lo > 0 only with a window),
+        the oldest c of them on the CPU, and recomputes the next l."""
         l, w = self.plan.recompute_tokens(unit, s), self.windows[unit]
-        if w is None:
-            return 0, l
-        n = max(0, min(s, w - 1))
-        return s - n, min(l, n)
+        n = s if w is None else max(0, min(s, w - 1))
+        c = self.plan.cpu_tokens(unit, n, s) if self.lane is not None else 0
+        return s - n, c, min(l, n - c)
 
     def set_padding(self, pads: torch.Tensor | None) -> None:
         """The call's left padding, per row of the whole batch (all micro-batches, in order),
@@ -195,6 +208,8 @@ class OffloadedCache:
 
     def close(self) -> None:
         """Wait for the copies still reading or writing the pools, so they can be freed."""
+        if self.lane is not None:
+            self.lane.close()
         self.streams.synchronize()
 
     # --- step bookkeeping (host side only: no device work, no sync) ----------------------
@@ -206,8 +221,9 @@ class OffloadedCache:
             return
         chunks = self.plan.act_chunks
         for i in self.offloaded:
-            lo, l = self._rows(i, s)
-            self.base[i], self.cached[i] = lo, s - lo
+            lo, c, l = self._split(i, s)
+            self.cpu_rows[i] = (lo, c)
+            self.base[i], self.cached[i] = lo + c, s - lo - c
             self.bounds[i] = chunk_bounds(l, chunks)
         # the pools were sized so that contexts from min_context on never read outside them:
         # only a shorter context needs the check, so a decode step pays nothing for it
@@ -231,6 +247,26 @@ class OffloadedCache:
 
     def _slot(self, layer: int) -> int:
         return self.pool_index[layer] % self.plan.staging_slots
+
+    # --- the CPU attention lane (kvc.runtime.cpu_attention) ------------------------------
+    def cpu_attn_begin(self, q, layer: int, scale: float, softcap: float) -> int:
+        """Hand the step's query [b, H, 1, hd] to the CPU for the unit's oldest cached rows;
+        the unit, for `cpu_attn_end` (kvc.models.attend), or -1: no CPU part this step."""
+        if self.lane is None or self.s == 0 or self.plan.resident[layer]:
+            return -1
+        lo, c = self.cpu_rows[layer]
+        if not c:
+            return -1
+        w, a = self.views[layer], lo - self.kv_base[layer]
+        real = None
+        if self.padding is not None:
+            real = self.padding.real_host[self._batch_rows(layer), lo:lo + c]
+        self.lane.begin(layer, q[:, :, 0], w.k_pool[a:a + c], w.v_pool[a:a + c], scale, softcap, real)
+        return layer
+
+    def cpu_attn_end(self, layer: int):
+        """(out [b, H, hd], lse [b, H]) float32 on the device, the CPU's part; None: none."""
+        return self.lane.end(layer) if self.lane is not None and layer >= 0 else None
 
     # --- resident layers: the logical cache verbs ----------------------------------------
     def kv_read(self, layer: int):

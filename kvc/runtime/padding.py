@@ -45,13 +45,22 @@ class Padding:
     """One generate call's left padding over a cache of `max_tokens` token rows."""
 
     def __init__(self, pads: torch.Tensor, max_tokens: int, device: torch.device):
+        """`pads` [b]: on the host (a tokenizer's mask) or the device."""
         idx = torch.arange(max_tokens, device=device)
-        pads = pads.to(device)
+        self._pads_in, self._max_tokens = pads, max_tokens
+        pads = pads.to(device, non_blocking=True)
         self.pads = pads
         # a padding token's position is clamped to 0: it is computed and never attended to
         self.positions = (idx[None] - pads[:, None]).clamp_min(0)  # [b, N]
         self.real = cache_real(pads, max_tokens)  # [b, N]: which token rows are real
         self._idx = idx
+
+    @property
+    def real_host(self) -> torch.Tensor:
+        """`real` on the host, for the CPU attention lane (made once, from the host pads)."""
+        if not hasattr(self, "_real_host"):
+            self._real_host = cache_real(self._pads_in.cpu(), self._max_tokens)
+        return self._real_host
 
     def mask(self, rows: slice, lo: int, s: int, t: int, window: int | None) -> torch.Tensor:
         """[b', 1, t, n] bool for the queries at token rows [s, s+t) of batch rows `rows`
