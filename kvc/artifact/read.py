@@ -175,6 +175,7 @@ def _check_plan(d: dict, spec, cfg, need) -> None:
         need(f is not None or all(r) or len(rows) == g + 1,
              f"plan.recompute has {len(rows)} rows; its contexts {p}..{p + g} need {g + 1}")
         need(f is not None or mc == p + g, "plan.max_context differs from its recompute rows' contexts")
+    _check_cpu_lane(d, units, mc, need)
     ms = d.get("predicted_step_ms", [])
     need(isinstance(ms, list) and len(ms) <= g + 1 and all(_num(x, 0, 1e12) for x in ms),
          "plan.predicted_step_ms is not a list of times")
@@ -188,3 +189,29 @@ def _check_plan(d: dict, spec, cfg, need) -> None:
         Plan.from_json(d)
     except (TypeError, ValueError, KeyError) as e:
         need(False, f"plan: {e}")
+
+
+def _check_cpu_lane(d: dict, units: int, mc: int, need) -> None:
+    """The CPU attention lane (issue 17): `cpu`, one row of CPU tokens per unit for each run
+    of the table (the runs of recompute_runs; the _check_plan above checked their shape),
+    c + l at most the run's first context; `cpu_fraction` null
+    or 0..1 (with a forced recompute fraction, their sum at most 1); `cpu_threads`."""
+    f = d.get("cpu_fraction")
+    need(f is None or _num(f, 0.0, 1.0), "plan.cpu_fraction is not null or 0..1")
+    lf = d.get("forced_fraction")
+    need(f is None or lf is None or f + lf <= 1.0,
+         "plan.cpu_fraction + plan.forced_fraction exceed 1")
+    need(_int(d.get("cpu_threads", 0), 0, LIMITS["cpu_threads"]),
+         f"plan.cpu_threads = {str(d.get('cpu_threads'))[:40]}; expected an integer "
+         f"0..{LIMITS['cpu_threads']}")
+    if "cpu" not in d:
+        return
+    rows, runs = d["cpu"], d.get("recompute_runs")
+    need(isinstance(runs, list) and isinstance(rows, list) and len(rows) == len(runs),
+         "plan.cpu must hold one row per run of plan.recompute_runs")
+    need(f is None, "plan has both cpu rows and a cpu_fraction")
+    for row, run in zip(rows, runs):
+        need(isinstance(row, list) and len(row) == units and all(_int(x, 0, mc) for x in row),
+             f"plan.cpu rows must hold {units} token counts 0..{mc}")
+        need(all(c + l <= run[0] for c, l in zip(row, run[1])),
+             "plan.cpu: a unit's CPU and recomputed tokens exceed its run's first context")

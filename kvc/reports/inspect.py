@@ -48,16 +48,40 @@ def inspect_text(artifact) -> str:
            + (f", {plan.micro_batches} micro-batches" if plan.micro_batches > 1 else "")
            + (f", weights streamed {sum(plan.weights_streamed):.2f} of {plan.num_layers} layers"
               if plan.streamed_layers else "")]
+    out.append("  cpu lane: " + _cpu_lane(spec, hw, plan, P, G))
     here = predict(spec, hw, plan, P, b, dtype)["predicted_step_ms"]
     out.append(f"predicted decode step at context {P}: {here:.3f} ms; speed-up of this plan over:")
     for mode in MODES:
         if mode == plan.mode:
             continue
         try:
-            other = make_plan(spec, hw, req.but(mode=mode, recompute_fraction=None))
+            other = make_plan(spec, hw, req.but(mode=mode, recompute_fraction=None,
+                                                cpu_attention_fraction=None))
         except KvcError as e:
             out.append(f"  {mode:<13} infeasible on this machine: {e}")
             continue
         t = predict(spec, hw, other, P, b, dtype)["predicted_step_ms"]
         out.append(f"  {mode:<13} {t:>10.3f} ms   x{t / here:.2f}")
     return "\n".join(out)
+
+
+def _cpu_lane(spec, hw, plan, P: int, G: int) -> str:
+    """Whether the plan attends to part of the offloaded cache on the CPU (issue 17), and how
+    much of it over the workload's contexts."""
+    if not plan.cpu_lane:
+        why = ("hardware.cpu_attn_gbps is 0 (no lane measured)" if hw.cpu_attn_gbps <= 0
+               else "the LP found it does not pay, or schedule.cpu_attention is off")
+        return f"none ({why})"
+    share = []
+    for s in (P, P + G):
+        for u in plan.offloaded_units:
+            n = spec.cached_tokens(plan.unit_layer(u), s)
+            share.append((plan.cpu_tokens(u, n, s), n))
+    c = [a for a, _ in share]
+    frac = [a / n for a, n in share if n]
+    how = (f"forced fraction {plan.cpu_fraction:g}" if plan.cpu_fraction is not None
+           else "chosen by the LP")
+    threads = plan.cpu_threads or "the default number of"
+    return (f"on ({how}): {min(c)}..{max(c)} of the oldest cached tokens per offloaded layer at "
+            f"contexts {P}..{P + G} ({min(frac, default=0):.0%}..{max(frac, default=0):.0%}), "
+            f"{threads} threads, at {hw.cpu_attn_gbps:g} GB/s")

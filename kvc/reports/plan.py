@@ -36,10 +36,12 @@ def plan_json(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest,
     for i in range(spec.num_layers):  # a layer's micro-batches share its split: show the first
         u = plan.layer_units(i)[0]
         res = plan.resident[u]
-        l = plan.recompute_tokens(u, s)
-        kv = 0 if res else s - l
+        c = plan.cpu_tokens(u, spec.cached_tokens(i, s), s)  # the oldest it reads, on the CPU
+        l = min(plan.recompute_tokens(u, s), s - c)
+        kv = 0 if res else s - l - c
         layers.append({
-            "layer": i, "recompute_tokens": l, "kv_tokens": kv, "gpu_tokens": s if res else 0,
+            "layer": i, "recompute_tokens": l, "cpu_tokens": c, "kv_tokens": kv,
+            "gpu_tokens": s if res else 0,
             "act_bytes": int(cost.act_bytes(spec, batch_size, l, p)),
             "kv_bytes": int(cost.kv_bytes(spec, batch_size, kv, p)),
         })
@@ -50,7 +52,8 @@ def plan_json(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest,
             continue
         try:
             # a forced fraction is an experiment on the chosen mode; the others are solved
-            other = make_plan(spec, hw, req.but(mode=m, recompute_fraction=None))
+            other = make_plan(spec, hw, req.but(mode=m, recompute_fraction=None,
+                                                cpu_attention_fraction=None))
         except KvcError as e:
             modes[m] = {"predicted_step_ms": None, "infeasible": str(e)}
             continue
@@ -72,6 +75,8 @@ def plan_json(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest,
         "context_range": list(plan.context_range),
         "chunk_tokens": req.chunk_tokens, "act_chunks": plan.act_chunks, "lookahead": plan.lookahead,
         "forced_fraction": plan.forced_fraction,
+        "cpu_attention": {"lane": plan.cpu_lane, "threads": plan.cpu_threads,
+                          "fraction": plan.cpu_fraction, "gbps": hw.cpu_attn_gbps},
         "weights_streamed": plan.streamed_layers,
         "weight_fractions": [round(f, 4) for f in plan.weights_streamed],
         "layers": layers,
@@ -97,11 +102,20 @@ def plan_text(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest,
             f"{first}..{last})")]
     if d["forced_fraction"] is not None:
         out.append(f"  forced: l = round({d['forced_fraction']:g} * s) in every offloaded layer")
-    out.append(f"  {'layer':>5}  {'recompute':>9}  {'kv':>7}  {'on gpu':>7}  {'act MB':>9}  {'kv MB':>9}")
+    lane = d["cpu_attention"]
+    if lane["fraction"] is not None:
+        out.append(f"  forced: c = round({lane['fraction']:g} * n) of every offloaded layer's n cached "
+                   "tokens attended to on the CPU")
+    # the CPU column only for a plan with the lane: the table of every other plan stays as it was
+    cpu = lane["lane"]
+    out.append(f"  {'layer':>5}  {'recompute':>9}" + (f"  {'cpu':>7}" if cpu else "")
+               + f"  {'kv':>7}  {'on gpu':>7}  {'act MB':>9}  {'kv MB':>9}")
     for row in _fold(d["layers"]):
         first, last, r = row
         name = f"{first}" if first == last else f"{first}-{last}"
-        out.append(f"  {name:>5}  {r['recompute_tokens']:>9}  {r['kv_tokens']:>7}  {r['gpu_tokens']:>7}"
+        out.append(f"  {name:>5}  {r['recompute_tokens']:>9}"
+                   + (f"  {r['cpu_tokens']:>7}" if cpu else "")
+                   + f"  {r['kv_tokens']:>7}  {r['gpu_tokens']:>7}"
                    f"  {r['act_bytes'] / 1e6:>9.2f}  {r['kv_bytes'] / 1e6:>9.2f}")
     if d["weights_streamed"]:
         out.append(f"  weights streamed from CPU: {sum(d['weight_fractions']):.2f} layers' worth, from "
@@ -112,6 +126,13 @@ def plan_text(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest,
     out.append(f"predicted decode step: {step:.3f} ms  (link busy {d['link_busy_ms']:.3f} ms, "
                f"GPU busy {d['gpu_busy_ms']:.3f} ms, GPU idle {d['gpu_idle_ms']:.3f} ms, "
                f"host issues it in {d['host_ms']:.3f} ms)")
+    if cpu:
+        on = [r["cpu_tokens"] for r in d["layers"] if r["cpu_tokens"]]
+        out.append(f"  CPU attention lane: {len(on)} of {spec.num_layers} layers attend to "
+                   f"{min(on, default=0)}..{max(on, default=0)} of their oldest tokens on the CPU "
+                   f"(busy {d.get('cpu_busy_ms', 0.0):.3f} ms, "
+                   f"{lane['threads'] or 'the default number of'} threads, "
+                   f"hardware.cpu_attn_gbps = {lane['gbps']:g})")
     if d["host_ms"] >= step:
         out.append("  bound by the host: issuing the step's nodes takes longer than the link and the "
                    "GPU (hardware.host_*_us); a larger batch costs the host nothing more")
@@ -137,7 +158,7 @@ def plan_text(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest,
 
 def _fold(layers):
     """Consecutive layers with the same split print as one row."""
-    keys = ("recompute_tokens", "kv_tokens", "gpu_tokens")
+    keys = ("recompute_tokens", "cpu_tokens", "kv_tokens", "gpu_tokens")
     rows = []
     for r in layers:
         if rows and all(rows[-1][2][k] == r[k] for k in keys):

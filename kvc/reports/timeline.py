@@ -21,14 +21,16 @@ from kvc.hardware import HardwareConfig
 from kvc.ir.plan import Plan
 from kvc.models.spec import ModelSpec
 from kvc.planner import cost
+from kvc.planner.evaluate import cpu_table
 from kvc.planner.scheduler import step_terms
 
-LANES = ("copy-in", "compute", "copy-out")
+LANES = ("copy-in", "compute", "copy-out", "cpu")  # cpu: the CPU attention lane (issue 17)
 COLORS = {"act_copy": "#4c9be8", "kv_copy": "#f28e2b", "recompute": "#59a14f",
-          "compute": "#9c6ade", "writeback": "#e15759", "head": "#7f7f7f"}
+          "compute": "#9c6ade", "writeback": "#e15759", "cpu_attn": "#edc948", "head": "#7f7f7f"}
 LABELS = {"act_copy": "activation copy (H2D)", "kv_copy": "KV copy (H2D)",
           "recompute": "K/V recompute", "compute": "attention + MLP",
-          "writeback": "write-back (D2H)", "weight_copy": "weight copy (H2D)", "head": "final norm + LM head"}
+          "writeback": "write-back (D2H)", "weight_copy": "weight copy (H2D)",
+          "cpu_attn": "attention on the CPU (oldest tokens)", "head": "final norm + LM head"}
 
 
 def predicted_intervals(spec: ModelSpec, hw: HardwareConfig, plan: Plan, s: int,
@@ -39,19 +41,26 @@ def predicted_intervals(spec: ModelSpec, hw: HardwareConfig, plan: Plan, s: int,
         l = np.array([plan.recompute_tokens(u, s) for u in range(plan.num_units)])
     except ValueError as e:
         raise KvcError(str(e)) from None
-    args, kw = step_terms(spec, hw, plan, s, l, batch_size, dtype)
+    cpu = cpu_table(spec, plan, np.array([s]))[:, 0] if plan.cpu_lane else None
+    args, kw = step_terms(spec, hw, plan, s, l, batch_size, dtype, cpu)
     return cost.intervals(*args, **kw)
+
+
+def lanes_of(items: list[dict]) -> tuple[str, ...]:
+    """The lanes drawn: the CPU's only where the step uses it."""
+    return tuple(lane for lane in LANES if lane != "cpu" or any(it["lane"] == "cpu" for it in items))
 
 
 def chrome_trace(items: list[dict], name: str = "kvc predicted") -> dict:
     """Intervals as Chrome trace events (one thread per stream lane, microseconds), so the
     prediction opens in Perfetto / chrome://tracing beside torch.profiler's measured trace."""
     events = [{"ph": "M", "name": "process_name", "pid": 0, "args": {"name": name}}]
-    for tid, lane in enumerate(LANES):
+    lanes = lanes_of(items)
+    for tid, lane in enumerate(lanes):
         events.append({"ph": "M", "name": "thread_name", "pid": 0, "tid": tid, "args": {"name": lane}})
     for it in items:
         layer = "head" if it["layer"] is None else f"L{it['layer']}"
-        events.append({"ph": "X", "pid": 0, "tid": LANES.index(it["lane"]),
+        events.append({"ph": "X", "pid": 0, "tid": lanes.index(it["lane"]),
                        "name": f"{layer} {LABELS[it['kind']]}", "cat": it["kind"],
                        "ts": it["start"] * 1e3, "dur": (it["end"] - it["start"]) * 1e3})
     return {"traceEvents": events, "displayTimeUnit": "ms"}
@@ -92,8 +101,9 @@ def _pyplot():
 
 
 def draw(items: list[dict], path, title: str = "", num_layers: int | None = None) -> Path:
-    """One row per layer, split into three lanes (copy-in, compute, copy-out), bars colored
-    by kind; the head gets a row of its own below the last layer."""
+    """One row per layer, split into three lanes (copy-in, compute, copy-out; a fourth, cpu,
+    when the plan attends on the CPU), bars colored by kind; the head gets a row of its own
+    below the last layer."""
     plt = _pyplot()
     path = Path(path)
     if path.suffix.lower() not in (".png", ".svg", ".pdf", ".jpg", ".jpeg"):
@@ -101,18 +111,19 @@ def draw(items: list[dict], path, title: str = "", num_layers: int | None = None
     layers = num_layers if num_layers is not None else 1 + max(
         (it["layer"] for it in items if it["layer"] is not None), default=-1)
     rows = layers + 1  # + the head
-    lane_h = 1.0 / len(LANES)
+    lanes = lanes_of(items)
+    lane_h = 1.0 / len(lanes)
     fig, ax = plt.subplots(figsize=(13, max(3.0, 0.45 * rows + 1.5)))
     for it in items:
         row = layers if it["layer"] is None else it["layer"]
-        y = row + LANES.index(it["lane"]) * lane_h
+        y = row + lanes.index(it["lane"]) * lane_h
         ax.broken_barh([(it["start"], it["end"] - it["start"])], (y + 0.04, lane_h - 0.08),
                        facecolors=COLORS[it["kind"]], edgecolor="none")
     ax.set_ylim(rows, 0)  # layer 0 on top: time runs left to right, layers top to bottom
     names = [f"layer {r}" for r in range(layers)] + ["head"]
     if rows <= 8:  # few rows: name every lane; many: the subtitle says the order
-        ax.set_yticks([r + (k + 0.5) * lane_h for r in range(rows) for k in range(len(LANES))])
-        ax.set_yticklabels([f"{n} {lane}" for n in names for lane in LANES], fontsize=7)
+        ax.set_yticks([r + (k + 0.5) * lane_h for r in range(rows) for k in range(len(lanes))])
+        ax.set_yticklabels([f"{n} {lane}" for n in names for lane in lanes], fontsize=7)
     else:
         ax.set_yticks([r + 0.5 for r in range(rows)])
         ax.set_yticklabels(names)
@@ -123,7 +134,7 @@ def draw(items: list[dict], path, title: str = "", num_layers: int | None = None
     ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=COLORS[k]) for k in kinds],
               labels=[LABELS[k] for k in kinds], loc="upper left", bbox_to_anchor=(1.01, 1.0),
               fontsize=8, frameon=False)
-    ax.set_title(title + "\nlanes per layer, top to bottom: copy-in, compute, copy-out", fontsize=9)
+    ax.set_title(title + "\nlanes per layer, top to bottom: " + ", ".join(lanes), fontsize=9)
     fig.tight_layout()
     try:
         fig.savefig(path, dpi=120)
