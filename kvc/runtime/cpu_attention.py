@@ -94,9 +94,10 @@ class CpuLane:
                 torch.set_num_threads(self.threads)
                 self._threads_set = True
             ev.synchronize()  # the query has landed (the GIL is released while it waits)
-            out, lse = partial_attention(q_host, k, v, scale, softcap, real)
-            out_host.copy_(out)
-            lse_host.copy_(lse)
+            with torch.inference_mode():  # as the caller's (inference mode is per thread)
+                out, lse = partial_attention(q_host, k, v, scale, softcap, real)
+                out_host.copy_(out)
+                lse_host.copy_(lse)
             return out_host, lse_host
 
         self.pending[unit] = self.worker.submit(job)
