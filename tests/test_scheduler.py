@@ -211,22 +211,30 @@ def _timed_plan(spec, h, req):
     return pl, time.perf_counter() - t, rows_s
 
 
-def test_32_layer_8192_context_solve_time(capsys):
+@pytest.mark.parametrize("cpu_gbps", [0.0, 50.0], ids=["no-cpu-lane", "cpu-lane"])
+def test_32_layer_8192_context_solve_time(capsys, cpu_gbps):
     """Issue 15: planning every context 1..8192 of a 32-layer multi-head model (it recomputes,
-    so the LP's buckets are solved) takes well under 2 s on the 2-core CI machine."""
+    so the LP's buckets are solved) takes well under 2 s on the 2-core CI machine; issue 17:
+    also with the CPU attention lane (its buckets solved again, with y_i)."""
     spec = dataclasses.replace(PRESETS["llama-2-7b"], max_positions=8192)
-    h = hw("h200-pcie5", gpu_mem_gb=40.0)  # most layers offloaded: the split matters
+    # most layers offloaded: the split matters
+    h = hw("h200-pcie5", gpu_mem_gb=40.0, cpu_attn_gbps=cpu_gbps)
     req = PlanRequest(batch_size=16, prompt_len=1024, gen_len=32, dtype="float16",
                       mode="pipelined", max_context=8192)
     pl, dt, rows_s = _timed_plan(spec, h, req)
-    msg = (f"[solve time] llama-2-7b (32 layers), contexts 1..8192, pipelined: {dt:.3f} s "
+    msg = (f"[solve time] llama-2-7b (32 layers), contexts 1..8192, pipelined, cpu lane "
+           f"{cpu_gbps:g} GB/s: {dt:.3f} s "
            f"({len(pl.notes.get('buckets', []))} bucket LPs per plan, {len(pl.recompute)} runs; "
            f"host-node rows derived once before it: {rows_s:.3f} s)")
     with capsys.disabled():
         print("\n" + msg)
     assert pl.context_range == (1, 8192) and len(pl.predicted_step_ms) == 33
     assert any(l > 0 for row in pl.recompute for l in row)
-    assert len(json.dumps(pl.to_json())) < 100_000, "the manifest's table is not compact"
+    assert pl.cpu_lane == (cpu_gbps > 0)
+    # with the lane a run is 2 rows (l and c) and c moves in chunks too: one row a context
+    # would be ~1.6 MB
+    assert len(json.dumps(pl.to_json())) < (100_000 if cpu_gbps == 0 else 400_000), \
+        "the manifest's table is not compact"
     assert dt < 2.0, msg
 
 
