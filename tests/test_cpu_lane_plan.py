@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+from kvc_fixtures import hw
 
 import kvc
 import kvc.artifact as art
@@ -16,9 +17,8 @@ from kvc.ir.plan import Plan
 from kvc.ir.request import PlanRequest
 from kvc.models import PRESETS
 from kvc.planner import cost, lanes, lp
-from kvc.planner.evaluate import cpu_table, predict
+from kvc.planner.evaluate import cpu_table, evaluate, predict
 from kvc.planner.scheduler import host_memory_gb, make_plan
-from kvc_fixtures import hw
 
 OPT = PRESETS["opt-6.7b"]
 REQ = PlanRequest(batch_size=32, prompt_len=1024, gen_len=8, dtype="float16",
@@ -66,7 +66,6 @@ def test_auto_is_never_slower_than_off_at_any_context():
         h = hw("h200-pcie5", cpu_attn_gbps=gbps)
         on, off = _plan(h), _plan(h, cpu_attention="off")
         ctx = np.arange(1, 2049)
-        from kvc.planner.evaluate import evaluate
         a = evaluate(OPT, h, on, ctx, 32, "float16")[0]
         b = evaluate(OPT, h, off, ctx, 32, "float16")[0]
         assert np.all(a <= b * (1 + 1e-9)), gbps
@@ -99,9 +98,9 @@ def _lp_instance(seed):
     c = cost.layer_costs(spec, h, int(rng.choice([8, 32])), "float16")
     L = int(rng.integers(2, 6))
     look, chunks = [(0, 1), (1, 1), (1, 4)][int(rng.integers(3))]
-    kw = dict(look=look, chunks=chunks, m=int(rng.integers(1, 3)), deadline=1e18,
-              with_step=True, with_values=True, cpu="free",
-              resident=tuple(bool(r) for r in rng.random(L) < 0.3))
+    kw = {"look": look, "chunks": chunks, "m": int(rng.integers(1, 3)), "deadline": 1e18,
+          "with_step": True, "with_values": True, "cpu": "free",
+          "resident": tuple(bool(r) for r in rng.random(L) < 0.3)}
     if rng.random() < 0.3:
         kw["fixed_x"] = 0.0
     if rng.random() < 0.3:
@@ -115,13 +114,13 @@ def test_the_lp_and_the_walk_agree_with_the_lane(seed):
     """The LP's optimal T is the walk's step on the LP's own durations (numpy and intervals),
     and the cost model's durations for the LP's tokens (every fixed cost paid) give the same."""
     c, L, s, kw = _lp_instance(seed)
-    x, z, w, y, T, st = lp.solve(c, L, s, **kw)
+    x, z, _, y, T, st = lp.solve(c, L, s, **kw)
     assert all(a + b + d <= 1 + 1e-6 for a, b, d in zip(x, y, z))
     A, K, R, C, D, W, P = (np.asarray(v, dtype=float) for v in (st.A, st.K, st.R, st.C, st.D,
                                                                 st.W, st.P))
     args = (st.head, st.lookahead, st.act_chunks)
-    keys = dict(weight_lag=st.weight_lag, back=st.back, front=st.front, offloaded=st.offloaded,
-                streams=st.streams, cpu=st.cpu)
+    keys = {"weight_lag": st.weight_lag, "back": st.back, "front": st.front,
+            "offloaded": st.offloaded, "streams": st.streams, "cpu": st.cpu}
     step = cost.simulate(*(v[:, None] for v in (A, K, R, C, D)), *args, W=W[:, None],
                          P=P[:, None], **keys)[0][0]
     assert step == pytest.approx(T, rel=1e-6, abs=1e-9)
