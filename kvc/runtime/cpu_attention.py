@@ -28,19 +28,34 @@ def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     """One decode query per row against c cached rows. q [b, H, hd]; k, v [c, b, n_kv, hd]
     (token-major views of a pool, read in place); `real` [b, c] bool (False: a padding row,
     never attended). Returns (out [b, H, hd], lse [b, H]), float32; a row with no real key
-    gets lse = -inf and out = 0 (it weighs nothing in the merge)."""
+    gets lse = -inf and out = 0 (it weighs nothing in the merge).
+
+    The query heads sharing a KV head are stacked as query rows ([b, n_kv, g, hd]: no K,V
+    repeated) and torch's CPU flash attention computes output and log-sum-exp in one pass
+    over the strided pool rows; a soft-capped model (Gemma 2) goes through two GEMMs and the
+    cap, which flash attention does not apply."""
     b, h, d = q.shape
     n_kv = k.shape[2]
     qg = q.reshape(b, n_kv, h // n_kv, d).to(k.dtype)
-    # [b, n_kv, g, c]: each (row, KV head) a GEMM against its strided [c, hd] block of the pool
-    scores = torch.matmul(qg, k.permute(1, 2, 3, 0)).float() * scale
-    if softcap:
-        scores = torch.tanh(scores / softcap) * softcap
+    kk, vv = k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)  # [b, n_kv, c, hd], views
+    if not softcap:
+        bias = None
+        if real is not None:  # additive, in the query's dtype (the op's rule)
+            bias = torch.zeros(real.shape, dtype=qg.dtype).masked_fill(~real, -math.inf)[:, None, None, :]
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qg, kk, vv, 0.0, False, attn_mask=bias, scale=scale)
+        out, lse = out.float(), lse.float()
+        if real is not None:  # a row with no key: the op returns 0 and lse 0, which would weigh
+            empty = ~real.any(1)
+            lse = lse.masked_fill(empty[:, None, None], -math.inf)
+        return out.reshape(b, h, d), lse.reshape(b, h)
+    scores = torch.matmul(qg, kk.transpose(-1, -2)).float() * scale  # [b, n_kv, g, c]
+    scores = torch.tanh(scores / softcap) * softcap
     if real is not None:
         scores.masked_fill_(~real[:, None, None, :], -math.inf)
     lse = torch.logsumexp(scores, dim=-1)  # [b, n_kv, g]
     probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
-    out = torch.matmul(probs.to(v.dtype), v.permute(1, 2, 0, 3)).float()  # [b, n_kv, g, hd]
+    out = torch.matmul(probs.to(v.dtype), vv).float()  # [b, n_kv, g, hd]
     return out.reshape(b, h, d), lse.reshape(b, h)
 
 
@@ -63,6 +78,7 @@ class CpuLane:
         self.pending: dict[int, Future | tuple] = {}
         self.host: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.ready: dict[int, torch.cuda.Event] = {}
+        self.written: dict[int, torch.cuda.Event] = {}
         self._threads_set = False
 
     def _buffers(self, unit: int, q: torch.Tensor):
@@ -77,10 +93,12 @@ class CpuLane:
                 torch.empty((b, h), dtype=torch.float32, pin_memory=True))
         return bufs
 
-    def begin(self, unit: int, q: torch.Tensor, k, v, scale: float, softcap: float, real) -> None:
+    def begin(self, unit: int, q: torch.Tensor, k, v, scale: float, softcap: float, real,
+              written=None) -> None:
         """q [b, H, hd] on the device; k, v [c, b, n_kv, hd] and real [b, c] (or None) on the
         host. On a GPU the query is copied down on the current stream and the worker waits
-        for that copy, not the host."""
+        for that copy, not the host, and for `written` (the write-back stream: the pool rows
+        it reads may have been written by copies still in flight, the prefill's above all)."""
         if not self.cuda:
             self.pending[unit] = partial_attention(q, k, v, scale, softcap, real)
             return
@@ -88,12 +106,15 @@ class CpuLane:
         q_host.copy_(q, non_blocking=True)
         ev = self.ready.setdefault(unit, torch.cuda.Event())
         ev.record()
+        landed = self.written.setdefault(unit, torch.cuda.Event())
+        landed.record(written)
 
         def job():
             if not self._threads_set:
                 torch.set_num_threads(self.threads)
                 self._threads_set = True
             ev.synchronize()  # the query has landed (the GIL is released while it waits)
+            landed.synchronize()  # and every write-back issued before it
             with torch.inference_mode():  # as the caller's (inference mode is per thread)
                 out, lse = partial_attention(q_host, k, v, scale, softcap, real)
                 out_host.copy_(out)

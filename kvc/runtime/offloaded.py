@@ -34,6 +34,7 @@ from typing import NamedTuple
 import torch
 
 from kvc.errors import KvcError
+from kvc.ir.ops import OFFLOAD
 from kvc.ir.plan import Plan
 from kvc.runtime.cpu_attention import CpuLane
 from kvc.runtime.device_cache import DeviceCache
@@ -261,7 +262,8 @@ class OffloadedCache:
         real = None
         if self.padding is not None:
             real = self.padding.real_host[self._batch_rows(layer), lo:lo + c]
-        self.lane.begin(layer, q[:, :, 0], w.k_pool[a:a + c], w.v_pool[a:a + c], scale, softcap, real)
+        self.lane.begin(layer, q[:, :, 0], w.k_pool[a:a + c], w.v_pool[a:a + c], scale, softcap, real,
+                        written=self.streams.streams.get(OFFLOAD))
         return layer
 
     def cpu_attn_end(self, layer: int):
