@@ -111,7 +111,9 @@ def assemble(lowered, plan: Plan, spec: ModelSpec, dtype, device, manifest: dict
 
     device = torch.device(device)
     if cuda_graphs is None:
-        cuda_graphs = plan.cuda_graphs and device.type == "cuda"
+        # the CPU attention lane runs eagerly for now: with CUDA graphs its merge gave wrong
+        # fp16 logits under full_offload and kvpr on the H200 (2026-11-28, issue 17, open)
+        cuda_graphs = plan.cuda_graphs and device.type == "cuda" and not plan.cpu_lane
     return (model_class or CompiledModel)(lowered, plan, spec, torch_dtype(dtype), device, manifest,
                                           partition=partition if cuda_graphs else None)
 

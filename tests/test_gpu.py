@@ -214,7 +214,9 @@ def test_fp16_cpu_lane_matches_reference(name, mode, fraction, cpu_fraction, gra
     plan = replace(forced_plan(mode, spec.num_layers, 64, 16, 64, fraction,
                                act_chunks=4 if mode == "pipelined" else 1, cpu_fraction=cpu_fraction),
                    cuda_graphs=graphs)
+    # the lane runs without CUDA graphs for now (kvc.api.assemble): asked for, graphs are off
     cm = assemble(lower(model, plan), plan, spec, torch.float16, torch.device("cuda"))
+    assert cm.graphs is None
     ids = torch.randint(0, spec.vocab_size, (4, 64), device="cuda")
     ref_t, ref_l = ReferenceDecoder(model, spec).generate(ids, 16, True)
     for _ in range(2):  # the second call reuses the pools, buffers and the worker
