@@ -75,9 +75,9 @@ def test_generated_code_is_readable(family):
         assert bad not in code
     for gm in (low.prefill, low.decode):
         compile(gm.code, "graph.py", "exec")
-    for op, args in _OP_CALL.findall(code):  # ids only: rt and plain integers
-        for a in args.split(","):
-            assert re.fullmatch(r"\s*(rt|[a-z_0-9]+|\w+ = -?\d+)\s*", a), (op, a)
+    for op, args in _OP_CALL.findall(code):  # ids only: rt, node names and plain numbers
+        for a in args.split(","):  # (cpu_attn_begin's scale and soft-cap are floats)
+            assert re.fullmatch(r"\s*(rt|[a-z_0-9]+|\w+ = -?\d+|-?\d+\.\d+)\s*", a), (op, a)
     pre, dec = low.prefill.code, low.decode.code
     for i in range(2):
         for name in (f"offload_act_{i}", f"offload_kv_{i}", f"wait_act_data_{i}", f"wait_kv_data_{i}",
