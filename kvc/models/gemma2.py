@@ -33,6 +33,7 @@ from kvc.errors import KvcError
 from kvc.models.attend import mask_scores, softmax_attend
 from kvc.models.llama import (
     LlamaAttention,
+    RMSNorm,
     causal_mask,
     rope_from_hf,
     rope_inv_freq,
@@ -45,18 +46,15 @@ torch.fx.wrap("mask_scores")
 torch.fx.wrap("softmax_attend")
 
 
-class GemmaRMSNorm(nn.Module):
+class GemmaRMSNorm(RMSNorm):
     """Scales by (1 + weight), in float32, and casts back last (HF's Gemma2RMSNorm)."""
 
     def __init__(self, width: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(width))
-        self.eps = eps
+        super().__init__(width, eps)
+        nn.init.zeros_(self.weight)
 
     def forward(self, x):
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * (1.0 + self.weight.float())).type_as(x)
+        return (self.normalized(x) * (1.0 + self.weight.float())).type_as(x)
 
 
 def soft_cap(x, cap: float | None):

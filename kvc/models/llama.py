@@ -77,11 +77,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(width))
         self.eps = eps
 
+    def normalized(self, x):
+        """x / rms(x) in float32 (the part every RMSNorm shares; families scale differently)."""
+        xf = x.float()
+        return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+
     def forward(self, x):
         # HF normalises in float32, casts back, then scales: keep that order for parity
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.type_as(x)
+        return self.weight * self.normalized(x).type_as(x)
 
 
 def causal_mask(positions: torch.Tensor, window: int | None = None) -> torch.Tensor:

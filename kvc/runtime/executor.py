@@ -23,7 +23,7 @@ from kvc.models.spec import ModelSpec
 from kvc.progress import bar
 from kvc.runtime.attention import backends
 from kvc.runtime.offloaded import OffloadedCache
-from kvc.runtime.padding import cache_real, left_pads
+from kvc.runtime.padding import left_pads, without_padding
 from kvc.runtime.sampling import Sampler, Stopping, check_max_new_tokens
 from kvc.runtime.segments import SegmentSet
 from kvc.runtime.weights import WeightStreamer
@@ -167,8 +167,7 @@ class CompiledModel:
             seen = torch.empty((b, p + max_new_tokens), dtype=torch.long, device=self.device)
             seen[:, :p] = ids[:b]
             if pads is not None:  # a row's padding is no token of its: repeat its first token
-                pd = pads[:b].to(self.device, non_blocking=True)
-                seen[:, :p] = torch.where(cache_real(pd, p), seen[:, :p], ids[:b].gather(1, pd[:, None]))
+                seen[:, :p] = without_padding(ids[:b], pads[:b].to(self.device, non_blocking=True))
 
         def choose(logits: torch.Tensor, n: int) -> torch.Tensor:
             # the real rows choose (a sampler's draws must not depend on the padding rows);

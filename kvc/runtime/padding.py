@@ -41,6 +41,14 @@ def cache_real(pads: torch.Tensor, tokens: int) -> torch.Tensor:
     return torch.arange(tokens, device=pads.device)[None] >= pads[:, None]
 
 
+def without_padding(tokens: torch.Tensor, pads: torch.Tensor) -> torch.Tensor:
+    """`tokens` [b, t] (a left-padded prompt, then what followed) with each row's padding
+    replaced by its first real token: what a repetition penalty may read as the row's own
+    tokens (a repeated token changes nothing there; a padding id would)."""
+    first = tokens.gather(1, pads[:, None])
+    return torch.where(cache_real(pads, tokens.shape[1]), tokens, first)
+
+
 class Padding:
     """One generate call's left padding over a cache of `max_tokens` token rows."""
 

@@ -13,7 +13,7 @@ from kvc.ir import registry
 from kvc.models.spec import ModelSpec
 from kvc.runtime.attention import backends
 from kvc.runtime.device_cache import DeviceCache
-from kvc.runtime.padding import Padding, cache_real, left_pads
+from kvc.runtime.padding import Padding, left_pads, without_padding
 from kvc.runtime.sampling import Sampler, Stopping
 
 
@@ -70,11 +70,7 @@ class ReferenceDecoder:
 
         def history() -> torch.Tensor:  # the tokens so far, a row's padding replaced by its first token
             seen = torch.cat(tokens, dim=1).long()
-            if cache.padding is None:
-                return seen
-            first = input_ids.gather(1, cache.padding.pads[:, None])
-            real = cache_real(cache.padding.pads, seen.shape[1])
-            return torch.where(real, seen, first)
+            return seen if cache.padding is None else without_padding(seen, cache.padding.pads)
 
         tokens, logits = [input_ids], []
         try:
