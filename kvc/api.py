@@ -102,13 +102,15 @@ def default_output_name(source, cfg: Config) -> str:
 
 
 def assemble(lowered, plan: Plan, spec: ModelSpec, dtype, device, manifest: dict | None = None,
-             cuda_graphs: bool | None = None, model_class=None):
+             cuda_graphs: bool | None = None, model_class=None, ranks=None):
     """A CompiledModel from lowered graphs: the runtime, handed the CUDA-graph partition pass
     when the decode step should run as graphed segments. `cuda_graphs` None: as the Plan says,
     on a CUDA device only; True on a CPU runs the segments eagerly (how tests check them).
-    `model_class`: a CompiledModel subclass to make (load_artifact's kvc.text.TextModel)."""
+    `model_class`: a CompiledModel subclass to make (load_artifact's kvc.text.TextModel).
+    `ranks`: this process's place in a multi-GPU job (kvc.runtime.parallel; None: alone)."""
     from kvc.passes.cudagraphs import partition
     from kvc.runtime.executor import CompiledModel
+    from kvc.runtime.parallel import SINGLE
 
     device = torch.device(device)
     if plan.cpu_lane and device.type == "cuda" and os.environ.get("KVC_EXPERIMENTAL_CPU_LANE") != "1":
@@ -120,7 +122,8 @@ def assemble(lowered, plan: Plan, spec: ModelSpec, dtype, device, manifest: dict
         # fp16 logits under full_offload and kvpr on the H200 (2026-11-28, issue 17, open)
         cuda_graphs = plan.cuda_graphs and device.type == "cuda" and not plan.cpu_lane
     return (model_class or CompiledModel)(lowered, plan, spec, torch_dtype(dtype), device, manifest,
-                                          partition=partition if cuda_graphs else None)
+                                          partition=partition if cuda_graphs else None,
+                                          ranks=ranks or SINGLE)
 
 
 def check_device(device) -> torch.device:
@@ -140,6 +143,22 @@ def check_device(device) -> torch.device:
     if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
         raise KvcError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return d
+
+
+def join_job(plan: Plan, device: torch.device):
+    """(Ranks, device): this process's place in a torch.distributed job (a single process
+    outside one), held to the world size the plan was made for: a plan is one rank's share."""
+    from kvc.runtime.parallel import join
+
+    ranks, device = join(device)
+    want = getattr(plan, "world_size", 1)
+    if ranks.world != want:
+        how = ("run it in one process" if want == 1 else
+               f"start it with torchrun --nproc-per-node {want} (or kvc run --nproc {want})")
+        raise KvcError(f"this artifact was compiled for parallel.world_size = {want} but the job "
+                       f"has {ranks.world} process(es): {how}, or recompile with "
+                       f"parallel.world_size={ranks.world}")
+    return ranks, device
 
 
 def load_tokenizer_of(weights: dict):
@@ -181,6 +200,7 @@ def load_artifact(path, device=None):
     checkpoint = check_weights(manifest["weights"])
     tokenizer = load_tokenizer_of(manifest["weights"])  # a broken one fails before the weights load
     device = check_device(device)
+    ranks, device = join_job(plan, device)
     # weight-streamed parameters are built (drawn or loaded) straight into their pinned pool
     place = place_streamed(plan, device) if plan.streamed_layers else None
     model = build_model(spec, device, cfg.model.dtype, seed=cfg.model.seed, checkpoint=checkpoint,
@@ -190,6 +210,7 @@ def load_artifact(path, device=None):
         raise KvcError(f"{path}: regenerated code differs from the compiled code (hash "
                        f"{lowered.code_hash[:12]} != {manifest['code_hash'][:12]}); this kvc or "
                        "torch version lowers it differently: recompile")
-    model = assemble(lowered, plan, spec, cfg.model.dtype, device, manifest, model_class=TextModel)
+    model = assemble(lowered, plan, spec, cfg.model.dtype, device, manifest, model_class=TextModel,
+                     ranks=ranks)
     model.tokenizer = tokenizer
     return model

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from kvc.errors import KvcError
 from kvc.progress import bar, enabled
+from kvc.runtime.parallel import SINGLE
 from kvc.text import SAMPLING, Request, check_length, encode, run_requests, stop_strings
 
 PROMPT_KEYS = ("prompt", "messages", "prompt_ids")
@@ -194,6 +195,27 @@ def _open_output(output: str, resume: bool, name: str, records: list):
     return f, partial, final, done
 
 
+def _open_output_once(model, output: str, resume: bool, name: str, records: list):
+    """_open_output on rank 0 of a multi-GPU job (alone: here); the other ranks run the same
+    records and write nothing (kvc.runtime.parallel: every rank returns every row)."""
+    ranks = getattr(model, "ranks", SINGLE)
+    if ranks.single:
+        return _open_output(output, resume, name, records)
+    opened, why = None, None
+    if ranks.rank == 0:
+        try:
+            opened = _open_output(output, resume, name, records)
+        except KvcError as e:
+            why = str(e)
+    why, done = ranks.broadcast((why, None if opened is None else opened[3]))
+    if why is not None:
+        raise KvcError(why)
+    if opened is not None:
+        return opened
+    return (open(os.devnull, "w", encoding="utf-8") if done < len(records) else None,
+            None, None, done)
+
+
 def run_job(model, input_path: str, output: str, *, resume: bool = False, on_error: str = "fail",
             window: int | None = None, max_new_tokens: int | None = None, stop=None,
             eos_token_id=None, **sampling) -> JobSummary:
@@ -201,7 +223,7 @@ def run_job(model, input_path: str, output: str, *, resume: bool = False, on_err
     lines that give none (a line's `stop` replaces the job's)."""
     if on_error not in ("fail", "skip"):
         raise KvcError(f"--on-error {on_error!r}: expected fail or skip")
-    window = window or DEFAULT_WINDOW_BATCHES * model.plan.batch_size
+    window = window or DEFAULT_WINDOW_BATCHES * model.batch_size
     if window < 1:
         raise KvcError(f"--window {window}: expected >= 1")
     job_stop = stop_strings(stop)
@@ -218,7 +240,7 @@ def run_job(model, input_path: str, output: str, *, resume: bool = False, on_err
         more = f" ({len(errors) - 1} more bad lines; --on-error skip writes them as error lines)" \
             if len(errors) > 1 else " (--on-error skip writes it as an error line and goes on)"
         raise KvcError(f"{name}:{first}: {errors[first]}{more}")
-    f, partial, final, done = _open_output(output, resume, name, records)
+    f, partial, final, done = _open_output_once(model, output, resume, name, records)
     t0, tokens, skipped = time.perf_counter(), 0, 0
     todo = records[done:]
     with bar("kvc: job", total=len(records), unit="prompt") as shown:
@@ -258,5 +280,7 @@ def run_job(model, input_path: str, output: str, *, resume: bool = False, on_err
     if partial is not None:
         f.close()
         os.replace(partial, final)
+    elif f is not None and f is not sys.stdout:
+        f.close()  # a rank > 0's stand-in
     return JobSummary(len(todo), skipped, done, tokens, time.perf_counter() - t0,
                       "<stdout>" if output == "-" else str(final))

@@ -166,7 +166,7 @@ def run_batch(model, tokenizer, reqs: Sequence[Request], eos: tuple[int, ...], s
               on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
     """One generate call for `reqs` (at most the compiled batch size), left-padded."""
     b = len(reqs)
-    rows = list(reqs) + [reqs[-1]] * max(0, model.plan.batch_size - b)  # fill: see the docstring
+    rows = list(reqs) + [reqs[-1]] * max(0, model.batch_size - b)  # fill: see the docstring
     width = max(len(r.ids) for r in rows)
     pad_id = eos[0] if eos else 0
     ids = torch.tensor([[pad_id] * (width - len(r.ids)) + r.ids for r in rows])
@@ -241,7 +241,7 @@ def run_requests(model, tokenizer, reqs: Sequence[Request], *, eos_token_id=None
         check_length(len(r.ids), model.max_context, f"prompt {k}")
         if r.max_new_tokens is not None and (not _is_int(r.max_new_tokens) or r.max_new_tokens < 1):
             raise KvcError(f"prompt {k}: max_new_tokens = {r.max_new_tokens!r}; expected an integer >= 1")
-    for idx in batches([len(r.ids) for r in reqs], model.plan.batch_size):
+    for idx in batches([len(r.ids) for r in reqs], model.batch_size):
         show = None if on_text is None else (lambda i, piece, idx=idx: on_text(idx[i], piece))
         yield idx, run_batch(model, tokenizer, [reqs[i] for i in idx], eos, sampling, show)
 

@@ -6,6 +6,7 @@ traceback instead. Hydra overrides follow the model.yaml: `kvc compile m.yaml ha
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -59,6 +60,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="a string that ends a row, cut from its text (repeatable)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="run on N GPUs (one process each, started through torchrun) for an artifact "
+                        "compiled with parallel.world_size=N")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,19 +115,36 @@ COMMANDS = {"compile": cmd_compile, "plan": cmd_plan, "profile": cmd_profile, "r
             "bench": cmd_bench, "inspect": cmd_inspect}
 
 
+@contextlib.contextmanager
+def quiet(on: bool):
+    """stdout and stderr to nowhere inside the block when `on` (a multi-GPU job's rank > 0)."""
+    if not on:
+        yield
+        return
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # overrides may come after options (`compile m.yaml -o out hardware=cpu`): collect leftovers
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, extra = parser.parse_known_args(argv)
+    args.argv = argv
     flags = [e for e in extra if e.startswith("-")]
     if flags or (extra and not hasattr(args, "overrides")):
         parser.error(f"unrecognized arguments: {' '.join(flags or extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra
+    from kvc.runtime.parallel import env_rank
+
+    rank, stderr = env_rank(), sys.stderr
     try:
         from kvc import progress
 
-        with progress.enabled(not args.no_progress):
+        # in a multi-GPU job (torchrun) rank 0 speaks for all: the others print nothing but
+        # their own errors, and write no files
+        with progress.enabled(not args.no_progress and not rank), quiet(rank):
             rc = COMMANDS[args.command](args)
             sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
             return rc
@@ -137,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     except KvcError as e:
         if args.debug:
             raise
-        print(f"kvc: error: {e}", file=sys.stderr)
+        print(f"kvc: error: {f'[rank {rank}] ' if rank else ''}{e}", file=stderr)
         return 2
     except KeyboardInterrupt:
         if args.debug:
@@ -147,6 +168,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug in kvc, not the user's input: say so, in one line
         if args.debug:
             raise
-        print(f"kvc: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
-              file=sys.stderr)
+        print(f"kvc: internal error: {f'[rank {rank}] ' if rank else ''}{type(e).__name__}: {e} "
+              "(rerun with --debug for the traceback)", file=stderr)
         return 1

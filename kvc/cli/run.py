@@ -99,10 +99,63 @@ def _check_args(args, prompts) -> None:
         raise KvcError("--stop needs text: give --prompt, --prompts-file or --input")
 
 
+def launch(args) -> int:
+    """`kvc run ART --nproc N`: the same command in N processes, one per GPU, through torchrun
+    (torch.distributed.run, standalone on this host), after the checks that need no model."""
+    import subprocess
+
+    from kvc.artifact import read_manifest
+    from kvc.runtime.parallel import env_world
+
+    n = args.nproc
+    if env_world() > 1:
+        raise KvcError("--nproc inside a torchrun job: torchrun already started the processes; "
+                       "drop --nproc")
+    want = read_manifest(args.artifact)["plan"].get("world_size", 1)
+    if want != n:
+        raise KvcError(f"--nproc {n}: {args.artifact} was compiled for parallel.world_size = {want}"
+                       f"; run it with --nproc {want}, or recompile with parallel.world_size={n}")
+    if args.device is None or args.device.startswith("cuda"):
+        import torch
+
+        have = torch.cuda.device_count()
+        if args.device is None and not have:
+            args.device = "cpu"
+        elif have < n:
+            raise KvcError(f"--nproc {n}: this machine has {have} CUDA device(s); one process "
+                           "runs per GPU (--device cpu runs the processes on the CPU)")
+    rest, skip = [], False
+    for a in getattr(args, "argv", sys.argv[1:]):
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    if args.device == "cpu" and "--device" not in rest and not any(a.startswith("--device=") for a in rest):
+        rest += ["--device", "cpu"]
+    env = dict(os.environ)
+    # torchrun would set 1 thread per process (and say so); the host's cores shared out instead
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+           "-m", "kvc", *rest]
+    return subprocess.call(cmd, env=env)
+
+
 def cmd_run(args) -> int:
     import kvc
+    from kvc.runtime.parallel import env_world
 
     check_device(args.device)
+    if args.nproc is not None and args.nproc < 1:
+        raise KvcError(f"--nproc {args.nproc}: expected >= 1")
+    if (args.nproc or 1) > 1 or env_world() > 1:
+        if "-" in (args.input, args.prompts_file):
+            raise KvcError("several processes cannot share stdin: give --input/--prompts-file a file")
+        if args.nproc and args.nproc > 1:
+            prompts = None if args.input is not None else _prompts(args)
+            _check_args(args, prompts)
+            return launch(args)
     if args.input == "-" and args.prompts_file == "-":
         raise KvcError("stdin can be --input or --prompts-file, not both")
     prompts = None if args.input is not None else _prompts(args)

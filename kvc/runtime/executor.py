@@ -24,6 +24,7 @@ from kvc.progress import bar
 from kvc.runtime.attention import backends
 from kvc.runtime.offloaded import OffloadedCache
 from kvc.runtime.padding import left_pads, without_padding
+from kvc.runtime.parallel import SINGLE, Ranks
 from kvc.runtime.sampling import Sampler, Stopping, check_max_new_tokens
 from kvc.runtime.segments import SegmentSet
 from kvc.runtime.weights import WeightStreamer
@@ -31,11 +32,14 @@ from kvc.runtime.weights import WeightStreamer
 
 class CompiledModel:
     def __init__(self, lowered, plan: Plan, spec: ModelSpec, dtype: torch.dtype,
-                 device: torch.device, manifest: dict | None = None, partition=None):
+                 device: torch.device, manifest: dict | None = None, partition=None,
+                 ranks: Ranks = SINGLE):
         """`lowered`: the compiler's graphs (`prefill`, `decode`, `num_events`, `code`).
         `partition(gm, wrap)`: run the decode step partitioned into segments that `wrap`
-        makes, CUDA graphs on a CUDA device, eager on a CPU (None: unpartitioned)."""
-        self.lowered, self.plan, self.spec = lowered, plan, spec
+        makes, CUDA graphs on a CUDA device, eager on a CPU (None: unpartitioned).
+        `ranks`: this process's place in a multi-GPU job (kvc.runtime.parallel): it decodes
+        its share of each batch's rows and gathers the others' logits every step."""
+        self.lowered, self.plan, self.spec, self.ranks = lowered, plan, spec, ranks
         self.dtype, self.device = dtype, torch.device(device)
         self.manifest = manifest or {}
         self._cache: OffloadedCache | None = None
@@ -57,6 +61,12 @@ class CompiledModel:
     @property
     def graph_code(self) -> str:
         return self.lowered.code
+
+    @property
+    def batch_size(self) -> int:
+        """The batch this artifact was compiled for, all ranks' rows together (a Plan is one
+        rank's: its batch_size is that rank's share)."""
+        return self.plan.batch_size * getattr(self.plan, "world_size", 1)
 
     @property
     def max_context(self) -> int:
@@ -153,55 +163,72 @@ class CompiledModel:
             raise KvcError(f"prompt {p} + {max_new_tokens} new tokens exceeds the model's "
                            f"maximum positions ({self.spec.max_positions})")
         self._check_contexts(p, max_new_tokens)
-        ids = input_ids.to(self.device)
+        prompt = input_ids.to(self.device)
+        # several GPUs (kvc.runtime.parallel): the batch, padded with copies of its last row to
+        # world x k rows, is split by rows; this rank decodes its k and gathers the others'
+        # logits each step, so every rank chooses (and returns) the whole batch's tokens
+        ranks = self.ranks
+        k, grow, mine = ranks.share(b), ranks.world * ranks.share(b) - b, ranks.rows(b)
+        ids, row_pads = prompt, pads
+        if grow:
+            ids = torch.cat([ids, ids[-1:].expand(grow, p)])
+            row_pads = None if pads is None else torch.cat([pads, pads[-1:].expand(grow)])
+        ids = ids[mine]
+        if row_pads is not None:
+            row_pads = row_pads[mine] if bool(row_pads[mine].any()) else None
         # the block schedule splits the batch into equal micro-batches: a batch that does not
         # split is padded with copies of its last row, computed and dropped (cost, not error)
-        pad = -b % self.plan.micro_batches
+        pad = -k % self.plan.micro_batches
         if pad:
             ids = torch.cat([ids, ids[-1:].expand(pad, p)])
-            pads = None if pads is None else torch.cat([pads, pads[-1:].expand(pad)])
+            row_pads = None if row_pads is None else torch.cat([row_pads, row_pads[-1:].expand(pad)])
         # the tokens so far, for the repetition penalty only (the real rows): without one a
         # decode step does nothing here but choose its token
         seen = None
         if sampler.repetition_penalty != 1.0:
             seen = torch.empty((b, p + max_new_tokens), dtype=torch.long, device=self.device)
-            seen[:, :p] = ids[:b]
+            seen[:, :p] = prompt
             if pads is not None:  # a row's padding is no token of its: repeat its first token
-                seen[:, :p] = without_padding(ids[:b], pads[:b].to(self.device, non_blocking=True))
+                seen[:, :p] = without_padding(prompt, pads.to(self.device, non_blocking=True))
 
-        def choose(logits: torch.Tensor, n: int) -> torch.Tensor:
+        def choose(logits: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            """(the batch's logits [b, vocab], its tokens [b], this rank's next input rows)."""
             # the real rows choose (a sampler's draws must not depend on the padding rows);
             # the padding rows repeat the last real row, which they copy
-            tok = stopping(sampler(logits[:b], None if seen is None else seen[:, :p + n]))
+            logits = ranks.gather(logits[:k])[:b]
+            tok = stopping(sampler(logits, None if seen is None else seen[:, :p + n]))
             if seen is not None:
                 seen[:, p + n] = tok
-            return torch.cat([tok, tok[-1:].expand(pad)]) if pad else tok
+            step = tok if ranks.single else torch.cat([tok, tok[-1:].expand(grow)])[mine]
+            return logits, tok, torch.cat([step, step[-1:].expand(pad)]) if pad else step
 
-        cache, rt = self._runtime(b + pad, p, p + max_new_tokens)
-        cache.set_padding(pads)
+        cache, rt = self._runtime(k + pad, p, p + max_new_tokens)
+        cache.set_padding(row_pads)
         with bar("kvc: generating", total=max_new_tokens, unit="step") as steps, backends():
             cache.begin_step(0, p)
             logits = self.prefill_step(ids, cache.step_positions(0, p), rt)[:, -1]
             cache.end_step(p)
-            tokens, all_logits = [choose(logits, 0)], [logits]
+            logits, tok, step_in = choose(logits, 0)
+            tokens, all_logits = [tok], [logits]
             if on_token is not None:
-                stopping.finish(on_token(0, tokens[-1][:b]))
+                stopping.finish(on_token(0, tok))
             steps.update()
             for step in range(1, max_new_tokens):
                 if stopping.done:
                     break
                 s = cache.s
                 cache.begin_step(s, 1)
-                logits = self.decode_step(tokens[-1][:, None], cache.step_positions(s, 1), rt)[:, -1]
+                logits = self.decode_step(step_in[:, None], cache.step_positions(s, 1), rt)[:, -1]
                 cache.end_step(1)
-                tokens.append(choose(logits, step))
+                logits, tok, step_in = choose(logits, step)
+                tokens.append(tok)
                 all_logits.append(logits)
                 if on_token is not None:
-                    stopping.finish(on_token(step, tokens[-1][:b]))
+                    stopping.finish(on_token(step, tok))
                 steps.update()
-        out = torch.cat([ids, torch.stack(tokens, 1)], 1)[:b]
+        out = torch.cat([prompt, torch.stack(tokens, 1)], 1)
         if head is not None:
             out = torch.cat([head.to(out.device), out], 1)
         if return_logits:
-            return out, torch.stack(all_logits, 1)[:b].float()
+            return out, torch.stack(all_logits, 1).float()
         return out

@@ -1,0 +1,131 @@
+"""Several GPUs (issue 18): one process per GPU under torch.distributed, the batch split by rows.
+
+Each rank (one process, one GPU, its own PCIe link) decodes `share(b)` = ceil(b / world)
+consecutive rows of the batch, with the weights replicated and its own pinned pools, so every
+link carries its own rows' cache and no layer waits on another GPU. After each step the ranks
+all-gather the last position's logits ([rows, vocab]), and every rank chooses the whole batch's
+tokens the same way (greedy, sampling from the same seed, EOS and stop strings): the ranks
+stay in step, return the same tokens, and those are the tokens one process decodes.
+
+Why rows and not token ranges: a row split moves the same bytes per link as a token split,
+but needs no collective per layer (one per step, outside the CUDA graphs), no replicated
+projections and MLP, and no merge of partial attention; it cannot split a batch of one row
+(a long single context), which a token split could.
+
+The job is torch.distributed's: started by torchrun (or `kvc run --nproc N`, which starts
+torchrun), its environment (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT) or a process group
+the caller initialised; NCCL between GPUs, gloo between CPU processes. Across hosts it is the
+same code, given a multi-host torchrun (untested here).
+"""
+from __future__ import annotations
+
+import atexit
+import os
+from dataclasses import dataclass
+
+import torch
+
+from kvc.errors import KvcError
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Where this process stands in the job: `world` processes, this one `rank`."""
+
+    world: int = 1
+    rank: int = 0
+
+    @property
+    def single(self) -> bool:
+        return self.world == 1
+
+    def share(self, batch: int) -> int:
+        """Rows per rank: the last ranks' short shares are padded with copies."""
+        return -(-batch // self.world)
+
+    def rows(self, batch: int) -> slice:
+        """This rank's rows of a batch padded to world * share(batch)."""
+        k = self.share(batch)
+        return slice(self.rank * k, (self.rank + 1) * k)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's `x` (the same shape on each), concatenated along dim 0 in rank order."""
+        if self.single:
+            return x
+        import torch.distributed as dist
+
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x)
+        return torch.cat(parts)
+
+    def broadcast(self, obj):
+        """Rank 0's `obj` (a picklable value) on every rank."""
+        if self.single:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+SINGLE = Ranks()
+
+
+def env_world() -> int:
+    """The world size torchrun announced (1: none)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        raise KvcError(f"WORLD_SIZE = {os.environ['WORLD_SIZE']!r}: expected an integer "
+                       "(torchrun sets it)") from None
+
+
+def env_rank() -> int:
+    """This process's rank as torchrun announced it (0 outside a job)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def join(device: torch.device | None) -> tuple[Ranks, torch.device | None]:
+    """This process's place in a torch.distributed job, and the device it should use.
+
+    Outside a job (no WORLD_SIZE > 1, no initialised group): a single rank and `device` as
+    given. Inside one: the default process group (initialised here from torchrun's
+    environment if the caller has not: NCCL for CUDA, gloo for CPU), and on a GPU machine
+    the rank's own GPU, cuda:LOCAL_RANK, unless `device` names one."""
+    import torch.distributed as dist
+
+    initialised = dist.is_available() and dist.is_initialized()
+    if not initialised and env_world() == 1:
+        return SINGLE, device
+    if not dist.is_available():
+        raise KvcError("this torch build has no torch.distributed; kvc cannot run several processes")
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and device.index is None:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise KvcError(f"LOCAL_RANK {local}: this machine has {torch.cuda.device_count()} "
+                           "CUDA device(s); start at most that many processes per host")
+        device = torch.device("cuda", local)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not initialised:
+        for key in ("MASTER_ADDR", "MASTER_PORT", "RANK"):
+            if key not in os.environ:
+                raise KvcError(f"WORLD_SIZE is {env_world()} but {key} is not set: start the job "
+                               "with torchrun --nproc-per-node N (or kvc run --nproc N)")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(_leave)
+    return Ranks(dist.get_world_size(), dist.get_rank()), device
+
+
+def _leave() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

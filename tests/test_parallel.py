@@ -1,0 +1,132 @@
+"""Several processes (issue 18): a batch split by rows across 2 gloo ranks on the CPU decodes
+exactly what one process decodes (fp32): the same tokens on every rank, logits within 1e-5,
+for an MHA and a GQA family, with a left-padded uneven batch, micro-batches, sampling from a
+seed, and EOS stopping (kvc.runtime.parallel)."""
+from __future__ import annotations
+
+import socket
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from kvc.runtime.parallel import Ranks
+
+WORLD, PROMPT, GEN = 2, 9, 8
+
+# (name, family preset, mode, recompute fraction, batch, micro-batches, padded, generate kwargs)
+CASES = [
+    ("opt-padded-uneven", "tiny-opt", "pipelined", 0.5, 3, 1, True, {}),
+    ("gqa-micro", "tiny-llama-gqa", "full_offload", 0.0, 4, 2, False, {}),
+    ("gqa-sampled", "tiny-llama-gqa", "pipelined", 0.5, 3, 1, True,
+     {"do_sample": True, "seed": 5, "top_k": 10, "temperature": 0.8, "repetition_penalty": 1.2}),
+    ("opt-eos", "tiny-opt", "kvpr", 0.4, 5, 1, False, {"eos_token_id": "first-row-step-2"}),
+]
+
+
+def _inputs(spec, batch, padded):
+    ids = torch.randint(1, spec.vocab_size, (batch, PROMPT), generator=torch.Generator().manual_seed(1))
+    mask = None
+    if padded:
+        mask = torch.ones_like(ids)
+        mask[1, :6] = 0
+        mask[-1, :2] = 0
+    return ids, mask
+
+
+def _run(case, ranks: Ranks, eos=None):
+    """(tokens, logits) of one case on this process as `ranks` says."""
+    from kvc_fixtures import perturb_small_params
+
+    from kvc.api import assemble
+    from kvc.compiler.lowering import lower
+    from kvc.ir.plan import forced_plan
+    from kvc.models import build_model, preset
+
+    _name, family, mode, fraction, batch, micro, padded, kw = case
+    spec = preset(family)
+    m = perturb_small_params(build_model(spec, "cpu", torch.float32, seed=0))
+    plan = forced_plan(mode, spec.num_layers, PROMPT, GEN, 64, fraction, act_chunks=2,
+                       micro_batches=micro)
+    if not ranks.single:  # a plan is one rank's: its batch is the rank's share
+        plan = replace(plan, batch_size=ranks.share(batch))
+    cm = assemble(lower(m, plan), plan, spec, torch.float32, torch.device("cpu"), ranks=ranks)
+    ids, mask = _inputs(spec, batch, padded)
+    kw = dict(kw)
+    if "eos_token_id" in kw:
+        kw["eos_token_id"] = eos
+    try:
+        return cm.generate(ids, GEN, return_logits=True, attention_mask=mask, **kw)
+    finally:
+        cm.close()
+
+
+def _worker(rank, port, out, eos):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        torch.save({c[0]: _run(c, Ranks(WORLD, rank), eos) for c in CASES}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranked(tmp_path_factory):
+    """Every case decoded by one process, and by each of 2 gloo ranks."""
+    torch.set_num_threads(1)
+    eos_case = next(c for c in CASES if "eos_token_id" in c[7])
+    # an EOS id the first row emits at its third step, so rows finish at different steps
+    eos = int(_run(eos_case, Ranks())[0][0, PROMPT + 2])
+    single = {c[0]: _run(c, Ranks(), eos) for c in CASES}
+    out = tmp_path_factory.mktemp("ranks")
+    mp.spawn(_worker, args=(_free_port(), str(out), eos), nprocs=WORLD, join=True)
+    return single, [torch.load(out / f"rank{r}.pt") for r in range(WORLD)], eos
+
+
+@pytest.mark.parametrize("case", [c[0] for c in CASES])
+def test_two_ranks_decode_what_one_process_decodes(ranked, case):
+    single, ranks, _ = ranked
+    want_tokens, want_logits = single[case]
+    for r, got in enumerate(ranks):
+        tokens, logits = got[case]
+        assert torch.equal(tokens, want_tokens), f"{case}: rank {r}'s tokens differ from one process's"
+        err = (logits - want_logits).abs().max().item()
+        assert err <= 1e-5, f"{case}: rank {r}'s logits off by {err:.2e}"
+
+
+def test_eos_finished_rows_early(ranked):
+    single, _, eos = ranked
+    tokens, _ = single["opt-eos"]
+    assert tokens.shape[1] <= PROMPT + GEN and (tokens[:, PROMPT:] == eos).any(dim=1).any()
+
+
+def test_the_single_process_matches_the_reference():
+    """What the ranks are held to is itself the reference decoder's (greedy cases)."""
+    from kvc_fixtures import perturb_small_params
+
+    from kvc.models import build_model, preset
+    from kvc.runtime.reference import ReferenceDecoder
+
+    torch.set_num_threads(1)
+    case = CASES[0]
+    spec = preset(case[1])
+    m = perturb_small_params(build_model(spec, "cpu", torch.float32, seed=0))
+    ids, mask = _inputs(spec, case[4], case[6])
+    ref, _ = ReferenceDecoder(m, spec).generate(ids, GEN, return_logits=True, attention_mask=mask)
+    assert torch.equal(_run(case, Ranks())[0], ref)
+
+
+def test_rows_and_shares():
+    r = Ranks(4, 3)
+    assert r.share(30) == 8 and r.rows(30) == slice(24, 32)
+    assert Ranks(2, 0).rows(3) == slice(0, 2) and Ranks(2, 1).rows(3) == slice(2, 4)
+    assert Ranks().single and Ranks().share(7) == 7
