@@ -130,3 +130,41 @@ def test_rows_and_shares():
     assert r.share(30) == 8 and r.rows(30) == slice(24, 32)
     assert Ranks(2, 0).rows(3) == slice(0, 2) and Ranks(2, 1).rows(3) == slice(2, 4)
     assert Ranks().single and Ranks().share(7) == 7
+
+
+def test_kvc_run_nproc_2_writes_what_one_process_writes(tmp_path):
+    """The whole path: an artifact compiled for parallel.world_size=2, `kvc run --nproc 2`
+    (torchrun, 2 gloo processes on the CPU) on a JSONL job of mixed prompts, against the same
+    job through a 1-process artifact: the same output lines; one summary line, from rank 0."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("transformers")
+    from text_fixtures import compile_text_artifact
+
+    from kvc.cli import main
+
+    one = compile_text_artifact(tmp_path / "one", batch_size=4, prompt_len=40, gen_len=6)
+    two = compile_text_artifact(tmp_path / "two", batch_size=4, prompt_len=40, gen_len=6,
+                                overrides=("parallel.world_size=2",))
+    records = [{"id": k, "prompt_ids": list(range(3 + 5 * k, 3 + 11 * k + 4))} for k in range(5)]
+    records += [{"id": 5, "prompt": "the cat sat on the mat", "stop": "the"},
+                {"id": 6, "prompt_ids": [7, 8, 9], "max_new_tokens": 2}]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["run", str(one), "--input", str(inp), "--output", str(tmp_path / "one.jsonl"),
+                 "--device", "cpu", "--no-progress"]) == 0
+    done = subprocess.run([sys.executable, "-m", "kvc", "--no-progress", "run", str(two), "--nproc", "2",
+                           "--device", "cpu", "--input", str(inp), "--output", str(tmp_path / "two.jsonl")],
+                          check=False, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    want = (tmp_path / "one.jsonl").read_text().splitlines()
+    assert (tmp_path / "two.jsonl").read_text().splitlines() == want and len(want) == len(records)
+    assert not (tmp_path / "two.jsonl.partial").exists()
+    assert sum(line.startswith("kvc: 7 prompts") for line in done.stderr.splitlines()) == 1, done.stderr
+    # the 2-process artifact in one process: one line naming the world size and how to run it
+    bad = subprocess.run([sys.executable, "-m", "kvc", "run", str(two), "--device", "cpu",
+                          "--prompt-ids", "1,2,3"], check=False, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+    assert "parallel.world_size = 2" in bad.stderr and "--nproc 2" in bad.stderr

@@ -60,7 +60,7 @@ def text_checkpoint(folder: Path, seed: int = 0) -> Path:
 
 
 def compile_text_artifact(root: Path, batch_size: int = 4, prompt_len: int = 300,
-                          gen_len: int = 8) -> Path:
+                          gen_len: int = 8, overrides: tuple = ()) -> Path:
     """The checkpoint compiled for rows of up to prompt_len + gen_len tokens (its plan covers
     every context 1..max_context), with a fixed recompute fraction so that every decode step
     recomputes part of its context."""
@@ -70,4 +70,4 @@ def compile_text_artifact(root: Path, batch_size: int = 4, prompt_len: int = 300
     cfg = {"model": {"checkpoint": str(ckpt), "dtype": "float32"}, "hardware": "cpu",
            "workload": {"batch_size": batch_size, "prompt_len": prompt_len, "gen_len": gen_len,
                         "max_context": prompt_len + gen_len}}
-    return kvc.compile(cfg, ["schedule.recompute_fraction=0.5"], output=root / "t.kvc")
+    return kvc.compile(cfg, ["schedule.recompute_fraction=0.5", *overrides], output=root / "t.kvc")

@@ -102,8 +102,6 @@ def _check_args(args, prompts) -> None:
 def launch(args) -> int:
     """`kvc run ART --nproc N`: the same command in N processes, one per GPU, through torchrun
     (torch.distributed.run, standalone on this host), after the checks that need no model."""
-    import subprocess
-
     from kvc.artifact import read_manifest
     from kvc.runtime.parallel import env_world
 
@@ -134,12 +132,31 @@ def launch(args) -> int:
             rest.append(a)
     if args.device == "cpu" and "--device" not in rest and not any(a.startswith("--device=") for a in rest):
         rest += ["--device", "cpu"]
-    env = dict(os.environ)
     # torchrun would set 1 thread per process (and say so); the host's cores shared out instead
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-           "-m", "kvc", *rest]
-    return subprocess.call(cmd, env=env)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    return start_ranks(n, [sys.executable, "-m", "kvc", *rest])
+
+
+def start_ranks(n: int, cmd: list[str]) -> int:
+    """`cmd` in n processes on this host, as `torchrun --standalone --nproc-per-node n` starts
+    them (torch's launcher API), and their exit status: 0, or the first failed rank's. Each
+    rank says its own error; the launcher's report of the failure is not repeated."""
+    import logging
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=f"kvc-{uuid.uuid4().hex[:8]}",
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                          monitor_interval=0.1)
+    try:
+        elastic_launch(config, cmd[0])(*cmd[1:])
+    except ChildFailedError as e:
+        _, first = e.get_first_failure()
+        return first.exitcode if first.exitcode and first.exitcode > 0 else 1
+    return 0
 
 
 def cmd_run(args) -> int:

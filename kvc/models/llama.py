@@ -322,6 +322,11 @@ FAMILY = Family(
         "llama-2-13b": _llama("llama", 5120, 40, 40, 40, 13824, 32000, 4096, 10000.0),
         "llama-2-70b": _llama("llama", 8192, 80, 64, 8, 28672, 32000, 4096, 10000.0),
         "llama-3-8b": _llama("llama", 4096, 32, 32, 8, 14336, 128256, 8192, 500000.0),
+        # Llama-3.1-8B's shape: 128k positions through its RoPE scaling (config.json's values)
+        "llama-3.1-8b": _llama("llama", 4096, 32, 32, 8, 14336, 128256, 131072, 500000.0,
+                               rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                             "original_max_position_embeddings": 8192}),
         "mistral-7b": _llama("mistral", 4096, 32, 32, 8, 14336, 32000, 32768, 10000.0,
                              sliding_window=4096),
         "qwen2-7b": _llama("qwen2", 3584, 28, 28, 4, 18944, 152064, 32768, 1000000.0, eps=1e-6,
