@@ -131,6 +131,10 @@ def _check_plan(d: dict, spec, cfg, need) -> None:
     m = d.get("micro_batches", 1)
     need(_int(m, 1, LIMITS["num_gpu_batches"]), "plan.micro_batches out of range")
     units = spec.num_layers * m
+    n = d.get("world_size", 1)  # absent: a one-GPU plan (and every plan made before issue 18)
+    need(_int(n, 1, LIMITS["world_size"]),
+         f"plan.world_size = {str(n)[:40]}; expected an integer 1..{LIMITS['world_size']}")
+    need(n == cfg.parallel.world_size, "plan.world_size differs from the config's parallel.world_size")
     for key, lo, hi in (("prompt_len", 1, ctx), ("gen_len", 0, ctx), ("chunk_tokens", 1, LIMITS["chunk_tokens"]),
                         ("lookahead", 0, 8), ("act_chunks", 1, LIMITS["act_chunks"]),
                         ("batch_size", 0, LIMITS["batch_size"])):

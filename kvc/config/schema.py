@@ -31,6 +31,7 @@ LIMITS = {
     "heads": 1 << 12,  # num_heads, num_kv_heads
     "vocab_size": 1 << 24,
     "max_positions": 1 << 24,
+    "world_size": 1024,  # parallel.world_size, a plan's world_size
 }
 
 
@@ -80,11 +81,20 @@ class ScheduleConfig:
 
 
 @dataclass
+class ParallelConfig:
+    # several GPUs (issue 18): one process per GPU under torch.distributed, each decoding
+    # ceil(batch_size / world_size) rows of the batch over its own PCIe link, weights
+    # replicated; after each step the ranks all-gather the last position's logits
+    world_size: int = 1
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

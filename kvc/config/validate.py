@@ -103,6 +103,9 @@ def _check_ranges(cfg: Config) -> None:
     for name in ("chunk_tokens", "act_chunks"):
         v, top = getattr(s, name), LIMITS[name]
         need(1 <= v <= top, f"schedule.{name} = {v}; expected an integer 1..{top}")
+    n = cfg.parallel.world_size
+    need(1 <= n <= LIMITS["world_size"],
+         f"parallel.world_size = {n}: expected an integer 1..{LIMITS['world_size']}")
     t = s.solver_time_limit_s
     need(math.isfinite(t) and 0 < t <= LIMITS["solver_time_limit_s"],
          f"schedule.solver_time_limit_s = {t}; expected a number of seconds in (0, "
@@ -142,6 +145,11 @@ def check_hardware(h: HardwareConfig, prefix: str = "hardware") -> None:
         v = getattr(h, name)
         need(v >= 0, f"{prefix}.{name} = {v}; expected a number >= 0"
                      + (" (0: no CPU attention lane)" if name == "cpu_attn_gbps" else ""))
+    need(h.host_link_gbps >= 0, f"{prefix}.host_link_gbps = {h.host_link_gbps}; expected a number "
+                                ">= 0 (0: no shared host limit known)")
+    need(h.collective_us >= 0, f"{prefix}.collective_us = {h.collective_us}; expected a number >= 0")
+    need(h.collective_gbps > 0, f"{prefix}.collective_gbps = {h.collective_gbps}; expected a "
+                                "positive number")
     need(0 <= h.cpu_attn_threads <= LIMITS["cpu_threads"],
          f"{prefix}.cpu_attn_threads = {h.cpu_attn_threads}; expected 0 (the machine's cores "
          f"minus two) or a thread count up to {LIMITS['cpu_threads']}")

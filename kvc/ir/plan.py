@@ -75,6 +75,11 @@ class Plan:
     cpu: tuple[tuple[int, ...], ...] = ()
     cpu_fraction: float | None = None  # set: c = round(fraction * n) of the n cached tokens, any s
     cpu_threads: int = 0  # the lane's torch threads (0: the runtime's default)
+    # several GPUs (issue 18): the plan of ONE of world_size ranks, each decoding batch_size
+    # rows (the rank's share, ceil(whole batch / world_size)) over its own link, checked
+    # against its share of the host (kvc.hardware.per_rank); predicted_step_ms includes the
+    # logits all-gather after each step
+    world_size: int = 1
 
     def __post_init__(self):
         if len(self.resident) != self.num_units:
@@ -267,6 +272,8 @@ class Plan:
             del d["weights_streamed"]
         if self.micro_batches == 1:
             del d["micro_batches"]
+        if self.world_size == 1:  # one-GPU plans stay as they were
+            del d["world_size"]
         if not self.cuda_graphs:  # manifests of plans made before CUDA graphs stay as they were
             del d["cuda_graphs"]
         return d

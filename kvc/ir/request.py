@@ -38,6 +38,10 @@ class PlanRequest:
     # experiments, like recompute_fraction)
     cpu_attention: str = "auto"
     cpu_attention_fraction: float | None = None
+    # several GPUs (issue 18, parallel.world_size): each of world_size ranks decodes
+    # rank_batch = ceil(batch_size / world_size) rows (the last rank's short share padded with
+    # copies); the plan is made for one rank
+    world_size: int = 1
 
     def __post_init__(self):
         mode(self.mode)  # a KvcError naming the modes, for a request built by hand
@@ -46,7 +50,8 @@ class PlanRequest:
                                  ("gen_len", "workload.gen_len", 0),
                                  ("chunk_tokens", "schedule.chunk_tokens", 1),
                                  ("act_chunks", "schedule.act_chunks", 1),
-                                 ("micro_batches", "workload.num_gpu_batches", 1)):
+                                 ("micro_batches", "workload.num_gpu_batches", 1),
+                                 ("world_size", "parallel.world_size", 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < least:
                 raise KvcError(f"{key} = {v!r}: expected an integer >= {least}")
@@ -61,10 +66,29 @@ class PlanRequest:
                 raise KvcError(f"schedule.{name} = {f}: expected null or 0..1")
         check_cpu_attention(self.cpu_attention, self.cpu_attention_fraction,
                             self.recompute_fraction, self.schedule)
-        if self.batch_size % self.micro_batches:
+        if self.world_size > 1:
+            self._check_ranks()
+        elif self.batch_size % self.micro_batches:
             raise KvcError(f"workload.batch_size = {self.batch_size} does not split into "
                            f"workload.num_gpu_batches = {self.micro_batches} equal micro-batches;"
                            f" use a multiple of {self.micro_batches}")
+
+    def _check_ranks(self) -> None:
+        n, b, m = self.world_size, self.batch_size, self.micro_batches
+        if n > b:
+            raise KvcError(f"parallel.world_size = {n} is more ranks than workload.batch_size = {b}"
+                           f" rows: a rank would have no rows; use at most {b} ranks, or a batch of"
+                           f" at least {n}")
+        if self.rank_batch % m:
+            raise KvcError(f"workload.batch_size = {b} over parallel.world_size = {n} gives each "
+                           f"rank {self.rank_batch} rows, which do not split into "
+                           f"workload.num_gpu_batches = {m} equal micro-batches; use a batch whose"
+                           f" share per rank is a multiple of {m} (e.g. {n * m * -(-self.rank_batch // m)})")
+
+    @property
+    def rank_batch(self) -> int:
+        """The rows each rank decodes: ceil(batch_size / world_size)."""
+        return -(-self.batch_size // self.world_size)
 
     @classmethod
     def from_config(cls, cfg) -> "PlanRequest":
@@ -77,7 +101,8 @@ class PlanRequest:
                    time_limit_s=s.solver_time_limit_s, micro_batches=w.num_gpu_batches,
                    resident_cache=s.resident_cache, cuda_graphs=s.cuda_graphs,
                    max_context=w.max_context, cpu_attention=s.cpu_attention,
-                   cpu_attention_fraction=s.cpu_attention_fraction)
+                   cpu_attention_fraction=s.cpu_attention_fraction,
+                   world_size=cfg.parallel.world_size)
 
     @property
     def schedule(self) -> Mode:
