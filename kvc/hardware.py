@@ -1,7 +1,7 @@
 """HardwareConfig: what the cost model knows about a machine (a preset, a profile, or overrides)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 
 @dataclass
@@ -42,6 +42,13 @@ class HardwareConfig:
     cpu_attn_gbps: float = 0.0
     cpu_attn_fixed_us: float = 150.0
     cpu_attn_threads: int = 0  # 0: the machine's cores minus two (the host thread, the OS)
+    # several GPUs (issue 18, parallel.world_size): the pinned host-to-device rate all GPUs of
+    # this host reach together when every one copies at once, summed (0: no shared limit known,
+    # each GPU keeps h2d_gbps); and the logits all-gather among the ranks after each step: its
+    # fixed cost and its rate (bytes each rank receives per second)
+    host_link_gbps: float = 0.0
+    collective_us: float = 30.0
+    collective_gbps: float = 50.0
     measured: dict = field(default_factory=dict)  # machine, date, torch/cuda versions of a profile
 
     # GB everywhere means 1e9 bytes; GB/s likewise, TFLOP/s 1e12 FLOP/s.
@@ -60,3 +67,19 @@ class HardwareConfig:
             from kvc.errors import KvcError
             raise KvcError(f"hardware: unknown keys {unknown}; expected some of {sorted(names)}")
         return cls(**d)
+
+
+def per_rank(hw: HardwareConfig, world_size: int) -> HardwareConfig:
+    """The machine one of `world_size` ranks (one process per GPU, all copying at once) sees:
+    each link's rate capped at its share of the host's summed rate (host_link_gbps / N, where
+    measured) and the host's pinned memory shared (cpu_mem_gb / N). world_size 1: `hw` itself.
+    The rates are idempotent (a rank's config asked again gives the same rates); the memory is
+    not, so call it once on the host's config."""
+    if world_size == 1:
+        return hw
+    if world_size < 1:
+        raise ValueError(f"per_rank: world_size {world_size} < 1")
+    share = hw.host_link_gbps / world_size if hw.host_link_gbps > 0 else None
+    rates = {k: min(getattr(hw, k), share) if share is not None else getattr(hw, k)
+             for k in ("h2d_gbps", "d2h_gbps", "bidir_gbps")}
+    return replace(hw, cpu_mem_gb=hw.cpu_mem_gb / world_size, **rates)
