@@ -4,13 +4,19 @@ issue the step's nodes, which the GPU cannot finish before.
 
 The CPU attention lane (issue 17): a unit's c CPU tokens (Plan.cpu_tokens) are the oldest of
 the n it reads, its l recomputed tokens the next ones (capped at n - c, as the runtime
-does), its K,V copies the rest."""
+does), its K,V copies the rest.
+
+Several GPUs (issue 18): a Plan with world_size N > 1 is one rank's, for its batch_size rows.
+`predict` takes the host's HardwareConfig and either the rank's batch or the whole batch
+(`rank_view`); `evaluate`, `evaluate_arrays` and `step_terms` take the rank's machine and
+batch. The logits all-gather after each step (`gather_ms`) is added to the step in one place,
+`evaluate_arrays`, so the plan's predictions, `predict` and the reports agree."""
 from __future__ import annotations
 
 import numpy as np
 
 from kvc.errors import KvcError
-from kvc.hardware import HardwareConfig
+from kvc.hardware import HardwareConfig, per_rank
 from kvc.ir.plan import Plan
 from kvc.models.spec import ModelSpec
 from kvc.planner import cost
@@ -18,9 +24,13 @@ from kvc.planner import cost
 
 def predict(spec: ModelSpec, hw: HardwareConfig, plan: Plan, s: int, batch_size: int,
             dtype: str) -> dict:
-    """Predicted decode step at context s: total and the busy time of the link and the GPU."""
+    """Predicted decode step at context s: total and the busy time of the link and the GPU
+    (of one rank, on several GPUs: `hw` is the host's, `batch_size` the rank's or the whole
+    batch, see rank_view; the step then includes the logits all-gather, `gather_ms`)."""
+    hw, batch_size = rank_view(hw, plan, batch_size)
     if plan.batch_size and (plan.batch_size, plan.dtype) != (batch_size, dtype):
-        raise KvcError(f"the plan was made for batch {plan.batch_size} {plan.dtype}, "
+        ranks = f" per rank of {plan.world_size}" if plan.world_size > 1 else ""
+        raise KvcError(f"the plan was made for batch {plan.batch_size}{ranks} {plan.dtype}, "
                        f"not batch {batch_size} {dtype}; make a plan for this workload")
     step, link, gpu, host, moved = evaluate(spec, hw, plan, np.array([s]), batch_size, dtype)
     step, link, gpu = float(step[0]), float(link[0]), float(gpu[0])
@@ -31,7 +41,34 @@ def predict(spec: ModelSpec, hw: HardwareConfig, plan: Plan, s: int, batch_size:
         cpu = cpu_table(spec, plan, np.array([s]))[:, 0]
         kw = step_terms(spec, hw, plan, s, np.zeros(plan.num_units), batch_size, dtype, cpu)[1]
         out["cpu_busy_ms"] = float(np.sum(kw.get("P", 0.0)))
+    if plan.world_size > 1:  # one-GPU plans report what they always did
+        out["gather_ms"] = gather_ms(spec, hw, plan.world_size, batch_size, dtype)
     return out
+
+
+def rank_view(hw: HardwareConfig, plan: Plan, batch_size: int) -> tuple[HardwareConfig, int]:
+    """(machine, batch) of one rank of `plan`: the host's machine as a rank sees it
+    (kvc.hardware.per_rank; its rates are idempotent, so a rank's machine passes unchanged
+    where rates are concerned) and the rank's rows, ceil(batch_size / world_size), where
+    `batch_size` is a whole batch the plan's rank batch came from (the plan's own batch
+    passes as it is). world_size 1: both as given."""
+    n = plan.world_size
+    if n == 1:
+        return hw, batch_size
+    if batch_size != plan.batch_size and (not plan.batch_size or -(-batch_size // n) == plan.batch_size):
+        batch_size = -(-batch_size // n)
+    return per_rank(hw, n), batch_size
+
+
+def gather_ms(spec: ModelSpec, hw: HardwareConfig, world_size: int, rank_batch: int,
+              dtype: str) -> float:
+    """The logits all-gather after each step among `world_size` ranks (0 for one): each rank
+    receives the other ranks' last-position logits, (N - 1) x rank_batch x vocab_size values
+    in the model dtype, at hw.collective_gbps after hw.collective_us."""
+    if world_size <= 1:
+        return 0.0
+    nbytes = (world_size - 1) * rank_batch * spec.vocab_size * cost.dtype_bytes(dtype)
+    return hw.collective_us * 1e-3 + nbytes / (hw.collective_gbps * 1e9) * 1e3
 
 
 def evaluate(spec, hw, plan: Plan, ctx: np.ndarray, b: int, dtype: str):
@@ -108,12 +145,16 @@ def step_terms(spec, hw, plan: Plan, s, l, b: int, dtype: str, cpu=None):
 
 def evaluate_arrays(spec, hw, plan: Plan, ctx, l, b, dtype, cpu=None):
     """(step, link busy, GPU busy) per context and the host's time to issue a step, for
-    per-unit l and CPU tokens ([units, contexts])."""
+    per-unit l and CPU tokens ([units, contexts]). The step total is formed here, and only
+    here: the walk, bounded by the host, then (several GPUs) the logits all-gather."""
     args, kw = step_terms(spec, hw, plan, ctx, l, b, dtype, cpu)
     step, link, gpu = cost.simulate(*args, **kw)
     # the host issues the step's nodes one by one; the GPU cannot finish before the last one
     host = host_ms(spec, hw, plan, l)
-    return np.maximum(step, host), link, gpu, host
+    step = np.maximum(step, host)
+    if plan.world_size > 1:  # every rank waits for the others' logits before sampling
+        step = step + gather_ms(spec, hw, plan.world_size, b, dtype)
+    return step, link, gpu, host
 
 
 def host_ms(spec, hw, plan: Plan, l) -> float:

@@ -32,6 +32,11 @@ How a plan is made (`make_plan`):
    (l, c) and the lane's c with nothing recomputed is kept, so auto is never predicted slower
    than off. A plan with CPU tokens keeps every host pool row (memory.host_memory_gb); where
    that does not fit the host, the plan goes without the lane.
+6. Several GPUs (issue 18, parallel.world_size N > 1; a batch split): each rank decodes
+   ceil(batch / N) rows over its own link with the weights replicated, so the plan is ONE
+   rank's: made for the rank's rows on the machine a rank sees (kvc.hardware.per_rank: its
+   share of the host's summed link rate and of its pinned memory), its steps plus the logits
+   all-gather after each one (kvc.planner.evaluate.gather_ms, added where the step is formed).
 `predicted_step_ms` is reported for the workload's contexts prompt_len..prompt_len + gen_len;
 the table is stored as runs of equal rows (kvc.ir.plan).
 The scheduler asks the request's Mode what it may decide (offloads, recomputes,
@@ -46,12 +51,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from kvc.errors import KvcError
-from kvc.hardware import HardwareConfig
+from kvc.hardware import HardwareConfig, per_rank
 from kvc.ir.plan import Plan, forced_plan, weights_for_fraction
 from kvc.ir.request import PlanRequest
 from kvc.models.spec import ModelSpec
 from kvc.planner import cost
-from kvc.planner.evaluate import cpu_table, evaluate, evaluate_arrays
+from kvc.planner.evaluate import cpu_table, evaluate, evaluate_arrays, gather_ms
 from kvc.planner.lp import solve as _solve
 from kvc.planner.memory import (check_host_memory, check_memory, default_max_context,
                                 place_weights)
@@ -70,33 +75,44 @@ def make_plan(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest) -> Plan:
     time wins (1 or all). `req.micro_batches`: the block schedule's micro-batches per step;
     `req.resident_cache` false: no layer keeps its cache on the GPU; `req.cuda_graphs`: the
     runtime replays the step's static runs as CUDA graphs on a GPU, which the host lane counts.
-    `req.max_context` None: kvc.planner.memory.default_max_context."""
+    `req.max_context` None: kvc.planner.memory.default_max_context. `req.world_size` N > 1:
+    the plan of one rank (its rank_batch rows, on per_rank(hw, N)), with world_size N."""
     t0 = time.perf_counter()
+    ranks = req.world_size
+    if ranks > 1:
+        hw, req = per_rank(hw, ranks), req.but(batch_size=req.rank_batch, world_size=1)
     why = "workload.max_context"
     if req.max_context is None:
         n, why = default_max_context(spec, hw, req)
         req = req.but(max_context=n)
-    plan = _best_chunks(spec, hw, req)
+    plan = _best_chunks(spec, hw, req, ranks)
     if plan.cpu_lane and req.cpu_attention_fraction is None \
             and host_memory_gb(spec, plan, req.batch_size, req.dtype) > hw.cpu_mem_gb:
         # the lane keeps every pool row: where that does not fit, plan without it
         need = host_memory_gb(spec, plan, req.batch_size, req.dtype)
-        plan = _best_chunks(spec, hw, req.but(cpu_attention="off"))
+        plan = _best_chunks(spec, hw, req.but(cpu_attention="off"), ranks)
         plan = replace(plan, notes={**plan.notes, "cpu_attention": (
             f"off: the lane's pools (every row kept) need {need:.1f} GB of pinned memory, more "
             f"than hardware.cpu_mem_gb = {hw.cpu_mem_gb:g}")})
     check_host_memory(spec, hw, plan, req.batch_size, req.dtype)
     notes = {**plan.notes, "max_context": f"{req.max_context} ({why})"}
+    if ranks > 1:  # what one rank was planned with (one-GPU plans' notes stay as they were)
+        notes["parallel"] = {
+            "world_size": ranks, "rank_batch": req.batch_size,
+            "h2d_gbps": hw.h2d_gbps, "d2h_gbps": hw.d2h_gbps, "bidir_gbps": hw.bidir_gbps,
+            "host_link_gbps": hw.host_link_gbps, "cpu_mem_gb": round(hw.cpu_mem_gb, 4),
+            "gather_ms": round(gather_ms(spec, hw, ranks, req.batch_size, req.dtype), 6)}
     if "solve_s" in notes:
         notes["solve_s"] = round(time.perf_counter() - t0, 4)  # both plans, end to end
     return replace(plan, notes=notes)
 
 
-def _best_chunks(spec, hw, req: PlanRequest) -> Plan:
-    """The plan with req.act_chunks chunks, or with one where that is predicted faster."""
-    plan = _make_plan(spec, hw, req)
+def _best_chunks(spec, hw, req: PlanRequest, ranks: int = 1) -> Plan:
+    """The plan with req.act_chunks chunks, or with one where that is predicted faster.
+    `ranks`: the world size the plan is one rank of (`req` and `hw` are the rank's)."""
+    plan = _make_plan(spec, hw, req, ranks)
     if req.schedule.chunked and req.recompute_fraction is None and req.act_chunks > 1:
-        single = _make_plan(spec, hw, req.but(act_chunks=1))
+        single = _make_plan(spec, hw, req.but(act_chunks=1), ranks)
         if sum(single.predicted_step_ms) < sum(plan.predicted_step_ms):
             plan = single
     return plan
@@ -115,6 +131,7 @@ class _Job:
     deadline: float
     # the CPU attention lane: None (none), "free" (the LP decides) or a forced fraction
     lane: str | float | None = None
+    ranks: int = 1  # the world size the plan is one rank of (req and hw are the rank's)
 
     @property
     def L(self) -> int:
@@ -150,7 +167,7 @@ class _Job:
                     chunk_tokens=r.chunk_tokens, batch_size=r.batch_size, dtype=r.dtype,
                     weights_streamed=self.streamed, micro_batches=m, cuda_graphs=r.cuda_graphs,
                     resident=tuple(cost.per_unit(resident, m).tolist()), recompute=(),
-                    max_context=r.max_context, **self.overlap)
+                    max_context=r.max_context, world_size=self.ranks, **self.overlap)
 
     def steps(self, plan: Plan, recompute: np.ndarray, cpu: np.ndarray | None = None) -> np.ndarray:
         """Predicted step per context for per-layer l and CPU tokens ([layers, contexts];
@@ -163,9 +180,10 @@ class _Job:
                                self.req.dtype, c)[0]
 
 
-def _make_plan(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest) -> Plan:
+def _make_plan(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest, ranks: int = 1) -> Plan:
     t0 = time.perf_counter()
     job = _prepare(spec, hw, req, t0 + req.time_limit_s)
+    job.ranks = ranks
     if req.recompute_fraction is not None:
         return _forced(job)
     resident = _residency(job)
@@ -252,7 +270,7 @@ def _forced(job: _Job) -> Plan:
                        max_context=r.max_context,
                        cpu_fraction=job.lane if isinstance(job.lane, float) else None)
     plan = replace(plan, batch_size=r.batch_size, dtype=r.dtype, weights_streamed=job.streamed,
-                   cuda_graphs=r.cuda_graphs,
+                   cuda_graphs=r.cuda_graphs, world_size=job.ranks,
                    cpu_threads=job.hw.cpu_attn_threads if plan.cpu_lane else 0)
     steps = evaluate(job.spec, job.hw, plan, np.asarray(r.workload_contexts), r.batch_size, r.dtype)[0]
     return replace(plan, predicted_step_ms=_ms(steps), notes={**job.notes, "forced": True})
@@ -429,11 +447,19 @@ def search_policy(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest, batch_s
     refuse what does not fit the GPU or the host); keep the one with the highest predicted
     decode throughput, batch * gen_len / sum of predicted step times. Returns (plan, tokens/s).
     Raises the last refusal when nothing fits. `tried` (a list) receives one dict per
-    candidate: batch, micro_batches, and tokens_per_s or the refusal."""
+    candidate: batch, micro_batches, and tokens_per_s or the refusal.
+
+    Several GPUs (req.world_size N > 1): `batch_sizes` are whole batches, split over the N
+    ranks; a batch with fewer rows than ranks, or whose share per rank the micro-batches do
+    not divide, is skipped; the plans are one rank's (Plan.batch_size its share) and the
+    throughput is the whole batch's, b * gen_len / sum of one rank's steps."""
     best, best_tps, last = None, -1.0, None
+    ranks = req.world_size
     for b in sorted(set(batch_sizes)):
+        if b < ranks:
+            continue
         for m in sorted(set(micro_batches)):
-            if b % m:
+            if -(-b // ranks) % m:
                 continue
             try:
                 plan = make_plan(spec, hw, req.but(batch_size=b, micro_batches=m))
@@ -448,5 +474,6 @@ def search_policy(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest, batch_s
             if tps > best_tps:
                 best, best_tps = plan, tps
     if best is None:
-        raise last or KvcError("search_policy: no batch size to try")
+        raise last or KvcError("search_policy: no batch size to try" + (
+            f" (each needs at least parallel.world_size = {ranks} rows)" if ranks > 1 else ""))
     return best, best_tps
