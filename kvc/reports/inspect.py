@@ -38,6 +38,7 @@ def inspect_text(artifact) -> str:
             f"{spec.num_heads} ({spec.num_kv_heads} KV), vocab {spec.vocab_size}, {dtype}"),
            (f"  workload: batch {b}, prompt {P}, generate {G} (decode contexts {P}..{P + G}); the "
             f"plan serves contexts {plan.context_range[0]}..{plan.context_range[1]}"),
+           *_parallel(hw, plan, b),
            (f"  machine:  {hw.name} ({hw.device}): H2D {hw.h2d_gbps:g} GB/s, GEMM {hw.gemm_tflops:g} "
             f"TFLOP/s, GPU memory {hw.gpu_mem_gb:g} GB; {measured}"),
            f"  plan:     {plan.mode}, {len(off)}/{plan.num_units} "
@@ -49,8 +50,12 @@ def inspect_text(artifact) -> str:
            + (f", weights streamed {sum(plan.weights_streamed):.2f} of {plan.num_layers} layers"
               if plan.streamed_layers else "")]
     out.append("  cpu lane: " + _cpu_lane(spec, hw, plan, P, G))
-    here = predict(spec, hw, plan, P, b, dtype)["predicted_step_ms"]
-    out.append(f"predicted decode step at context {P}: {here:.3f} ms; speed-up of this plan over:")
+    pred = predict(spec, hw, plan, P, b, dtype)
+    here = pred["predicted_step_ms"]
+    gather = (f" (of which the logits all-gather {pred['gather_ms']:.3f} ms)"
+              if plan.world_size > 1 else "")
+    out.append(f"predicted decode step at context {P}: {here:.3f} ms{gather}; speed-up of this "
+               "plan over:")
     for mode in MODES:
         if mode == plan.mode:
             continue
@@ -63,6 +68,21 @@ def inspect_text(artifact) -> str:
         t = predict(spec, hw, other, P, b, dtype)["predicted_step_ms"]
         out.append(f"  {mode:<13} {t:>10.3f} ms   x{t / here:.2f}")
     return "\n".join(out)
+
+
+def _parallel(hw, plan, b: int) -> list[str]:
+    """Several GPUs (issue 18): the batch split and the link a rank was planned with; nothing
+    for a one-GPU plan."""
+    if plan.world_size == 1:
+        return []
+    from kvc.hardware import per_rank
+
+    rank = per_rank(hw, plan.world_size)
+    return [f"  parallel: world size {plan.world_size} (one process per GPU, torchrun), "
+            f"{plan.batch_size} row{'s' if plan.batch_size > 1 else ''} per rank of the batch of "
+            f"{b}, each over its own link at H2D "
+            f"{rank.h2d_gbps:g} GB/s (host limit "
+            + (f"{hw.host_link_gbps:g} GB/s" if hw.host_link_gbps > 0 else "unknown") + ")"]
 
 
 def _cpu_lane(spec, hw, plan, P: int, G: int) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from kvc.config import LIMITS
 from kvc.errors import KvcError
-from kvc.hardware import HardwareConfig
+from kvc.hardware import HardwareConfig, per_rank
 from kvc.ir.modes import NAMES as MODES
 from kvc.ir.request import PlanRequest
 from kvc.models.spec import ModelSpec
@@ -19,8 +19,10 @@ from kvc.planner.scheduler import host_memory_gb, make_plan, predict
 
 def plan_json(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest,
               context: int | None = None) -> dict:
-    batch_size, prompt_len, gen_len, dtype = req.batch_size, req.prompt_len, req.gen_len, req.dtype
-    mode, micro_batches = req.mode, req.micro_batches
+    # several GPUs: everything below is one rank's (its rows, its share of the host)
+    batch_size, prompt_len, gen_len, dtype = req.rank_batch, req.prompt_len, req.gen_len, req.dtype
+    mode, micro_batches, ranks = req.mode, req.micro_batches, req.world_size
+    rank_hw = per_rank(hw, ranks)
     s = prompt_len if context is None else int(context)
     if s < 1 or (req.max_context is not None and s > req.max_context):
         raise KvcError(f"--context {s}: the plan covers contexts 1..{req.max_context or 'max_context'}"
@@ -70,7 +72,9 @@ def plan_json(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest,
         "model": {"num_layers": spec.num_layers, "hidden_size": spec.hidden_size,
                   "kv_width": spec.kv_width, "dtype": dtype},
         "hardware": hw.name,
-        "mode": mode, "context": s, "batch_size": batch_size, "micro_batches": micro_batches,
+        "mode": mode, "context": s, "batch_size": req.batch_size, "micro_batches": micro_batches,
+        # several GPUs: the layers, bytes, step and memory below are one rank's
+        **({"world_size": ranks, "rank_batch": batch_size} if ranks > 1 else {}),
         "prompt_len": prompt_len, "gen_len": gen_len, "max_context": plan.max_context,
         "context_range": list(plan.context_range),
         "chunk_tokens": req.chunk_tokens, "act_chunks": plan.act_chunks, "lookahead": plan.lookahead,
@@ -84,9 +88,20 @@ def plan_json(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest,
         "modes": modes,
         "memory_gb": plan.notes.get("memory_gb", {}),
         "cpu_pool_gb": round(host_memory_gb(spec, plan, batch_size, dtype), 3),
-        "notes": {k: v for k, v in plan.notes.items() if k != "memory_gb"},
+        "notes": {k: v for k, v in plan.notes.items() if k not in ("memory_gb", "parallel")},
         "plan": plan.to_json(),  # what `kvc compile` with the same config stores
+        # one-GPU reports stay as they were
+        **({"parallel": _parallel(req, rank_hw, pred)} if ranks > 1 else {}),
     }
+
+
+def _parallel(req: PlanRequest, rank_hw: HardwareConfig, pred: dict) -> dict:
+    """Several GPUs: the batch split and what one rank was planned with."""
+    return {"world_size": req.world_size, "batch_size": req.batch_size,
+            "rank_batch": req.rank_batch, "padded_rows": req.rank_batch * req.world_size - req.batch_size,
+            "h2d_gbps": rank_hw.h2d_gbps, "d2h_gbps": rank_hw.d2h_gbps,
+            "bidir_gbps": rank_hw.bidir_gbps, "host_link_gbps": rank_hw.host_link_gbps,
+            "cpu_mem_gb": round(rank_hw.cpu_mem_gb, 4), "gather_ms": pred["gather_ms"]}
 
 
 def plan_text(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest,
@@ -96,10 +111,24 @@ def plan_text(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest,
     mode, micro_batches = req.mode, req.micro_batches
     s = d["context"]
     mb = f" in {micro_batches} micro-batches" if micro_batches > 1 else ""
+    par = d.get("parallel")
+    if par:
+        rows = "row" if par["rank_batch"] == 1 else "rows"
+        mb = (f" over {par['world_size']} GPUs, {par['rank_batch']} {rows} per rank"
+              + (f" ({par['padded_rows']} padding)" if par["padded_rows"] else "")
+              + (f" in {micro_batches} micro-batches" if micro_batches > 1 else ""))
     first, last = d["context_range"]
     out = [(f"kvc plan: {mode} on {d['hardware']}, batch {batch_size}{mb}, {dtype}, context {s} "
             f"(workload contexts {prompt_len}..{prompt_len + gen_len}; the plan serves "
             f"{first}..{last})")]
+    if par:
+        share = (f"the host's {par['host_link_gbps']:g} GB/s over {par['world_size']} ranks, capped at"
+                 if par["host_link_gbps"] > 0 else "no shared host limit known (hardware.host_link_gbps"
+                 " 0), so")
+        out.append(f"  world size {par['world_size']} (a batch split, one process per GPU): each rank "
+                   f"decodes {par['rank_batch']} {rows} over its own link at H2D {par['h2d_gbps']:g} "
+                   f"GB/s ({share} each GPU's {hw.h2d_gbps:g}), with {par['cpu_mem_gb']:g} GB of the "
+                   "host's pinned memory; the table, bytes, step and memory below are one rank's")
     if d["forced_fraction"] is not None:
         out.append(f"  forced: l = round({d['forced_fraction']:g} * s) in every offloaded layer")
     lane = d["cpu_attention"]
@@ -126,6 +155,11 @@ def plan_text(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest,
     out.append(f"predicted decode step: {step:.3f} ms  (link busy {d['link_busy_ms']:.3f} ms, "
                f"GPU busy {d['gpu_busy_ms']:.3f} ms, GPU idle {d['gpu_idle_ms']:.3f} ms, "
                f"host issues it in {d['host_ms']:.3f} ms)")
+    if par:
+        out.append(f"  of which the logits all-gather after the step: {par['gather_ms']:.3f} ms "
+                   f"(hardware.collective_us {hw.collective_us:g} + {par['world_size'] - 1} x "
+                   f"{par['rank_batch']} rows x {spec.vocab_size} logits at collective_gbps "
+                   f"{hw.collective_gbps:g})")
     if cpu:
         on = [r["cpu_tokens"] for r in d["layers"] if r["cpu_tokens"]]
         out.append(f"  CPU attention lane: {len(on)} of {spec.num_layers} layers attend to "
@@ -148,9 +182,11 @@ def plan_text(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest,
         out.append("GPU memory (GB): " + ", ".join(
             f"{k[:-3]} {v:.2f}" for k, v in mem.items() if isinstance(v, float)) +
                    (f" (staging holds {mem['staging_for']})" if "staging_for" in mem else ""))
-    if d["cpu_pool_gb"] > hw.cpu_mem_gb:
+    pinned = par["cpu_mem_gb"] if par else hw.cpu_mem_gb
+    if d["cpu_pool_gb"] > pinned:
         out.append(f"warning: the CPU pools need {d['cpu_pool_gb']:.1f} GB, more than "
-                   f"hardware.cpu_mem_gb = {hw.cpu_mem_gb:g}")
+                   + (f"a rank's share of hardware.cpu_mem_gb = {hw.cpu_mem_gb:g}, {pinned:g}"
+                      if par else f"hardware.cpu_mem_gb = {hw.cpu_mem_gb:g}"))
     for k, v in d["notes"].items():
         out.append(f"note: {k}: {v}")
     return "\n".join(out)
@@ -183,7 +219,9 @@ def search_text(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest, max_batch
     tried: list[dict] = []
     plan, tps = search_policy(spec, hw, req, batch_sizes=batches, tried=tried)
     out = [(f"kvc plan --search: {req.mode} on {hw.name}, {req.dtype}, prompt {req.prompt_len} + gen "
-            f"{req.gen_len}, batches up to {max_batch} ({len(tried)} candidates planned)")]
+            f"{req.gen_len}, batches up to {max_batch} ({len(tried)} candidates planned)"
+            + (f"; each batch split over parallel.world_size = {req.world_size} GPUs"
+               if req.world_size > 1 else ""))]
     out.append(f"  {'micro-batches':>13}  {'best batch':>10}  {'tokens/s (predicted)':>20}  refused")
     for m in sorted({t["micro_batches"] for t in tried}):
         ok = [t for t in tried if t["micro_batches"] == m and "tokens_per_s" in t]
@@ -194,7 +232,12 @@ def search_text(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest, max_batch
     refusals = [t["refused"] for t in tried if "refused" in t]
     if refusals:
         out.append(f"  largest refused: {refusals[-1]}")
-    out.append(f"best: batch {plan.batch_size} in {plan.micro_batches} micro-batch(es), "
-               f"{tps:.1f} tokens/s predicted: workload.batch_size={plan.batch_size} "
+    # several GPUs: the plan is one rank's; the whole batch is the winning candidate's
+    whole = plan.batch_size if plan.world_size == 1 else next(
+        t["batch"] for t in tried if t.get("tokens_per_s") == tps and t["micro_batches"] == plan.micro_batches)
+    ranks = (f" over {plan.world_size} GPUs ({plan.batch_size} rows per rank)"
+             if plan.world_size > 1 else "")
+    out.append(f"best: batch {whole}{ranks} in {plan.micro_batches} micro-batch(es), "
+               f"{tps:.1f} tokens/s predicted: workload.batch_size={whole} "
                f"workload.num_gpu_batches={plan.micro_batches}")
     return "\n".join(out)

@@ -21,29 +21,39 @@ from kvc.hardware import HardwareConfig
 from kvc.ir.plan import Plan
 from kvc.models.spec import ModelSpec
 from kvc.planner import cost
-from kvc.planner.evaluate import cpu_table
+from kvc.planner.evaluate import cpu_table, gather_ms, rank_view
 from kvc.planner.scheduler import step_terms
 
 LANES = ("copy-in", "compute", "copy-out", "cpu")  # cpu: the CPU attention lane (issue 17)
 COLORS = {"act_copy": "#4c9be8", "kv_copy": "#f28e2b", "recompute": "#59a14f",
-          "compute": "#9c6ade", "writeback": "#e15759", "cpu_attn": "#edc948", "head": "#7f7f7f"}
+          "compute": "#9c6ade", "writeback": "#e15759", "cpu_attn": "#edc948", "head": "#7f7f7f",
+          "gather": "#bab0ac"}
 LABELS = {"act_copy": "activation copy (H2D)", "kv_copy": "KV copy (H2D)",
           "recompute": "K/V recompute", "compute": "attention + MLP",
           "writeback": "write-back (D2H)", "weight_copy": "weight copy (H2D)",
-          "cpu_attn": "attention on the CPU (oldest tokens)", "head": "final norm + LM head"}
+          "cpu_attn": "attention on the CPU (oldest tokens)", "head": "final norm + LM head",
+          "gather": "logits all-gather (several GPUs)"}
 
 
 def predicted_intervals(spec: ModelSpec, hw: HardwareConfig, plan: Plan, s: int,
                         batch_size: int, dtype: str) -> list[dict]:
     """Per-stream busy intervals (ms) of the decode step at context s under `plan` (per unit:
-    with micro-batches, "layer" u is layer u // m on micro-batch u % m)."""
+    with micro-batches, "layer" u is layer u // m on micro-batch u % m). Several GPUs: one
+    rank's step (`hw` the host's, `batch_size` the rank's or the whole batch), then the
+    logits all-gather on the compute lane after the last interval."""
+    hw, batch_size = rank_view(hw, plan, batch_size)
     try:
         l = np.array([plan.recompute_tokens(u, s) for u in range(plan.num_units)])
     except ValueError as e:
         raise KvcError(str(e)) from None
     cpu = cpu_table(spec, plan, np.array([s]))[:, 0] if plan.cpu_lane else None
     args, kw = step_terms(spec, hw, plan, s, l, batch_size, dtype, cpu)
-    return cost.intervals(*args, **kw)
+    items = cost.intervals(*args, **kw)
+    if plan.world_size > 1:
+        end = max((it["end"] for it in items), default=0.0)
+        items.append({"lane": "compute", "kind": "gather", "layer": None, "start": end,
+                      "end": end + gather_ms(spec, hw, plan.world_size, batch_size, dtype)})
+    return items
 
 
 def lanes_of(items: list[dict]) -> tuple[str, ...]:
