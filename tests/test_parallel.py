@@ -35,8 +35,8 @@ def _inputs(spec, batch, padded):
     return ids, mask
 
 
-def _run(case, ranks: Ranks, eos=None):
-    """(tokens, logits) of one case on this process as `ranks` says."""
+def _run(case, ranks: Ranks, eos=None, device="cpu"):
+    """(tokens, logits) of one case on this process as `ranks` says (fp32 on `device`)."""
     from kvc_fixtures import perturb_small_params
 
     from kvc.api import assemble
@@ -46,29 +46,34 @@ def _run(case, ranks: Ranks, eos=None):
 
     _name, family, mode, fraction, batch, micro, padded, kw = case
     spec = preset(family)
-    m = perturb_small_params(build_model(spec, "cpu", torch.float32, seed=0))
+    m = perturb_small_params(build_model(spec, "cpu", torch.float32, seed=0)).to(device)
     plan = forced_plan(mode, spec.num_layers, PROMPT, GEN, 64, fraction, act_chunks=2,
                        micro_batches=micro)
     if not ranks.single:  # a plan is one rank's: its batch is the rank's share
         plan = replace(plan, batch_size=ranks.share(batch))
-    cm = assemble(lower(m, plan), plan, spec, torch.float32, torch.device("cpu"), ranks=ranks)
+    cm = assemble(lower(m, plan), plan, spec, torch.float32, torch.device(device), ranks=ranks)
     ids, mask = _inputs(spec, batch, padded)
     kw = dict(kw)
     if "eos_token_id" in kw:
         kw["eos_token_id"] = eos
     try:
-        return cm.generate(ids, GEN, return_logits=True, attention_mask=mask, **kw)
+        tokens, logits = cm.generate(ids.to(device), GEN, return_logits=True, attention_mask=mask, **kw)
+        return tokens.cpu(), logits.cpu()
     finally:
         cm.close()
 
 
-def _worker(rank, port, out, eos):
+def _worker(rank, port, out, eos, cuda=False):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    device = f"cuda:{rank}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=WORLD)
     try:
-        torch.save({c[0]: _run(c, Ranks(WORLD, rank), eos) for c in CASES}, f"{out}/rank{rank}.pt")
+        torch.save({c[0]: _run(c, Ranks(WORLD, rank), eos, device) for c in CASES}, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -123,6 +128,24 @@ def test_the_single_process_matches_the_reference():
     ids, mask = _inputs(spec, case[4], case[6])
     ref, _ = ReferenceDecoder(m, spec).generate(ids, GEN, return_logits=True, attention_mask=mask)
     assert torch.equal(_run(case, Ranks())[0], ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < WORLD,
+                    reason="needs 2 CUDA devices")
+def test_two_gpus_decode_what_one_gpu_decodes(tmp_path):
+    """The same cases over NCCL on 2 GPUs (fp32) against one process on cuda:0."""
+    eos_case = next(c for c in CASES if "eos_token_id" in c[7])
+    eos = int(_run(eos_case, Ranks(), device="cuda:0")[0][0, PROMPT + 2])
+    single = {c[0]: _run(c, Ranks(), eos, "cuda:0") for c in CASES}
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), eos, True), nprocs=WORLD, join=True)
+    for r in range(WORLD):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        for name, (want_tokens, want_logits) in single.items():
+            tokens, logits = got[name]
+            assert torch.equal(tokens, want_tokens), f"{name}: GPU rank {r}'s tokens differ"
+            err = (logits - want_logits).abs().max().item()
+            assert err <= 1e-4, f"{name}: GPU rank {r}'s logits off by {err:.2e}"
 
 
 def test_rows_and_shares():
