@@ -63,15 +63,17 @@ def _run(case, ranks: Ranks, eos=None, device="cpu"):
         cm.close()
 
 
-def _worker(rank, port, out, eos, cuda=False):
+def _worker(rank, port, out, eos, cuda=False, backend="gloo"):
+    """One rank: on the CPU, or on cuda:rank (cuda:0 for every rank when `backend` is gloo:
+    two processes sharing one GPU, which NCCL refuses)."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    device = f"cuda:{rank}" if cuda else "cpu"
+    device = "cpu"
     if cuda:
-        torch.cuda.set_device(rank)
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=WORLD)
+        device = f"cuda:{rank if backend == 'nccl' else 0}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         torch.save({c[0]: _run(c, Ranks(WORLD, rank), eos, device) for c in CASES}, f"{out}/rank{rank}.pt")
     finally:
@@ -131,14 +133,17 @@ def test_the_single_process_matches_the_reference():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < WORLD,
-                    reason="needs 2 CUDA devices")
-def test_two_gpus_decode_what_one_gpu_decodes(tmp_path):
-    """The same cases over NCCL on 2 GPUs (fp32) against one process on cuda:0."""
+@pytest.mark.parametrize("backend", ["nccl", "gloo"])
+def test_two_gpu_ranks_decode_what_one_gpu_decodes(tmp_path, backend):
+    """The same cases in 2 processes on CUDA (fp32) against one process on cuda:0: over NCCL
+    on 2 GPUs, or over gloo with both ranks on one GPU (the CUDA path of a rank, on a
+    machine with one GPU)."""
+    if not torch.cuda.is_available() or (backend == "nccl" and torch.cuda.device_count() < WORLD):
+        pytest.skip(f"needs {'2 CUDA devices' if backend == 'nccl' else 'CUDA'}")
     eos_case = next(c for c in CASES if "eos_token_id" in c[7])
     eos = int(_run(eos_case, Ranks(), device="cuda:0")[0][0, PROMPT + 2])
     single = {c[0]: _run(c, Ranks(), eos, "cuda:0") for c in CASES}
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), eos, True), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), eos, True, backend), nprocs=WORLD, join=True)
     for r in range(WORLD):
         got = torch.load(tmp_path / f"rank{r}.pt")
         for name, (want_tokens, want_logits) in single.items():
