@@ -31,7 +31,11 @@ GB = 1e9
 CUDA_SHAPE = {"h": 4096, "hkv": 4096, "rows": [16, 64, 256, 1024, 4096, 16384], "reps": 10}
 CPU_SHAPE = {"h": 1024, "hkv": 1024, "rows": [16, 64, 256, 1024, 2048], "reps": 7}
 STEPS = ("H2D copies", "D2H copies", "both directions", "GEMM rate", "attention",
-         "memory stream", "overlap", "kernel and host overhead")
+         "memory stream", "overlap", "kernel and host overhead", "all GPUs at once")
+# several GPUs (issue 18): each GPU's H2D copy of this many bytes, all GPUs at once (>= 256 MB:
+# long enough that the host's shared limit, not the start of the copies, sets the time)
+HOST_LINK_BYTES = 1 << 28
+HOST_LINK_COPIES = 4  # copies per GPU per round (about 20-30 ms each round on a PCIe Gen5 host)
 
 
 
@@ -168,6 +172,9 @@ def profile(device: str, progress: bool = True, dtype: str | None = None) -> Har
     launch_us = _queued_kernel_us(dev, timer, cuda)
     host = host_us(dev, dt)
 
+    stages.step(STEPS[8])
+    multi = _several_gpus(timer) if cuda else {}
+
     stages.finish()
     if cuda:
         props = torch.cuda.get_device_properties(dev)
@@ -183,12 +190,107 @@ def profile(device: str, progress: bool = True, dtype: str | None = None) -> Har
         gpu_mem_gb=_r(gpu_mem), cpu_mem_gb=_r(_host_mem_gb() / (1 if cuda else 2)),
         mem_margin_gb=2.0 if cuda else 1.0,
         compute_slowdown=_r(comp_slow, 3), copy_slowdown=_r(copy_slow, 3), launch_us=_r(launch_us),
-        **{k: _r(v) for k, v in host.items()},
+        **{k: _r(v) for k, v in host.items()}, **{k: _r(v) for k, v in multi.items()},
         measured={**machine_info(device), "dtype": str(dt).replace("torch.", ""),
+                  "cuda_devices": torch.cuda.device_count() if cuda else 0,
                   "gemm_shape": f"[rows x {h}] @ [{h} x {2 * hkv}]",
                   "gemm_rows": shape["rows"], "gemm_ms": [_r(t * 1e3, 4) for t in gts]},
     )
 
+
+
+def _several_gpus(timer) -> dict:
+    """On a host with more than one CUDA device: host_link_gbps, the pinned H2D rate all GPUs
+    reach together (`host_link_gbps`), and collective_gbps from a GPU-to-GPU copy (`_peer_gbps`).
+    One GPU: nothing (the HardwareConfig defaults: host_link_gbps 0, no shared limit known;
+    collective_us and collective_gbps as preset)."""
+    n = torch.cuda.device_count()
+    if n < 2:
+        return {}
+    return {"host_link_gbps": host_link_gbps(list(range(n))),
+            "collective_gbps": _peer_gbps(timer)}
+
+
+def host_link_gbps(devices: list[int], nbytes: int = HOST_LINK_BYTES,
+                   copies: int = HOST_LINK_COPIES, rounds: int = 3) -> float:
+    """The summed pinned host-to-device rate (GB/s) of `devices` all copying at once, as
+    ranks of a batch split do: one thread per device, each issuing `copies` copies of
+    `nbytes` from its own pinned buffer on its own device's stream; a round's rate is all the
+    bytes over the wall time from the common start to the last device's end
+    (`summed_gbps`); the median of `rounds` rounds after a warm-up."""
+    bufs = []
+    for d in devices:
+        with torch.cuda.device(d):  # each rank's buffers and stream near its own GPU
+            bufs.append((torch.empty(nbytes, dtype=torch.uint8, pin_memory=True),
+                         torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{d}"),
+                         torch.cuda.Stream(device=d)))
+    rates = []
+    for r in range(rounds + 1):
+        start, ends = _all_at_once(devices, bufs, copies)
+        if r:  # the first round warms up (allocator, peer mappings, clocks)
+            rates.append(summed_gbps([nbytes * copies] * len(devices), start, ends))
+    del bufs
+    return statistics.median(rates)
+
+
+def _all_at_once(devices, bufs, copies) -> tuple[float, list[float]]:
+    """One round: (the common start, each device's end), perf_counter seconds."""
+    go = threading.Barrier(len(devices) + 1)
+    ends: list[float] = [0.0] * len(devices)
+    errors: list[BaseException] = []
+
+    def run(k: int) -> None:
+        host, dev, stream = bufs[k]
+        try:
+            with torch.cuda.device(devices[k]), torch.cuda.stream(stream):
+                stream.synchronize()
+                go.wait()
+                for _ in range(copies):
+                    dev.copy_(host, non_blocking=True)
+                stream.synchronize()
+                ends[k] = time.perf_counter()
+        except BaseException as e:  # noqa: BLE001 - reported below, after every thread ends
+            errors.append(e)
+            go.abort()
+
+    threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(len(devices))]
+    for t in threads:
+        t.start()
+    try:
+        go.wait()
+    except threading.BrokenBarrierError:
+        pass
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    if errors:
+        raise KvcError(f"kvc profile: the all-GPUs H2D copy failed: {errors[0]}")
+    return start, ends
+
+
+def summed_gbps(nbytes: list[int], start: float, ends: list[float]) -> float:
+    """Bytes moved by every device (`nbytes`, one entry each) over the time from their common
+    start to the last one's end: the rate they reach together, GB/s (conservative: a device
+    that finished early counts as if it had shared the whole span)."""
+    span = max(ends) - start
+    if span <= 0:
+        raise ValueError(f"summed_gbps: no time passed ({span} s)")
+    return sum(nbytes) / span / GB
+
+
+def _peer_gbps(timer) -> float:
+    """collective_gbps, by proxy: the rate of a device-to-device copy from GPU 1 into GPU 0
+    (the fitted slope over 1 MB..256 MB). The logits all-gather moves each rank's rows over
+    that same GPU-to-GPU link, but NCCL's ring reaches somewhat less than a raw peer copy, so
+    this is an upper bound; collective_us (NCCL's launch and hand-shake, which one process
+    cannot time) keeps its default. Small either way: the gathered logits are a few MB."""
+    sizes = [1 << k for k in range(20, 29, 2)]
+    with torch.cuda.device(0):
+        dst = torch.empty(max(sizes), dtype=torch.uint8, device="cuda:0")
+        src = torch.empty(max(sizes), dtype=torch.uint8, device="cuda:1")
+        ts = [timer(lambda n=n: dst[:n].copy_(src[:n], non_blocking=True), 5) for n in sizes]
+    _, per_byte = _fit_affine(sizes, ts)
+    return 1 / per_byte / GB
 
 
 def _both_directions(cuda, timer, h_src, d_dst, d_src, h_dst, reps) -> float:

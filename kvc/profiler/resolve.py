@@ -21,8 +21,9 @@ from kvc.profiler.measure import machine_info, profile
 
 # what the profiler measures and means by it; a cached profile of another version is measured
 # again. 2: launch_us is a queued kernel's device time (was the host's issue time), mem_gbps
-# is measured, attention is timed with the kernels kvc decodes with (never cuDNN)
-PROFILE_VERSION = 2
+# is measured, attention is timed with the kernels kvc decodes with (never cuDNN). 3: on a host
+# with several GPUs, host_link_gbps (all GPUs copying at once) and collective_gbps are measured
+PROFILE_VERSION = 3
 
 
 def cache_path(device: str) -> Path:
