@@ -1,0 +1,310 @@
+"""Several GPUs, a batch split (issue 18): the config, the per-rank machine, the request, the
+Plan of one rank, its prediction (the rank's step plus the logits all-gather), the reports and
+the profiler's arithmetic. No GPU and no torch.distributed needed."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from kvc.api import resolve
+from kvc.cli import main
+from kvc.config import load_config
+from kvc.config.validate import from_dict, hardware_from_dict
+from kvc.errors import KvcError
+from kvc.hardware import HardwareConfig, per_rank
+from kvc.ir.plan import Plan
+from kvc.ir.request import PlanRequest
+from kvc.planner.evaluate import gather_ms
+from kvc.planner.scheduler import make_plan, predict, search_policy
+
+# the issue's first benchmark: OPT-6.7B b32 s1024 pipelined on the H200 preset, every layer's
+# cache offloaded (as the bench's GPU budget forces it): the link sets the step
+OPT = {"model": {"preset": "opt-6.7b", "dtype": "float16"}, "hardware": "h200-pcie5",
+       "workload": {"batch_size": 32, "prompt_len": 1024, "gen_len": 32, "max_context": 1056},
+       "schedule": {"mode": "pipelined", "resident_cache": False}}
+TINY = {"model": {"preset": "tiny-opt", "dtype": "float32"}, "hardware": "cpu",
+        "workload": {"batch_size": 8, "prompt_len": 16, "gen_len": 4, "max_context": 20}}
+
+
+# --- the machine a rank sees -------------------------------------------------------------------
+
+def test_per_rank_shares_the_host_link_and_the_pinned_memory():
+    hw = HardwareConfig(h2d_gbps=56.5, d2h_gbps=54.0, bidir_gbps=50.0, cpu_mem_gb=128.0,
+                        host_link_gbps=156.0)
+    assert per_rank(hw, 1) is hw
+    two = per_rank(hw, 2)  # 78 GB/s each: above every link, which keep their rates
+    assert (two.h2d_gbps, two.d2h_gbps, two.bidir_gbps, two.cpu_mem_gb) == (56.5, 54.0, 50.0, 64.0)
+    four = per_rank(hw, 4)  # 39 GB/s each: the host's limit
+    assert (four.h2d_gbps, four.d2h_gbps, four.bidir_gbps, four.cpu_mem_gb) == (39.0, 39.0, 39.0, 32.0)
+    assert per_rank(four, 4).h2d_gbps == 39.0  # the rates are idempotent
+    # 0: no shared limit known, each GPU keeps its own rates; the memory is still shared
+    free = per_rank(dataclasses.replace(hw, host_link_gbps=0.0), 4)
+    assert (free.h2d_gbps, free.bidir_gbps, free.cpu_mem_gb) == (56.5, 50.0, 32.0)
+    # nothing else changes
+    assert dataclasses.replace(four, h2d_gbps=56.5, d2h_gbps=54.0, bidir_gbps=50.0,
+                               cpu_mem_gb=128.0) == hw
+
+
+def test_hardware_fields_are_checked():
+    assert hardware_from_dict({"host_link_gbps": 156, "collective_us": 0}, "hw").host_link_gbps == 156.0
+    for bad, needle in (({"host_link_gbps": -1}, "hardware.host_link_gbps = -1.0"),
+                        ({"collective_gbps": 0}, "hardware.collective_gbps = 0.0"),
+                        ({"collective_us": -5}, "hardware.collective_us = -5.0")):
+        with pytest.raises(KvcError, match=needle.replace(".", r"\.")):
+            hardware_from_dict(bad, "hw")
+
+
+def test_the_h200_preset_knows_its_host_limit():
+    hw = load_config(OPT).hardware
+    assert hw.host_link_gbps == 156.0
+    assert per_rank(hw, 4).h2d_gbps == 39.0 and per_rank(hw, 2).h2d_gbps == hw.h2d_gbps == 56.5
+
+
+# --- config and request ------------------------------------------------------------------------
+
+def test_world_size_from_the_command_line_and_the_model_yaml(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text(json.dumps({**OPT, "parallel": {"world_size": 2}}))
+    assert load_config(path).parallel.world_size == 2
+    assert load_config(path, ["parallel.world_size=4"]).parallel.world_size == 4
+    assert load_config(OPT).parallel.world_size == 1
+    assert PlanRequest.from_config(load_config(OPT, ["parallel.world_size=4"])).world_size == 4
+    for value in (0, 1025):
+        with pytest.raises(KvcError) as e:
+            load_config(OPT, [f"parallel.world_size={value}"])
+        assert str(e.value) == f"parallel.world_size = {value}: expected an integer 1..1024"
+    # a manifest's config from before issue 18 has no parallel section
+    old = load_config(OPT).to_dict()
+    del old["parallel"]
+    assert from_dict(old).parallel.world_size == 1
+
+
+def test_request_rank_batch_and_its_refusals():
+    base = PlanRequest(batch_size=32, prompt_len=8, gen_len=2, dtype="float16")
+    assert base.world_size == 1 and base.rank_batch == 32
+    assert base.but(world_size=4).rank_batch == 8
+    assert base.but(batch_size=30, world_size=4).rank_batch == 8  # 8 + 8 + 8 + 6, padded
+    assert base.but(world_size=4, micro_batches=4).rank_batch == 8
+    with pytest.raises(KvcError) as e:
+        base.but(batch_size=2, world_size=4)
+    assert "\n" not in str(e.value) and "parallel.world_size = 4" in str(e.value) \
+        and "workload.batch_size = 2" in str(e.value)
+    with pytest.raises(KvcError) as e:  # 32 / 4 = 8 rows per rank, not a multiple of 16
+        base.but(world_size=4, micro_batches=16)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert all(k in msg for k in ("workload.batch_size = 32", "parallel.world_size = 4",
+                                  "workload.num_gpu_batches = 16"))
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(KvcError, match="parallel.world_size"):
+            base.but(world_size=bad)
+
+
+# --- the plan of one rank ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def opt_plans():
+    out = {}
+    for n in (1, 2, 4):
+        r = resolve(load_config(OPT, [f"parallel.world_size={n}"]))
+        out[n] = (r, make_plan(r.spec, r.hardware, r.request))
+    return out
+
+
+def test_rank_plans_are_smaller_and_faster(opt_plans):
+    one, two, four = (opt_plans[n][1] for n in (1, 2, 4))
+    assert (one.world_size, one.batch_size) == (1, 32)
+    assert (two.world_size, two.batch_size) == (2, 16)
+    assert (four.world_size, four.batch_size) == (4, 8)
+    assert "parallel" not in one.notes
+    for a, b in ((one, two), (two, four)):
+        assert all(x < y for x, y in zip(b.predicted_step_ms, a.predicted_step_ms))
+
+
+def test_four_ranks_are_planned_at_the_host_limit(opt_plans):
+    r, plan = opt_plans[4]
+    assert plan.notes["parallel"]["h2d_gbps"] == 39.0 and r.hardware.h2d_gbps == 56.5
+    assert opt_plans[2][1].notes["parallel"]["h2d_gbps"] == 56.5
+    s = r.request.prompt_len
+    at_limit = predict(r.spec, r.hardware, plan, s, 32, "float16")
+    assert at_limit["predicted_step_ms"] == pytest.approx(plan.predicted_step_ms[0], rel=1e-6)
+    # the same plan on a host without the shared limit moves its bytes faster: the 39 counted
+    unlimited = dataclasses.replace(r.hardware, host_link_gbps=0.0)
+    free = predict(r.spec, unlimited, plan, s, 32, "float16")
+    assert at_limit["h2d_bytes"] == free["h2d_bytes"] > 0
+    assert at_limit["link_busy_ms"] == pytest.approx(free["link_busy_ms"] * 56.5 / 39.0, rel=0.05)
+    assert at_limit["predicted_step_ms"] > 1.2 * free["predicted_step_ms"]  # link-bound
+
+
+def test_the_gather_is_in_the_step_once(opt_plans):
+    r, plan = opt_plans[4]
+    g = gather_ms(r.spec, r.hardware, 4, 8, "float16")
+    # 30 us + 3 ranks' 8 rows of 50272 fp16 logits at 50 GB/s
+    assert g == pytest.approx(0.030 + 3 * 8 * 50272 * 2 / 50e9 * 1e3)
+    assert gather_ms(r.spec, r.hardware, 1, 32, "float16") == 0.0
+    pred = predict(r.spec, r.hardware, plan, 1024, 32, "float16")
+    assert pred["gather_ms"] == pytest.approx(g)
+    alone = predict(r.spec, per_rank(r.hardware, 4), dataclasses.replace(plan, world_size=1), 1024,
+                    8, "float16")
+    assert "gather_ms" not in alone
+    assert pred["predicted_step_ms"] - alone["predicted_step_ms"] == pytest.approx(g, abs=1e-4)
+    assert plan.notes["parallel"]["gather_ms"] == pytest.approx(g, abs=1e-6)
+    # the rank's batch or the whole batch; another batch is refused
+    assert predict(r.spec, r.hardware, plan, 1024, 8, "float16") == pred
+    with pytest.raises(KvcError, match="per rank of 4"):
+        predict(r.spec, r.hardware, plan, 1024, 64, "float16")
+
+
+def test_plan_json_round_trip(opt_plans):
+    plan = opt_plans[4][1]
+    d = plan.to_json()
+    assert d["world_size"] == 4
+    assert Plan.from_json(json.loads(json.dumps(d))) == plan
+    one = opt_plans[1][1].to_json()
+    assert "world_size" not in one  # one-GPU manifests stay as they were
+    assert Plan.from_json(one).world_size == 1
+
+
+def test_search_policy_splits_each_batch():
+    r = resolve(load_config(TINY, ["parallel.world_size=4"]))
+    tried = []
+    plan, tps = search_policy(r.spec, r.hardware, r.request, batch_sizes=[2, 8], tried=tried,
+                              micro_batches=(1, 2))
+    assert plan.world_size == 4
+    assert {(t["batch"], t["micro_batches"]) for t in tried} == {(8, 1), (8, 2)}  # 2 < 4 ranks
+    best = max(tried, key=lambda t: t.get("tokens_per_s", 0))
+    assert plan.batch_size == 2 and tps == best["tokens_per_s"]
+    assert tps == pytest.approx(8 * len(plan.predicted_step_ms) / (sum(plan.predicted_step_ms) / 1e3))
+    with pytest.raises(KvcError, match="world_size = 4"):
+        search_policy(r.spec, r.hardware, r.request, batch_sizes=[1, 2])
+
+
+# --- reports -----------------------------------------------------------------------------------
+
+def test_kvc_plan_json_carries_the_world_size(tmp_path, capsys):
+    path = tmp_path / "m.yaml"
+    path.write_text(json.dumps(OPT))
+    assert main(["plan", str(path), "parallel.world_size=4", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert (d["world_size"], d["rank_batch"], d["batch_size"]) == (4, 8, 32)
+    assert d["plan"]["world_size"] == 4 and d["plan"]["batch_size"] == 8
+    assert d["gather_ms"] > 0 and d["parallel"]["h2d_gbps"] == 39.0
+    assert d["gather_ms"] == d["parallel"]["gather_ms"]
+    assert "parallel" not in d["notes"]
+
+
+def test_kvc_plan_text_says_the_split(capsys):
+    r = resolve(load_config(TINY, ["parallel.world_size=3"]))
+    from kvc.reports.plan import plan_json, plan_text
+
+    text = plan_text(r.spec, r.hardware, r.request)
+    d = plan_json(r.spec, r.hardware, r.request)
+    assert "batch 8 over 3 GPUs, 3 rows per rank (1 padding)" in text
+    assert f"H2D {r.hardware.h2d_gbps:g} GB/s" in text
+    assert f"logits all-gather after the step: {d['gather_ms']:.3f} ms" in text
+    one = resolve(load_config(TINY))
+    assert "world size" not in plan_text(one.spec, one.hardware, one.request)
+    assert "world_size" not in plan_json(one.spec, one.hardware, one.request)
+
+
+def test_timeline_ends_with_the_gather():
+    from kvc.reports.timeline import predicted_intervals
+
+    r = resolve(load_config(TINY, ["parallel.world_size=2"]))
+    plan = make_plan(r.spec, r.hardware, r.request)
+    items = predicted_intervals(r.spec, r.hardware, plan, 16, 8, "float32")
+    last = max(items, key=lambda it: it["end"])
+    assert last["kind"] == "gather"
+    assert last["end"] - last["start"] == pytest.approx(gather_ms(r.spec, r.hardware, 2, 4, "float32"))
+
+
+# --- the profiler's arithmetic (no GPU here) ---------------------------------------------------
+
+def test_summed_rate_over_the_common_span():
+    from kvc.profiler.measure import summed_gbps
+
+    # four GPUs, 1 GB each, the last done 25.6 ms after the start: 156 GB/s together
+    assert summed_gbps([10 ** 9] * 4, 1.0, [1.02, 1.0256, 1.025, 1.01]) == pytest.approx(156.25)
+    with pytest.raises(ValueError):
+        summed_gbps([1], 2.0, [2.0])
+
+
+def test_one_gpu_or_a_cpu_measures_no_host_limit(monkeypatch):
+    import torch
+
+    from kvc.profiler import measure
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert measure._several_gpus(measure._Timer("cpu")) == {}
+    assert HardwareConfig().host_link_gbps == 0.0
+
+
+def test_a_four_gpu_profile_would_report_the_summed_rate(monkeypatch):
+    """The threads, barrier and arithmetic of host_link_gbps, with the copies faked."""
+    import time
+
+    import torch
+
+    from kvc.profiler import measure
+
+    class FakeStream:
+        def __init__(self, device=None):
+            self.device = device
+
+        def synchronize(self):
+            pass
+
+    class FakeTensor:
+        def copy_(self, src, non_blocking=False):
+            time.sleep(0.002)  # 1e6 bytes in 2 ms: 0.5 GB/s per device, at most
+
+    monkeypatch.setattr(torch.cuda, "device", lambda d: _nothing())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: _nothing())
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: FakeTensor())
+    rate = measure.host_link_gbps([0, 1, 2, 3], nbytes=10 ** 6, copies=2, rounds=1)
+    assert 0 < rate <= 4 * 0.5
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_artifact_bounds_the_world_size(tmp_path):
+    from kvc.api import compile_artifact
+    from kvc.artifact import read_manifest
+    from kvc.reports.inspect import inspect_text
+
+    art = compile_artifact(TINY, ["parallel.world_size=2"], output=tmp_path / "a.kvc")
+    m = read_manifest(art)
+    assert m["plan"]["world_size"] == 2 and m["config"]["parallel"]["world_size"] == 2
+    assert "world size 2" in inspect_text(art)
+    path = art / "manifest.json"
+    d = json.loads(path.read_text())
+    for bad in (0, 1025, "2"):
+        d["plan"]["world_size"] = bad
+        path.write_text(json.dumps(d))
+        with pytest.raises(KvcError, match="plan.world_size"):
+            read_manifest(art)
+    d["plan"]["world_size"] = 4  # not what the config says
+    path.write_text(json.dumps(d))
+    with pytest.raises(KvcError, match="parallel.world_size"):
+        read_manifest(art)
+
+
+def test_evaluate_arrays_adds_the_gather_per_context(opt_plans):
+    from kvc.planner.evaluate import evaluate
+
+    r, plan = opt_plans[2]
+    rank_hw = per_rank(r.hardware, 2)
+    ctx = np.array([1024, 1040])
+    with_g = evaluate(r.spec, rank_hw, plan, ctx, 16, "float16")[0]
+    without = evaluate(r.spec, rank_hw, dataclasses.replace(plan, world_size=1), ctx, 16, "float16")[0]
+    assert np.allclose(with_g - without, gather_ms(r.spec, rank_hw, 2, 16, "float16"))
