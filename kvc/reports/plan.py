@@ -122,12 +122,12 @@ def plan_text(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest,
             f"(workload contexts {prompt_len}..{prompt_len + gen_len}; the plan serves "
             f"{first}..{last})")]
     if par:
-        share = (f"the host's {par['host_link_gbps']:g} GB/s over {par['world_size']} ranks, capped at"
-                 if par["host_link_gbps"] > 0 else "no shared host limit known (hardware.host_link_gbps"
-                 " 0), so")
+        share = (f"the lower of the host's {par['host_link_gbps']:g} GB/s over {par['world_size']} "
+                 f"ranks and each GPU's {hw.h2d_gbps:g}" if par["host_link_gbps"] > 0 else
+                 f"each GPU's {hw.h2d_gbps:g}: no shared host limit known, hardware.host_link_gbps 0")
         out.append(f"  world size {par['world_size']} (a batch split, one process per GPU): each rank "
                    f"decodes {par['rank_batch']} {rows} over its own link at H2D {par['h2d_gbps']:g} "
-                   f"GB/s ({share} each GPU's {hw.h2d_gbps:g}), with {par['cpu_mem_gb']:g} GB of the "
+                   f"GB/s ({share}), with {par['cpu_mem_gb']:g} GB of the "
                    "host's pinned memory; the table, bytes, step and memory below are one rank's")
     if d["forced_fraction"] is not None:
         out.append(f"  forced: l = round({d['forced_fraction']:g} * s) in every offloaded layer")
