@@ -31,6 +31,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("kvc",),  # the package's own facade: kvc.compile, kvc.load
     ("kvc.reports", "kvc.jobs"),  # reading artifacts and plans · JSONL batch jobs through a model
     ("kvc.cli",),
+    ("kvc.__main__",),  # `python -m kvc` (torchrun's -m kvc): the CLI's entry, nothing else
 ]
 
 

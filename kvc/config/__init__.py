@@ -17,6 +17,7 @@ from kvc.config.schema import (
     MAX_YAML_BYTES,
     Config,
     ModelConfig,
+    ParallelConfig,
     ScheduleConfig,
     WorkloadConfig,
 )
@@ -24,6 +25,6 @@ from kvc.config.validate import check_fits_model, check_hardware, from_dict, har
 from kvc.config.yaml_safe import load_yaml, read_text_capped
 
 __all__ = ["GROUPS", "LIMITS", "MAX_DEPTH", "MAX_OVERRIDES", "MAX_OVERRIDE_CHARS", "MAX_YAML_BYTES",
-           "Config", "ModelConfig", "ScheduleConfig", "WorkloadConfig", "check_fits_model",
+           "Config", "ModelConfig", "ParallelConfig", "ScheduleConfig", "WorkloadConfig", "check_fits_model",
            "check_hardware", "from_dict", "group_options", "hardware_from_dict", "load_config",
            "load_yaml", "read_text_capped"]
