@@ -202,29 +202,52 @@ def test_fp16_left_padded_batch_matches_reference(name, mode, fraction, micro_ba
     assert torch.equal(cm.generate(full, 8), cm.generate(full, 8, attention_mask=torch.ones_like(full)))
 
 
-# full_offload (c = 0.5) and kvpr (0.5 / 0.25) at opt-125m went over the fp16 tolerance on the
-# H200 in some runs (2026-11-28: by 0.09 to 0.9, random prompts), which is why kvc.api refuses
-# the lane on a GPU unless KVC_EXPERIMENTAL_CPU_LANE=1: issue 17 stays open on it
+def assert_agrees(tokens, logits, ref_tokens, ref_logits, prompt: int, tol: float, where: str):
+    """fp16 agreement with the reference, free-running: per row, the logits of every step up
+    to and including the first whose token differs (the inputs were the same until then) are
+    within `tol`, and a differing token is a near-tie of the reference's (its top two within
+    2 x tol: either run may round it its way). After a divergence the rows decode different
+    sequences, so their later logits are not compared."""
+    diff = (logits - ref_logits.float()).abs().amax(-1)  # [b, n]
+    differ = tokens[:, prompt:] != ref_tokens[:, prompt:]
+    n = diff.shape[1]
+    for row in range(diff.shape[0]):
+        bad = differ[row].nonzero()
+        d = int(bad[0]) if len(bad) else n
+        worst = diff[row, :min(d + 1, n)].max().item()
+        assert worst <= tol, f"{where}: row {row}: logits off by {worst:.3g} before any divergence (step {d})"
+        if d < n:
+            top = ref_logits[row, d].float().topk(2).values
+            margin = (top[0] - top[1]).item()
+            assert margin <= 2 * tol, (f"{where}: row {row} chose another token at step {d} where the "
+                                       f"reference's margin was {margin:.3g}, not a near-tie")
+
+
+# Issue 17. Free-running fp16 comparisons of the lane failed in some H200 runs (2026-11-28:
+# 0.09 to 0.9 over 16 steps, random prompts): assert_agrees tells a wrong partial (logits off
+# before any divergence) from a near-tie two correct fp16 runs round differently
+@pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("name", ["opt-125m", "tiny-llama-gqa"])
-@pytest.mark.parametrize("mode,fraction,cpu_fraction", [("pipelined", 0.3, 0.3)])
-@pytest.mark.parametrize("graphs", [False, True])
-def test_fp16_cpu_lane_matches_reference(name, mode, fraction, cpu_fraction, graphs, monkeypatch):
-    """Issue 17: the oldest rows attended to by the CPU worker, merged on the GPU, in fp16:
-    the reference's tokens, logits within the fp16 tolerance."""
+@pytest.mark.parametrize("mode,fraction,cpu_fraction", [("pipelined", 0.3, 0.3), ("full_offload", 0.0, 0.5),
+                                                        ("kvpr", 0.25, 0.5)])
+def test_fp16_cpu_lane_matches_reference(name, mode, fraction, cpu_fraction, seed, monkeypatch):
+    """The oldest rows attended to by the CPU worker, merged on the GPU, in fp16: the
+    reference's decoding within the fp16 tolerance (assert_agrees), twice (the second call
+    reuses the pools, buffers and the worker)."""
     monkeypatch.setenv("KVC_EXPERIMENTAL_CPU_LANE", "1")
     spec = preset(name)
     model = build_model(spec, "cuda", torch.float16, seed=0)
     plan = replace(forced_plan(mode, spec.num_layers, 64, 16, 64, fraction,
                                act_chunks=4 if mode == "pipelined" else 1, cpu_fraction=cpu_fraction),
-                   cuda_graphs=graphs)
+                   cuda_graphs=True)
     # the lane runs without CUDA graphs for now (kvc.api.assemble): asked for, graphs are off
     cm = assemble(lower(model, plan), plan, spec, torch.float16, torch.device("cuda"))
     assert cm.graphs is None
+    torch.manual_seed(seed)
     ids = torch.randint(0, spec.vocab_size, (4, 64), device="cuda")
     ref_t, ref_l = ReferenceDecoder(model, spec).generate(ids, 16, True)
-    for _ in range(2):  # the second call reuses the pools, buffers and the worker
+    for call in range(2):
         t, logits = cm.generate(ids, 16, return_logits=True)
-        assert (logits - ref_l.float()).abs().max().item() <= 2e-2
-        assert torch.equal(t, ref_t)
+        assert_agrees(t, logits, ref_t, ref_l, 64, 2e-2, f"{name} {mode} seed {seed} call {call}")
     assert sum(c for _, c in cm._cache.cpu_rows.values()) > 0
     cm.close()
