@@ -12,7 +12,6 @@ Every stage is a plain function of the previous stages' outputs; the CLI and `kv
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -113,13 +112,9 @@ def assemble(lowered, plan: Plan, spec: ModelSpec, dtype, device, manifest: dict
     from kvc.runtime.parallel import SINGLE
 
     device = torch.device(device)
-    if plan.cpu_lane and device.type == "cuda" and os.environ.get("KVC_EXPERIMENTAL_CPU_LANE") != "1":
-        raise KvcError("this plan attends on the CPU (issue 17), which is experimental on a GPU: "
-                       "its fp16 logits did not always match the reference on the H200; compile "
-                       "with schedule.cpu_attention=off, or set KVC_EXPERIMENTAL_CPU_LANE=1 to try it")
     if cuda_graphs is None:
-        # the CPU attention lane runs eagerly for now: with CUDA graphs its merge gave wrong
-        # fp16 logits under full_offload and kvpr on the H200 (2026-11-28, issue 17, open)
+        # the CPU attention lane runs eagerly for now: its fp16 agreement with the reference
+        # was shown eager (tests/test_gpu.py, H200 2026-11-28), not yet inside CUDA graphs
         cuda_graphs = plan.cuda_graphs and device.type == "cuda" and not plan.cpu_lane
     return (model_class or CompiledModel)(lowered, plan, spec, torch_dtype(dtype), device, manifest,
                                           partition=partition if cuda_graphs else None,

@@ -225,16 +225,16 @@ def assert_agrees(tokens, logits, ref_tokens, ref_logits, prompt: int, tol: floa
 
 # Issue 17. Free-running fp16 comparisons of the lane failed in some H200 runs (2026-11-28:
 # 0.09 to 0.9 over 16 steps, random prompts): assert_agrees tells a wrong partial (logits off
-# before any divergence) from a near-tie two correct fp16 runs round differently
+# before any divergence) from a near-tie two correct fp16 runs round differently. Under it all
+# 24 cases passed on the H200 (2026-11-28, session 8): the failures were near-ties
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("name", ["opt-125m", "tiny-llama-gqa"])
 @pytest.mark.parametrize("mode,fraction,cpu_fraction", [("pipelined", 0.3, 0.3), ("full_offload", 0.0, 0.5),
                                                         ("kvpr", 0.25, 0.5)])
-def test_fp16_cpu_lane_matches_reference(name, mode, fraction, cpu_fraction, seed, monkeypatch):
+def test_fp16_cpu_lane_matches_reference(name, mode, fraction, cpu_fraction, seed):
     """The oldest rows attended to by the CPU worker, merged on the GPU, in fp16: the
     reference's decoding within the fp16 tolerance (assert_agrees), twice (the second call
     reuses the pools, buffers and the worker)."""
-    monkeypatch.setenv("KVC_EXPERIMENTAL_CPU_LANE", "1")
     spec = preset(name)
     model = build_model(spec, "cuda", torch.float16, seed=0)
     plan = replace(forced_plan(mode, spec.num_layers, 64, 16, 64, fraction,

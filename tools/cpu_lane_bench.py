@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("KVC_EXPERIMENTAL_CPU_LANE", "1")  # what this tool measures
 sys.path.insert(0, str(ROOT / "tools"))
 
 
