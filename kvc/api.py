@@ -146,6 +146,7 @@ def join_job(plan: Plan, device: torch.device):
     from kvc.runtime.parallel import join
 
     ranks, device = join(device)
+    ranks = replace(ranks, split=getattr(plan, "split", "rows"))
     want = getattr(plan, "world_size", 1)
     if ranks.world != want:
         how = ("run it in one process" if want == 1 else

@@ -15,14 +15,31 @@ from kvc.runtime.parallel import Ranks
 
 WORLD, PROMPT, GEN = 2, 9, 8
 
-# (name, family preset, mode, recompute fraction, batch, micro-batches, padded, generate kwargs)
+# (name, family, mode, recompute fraction, batch, micro-batches, padded, generate kwargs, split)
 CASES = [
-    ("opt-padded-uneven", "tiny-opt", "pipelined", 0.5, 3, 1, True, {}),
-    ("gqa-micro", "tiny-llama-gqa", "full_offload", 0.0, 4, 2, False, {}),
+    ("opt-padded-uneven", "tiny-opt", "pipelined", 0.5, 3, 1, True, {}, "rows"),
+    ("gqa-micro", "tiny-llama-gqa", "full_offload", 0.0, 4, 2, False, {}, "rows"),
     ("gqa-sampled", "tiny-llama-gqa", "pipelined", 0.5, 3, 1, True,
-     {"do_sample": True, "seed": 5, "top_k": 10, "temperature": 0.8, "repetition_penalty": 1.2}),
-    ("opt-eos", "tiny-opt", "kvpr", 0.4, 5, 1, False, {"eos_token_id": "first-row-step-2"}),
+     {"do_sample": True, "seed": 5, "top_k": 10, "temperature": 0.8, "repetition_penalty": 1.2}, "rows"),
+    ("opt-eos", "tiny-opt", "kvpr", 0.4, 5, 1, False, {"eos_token_id": "first-row-step-2"}, "rows"),
+    # a token split: every rank decodes every row over its share of each layer's context
+    ("opt-tokens-one-row", "tiny-opt", "pipelined", 0.5, 1, 1, False, {}, "tokens"),
+    ("gqa-tokens-padded", "tiny-llama-gqa", "kvpr", 0.4, 3, 1, True, {}, "tokens"),
+    ("gqa-tokens-micro", "tiny-llama-gqa", "full_offload", 0.0, 4, 2, False, {}, "tokens"),
+    ("mistral-w5-tokens", "tiny-mistral-w5", "pipelined", 0.5, 2, 1, True, {}, "tokens"),
+    ("gemma2-w5-tokens", "tiny-gemma2-w5", "pipelined", 0.3, 2, 1, False,
+     {"do_sample": True, "seed": 3, "top_p": 0.9}, "tokens"),
 ]
+
+
+def _spec(family):
+    from kvc.models import preset
+
+    if family == "tiny-mistral-w5":
+        return replace(preset("tiny-llama-gqa"), model_type="mistral", sliding_window=5)
+    if family == "tiny-gemma2-w5":
+        return replace(preset("tiny-gemma2"), sliding_window=5)
+    return preset(family)
 
 
 def _inputs(spec, batch, padded):
@@ -42,15 +59,17 @@ def _run(case, ranks: Ranks, eos=None, device="cpu"):
     from kvc.api import assemble
     from kvc.compiler.lowering import lower
     from kvc.ir.plan import forced_plan
-    from kvc.models import build_model, preset
+    from kvc.models import build_model
 
-    _name, family, mode, fraction, batch, micro, padded, kw = case
-    spec = preset(family)
+    _name, family, mode, fraction, batch, micro, padded, kw, split = case
+    spec = _spec(family)
     m = perturb_small_params(build_model(spec, "cpu", torch.float32, seed=0)).to(device)
     plan = forced_plan(mode, spec.num_layers, PROMPT, GEN, 64, fraction, act_chunks=2,
                        micro_batches=micro)
-    if not ranks.single:  # a plan is one rank's: its batch is the rank's share
-        plan = replace(plan, batch_size=ranks.share(batch))
+    if not ranks.single:  # a plan is one rank's: a row split's batch is the rank's share
+        ranks = replace(ranks, split=split)
+        if split == "rows":
+            plan = replace(plan, batch_size=ranks.share(batch))
     cm = assemble(lower(m, plan), plan, spec, torch.float32, torch.device(device), ranks=ranks)
     ids, mask = _inputs(spec, batch, padded)
     kw = dict(kw)
@@ -58,7 +77,9 @@ def _run(case, ranks: Ranks, eos=None, device="cpu"):
         kw["eos_token_id"] = eos
     try:
         tokens, logits = cm.generate(ids.to(device), GEN, return_logits=True, attention_mask=mask, **kw)
-        return tokens.cpu(), logits.cpu()
+        # the cached tokens this process's GPU side read at the last step, over all units
+        read = sum(cm._cache.cached.values()) if cm._cache is not None else 0
+        return tokens.cpu(), logits.cpu(), read
     finally:
         cm.close()
 
@@ -102,17 +123,20 @@ def ranked(tmp_path_factory):
 @pytest.mark.parametrize("case", [c[0] for c in CASES])
 def test_two_ranks_decode_what_one_process_decodes(ranked, case):
     single, ranks, _ = ranked
-    want_tokens, want_logits = single[case]
+    want_tokens, want_logits, want_read = single[case]
     for r, got in enumerate(ranks):
-        tokens, logits = got[case]
+        tokens, logits, _ = got[case]
         assert torch.equal(tokens, want_tokens), f"{case}: rank {r}'s tokens differ from one process's"
         err = (logits - want_logits).abs().max().item()
         assert err <= 1e-5, f"{case}: rank {r}'s logits off by {err:.2e}"
+    if "tokens" in case:  # the ranks' shares are the whole context, each about half of it
+        reads = [got[case][2] for got in ranks]
+        assert sum(reads) == want_read and max(reads) <= want_read // WORLD + 8, reads
 
 
 def test_eos_finished_rows_early(ranked):
     single, _, eos = ranked
-    tokens, _ = single["opt-eos"]
+    tokens = single["opt-eos"][0]
     assert tokens.shape[1] <= PROMPT + GEN and (tokens[:, PROMPT:] == eos).any(dim=1).any()
 
 
@@ -120,12 +144,12 @@ def test_the_single_process_matches_the_reference():
     """What the ranks are held to is itself the reference decoder's (greedy cases)."""
     from kvc_fixtures import perturb_small_params
 
-    from kvc.models import build_model, preset
+    from kvc.models import build_model
     from kvc.runtime.reference import ReferenceDecoder
 
     torch.set_num_threads(1)
     case = CASES[0]
-    spec = preset(case[1])
+    spec = _spec(case[1])
     m = perturb_small_params(build_model(spec, "cpu", torch.float32, seed=0))
     ids, mask = _inputs(spec, case[4], case[6])
     ref, _ = ReferenceDecoder(m, spec).generate(ids, GEN, return_logits=True, attention_mask=mask)
@@ -146,8 +170,8 @@ def test_two_gpu_ranks_decode_what_one_gpu_decodes(tmp_path, backend):
     mp.spawn(_worker, args=(_free_port(), str(tmp_path), eos, True, backend), nprocs=WORLD, join=True)
     for r in range(WORLD):
         got = torch.load(tmp_path / f"rank{r}.pt")
-        for name, (want_tokens, want_logits) in single.items():
-            tokens, logits = got[name]
+        for name, (want_tokens, want_logits, _) in single.items():
+            tokens, logits, _ = got[name]
             assert torch.equal(tokens, want_tokens), f"{name}: GPU rank {r}'s tokens differ"
             err = (logits - want_logits).abs().max().item()
             assert err <= 1e-4, f"{name}: GPU rank {r}'s logits off by {err:.2e}"
@@ -158,6 +182,26 @@ def test_rows_and_shares():
     assert r.share(30) == 8 and r.rows(30) == slice(24, 32)
     assert Ranks(2, 0).rows(3) == slice(0, 2) and Ranks(2, 1).rows(3) == slice(2, 4)
     assert Ranks().single and Ranks().share(7) == 7
+    t = [Ranks(3, r, "tokens") for r in range(3)]
+    assert [x.bounds(10, x.rank) for x in t] == [(0, 3), (3, 6), (6, 10)]
+    assert t[1].rows(5) == slice(0, 5) and t[2].splits_tokens and not t[2].splits_rows
+    x = torch.ones(2, 3)
+    assert t[0].gather(x) is x  # a token split's ranks hold every row: nothing to gather
+
+
+def test_merge_all_is_the_softmax_over_every_part():
+    from kvc.models.attend import merge_all
+
+    gen = torch.Generator().manual_seed(0)
+    scores, v = torch.randn(5, 3, 2, 11, generator=gen), torch.randn(5, 3, 2, 11, 4, generator=gen)
+    scores[1, 0] = float("-inf")  # a part with no key for one row
+    want = torch.einsum("bhn,bhnd->bhd", torch.cat(list(scores), -1).softmax(-1),
+                        torch.cat(list(v), -2))
+    lse = scores.logsumexp(-1)
+    outs = torch.nan_to_num(torch.einsum("pbhn,pbhnd->pbhd", (scores - lse[..., None]).exp(), v))
+    out, total = merge_all(outs, lse)
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(total, torch.cat(list(scores), -1).logsumexp(-1))
 
 
 def test_kvc_run_nproc_2_writes_what_one_process_writes(tmp_path):

@@ -33,11 +33,21 @@ def merge(out_g: torch.Tensor, lse_g: torch.Tensor, out_c: torch.Tensor, lse_c: 
     return (out_g * wg + out_c * wc) / (wg + wc)
 
 
-def _cpu_part(rt, unit):
-    """The CPU lane's (out, lse) for `unit` this step (kvc.runtime.cpu_attention), or None."""
-    if unit is None or unit < 0:
-        return None
-    return registry.get(rt).cpu_attn_end(unit)
+def merge_all(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`merge` over any number of parts along dim 0 (outs [N, ..., hd], lses [N, ...]): the
+    merged output and its log-sum-exp."""
+    m = lses.amax(0)
+    m = torch.where(torch.isinf(m), 0.0, m)
+    w = torch.exp(lses - m)
+    total = w.sum(0)
+    out = (outs * w[..., None]).sum(0) / torch.where(total > 0, total, 1.0)[..., None]
+    return out, m + torch.log(total)
+
+
+def _has_parts(unit) -> bool:
+    """Whether part of this unit's attention happens elsewhere this step (cpu_attn_begin's
+    answer: the CPU lane, or the other ranks of a token split)."""
+    return unit is not None and unit >= 0
 
 
 def attend(q, k, v, pad_mask, default_mask, prefill: bool, groups: int = 1, scale=None,
@@ -45,11 +55,11 @@ def attend(q, k, v, pad_mask, default_mask, prefill: bool, groups: int = 1, scal
     """q [b, H, T, hd]; k, v [b, n_kv, S, hd]; `pad_mask` from kv_mask (empty: no padding);
     `default_mask`: the model's prefill mask without padding (a windowed layer's sliding
     causal mask; None: causal in prefill, nothing in decode). `unit` (from cpu_attn_begin):
-    the CPU lane attended to the oldest rows, not in k, v: its part is merged exactly.
+    other parts of this attention happen elsewhere (the CPU lane's oldest rows, other ranks'
+    token shares), not in k, v: the runtime merges them exactly with this part.
     Returns [b, H, T, hd]."""
-    part = _cpu_part(rt, unit)
-    if part is not None:
-        return _attend_and_merge(q, k, v, pad_mask, groups, scale, part)
+    if _has_parts(unit):
+        return _attend_and_merge(q, k, v, pad_mask, groups, scale, rt, unit)
     if pad_mask.numel():
         mask, causal = pad_mask, False
     else:
@@ -66,14 +76,14 @@ def attend(q, k, v, pad_mask, default_mask, prefill: bool, groups: int = 1, scal
                                           enable_gqa=groups > 1)
 
 
-def _attend_and_merge(q, k, v, pad_mask, groups, scale, part):
-    """Decode attention over k, v with its log-sum-exp, merged with the CPU's part."""
+def _attend_and_merge(q, k, v, pad_mask, groups, scale, rt, unit):
+    """Decode attention over k, v with its log-sum-exp, merged with the parts elsewhere."""
     b, h, t, d = q.shape
     qg = q.reshape(b, h // groups, groups * t, d)
     scores = _scores(qg, k) * (d ** -0.5 if scale is None else scale)
     if pad_mask.numel():
         scores = scores.masked_fill(~pad_mask, float("-inf"))
-    return merge_scores(scores, v, part, q.dtype).reshape(b, h, t, d)
+    return merge_scores(scores, v, rt, unit, q.dtype).reshape(b, h, t, d)
 
 
 def _scores(qg, k):
@@ -87,26 +97,27 @@ def _scores(qg, k):
     return torch.matmul(qg.float(), k.float().transpose(-1, -2))
 
 
-def merge_scores(scores, v, part, dtype):
-    """softmax(scores) @ v [b, n_kv, g*T, hd] (scores float32, -inf where masked), merged with
-    the CPU lane's part (out [b, H, hd], lse [b, H]; T = 1) in float32, cast to `dtype`."""
+def merge_scores(scores, v, rt, unit, dtype):
+    """softmax(scores) @ v [b, n_kv, g*T, hd] (scores float32, -inf where masked), merged by
+    the runtime (`merge_parts`) with the parts computed elsewhere (T = 1) in float32, cast to
+    `dtype`. A row with no key here (lse -inf: a token share that is all padding, or empty)
+    gives out 0, which weighs nothing."""
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse[..., None])
     out = torch.matmul(probs.to(v.dtype), v).float()  # [b, n_kv, g, hd]
+    out = torch.where(torch.isinf(lse)[..., None], 0.0, out)
     b, n_kv, g, d = out.shape
-    out_c, lse_c = part
-    merged = merge(out.reshape(b, n_kv * g, d), lse.reshape(b, n_kv * g), out_c, lse_c)
+    merged = registry.get(rt).merge_parts(unit, out.reshape(b, n_kv * g, d), lse.reshape(b, n_kv * g))
     return merged.reshape(b, n_kv, g, d).to(dtype)
 
 
 def softmax_attend(scores, v, rt=None, unit=None):
     """Explicit attention's last half (Gemma 2's soft-capped scores): softmax in float32, cast,
-    times v ([b, n_kv, g*T, S] -> [b, n_kv, g*T, hd]), merged with the CPU lane's part when
-    `unit` (from cpu_attn_begin) has one."""
-    part = _cpu_part(rt, unit)
-    if part is None:
+    times v ([b, n_kv, g*T, S] -> [b, n_kv, g*T, hd]), merged with the parts elsewhere when
+    `unit` (from cpu_attn_begin) has some."""
+    if not _has_parts(unit):
         return torch.matmul(F.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype), v)
-    return merge_scores(scores.float(), v, part, v.dtype)
+    return merge_scores(scores.float(), v, rt, unit, v.dtype)
 
 
 def mask_scores(scores, pad_mask, default_mask, groups: int):

@@ -52,9 +52,6 @@ class DeviceCache:
         """No CPU attention lane here: every row is on the device."""
         return -1
 
-    def cpu_attn_end(self, unit: int):
-        return None
-
     def kv_write(self, k: torch.Tensor, v: torch.Tensor, layer: int) -> None:
         t = k.shape[1]
         if self.s + t > self.max_tokens:

@@ -66,11 +66,15 @@ class CompiledModel:
     def batch_size(self) -> int:
         """The batch this artifact was compiled for, all ranks' rows together (a Plan is one
         rank's: its batch_size is that rank's share)."""
-        return self.plan.batch_size * getattr(self.plan, "world_size", 1)
+        return self.plan.batch_size * (self.ranks.world if self.ranks.splits_rows else 1)
 
     @property
     def max_context(self) -> int:
-        """The most tokens a row may reach, prompt and new tokens together (p + n)."""
+        """The most tokens a row may reach, prompt and new tokens together (p + n). A token
+        split's plan is one rank's, over its share of each context (shares up to
+        plan.max_context - 1)."""
+        if self.ranks.splits_tokens:
+            return min(self.spec.max_positions, (self.plan.max_context - 1) * self.ranks.world)
         return min(self.spec.max_positions, self.plan.max_context)
 
     def _runtime(self, batch: int, prompt: int, tokens: int) -> tuple[OffloadedCache, int]:
@@ -82,7 +86,7 @@ class CompiledModel:
             # at least the compiled workload's rows; a call that outgrows them grows the pools
             # geometrically (up to max_context), so a job of growing prompts rebuilds them
             # a few times, not at every batch (pinning gigabytes takes seconds)
-            grown = (min(self.plan.max_context, 2 * c.max_tokens)
+            grown = (min(self.max_context, 2 * c.max_tokens)
                      if c is not None and c.max_tokens < tokens else 0)
             self.close()
             max_tokens = max(tokens, self.plan.prompt_len + self.plan.gen_len, grown)
@@ -100,7 +104,7 @@ class CompiledModel:
             head_dim=self.spec.head_dim, dtype=self.dtype, device=self.device,
             num_events=self.lowered.num_events, weights=self._weights, min_context=min_context,
             windows=tuple(self.spec.window(self.plan.unit_layer(u))
-                          for u in range(self.plan.num_units)))
+                          for u in range(self.plan.num_units)), ranks=self.ranks)
 
     def close(self) -> None:
         """Free the pools (after the copies still using them finish)."""
@@ -114,6 +118,8 @@ class CompiledModel:
 
     def _check_contexts(self, prompt: int, new: int) -> None:
         for s in {prompt, prompt + new - 2} if new > 1 else ():
+            # a token split's plan is looked up at a rank's share of the context
+            s = self.ranks.share(s) if self.ranks.splits_tokens else s
             for layer in range(self.plan.num_units):
                 try:
                     self.plan.recompute_tokens(layer, s)
@@ -164,11 +170,13 @@ class CompiledModel:
                            f"maximum positions ({self.spec.max_positions})")
         self._check_contexts(p, max_new_tokens)
         prompt = input_ids.to(self.device)
-        # several GPUs (kvc.runtime.parallel): the batch, padded with copies of its last row to
-        # world x k rows, is split by rows; this rank decodes its k and gathers the others'
-        # logits each step, so every rank chooses (and returns) the whole batch's tokens
+        # several GPUs (kvc.runtime.parallel), a row split: the batch, padded with copies of
+        # its last row to world x k rows, is split by rows; this rank decodes its k and gathers
+        # the others' logits each step, so every rank chooses (and returns) the whole batch's
+        # tokens. A token split: every rank decodes every row (the caches split the context)
         ranks = self.ranks
-        k, grow, mine = ranks.share(b), ranks.world * ranks.share(b) - b, ranks.rows(b)
+        k = ranks.share(b) if ranks.splits_rows else b
+        grow, mine = ranks.world * k - b if ranks.splits_rows else 0, ranks.rows(b)
         ids, row_pads = prompt, pads
         if grow:
             ids = torch.cat([ids, ids[-1:].expand(grow, p)])
@@ -196,10 +204,13 @@ class CompiledModel:
             # the real rows choose (a sampler's draws must not depend on the padding rows);
             # the padding rows repeat the last real row, which they copy
             logits = ranks.gather(logits[:k])[:b]
-            tok = stopping(sampler(logits, None if seen is None else seen[:, :p + n]))
+            tok = sampler(logits, None if seen is None else seen[:, :p + n])
+            if ranks.splits_tokens:  # every rank computed the same: decode rank 0's, to be sure
+                tok = ranks.same(tok)
+            tok = stopping(tok)
             if seen is not None:
                 seen[:, p + n] = tok
-            step = tok if ranks.single else torch.cat([tok, tok[-1:].expand(grow)])[mine]
+            step = torch.cat([tok, tok[-1:].expand(grow)])[mine] if ranks.splits_rows else tok
             return logits, tok, torch.cat([step, step[-1:].expand(pad)]) if pad else step
 
         cache, rt = self._runtime(k + pad, p, p + max_new_tokens)

@@ -36,6 +36,7 @@ import torch
 from kvc.errors import KvcError
 from kvc.ir.ops import OFFLOAD
 from kvc.ir.plan import Plan
+from kvc.models.attend import merge
 from kvc.runtime.cpu_attention import CpuLane
 from kvc.runtime.device_cache import DeviceCache
 from kvc.runtime.padding import Padding
@@ -62,12 +63,15 @@ class OffloadedCache:
     def __init__(self, plan: Plan, *, num_layers: int, batch: int, max_tokens: int,
                  act_width: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device, num_events: int, weights=None,
-                 min_context: int | None = None, windows: tuple[int | None, ...] = ()):
+                 min_context: int | None = None, windows: tuple[int | None, ...] = (),
+                 ranks=None):
         """`min_context`: the shortest context a decode step will have (the prompt length;
         the compiled workload's, Plan.prompt_len, by default, as the planner's host check). K,V rows the plan never reads at contexts from there to
         max_tokens are not kept, so a call with a shorter prompt needs a new cache.
         `windows`: per unit, its layer's sliding window (None: attends to every row; empty:
-        no unit has one)."""
+        no unit has one). `ranks`: a kvc.runtime.parallel.Ranks of a token split (issue 18):
+        this rank attends to its share of each offloaded unit's cached tokens and merges the
+        others' parts (every pool row is kept: each rank holds the whole cache)."""
         self.plan, self.batch, self.max_tokens = plan, batch, max_tokens
         self.weights = weights  # a WeightStreamer when the plan streams any layer's weights
         self.device = torch.device(device)
@@ -78,6 +82,9 @@ class OffloadedCache:
         self.offloaded = list(plan.offloaded_units)
         n_off = len(self.offloaded)
         self.lane = CpuLane(self.device, num_layers, plan.cpu_threads) if plan.cpu_lane else None
+        self.split = ranks if ranks is not None and ranks.splits_tokens else None
+        # a token split's rank adds the step's own rows only on the last rank (one owner)
+        self.owns_new = self.split is None or self.split.rank == self.split.world - 1
         self.min_context = plan.prompt_len if min_context is None else min_context
         # K,V rows below kv_lo are never read back (the plan recomputes them from activations)
         self.kv_lo = max(0, min(max_tokens, plan.min_kv_row(max_tokens, self.min_context)))
@@ -87,15 +94,20 @@ class OffloadedCache:
         # each needs, and the most rows its staging slot holds (activations, K,V)
         self.act_base, self.kv_base = {}, {}
         act_need, kv_need, stage_need, act_stage_need = [0], [0], [0], [0]
-        lane = plan.cpu_lane
-        if lane:  # the CPU lane reads the oldest rows, recompute the next: every row is kept
+        # the CPU lane reads the oldest rows and recomputes the next, a token split's shares
+        # move with the context: every row is kept
+        keep_all = plan.cpu_lane or self.split is not None
+        if keep_all:
             self.kv_lo, full_act = 0, max_tokens
         for i in self.offloaded:
-            if self.windows[i] is None or lane:
+            if self.windows[i] is None or keep_all:
                 self.act_base[i], self.kv_base[i] = 0, self.kv_lo
                 act_need.append(full_act)
-                stage_need.append(max_tokens if self.windows[i] is None else min(max_tokens, self.windows[i]))
-                act_stage_need.append(full_act)
+                rows = max_tokens if self.windows[i] is None else min(max_tokens, self.windows[i])
+                if self.split is not None:  # a share of them, and the step's own row
+                    rows = self.split.share(rows) + 1
+                stage_need.append(rows)
+                act_stage_need.append(full_act if self.split is None else min(full_act, rows))
             else:
                 a_lo, a_hi, k_lo, most_l = self._window_rows(i, max_tokens)
                 self.act_base[i], self.kv_base[i] = a_lo, k_lo
@@ -172,6 +184,16 @@ class OffloadedCache:
         c = self.plan.cpu_tokens(unit, n, s) if self.lane is not None else 0
         return s - n, c, min(l, n - c)
 
+    def _share(self, unit: int, s: int) -> tuple[int, int, int]:
+        """A token split's rank: (base, m, l): of the unit's cached tokens [lo, s) it attends
+        to its share [base, base + m) and recomputes the first l (the plan's table is
+        indexed by the share: l of m)."""
+        w = self.windows[unit]
+        n = s if w is None else max(0, min(s, w - 1))
+        base, end = self.split.bounds(n, self.split.rank)
+        m = end - base
+        return s - n + base, m, min(self.plan.recompute_tokens(unit, m), m) if m else 0
+
     def set_padding(self, pads: torch.Tensor | None) -> None:
         """The call's left padding, per row of the whole batch (all micro-batches, in order),
         or None: no row is padded (positions are shared, kv_mask is empty)."""
@@ -200,7 +222,10 @@ class OffloadedCache:
         if self.plan.resident[layer]:
             return self.resident.kv_mask(layer, rows)
         lo = 0 if self.s == 0 else self.base[layer]
-        return self.padding.mask(rows, lo, self.s, self.t, self.windows[layer])
+        mask = self.padding.mask(rows, lo, self.s, self.t, self.windows[layer])
+        if self.s and not self.owns_new:  # a token split's share ends before the step's rows
+            return mask[..., :self.cached[layer]]
+        return mask
 
     @property
     def host_bytes(self) -> int:
@@ -222,9 +247,14 @@ class OffloadedCache:
             return
         chunks = self.plan.act_chunks
         for i in self.offloaded:
-            lo, c, l = self._split(i, s)
-            self.cpu_rows[i] = (lo, c)
-            self.base[i], self.cached[i] = lo + c, s - lo - c
+            if self.split is not None:
+                base, m, l = self._share(i, s)
+                self.cpu_rows[i] = (base, 0)
+                self.base[i], self.cached[i] = base, m
+            else:
+                lo, c, l = self._split(i, s)
+                self.cpu_rows[i] = (lo, c)
+                self.base[i], self.cached[i] = lo + c, s - lo - c
             self.bounds[i] = chunk_bounds(l, chunks)
         # the pools were sized so that contexts from min_context on never read outside them:
         # only a shorter context needs the check, so a decode step pays nothing for it
@@ -252,9 +282,13 @@ class OffloadedCache:
     # --- the CPU attention lane (kvc.runtime.cpu_attention) ------------------------------
     def cpu_attn_begin(self, q, layer: int, scale: float, softcap: float) -> int:
         """Hand the step's query [b, H, 1, hd] to the CPU for the unit's oldest cached rows;
-        the unit, for `cpu_attn_end` (kvc.models.attend), or -1: no CPU part this step."""
-        if self.lane is None or self.s == 0 or self.plan.resident[layer]:
+        the unit, for `merge_parts` (kvc.models.attend), or -1: all of the unit's attention
+        is in what staged_kv returns. A token split's offloaded unit always has parts: the
+        other ranks' shares."""
+        if self.s == 0 or self.plan.resident[layer]:
             return -1
+        if self.lane is None:
+            return layer if self.split is not None else -1
         lo, c = self.cpu_rows[layer]
         if not c:
             return -1
@@ -266,9 +300,17 @@ class OffloadedCache:
                         written=self.streams.streams.get(OFFLOAD))
         return layer
 
-    def cpu_attn_end(self, layer: int):
-        """(out [b, H, hd], lse [b, H]) float32 on the device, the CPU's part; None: none."""
-        return self.lane.end(layer) if self.lane is not None and layer >= 0 else None
+    def merge_parts(self, layer: int, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+        """This step's attention of the unit from the part the GPU computed here (out [b, H,
+        hd], lse [b, H], float32) and the parts elsewhere: the CPU lane's, then the other
+        ranks' shares (one all-gather), merged exactly (kvc.models.attend)."""
+        part = self.lane.end(layer) if self.lane is not None else None
+        if part is not None:
+            out_c, lse_c = part
+            out, lse = merge(out, lse, out_c, lse_c), torch.logaddexp(lse, lse_c)
+        if self.split is not None:
+            out = self.split.merge(out, lse)
+        return out
 
     # --- resident layers: the logical cache verbs ----------------------------------------
     def kv_read(self, layer: int):
@@ -329,7 +371,7 @@ class OffloadedCache:
         w.v_stage[n:n + t].copy_(v.transpose(0, 1))
 
     def staged_kv(self, layer: int):
-        n, w = self.cached[layer] + self.t, self.views[layer]
+        n, w = self.cached[layer] + (self.t if self.owns_new else 0), self.views[layer]
         return w.k_stage[:n].transpose(0, 1), w.v_stage[:n].transpose(0, 1)
 
     def recompute_positions(self, layer: int, chunk: int):

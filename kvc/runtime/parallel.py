@@ -30,27 +30,73 @@ from kvc.errors import KvcError
 
 @dataclass(frozen=True)
 class Ranks:
-    """Where this process stands in the job: `world` processes, this one `rank`."""
+    """Where this process stands in the job: `world` processes, this one `rank`, and how the
+    work is split: "rows" of each batch, or "tokens" of each offloaded layer's context."""
 
     world: int = 1
     rank: int = 0
+    split: str = "rows"
 
     @property
     def single(self) -> bool:
         return self.world == 1
 
+    @property
+    def splits_rows(self) -> bool:
+        return self.world > 1 and self.split == "rows"
+
+    @property
+    def splits_tokens(self) -> bool:
+        return self.world > 1 and self.split == "tokens"
+
+    def bounds(self, n: int, rank: int) -> tuple[int, int]:
+        """A token split: rank `rank`'s share [a, b) of n tokens (contiguous, sizes within one)."""
+        return n * rank // self.world, n * (rank + 1) // self.world
+
+    def merge(self, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+        """A token split's attention: every rank's part (out [..., hd], lse [...], float32)
+        gathered (one all-gather) and merged exactly by log-sum-exp, the same on every rank."""
+        from kvc.models.attend import merge_all
+
+        both = self.gather_stacked(torch.cat([out, lse[..., None]], -1))
+        return merge_all(both[..., :-1], both[..., -1])[0]
+
+    def gather_stacked(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's `x` stacked along a new dim 0, in rank order."""
+        import torch.distributed as dist
+
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x)
+        return torch.stack(parts)
+
+    def same(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `x` on every rank (a token split's chosen tokens: every rank computed
+        them alike; this makes sure they decode the same sequence)."""
+        if self.single:
+            return x
+        import torch.distributed as dist
+
+        x = x.contiguous()
+        dist.broadcast(x, src=0)
+        return x
+
     def share(self, batch: int) -> int:
-        """Rows per rank: the last ranks' short shares are padded with copies."""
+        """Rows (or tokens) per rank, rounded up: the last ranks' short shares of a row split
+        are padded with copies."""
         return -(-batch // self.world)
 
     def rows(self, batch: int) -> slice:
-        """This rank's rows of a batch padded to world * share(batch)."""
+        """This rank's rows of a batch padded to world * share(batch) (a token split: all)."""
+        if not self.splits_rows:
+            return slice(0, batch)
         k = self.share(batch)
         return slice(self.rank * k, (self.rank + 1) * k)
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """Every rank's `x` (the same shape on each), concatenated along dim 0 in rank order."""
-        if self.single:
+        """A row split: every rank's `x` (the same shape on each), concatenated along dim 0 in
+        rank order (a token split's ranks all hold the whole batch: `x` as it is)."""
+        if not self.splits_rows:
             return x
         import torch.distributed as dist
 
