@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Several GPUs (issue 18) on one machine, in one call: decode ms/token of each point on 1, 2,
-4 ... GPUs (one process per GPU through torchrun, the batch split by rows), the LP's
+4 ... GPUs (one process per GPU through torchrun, the batch split by rows, or the context by tokens), the LP's
 prediction for each, and whether the N-GPU tokens are the 1-GPU tokens.
 
     python tools/parallel_bench.py --out DIR                      # the issue's points, every GPU count
@@ -12,7 +12,9 @@ per point, the model (dummy weights, seed 0) on every rank, the plan for one ran
 hardware.host_link_gbps allows), timed as tools/benchlib times steps (a sync after the
 prefill, the host running ahead between steps as in use), then 8 greedy tokens and the first
 step's logits, which the N-GPU runs compare with the 1-GPU run's. `--long`: a batch of one
-long context; a row split cannot divide one row, so it runs on one GPU only (the row says so).
+long context, which a row split cannot divide: on several GPUs it runs as a token split (each
+rank attends to its share of every offloaded layer's context; `--split tokens` makes every
+point one).
 Writes <date>-<card>-parallel.{md,json} to --out; every row carries "gpus".
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -61,15 +64,17 @@ def child(args) -> int:
         batch, context = int(batch), int(context)
         row = {"model": name, "batch": batch, "context": context, "mode": args.mode,
                "gpus": ranks.world, "card": env.card_name(), "device": args.device}
-        if batch < ranks.world:
-            row["note"] = f"a row split cannot divide {batch} row(s) over {ranks.world} GPUs"
-            rows.append(row)
-            continue
+        # a row split where the batch divides, else (or with --split tokens) a token split
+        split = "tokens" if ranks.world > 1 and (args.split == "tokens" or batch < ranks.world) else "rows"
+        row["split"] = split
         spec = get_spec(name)
-        share = ranks.share(batch)
-        budget = point_budget_gb(spec, name, hw_name, share, context)
+        if split == "rows":
+            budget = point_budget_gb(spec, name, hw_name, ranks.share(batch), context)
+        else:  # every row, a share of the context: staging for the share
+            budget = point_budget_gb(spec, name, hw_name, batch, ranks.share(context))
         plan, r = planned(name, args.mode, batch, context, hw_name, budget,
-                          extra=(f"parallel.world_size={ranks.world}",))
+                          extra=(f"parallel.world_size={ranks.world}", f"parallel.split={split}"))
+        ranks = replace(ranks, split=split)
         model = build_model(spec, device, env.DTYPE, seed=0)
         cm = assemble(lower(model, plan), plan, spec, env.DTYPE, device, ranks=ranks)
         ids = torch.randint(0, spec.vocab_size, (batch, context),
@@ -87,11 +92,10 @@ def child(args) -> int:
             row["step0_max_logit_diff"] = round((one["logits0"] - mine["logits0"]).abs().max().item(), 5)
         pred = plan.predicted_step_ms[:args.steps]
         row.update({"ms": round(ms, 2), "lp_ms": round(statistics.mean(pred), 2),
-                    "rank_batch": plan.batch_size, "h2d_gbps_per_rank": r.hardware.h2d_gbps,
+                    "rank_batch": plan.batch_size,
+                    "h2d_gbps_per_rank": plan.notes.get("parallel", {}).get("h2d_gbps", r.hardware.h2d_gbps),
                     "gpu_mem_gb": budget, "notes": {k: v for k, v in plan.notes.items()
                                                    if k in ("gather_ms", "world_size", "max_context")}})
-        if "h2d_gbps_rank" in plan.notes:
-            row["h2d_gbps_per_rank"] = plan.notes["h2d_gbps_rank"]
         rows.append(row)
         if ranks.rank == 0:
             print(f"row {row}", flush=True)
@@ -105,17 +109,17 @@ def child(args) -> int:
 
 def table(rows) -> str:
     one = {(r["model"], r["batch"], r["context"]): r.get("ms") for r in rows if r["gpus"] == 1}
-    lines = ["| model | batch | context | GPUs | rank batch | link GB/s per rank | ms/token | vs 1 GPU | LP ms | LP error | tokens = 1 GPU | step-0 logit diff |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | batch | context | GPUs | split | rank batch | link GB/s per rank | ms/token | vs 1 GPU | LP ms | LP error | tokens = 1 GPU | step-0 logit diff |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "ms" not in r:
-            lines.append(f"| {r['model']} | {r['batch']} | {r['context']} | {r['gpus']} | - | - | - | - | - | - | - | {r.get('note', '')} |")
+            lines.append(f"| {r['model']} | {r['batch']} | {r['context']} | {r['gpus']} | - | - | - | - | - | - | - | - | {r.get('note', '')} |")
             continue
         base = one.get((r["model"], r["batch"], r["context"]))
         ratio = f"{r['ms'] / base:.3f}x" if base else "-"
         err = f"{(r['lp_ms'] - r['ms']) / r['ms'] * 100:+.1f}%"
         same = "-" if r["gpus"] == 1 else f"{r.get('tokens_equal_1gpu')} ({r.get('tokens_same_frac')})"
-        lines.append(f"| {r['model']} | {r['batch']} | {r['context']} | {r['gpus']} | {r['rank_batch']} | "
+        lines.append(f"| {r['model']} | {r['batch']} | {r['context']} | {r['gpus']} | {r.get('split', 'rows')} | {r['rank_batch']} | "
                      f"{r['h2d_gbps_per_rank']} | {r['ms']} | {ratio} | {r['lp_ms']} | {err} | {same} | "
                      f"{r.get('step0_max_logit_diff', '-')} |")
     return "\n".join(lines) + "\n"
@@ -127,6 +131,8 @@ def main(argv=None) -> int:
     ap.add_argument("--long", default=LONG, help="a long batch-1 point (none: skip it)")
     ap.add_argument("--gpus", default=None, help="GPU counts, e.g. 1,2,4 (default: 1, 2, 4 up to the machine's)")
     ap.add_argument("--mode", default="pipelined")
+    ap.add_argument("--split", choices=["rows", "tokens"], default="rows",
+                    help="how N GPUs share a point whose batch divides (a smaller one: tokens)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=2)
@@ -146,6 +152,7 @@ def main(argv=None) -> int:
             out = Path(work) / f"rows-{n}.json"
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
                    __file__, "--child", "--points", points, "--mode", args.mode, "--device", args.device,
+                   "--split", args.split,
                    "--steps", str(args.steps), "--repeats", str(args.repeats), "--rows", str(out),
                    "--work", work]
             env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // n)))}
