@@ -86,6 +86,13 @@ class ParallelConfig:
     # ceil(batch_size / world_size) rows of the batch over its own PCIe link, weights
     # replicated; after each step the ranks all-gather the last position's logits
     world_size: int = 1
+    # how the work is split over world_size ranks: "rows" (above) or "tokens", for batches
+    # too small to split by rows (one long context): every rank decodes every row, and each
+    # offloaded layer's cached tokens are cut into world_size contiguous shares, each rank
+    # attending to its own over its own link; the partial outputs are merged exactly by
+    # log-sum-exp after an all-gather per layer. Every rank's host pools keep every row (a
+    # full replica). Ignored when world_size is 1
+    split: str = "rows"
 
 
 @dataclass

@@ -14,7 +14,7 @@ from kvc.errors import KvcError
 from kvc.hardware import HardwareConfig
 from kvc.ir.modes import NAMES as MODE_NAMES
 from kvc.ir.modes import mode as mode_of
-from kvc.ir.request import check_cpu_attention
+from kvc.ir.request import check_cpu_attention, check_split
 
 
 def from_dict(data: dict, where: str = "config") -> Config:
@@ -106,6 +106,7 @@ def _check_ranges(cfg: Config) -> None:
     n = cfg.parallel.world_size
     need(1 <= n <= LIMITS["world_size"],
          f"parallel.world_size = {n}: expected an integer 1..{LIMITS['world_size']}")
+    check_split(cfg.parallel.split)
     t = s.solver_time_limit_s
     need(math.isfinite(t) and 0 < t <= LIMITS["solver_time_limit_s"],
          f"schedule.solver_time_limit_s = {t}; expected a number of seconds in (0, "

@@ -80,6 +80,17 @@ class Plan:
     # against its share of the host (kvc.hardware.per_rank); predicted_step_ms includes the
     # logits all-gather after each step
     world_size: int = 1
+    # how the ranks split the work: "rows" (above) or "tokens" (parallel.split): every rank
+    # decodes all batch_size rows, and each offloaded unit's n cached tokens [lo, s) are cut
+    # into world_size contiguous shares, e_j = lo + (n * j) // world_size; a rank attends to
+    # its share [e_r, e_r+1) (the last rank also to the new token), recomputing the first
+    # recompute_tokens(unit, m) of its m = e_r+1 - e_r tokens and copying the rest, then the
+    # ranks all-gather each offloaded unit's (out, lse) and merge them by log-sum-exp. The
+    # table, max_context, prompt_len and gen_len are then a rank's SHARE of the context
+    # (`context_shares`, `share_context`); predicted_step_ms includes the merges and a token
+    # broadcast per step. A resident unit is not split. Every rank's pools hold every row
+    # (`pool_context`)
+    split: str = "rows"
 
     def __post_init__(self):
         if len(self.resident) != self.num_units:
@@ -95,6 +106,25 @@ class Plan:
                     or starts[-1] > self.max_context:
                 raise ValueError(f"plan: run starts must increase from 0 within max_context "
                                  f"{self.max_context}")
+
+    @property
+    def context_shares(self) -> int:
+        """Into how many shares an offloaded unit's cached tokens are cut: world_size for a
+        token split, else 1 (the table is indexed by a rank's share of the context)."""
+        return self.world_size if self.split == "tokens" and self.world_size > 1 else 1
+
+    def share_context(self, s: int) -> int:
+        """The largest rank's share of s cached tokens, ceil(s / context_shares): the context
+        the table is read at (s itself but for a token split)."""
+        return -(-s // self.context_shares)
+
+    @property
+    def pool_context(self) -> int:
+        """The contexts every rank's host pools hold: max_context; for a token split, whose
+        max_context is a share, (max_context - 1) x world_size, at least the longest whole
+        context the plan serves (its share is at most max_context - 1)."""
+        n = self.context_shares
+        return self.max_context if n == 1 else (self.max_context - 1) * n
 
     @property
     def num_units(self) -> int:
@@ -274,6 +304,8 @@ class Plan:
             del d["micro_batches"]
         if self.world_size == 1:  # one-GPU plans stay as they were
             del d["world_size"]
+        if self.split == "rows":  # row-split and one-GPU plans stay as they were
+            del d["split"]
         if not self.cuda_graphs:  # manifests of plans made before CUDA graphs stay as they were
             del d["cuda_graphs"]
         return d

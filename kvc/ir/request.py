@@ -42,6 +42,11 @@ class PlanRequest:
     # rank_batch = ceil(batch_size / world_size) rows (the last rank's short share padded with
     # copies); the plan is made for one rank
     world_size: int = 1
+    # parallel.split: "rows" (above) or "tokens": every rank decodes every row (rank_batch =
+    # batch_size) and attends to 1/world_size of each offloaded layer's cached tokens; the
+    # plan is one rank's over its share of the context (kvc.planner.scheduler). Ignored when
+    # world_size is 1
+    split: str = "rows"
 
     def __post_init__(self):
         mode(self.mode)  # a KvcError naming the modes, for a request built by hand
@@ -66,9 +71,12 @@ class PlanRequest:
                 raise KvcError(f"schedule.{name} = {f}: expected null or 0..1")
         check_cpu_attention(self.cpu_attention, self.cpu_attention_fraction,
                             self.recompute_fraction, self.schedule)
-        if self.world_size > 1:
+        check_split(self.split)
+        if self.world_size > 1 and self.split == "rows":
             self._check_ranks()
-        elif self.batch_size % self.micro_batches:
+        elif self.world_size > 1 and self.tokens:
+            self._check_tokens()
+        if (self.world_size == 1 or self.tokens) and self.batch_size % self.micro_batches:
             raise KvcError(f"workload.batch_size = {self.batch_size} does not split into "
                            f"workload.num_gpu_batches = {self.micro_batches} equal micro-batches;"
                            f" use a multiple of {self.micro_batches}")
@@ -77,17 +85,39 @@ class PlanRequest:
         n, b, m = self.world_size, self.batch_size, self.micro_batches
         if n > b:
             raise KvcError(f"parallel.world_size = {n} is more ranks than workload.batch_size = {b}"
-                           f" rows: a rank would have no rows; use at most {b} ranks, or a batch of"
-                           f" at least {n}")
+                           f" rows: a rank would have no rows; use at most {b} ranks, a batch of"
+                           f" at least {n}, or parallel.split=tokens (every rank decodes every row"
+                           " and attends to its share of each layer's context)")
         if self.rank_batch % m:
             raise KvcError(f"workload.batch_size = {b} over parallel.world_size = {n} gives each "
                            f"rank {self.rank_batch} rows, which do not split into "
                            f"workload.num_gpu_batches = {m} equal micro-batches; use a batch whose"
                            f" share per rank is a multiple of {m} (e.g. {n * m * -(-self.rank_batch // m)})")
 
+    def _check_tokens(self) -> None:
+        """A token split: what it cannot plan, one line each."""
+        n = self.world_size
+        if not self.schedule.offloads:
+            raise KvcError(f"parallel.split = tokens splits each offloaded layer's cached tokens over"
+                           f" parallel.world_size = {n} ranks, but schedule.mode = {self.mode} keeps "
+                           "the cache on the GPU; use an offloading mode, or parallel.split=rows")
+        f = self.cpu_attention_fraction
+        if f is not None and f > 0:
+            raise KvcError(f"schedule.cpu_attention_fraction = {f} with parallel.split = tokens: the "
+                           "CPU attention lane is not planned for a token split; set the fraction "
+                           "to null, or use parallel.split=rows")
+
+    @property
+    def tokens(self) -> bool:
+        """A token split over several ranks (parallel.split tokens, world_size > 1)."""
+        return self.world_size > 1 and self.split == "tokens"
+
     @property
     def rank_batch(self) -> int:
-        """The rows each rank decodes: ceil(batch_size / world_size)."""
+        """The rows each rank decodes: ceil(batch_size / world_size) (a row split), or every
+        row (a token split)."""
+        if self.tokens:
+            return self.batch_size
         return -(-self.batch_size // self.world_size)
 
     @classmethod
@@ -102,7 +132,7 @@ class PlanRequest:
                    resident_cache=s.resident_cache, cuda_graphs=s.cuda_graphs,
                    max_context=w.max_context, cpu_attention=s.cpu_attention,
                    cpu_attention_fraction=s.cpu_attention_fraction,
-                   world_size=cfg.parallel.world_size)
+                   world_size=cfg.parallel.world_size, split=cfg.parallel.split)
 
     @property
     def schedule(self) -> Mode:
@@ -137,6 +167,15 @@ class PlanRequest:
 
 
 CPU_ATTENTION = ("auto", "off")
+SPLITS = ("rows", "tokens")  # parallel.split
+
+
+def check_split(value) -> None:
+    """parallel.split, one line."""
+    if value not in SPLITS:
+        raise KvcError(f"parallel.split = {value!r}; expected one of {list(SPLITS)} (rows: each rank"
+                       " decodes its share of the batch's rows; tokens: its share of each layer's "
+                       "cached tokens)")
 
 
 def check_cpu_attention(value, fraction, recompute_fraction, mode: Mode) -> None:
