@@ -66,6 +66,10 @@ class LayerCosts:
     # do not run on the host's cores.
     cpu_per_tok: float = 0.0
     cpu_fixed: float = 0.0
+    # a token split over several GPUs (Plan.split "tokens"): after an offloaded unit's
+    # attention over its share, the all-gather of every rank's partial (out, lse) and their
+    # log-sum-exp merge, on the compute stream before the rest of the layer (0: no split)
+    merge: float = 0.0
 
     @property
     def cpu_lane(self) -> bool:
@@ -73,7 +77,10 @@ class LayerCosts:
         return self.cpu_per_tok > 0
 
 
-def layer_costs(spec: ModelSpec, hw: HardwareConfig, b: int, dtype: str, offloaded=True) -> LayerCosts:
+def layer_costs(spec: ModelSpec, hw: HardwareConfig, b: int, dtype: str, offloaded=True,
+                shares: int = 1) -> LayerCosts:
+    """`shares` > 1: a token split over that many ranks (Plan.context_shares), whose
+    offloaded units pay `merge_ms` after their attention."""
     p = dtype_bytes(dtype)
     h, hkv = spec.hidden_size, spec.kv_width
     F = hw.gemm_tflops * 1e12
@@ -117,7 +124,23 @@ def layer_costs(spec: ModelSpec, hw: HardwareConfig, b: int, dtype: str, offload
         cpu_per_tok=(kv_bytes(spec, b, 1, p) / (hw.cpu_attn_gbps * GB) * ms
                      if hw.cpu_attn_gbps > 0 else 0.0),
         cpu_fixed=hw.cpu_attn_fixed_us * 1e-3,
+        merge=merge_ms(spec, hw, shares, b, cs) if shares > 1 else 0.0,
     )
+
+
+MERGE_OPS = 4  # kernels of the log-sum-exp merge (max, exp weights, weighted sum, normalise)
+
+
+def merge_ms(spec: ModelSpec, hw: HardwareConfig, ranks: int, b: int, slowdown: float = 1.0) -> float:
+    """A token split's per-unit merge (ms): the all-gather of every rank's partial attention
+    output and log-sum-exp, [b, heads, head_dim] and [b, heads] float32 (each rank receives
+    the other ranks' (ranks - 1) x b x heads x (head_dim + 1) x 4 bytes at
+    hardware.collective_gbps after collective_us), then the elementwise merge reading all
+    ranks' partials (twice, at stream_gbps) in MERGE_OPS kernels."""
+    part = b * spec.num_heads * (spec.head_dim + 1) * 4
+    gather = hw.collective_us * 1e-3 + (ranks - 1) * part / (hw.collective_gbps * GB) * 1e3
+    merge = (2 * ranks * part / (hw.stream_gbps * GB) * 1e3 + MERGE_OPS * hw.launch_us * 1e-3) * slowdown
+    return gather + merge
 
 
 def durations(c: LayerCosts, s, l, resident, act_chunks: int, cpu=0):

@@ -10,7 +10,13 @@ Several GPUs (issue 18): a Plan with world_size N > 1 is one rank's, for its bat
 `predict` takes the host's HardwareConfig and either the rank's batch or the whole batch
 (`rank_view`); `evaluate`, `evaluate_arrays` and `step_terms` take the rank's machine and
 batch. The logits all-gather after each step (`gather_ms`) is added to the step in one place,
-`evaluate_arrays`, so the plan's predictions, `predict` and the reports agree."""
+`evaluate_arrays`, so the plan's predictions, `predict` and the reports agree.
+
+A token split (Plan.split "tokens"): every rank decodes the whole batch; the plan's table,
+contexts and predictions are a rank's share of the context (Plan.share_context), its
+offloaded units pay the all-gather and merge of the ranks' partials inside the walk
+(cost.merge_ms, lanes.walk's `merge`), and the step a token broadcast (`gather_ms`:
+collective_us once). `predict` and the timeline take the whole context."""
 from __future__ import annotations
 
 import numpy as np
@@ -26,8 +32,11 @@ def predict(spec: ModelSpec, hw: HardwareConfig, plan: Plan, s: int, batch_size:
             dtype: str) -> dict:
     """Predicted decode step at context s: total and the busy time of the link and the GPU
     (of one rank, on several GPUs: `hw` is the host's, `batch_size` the rank's or the whole
-    batch, see rank_view; the step then includes the logits all-gather, `gather_ms`)."""
+    batch, see rank_view; the step then includes the logits all-gather, `gather_ms`). A token
+    split: s is the whole context, the step the rank's at its share (`share_context`), with
+    the merges (`merge_ms` per offloaded unit) and the token broadcast (`gather_ms`)."""
     hw, batch_size = rank_view(hw, plan, batch_size)
+    whole, s = s, plan.share_context(s)
     if plan.batch_size and (plan.batch_size, plan.dtype) != (batch_size, dtype):
         ranks = f" per rank of {plan.world_size}" if plan.world_size > 1 else ""
         raise KvcError(f"the plan was made for batch {plan.batch_size}{ranks} {plan.dtype}, "
@@ -42,7 +51,12 @@ def predict(spec: ModelSpec, hw: HardwareConfig, plan: Plan, s: int, batch_size:
         kw = step_terms(spec, hw, plan, s, np.zeros(plan.num_units), batch_size, dtype, cpu)[1]
         out["cpu_busy_ms"] = float(np.sum(kw.get("P", 0.0)))
     if plan.world_size > 1:  # one-GPU plans report what they always did
-        out["gather_ms"] = gather_ms(spec, hw, plan.world_size, batch_size, dtype)
+        out["gather_ms"] = gather_ms(spec, hw, plan.world_size, batch_size, dtype, plan.split)
+    if plan.context_shares > 1:
+        merge = cost.merge_ms(spec, hw, plan.world_size, batch_size // plan.micro_batches,
+                              hw.compute_slowdown)
+        out.update(share_context=s, whole_context=whole, merge_ms=merge,
+                   merges_ms=merge * len(plan.offloaded_units))
     return out
 
 
@@ -51,22 +65,28 @@ def rank_view(hw: HardwareConfig, plan: Plan, batch_size: int) -> tuple[Hardware
     (kvc.hardware.per_rank; its rates are idempotent, so a rank's machine passes unchanged
     where rates are concerned) and the rank's rows, ceil(batch_size / world_size), where
     `batch_size` is a whole batch the plan's rank batch came from (the plan's own batch
-    passes as it is). world_size 1: both as given."""
+    passes as it is). world_size 1: both as given. A token split: every rank has the whole
+    batch."""
     n = plan.world_size
     if n == 1:
         return hw, batch_size
+    if plan.context_shares > 1:
+        return per_rank(hw, n), batch_size
     if batch_size != plan.batch_size and (not plan.batch_size or -(-batch_size // n) == plan.batch_size):
         batch_size = -(-batch_size // n)
     return per_rank(hw, n), batch_size
 
 
 def gather_ms(spec: ModelSpec, hw: HardwareConfig, world_size: int, rank_batch: int,
-              dtype: str) -> float:
+              dtype: str, split: str = "rows") -> float:
     """The logits all-gather after each step among `world_size` ranks (0 for one): each rank
     receives the other ranks' last-position logits, (N - 1) x rank_batch x vocab_size values
-    in the model dtype, at hw.collective_gbps after hw.collective_us."""
+    in the model dtype, at hw.collective_gbps after hw.collective_us. A token split (every
+    rank has every row's logits): the step's token broadcast instead, collective_us once."""
     if world_size <= 1:
         return 0.0
+    if split == "tokens":
+        return hw.collective_us * 1e-3
     nbytes = (world_size - 1) * rank_batch * spec.vocab_size * cost.dtype_bytes(dtype)
     return hw.collective_us * 1e-3 + nbytes / (hw.collective_gbps * 1e9) * 1e3
 
@@ -114,8 +134,9 @@ def copy_bytes(spec, plan: Plan, ctx, l, b: int, dtype: str, cpu=None) -> np.nda
 
 
 def unit_contexts(spec, plan: Plan, s) -> np.ndarray:
-    """[units, *shape(s)]: the cached tokens each unit's layer reads at context s."""
-    return cost.per_unit(cost.layer_contexts(spec, s), plan.micro_batches)
+    """[units, *shape(s)]: the cached tokens each unit's layer reads at context s (a token
+    split: at a rank's share s)."""
+    return cost.per_unit(cost.layer_contexts(spec, s, plan.context_shares), plan.micro_batches)
 
 
 def step_terms(spec, hw, plan: Plan, s, l, b: int, dtype: str, cpu=None):
@@ -126,7 +147,8 @@ def step_terms(spec, hw, plan: Plan, s, l, b: int, dtype: str, cpu=None):
     (weights, front and back, which units are offloaded, the CPU lane's part P). One place,
     so the prediction and the timeline picture never describe different schedules."""
     streamed, m = plan.weights_streamed, plan.micro_batches
-    c = cost.layer_costs(spec, hw, b // m, dtype, offloaded=plan.offloaded or any(streamed))
+    c = cost.layer_costs(spec, hw, b // m, dtype, offloaded=plan.offloaded or any(streamed),
+                         shares=plan.context_shares)
     trailing = np.shape(s)
     res = np.array(plan.resident).reshape((-1,) + (1,) * len(trailing))
     n = unit_contexts(spec, plan, s)  # each layer at its own context (its window)
@@ -138,6 +160,8 @@ def step_terms(spec, hw, plan: Plan, s, l, b: int, dtype: str, cpu=None):
     else:
         A, K, R, C, D = cost.durations(c, n, np.minimum(l, n), res, plan.act_chunks)
     W = cost.weight_durations(c, streamed, trailing, m) if any(streamed) else None
+    if c.merge:  # a token split: each offloaded unit merges the ranks' partials
+        kw["merge"] = [0.0 if r else c.merge for r in plan.resident]
     return ((A, K, R, C, D, m * c.head, plan.lookahead, plan.act_chunks),
             {"W": W, "weight_lag": m + 1, "back": c.layer_back, "front": c.layer_front,
              "offloaded": [not r for r in plan.resident], **kw})
@@ -152,8 +176,8 @@ def evaluate_arrays(spec, hw, plan: Plan, ctx, l, b, dtype, cpu=None):
     # the host issues the step's nodes one by one; the GPU cannot finish before the last one
     host = host_ms(spec, hw, plan, l)
     step = np.maximum(step, host)
-    if plan.world_size > 1:  # every rank waits for the others' logits before sampling
-        step = step + gather_ms(spec, hw, plan.world_size, b, dtype)
+    if plan.world_size > 1:  # every rank waits for the others' logits (or the token)
+        step = step + gather_ms(spec, hw, plan.world_size, b, dtype, plan.split)
     return step, link, gpu, host
 
 

@@ -10,6 +10,10 @@ worker threads, from when its query exists (its `front` is done) for `P` ms; the
 attention merges that partial before the rest of the layer (`back`) runs, so the unit's
 compute waits max(its GPU attention, its CPU part). One unit's CPU part ends before the next
 unit's query exists (the next unit starts after this one ends), so the CPU lane never queues.
+A token split over several GPUs (Plan.split "tokens"): an offloaded unit's attention covers
+its rank's share of the context, and the ranks' partials are all-gathered and merged on the
+compute stream (`merge` ms) before the rest of the layer (`back`); its staging slot is free
+once its attention has read it, before the merge.
 
 `walk` states that schedule once. Every `max(a, b, ...)` in it goes through the backend:
 - `ArrayOps`: numpy arrays of any trailing (context) shape, `np.maximum`: `simulate`;
@@ -58,6 +62,9 @@ class Step:
     front: Any = 0.0
     P: Sequence[Any] = ()  # per unit, the CPU lane's part (only where `cpu` marks the unit)
     cpu: Sequence[bool] = ()  # per unit: it attends to some tokens on the CPU (empty: none)
+    # per unit, a token split's all-gather and merge after its attention (a float; 0 or
+    # empty: none)
+    merge: Sequence[float] = ()
 
     @property
     def units(self) -> int:
@@ -68,6 +75,7 @@ def walk(ops, st: Step):
     """The step's earliest-start schedule; returns when it ends (the backend's value)."""
     c = st.act_chunks
     ends: list = []  # compute end per unit
+    freed: list = []  # per unit: when its attention has read its staging slot (None: end - back)
     copy_end = d2h_end = ops.zero
     for u in range(st.units):
         A, K, R, C = st.A[u], st.K[u], st.R[u], st.C[u]
@@ -79,7 +87,10 @@ def walk(ops, st: Step):
             ops.record("copy-in", u, "weight_copy", w0, copy_end)
             t = ops.max(t, copy_end)  # nothing of the layer runs before its weights
         j = u - 1 - st.lookahead
-        start = ops.max(copy_end, ends[j] - st.back) if j >= 0 else copy_end  # staging slot free
+        if j >= 0:  # staging slot free
+            start = ops.max(copy_end, ends[j] - st.back if freed[j] is None else freed[j])
+        else:
+            start = copy_end
         t0, t = t, t + st.front
         ops.record("compute", u, "compute", t0, t)
         lane = bool(st.cpu) and st.cpu[u]
@@ -97,10 +108,24 @@ def walk(ops, st: Step):
         copy_end = landed + K  # landed: start + A
         ops.record("copy-in", u, "kv_copy", landed, copy_end)
         begin = ops.max(t, copy_end) if waits else t
+        M = st.merge[u] if st.merge else 0.0
+        freed.append(None)
         if lane:  # the GPU's attention, then the merge waits for the CPU's partial
             attn = begin + C - st.front - st.back
             ops.record("compute", u, "compute", begin, attn)
             merged = ops.max(attn, cpu_end)
+            if M:  # a token split: the ranks' partials too
+                freed[-1] = merged
+                ops.record("compute", u, "merge", merged, merged + M)
+                merged = merged + M
+            ends.append(merged + st.back)
+            ops.record("compute", u, "compute", merged, ends[-1])
+        elif M:  # a token split: attention over the share, the ranks' merge, the rest
+            attn = begin + C - st.front - st.back
+            ops.record("compute", u, "compute", begin, attn)
+            freed[-1] = attn
+            merged = attn + M
+            ops.record("compute", u, "merge", attn, merged)
             ends.append(merged + st.back)
             ops.record("compute", u, "compute", merged, ends[-1])
         else:
@@ -198,32 +223,36 @@ def _cpu_structure(P, A, cpu):
 
 def simulate(A, K, R, C, D, head: float, lookahead: int, act_chunks: int, W=None,
              weight_lag: int = 2, back: float = 0.0, front: float = 0.0, offloaded=None,
-             streams=None, P=None, cpu=None):
+             streams=None, P=None, cpu=None, merge=()):
     """The walk on numpy arrays [units, ...] (any trailing shape, e.g. contexts): the step's
     earliest-start schedule for fixed durations, the LP's evaluator. `W` (optional): a
     weight-streamed layer's weight copy on its first unit. `offloaded` / `streams` (per unit;
     default: units with activation or K,V copies / a weight copy). `P` (optional): the CPU
-    lane's part per unit, `cpu` its units (default: those with P > 0 somewhere). Returns
-    (step, link_busy, gpu_busy) in ms."""
+    lane's part per unit, `cpu` its units (default: those with P > 0 somewhere). `merge`
+    (optional): per unit, a token split's all-gather and merge (ms; counted as GPU busy).
+    Returns (step, link_busy, gpu_busy) in ms."""
     A, K, R, C, D = (np.asarray(x, dtype=float) for x in (A, K, R, C, D))
     W = np.zeros_like(A) if W is None else np.broadcast_to(np.asarray(W, dtype=float), A.shape)
     off, st = _structure(A, K, W, offloaded, streams)
     P, lane = _cpu_structure(P, A, cpu)
+    merge = [float(x) for x in merge]
     step = walk(ArrayOps(A.shape[1:]), Step(A, K, R, C, D, W, head, off, st, lookahead,
                                             act_chunks, weight_lag, back, front,
-                                            () if P is None else P, lane))
+                                            () if P is None else P, lane, merge))
     link = (W + A + K).sum(axis=0)
     gpu = (R + C).sum(axis=0) + head
+    if any(merge):
+        gpu = gpu + sum(merge)
     return step, link, gpu
 
 
 def intervals(A, K, R, C, D, head: float, lookahead: int, act_chunks: int, W=None,
               weight_lag: int = 2, back: float = 0.0, front: float = 0.0, offloaded=None,
-              streams=None, P=None, cpu=None) -> list[dict]:
+              streams=None, P=None, cpu=None, merge=()) -> list[dict]:
     """The same walk as `simulate`, for one context (arrays [units]), as the intervals each
     lane is busy: dicts with lane (copy-in | compute | copy-out | cpu), layer (the unit; None
     for the head), kind (weight_copy | act_copy | kv_copy | recompute | compute | writeback |
-    cpu_attn | head), start and end in ms. Zero-length work is left out."""
+    cpu_attn | merge | head), start and end in ms. Zero-length work is left out."""
     A, K, R, C, D = (np.asarray(x, dtype=float).reshape(-1) for x in (A, K, R, C, D))
     W = np.zeros_like(A) if W is None else np.asarray(W, dtype=float).reshape(-1)
     off, st = _structure(A, K, W, offloaded, streams)
@@ -231,5 +260,5 @@ def intervals(A, K, R, C, D, head: float, lookahead: int, act_chunks: int, W=Non
     ops = IntervalOps()
     walk(ops, Step(*(x.tolist() for x in (A, K, R, C, D, W)), float(head), off, st, lookahead,
                    act_chunks, weight_lag, float(back), float(front),
-                   () if P is None else P.tolist(), lane))
+                   () if P is None else P.tolist(), lane, [float(x) for x in merge]))
     return ops.items

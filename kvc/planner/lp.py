@@ -53,9 +53,11 @@ def durations(c, ctx, x, z, wc, resident, *, look: int, chunks: int, m: int,
         off.append(o)
         st.append(bool(first and streams[i]))
     lane = [o and y is not None for o in off] if y is not None else []
+    # a token split (c.merge > 0): every offloaded unit merges the ranks' partials
+    merge = [c.merge if o else 0.0 for o in off] if c.merge else []
     return Step(A, K, R, C, D, W, m * c.head, off, st, lookahead=look, act_chunks=chunks,
                 weight_lag=m + 1, back=c.layer_back, front=c.layer_front,
-                P=P if lane else [], cpu=lane)
+                P=P if lane else [], cpu=lane, merge=merge)
 
 
 def solve(c, L: int, s, *, look: int, chunks: int, resident, deadline: float,

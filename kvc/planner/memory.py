@@ -84,13 +84,18 @@ def host_memory_gb(spec: ModelSpec, plan: Plan, b: int, dtype: str) -> float:
     units' cache pools (each of b / micro_batches sequences) for contexts up to
     plan.max_context, trimmed to the rows the plan reads back from prompts of at least
     prompt_len (pool_rows; untrimmed when the plan has a CPU attention lane), and the
-    streamed weights."""
+    streamed weights. A token split: one rank's pools, a full replica (every row of the
+    whole context, Plan.pool_context: K,V and activations of all)."""
     s_max = plan.max_context
     p = dtype_bytes(dtype)
     off = [u for u, r in enumerate(plan.resident) if not r]
     # with the CPU attention lane the runtime keeps every row of every pool (it attends in
-    # place to the oldest rows, which the trimming would drop): K,V and activations of all
-    act_rows, kv_rows = (s_max, s_max) if plan.cpu_lane else pool_rows(spec, plan, s_max)
+    # place to the oldest rows, which the trimming would drop): K,V and activations of all;
+    # so does a token split (a rank's share moves through the whole context)
+    if plan.context_shares > 1:
+        act_rows = kv_rows = plan.pool_context
+    else:
+        act_rows, kv_rows = (s_max, s_max) if plan.cpu_lane else pool_rows(spec, plan, s_max)
     pools = host_pool_bytes(spec, b // plan.micro_batches, kv_rows, p, len(off), act_rows)
     return (pools + sum(plan.weights_streamed) * layer_weight_bytes(spec, p)) / GB
 
@@ -130,6 +135,13 @@ def _window_pool_rows(plan: Plan, unit: int, w: int, s_max: int) -> tuple[int, i
 def check_host_memory(spec: ModelSpec, hw: HardwareConfig, plan: Plan, b: int, dtype: str) -> None:
     """The pinned pools must fit `hardware.cpu_mem_gb`: refused here, before any allocation."""
     need = host_memory_gb(spec, plan, b, dtype)
+    if need > hw.cpu_mem_gb and plan.context_shares > 1:
+        raise KvcError(
+            f"{plan.mode}: with parallel.split = tokens every rank's pinned CPU pools are a full "
+            f"replica of the cache, {need:.1f} GB, more than its share of hardware.cpu_mem_gb "
+            f"over parallel.world_size = {plan.world_size}, {hw.cpu_mem_gb:g} GB, at contexts up to "
+            f"{plan.pool_context}; lower workload.max_context or the batch, use fewer ranks, or "
+            "raise cpu_mem_gb if the machine has the memory")
     if need > hw.cpu_mem_gb:
         raise KvcError(
             f"{plan.mode}: the pinned CPU pools need {need:.1f} GB, more than hardware.cpu_mem_gb = "
@@ -137,7 +149,8 @@ def check_host_memory(spec: ModelSpec, hw: HardwareConfig, plan: Plan, b: int, d
             "workload.batch_size or the context, or raise cpu_mem_gb if the machine has the memory")
 
 
-def default_max_context(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest) -> tuple[int, str]:
+def default_max_context(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest,
+                        shares: int = 1) -> tuple[int, str]:
     """workload.max_context null: the model's maximum positions, capped at the longest
     context whose memory fits at the request's batch, and what capped it. Growing the context
     must cost the workload nothing the memory had: the GPU keeps what it held at the
@@ -145,11 +158,13 @@ def default_max_context(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest) -
     it fit there; in a mode that keeps every layer's cache on the GPU, the whole cache), and
     the host holds every unit's pools in full (K,V and, where recomputed, activations of
     every row: an upper bound of what the plan's trimmed pools take). Never below the
-    workload's own longest context: there the planner's own checks say what does not fit."""
+    workload's own longest context: there the planner's own checks say what does not fit.
+    `shares` > 1 (a token split; `req` the whole workload, `hw` a rank's): the whole context,
+    the GPU holding a rank's share of it (ceil(s / shares) + 1) and the host a full replica."""
     lo, hi = req.workload_end, spec.max_positions
     if hi <= lo:
         return lo, "the workload (prompt_len + gen_len)"
-    gpu, host = _context_fits(spec, hw, req)
+    gpu, host = _context_fits(spec, hw, req, shares)
     if gpu(hi) and host(hi):
         return hi, "the model's maximum positions"
     if not (gpu(lo) and host(lo)):
@@ -161,10 +176,23 @@ def default_max_context(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest) -
     return a, ("GPU memory" if not gpu(b) else "host memory (hardware.cpu_mem_gb)")
 
 
-def _context_fits(spec, hw, req: PlanRequest):
-    """(GPU fits at s, host fits at s): two predicates over contexts, for default_max_context."""
+def _context_fits(spec, hw, req: PlanRequest, shares: int = 1):
+    """(GPU fits at s, host fits at s): two predicates over contexts, for default_max_context.
+    `shares` > 1, a token split: the GPU at a rank's share of s, the host a full replica."""
     mode, b, m, dtype, L = req.schedule, req.batch_size, req.micro_batches, req.dtype, spec.num_layers
     p, lo = dtype_bytes(dtype), req.workload_end
+    if shares > 1:
+        def share(s):
+            return -(-s // shares) + 1
+        gpu_share = _context_fits(spec, hw, req.but(prompt_len=share(lo) - 1, gen_len=1))[0]
+        weights = (0.0 if req.weight_stream_fraction is None else  # the planner may stream more
+                   float(np.sum(weights_for_fraction(L, req.weight_stream_fraction)))
+                   * layer_weight_bytes(spec, p))
+
+        def replica(s):  # every row of the whole context: K,V and activations, every layer
+            rows = (share(s) - 1) * shares
+            return host_pool_bytes(spec, b // m, rows, p, L * m, rows) + weights <= hw.cpu_mem_gb * GB
+        return (lambda s: gpu_share(share(s))), replica
     forced = () if req.weight_stream_fraction is None else \
         tuple(float(x) for x in weights_for_fraction(L, req.weight_stream_fraction))
     if not mode.offloads:

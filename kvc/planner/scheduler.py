@@ -37,6 +37,17 @@ How a plan is made (`make_plan`):
    rank's: made for the rank's rows on the machine a rank sees (kvc.hardware.per_rank: its
    share of the host's summed link rate and of its pinned memory), its steps plus the logits
    all-gather after each one (kvc.planner.evaluate.gather_ms, added where the step is formed).
+7. A token split (parallel.split tokens, N > 1; a batch too small to split by rows): every
+   rank decodes every row (weights, dense compute and prefill replicated) and attends to
+   its share of each offloaded layer's cached tokens, 1/N of them, over its own link. The
+   plan is ONE rank's over its SHARE of the context: the 1-GPU plan at the share (its table
+   indexed by the share m, covering 1..ceil(max_context / N) + 1; prompt_len and gen_len the
+   workload's shares), the whole batch's dense compute, per_rank(hw, N)'s link, and each
+   offloaded unit's all-gather and log-sum-exp merge of the ranks' partials on the compute
+   lane after its attention (cost.merge_ms, in lanes.walk, so the LP sees it), plus a token
+   broadcast per step. Every layer's cache is offloaded (a resident layer would not be
+   split) and there is no CPU attention lane. The host pools are a full replica on every
+   rank: checked at the whole context against cpu_mem_gb / N.
 `predicted_step_ms` is reported for the workload's contexts prompt_len..prompt_len + gen_len;
 the table is stored as runs of equal rows (kvc.ir.plan).
 The scheduler asks the request's Mode what it may decide (offloads, recomputes,
@@ -79,13 +90,18 @@ def make_plan(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest) -> Plan:
     the plan of one rank (its rank_batch rows, on per_rank(hw, N)), with world_size N."""
     t0 = time.perf_counter()
     ranks = req.world_size
+    shares = ranks if req.tokens else 1
+    whole = req
     if ranks > 1:
-        hw, req = per_rank(hw, ranks), req.but(batch_size=req.rank_batch, world_size=1)
+        hw, req = per_rank(hw, ranks), req.but(batch_size=req.rank_batch, world_size=1, split="rows")
     why = "workload.max_context"
     if req.max_context is None:
-        n, why = default_max_context(spec, hw, req)
+        n, why = default_max_context(spec, hw, req, shares)
         req = req.but(max_context=n)
-    plan = _best_chunks(spec, hw, req, ranks)
+    if shares > 1:  # a token split: a rank's share of the workload and of every context
+        full = req.max_context
+        req = share_request(req, shares)
+    plan = _best_chunks(spec, hw, req, ranks, shares)
     if plan.cpu_lane and req.cpu_attention_fraction is None \
             and host_memory_gb(spec, plan, req.batch_size, req.dtype) > hw.cpu_mem_gb:
         # the lane keeps every pool row: where that does not fit, plan without it
@@ -96,6 +112,8 @@ def make_plan(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest) -> Plan:
             f"than hardware.cpu_mem_gb = {hw.cpu_mem_gb:g}")})
     check_host_memory(spec, hw, plan, req.batch_size, req.dtype)
     notes = {**plan.notes, "max_context": f"{req.max_context} ({why})"}
+    if shares > 1:
+        return replace(plan, notes=_token_notes(spec, hw, whole, req, plan, notes, full, why, t0))
     if ranks > 1:  # what one rank was planned with (one-GPU plans' notes stay as they were)
         notes["parallel"] = {
             "world_size": ranks, "rank_batch": req.batch_size,
@@ -107,12 +125,45 @@ def make_plan(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest) -> Plan:
     return replace(plan, notes=notes)
 
 
-def _best_chunks(spec, hw, req: PlanRequest, ranks: int = 1) -> Plan:
+def share_request(req: PlanRequest, shares: int) -> PlanRequest:
+    """A token split's rank request (`req` one GPU's, the whole workload with its
+    max_context): the largest share of the workload's contexts, ceil(prompt_len / N)..
+    ceil((prompt_len + gen_len) / N), and a table up to ceil(max_context / N) + 1 (a rank's
+    share m looked up by the runtime is at most ceil(s / N)); every layer's cache offloaded."""
+    first, end = -(-req.prompt_len // shares), -(-req.workload_end // shares)
+    return req.but(prompt_len=first, gen_len=end - first, resident_cache=False,
+                   max_context=-(-req.max_context // shares) + 1)
+
+
+def _token_notes(spec, hw, whole: PlanRequest, req: PlanRequest, plan: Plan, notes: dict,
+                 full: int, why: str, t0: float) -> dict:
+    """A token split's notes: the whole workload as given, what a rank was planned with."""
+    n = plan.world_size
+    c = cost.layer_costs(spec, hw, req.batch_size // req.micro_batches, req.dtype, shares=n)
+    notes = {**notes, "max_context": (f"{full} ({why}); a rank's share of it: up to "
+                                      f"{plan.max_context} tokens")}
+    if whole.resident_cache and whole.schedule.keeps_resident:
+        notes["resident_cache"] = ("off: parallel.split = tokens offloads and splits every "
+                                   "layer's cache (a resident layer would not be split)")
+    notes["parallel"] = {
+        "world_size": n, "split": "tokens", "rank_batch": req.batch_size,
+        "prompt_len": whole.prompt_len, "gen_len": whole.gen_len, "max_context": full,
+        "h2d_gbps": hw.h2d_gbps, "d2h_gbps": hw.d2h_gbps, "bidir_gbps": hw.bidir_gbps,
+        "host_link_gbps": hw.host_link_gbps, "cpu_mem_gb": round(hw.cpu_mem_gb, 4),
+        "merge_ms": round(c.merge, 6),
+        "gather_ms": round(gather_ms(spec, hw, n, req.batch_size, req.dtype, "tokens"), 6)}
+    if "solve_s" in notes:
+        notes["solve_s"] = round(time.perf_counter() - t0, 4)
+    return notes
+
+
+def _best_chunks(spec, hw, req: PlanRequest, ranks: int = 1, shares: int = 1) -> Plan:
     """The plan with req.act_chunks chunks, or with one where that is predicted faster.
-    `ranks`: the world size the plan is one rank of (`req` and `hw` are the rank's)."""
-    plan = _make_plan(spec, hw, req, ranks)
+    `ranks`: the world size the plan is one rank of (`req` and `hw` are the rank's);
+    `shares`: a token split's (req is then a rank's share of the workload)."""
+    plan = _make_plan(spec, hw, req, ranks, shares)
     if req.schedule.chunked and req.recompute_fraction is None and req.act_chunks > 1:
-        single = _make_plan(spec, hw, req.but(act_chunks=1), ranks)
+        single = _make_plan(spec, hw, req.but(act_chunks=1), ranks, shares)
         if sum(single.predicted_step_ms) < sum(plan.predicted_step_ms):
             plan = single
     return plan
@@ -132,6 +183,7 @@ class _Job:
     # the CPU attention lane: None (none), "free" (the LP decides) or a forced fraction
     lane: str | float | None = None
     ranks: int = 1  # the world size the plan is one rank of (req and hw are the rank's)
+    shares: int = 1  # a token split's shares (ranks); 1: none
 
     @property
     def L(self) -> int:
@@ -153,7 +205,7 @@ class _Job:
 
     def contexts(self, s: int) -> list[int]:
         """Per layer, the cached tokens it reads at context s: what the LP prices it at."""
-        return cost.layer_contexts(self.spec, s).tolist()
+        return cost.layer_contexts(self.spec, s, self.shares).tolist()
 
     def lp(self) -> dict:
         """The keywords every LP of this plan takes."""
@@ -167,7 +219,8 @@ class _Job:
                     chunk_tokens=r.chunk_tokens, batch_size=r.batch_size, dtype=r.dtype,
                     weights_streamed=self.streamed, micro_batches=m, cuda_graphs=r.cuda_graphs,
                     resident=tuple(cost.per_unit(resident, m).tolist()), recompute=(),
-                    max_context=r.max_context, world_size=self.ranks, **self.overlap)
+                    max_context=r.max_context, world_size=self.ranks,
+                    split="tokens" if self.shares > 1 else "rows", **self.overlap)
 
     def steps(self, plan: Plan, recompute: np.ndarray, cpu: np.ndarray | None = None) -> np.ndarray:
         """Predicted step per context for per-layer l and CPU tokens ([layers, contexts];
@@ -180,9 +233,10 @@ class _Job:
                                self.req.dtype, c)[0]
 
 
-def _make_plan(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest, ranks: int = 1) -> Plan:
+def _make_plan(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest, ranks: int = 1,
+               shares: int = 1) -> Plan:
     t0 = time.perf_counter()
-    job = _prepare(spec, hw, req, t0 + req.time_limit_s)
+    job = _prepare(spec, hw, req, t0 + req.time_limit_s, shares)
     job.ranks = ranks
     if req.recompute_fraction is not None:
         return _forced(job)
@@ -199,6 +253,8 @@ def _make_plan(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest, ranks: int
         recompute, cpu, steps = _with_cpu_lane(job, plan, resident, recompute, steps)
     if cpu.any():
         plan = replace(plan, cpu_threads=hw.cpu_attn_threads)
+    if shares > 1:
+        recompute, steps = _window_shares(job, plan, recompute, steps)
     plan, steps, cpu = _more_resident(job, plan, recompute, steps, cpu)
     job.notes["solve_s"] = round(time.perf_counter() - t0, 4)
     m = req.micro_batches
@@ -220,20 +276,22 @@ def _runs(l: np.ndarray, first: int) -> tuple[tuple[int, ...], tuple[tuple[int, 
     return tuple((idx + first).tolist()), tuple(map(tuple, l[:, idx].T.tolist()))
 
 
-def _prepare(spec, hw, req: PlanRequest, deadline: float) -> _Job:
-    """Costs, weight placement and the memory check."""
+def _prepare(spec, hw, req: PlanRequest, deadline: float, shares: int = 1) -> _Job:
+    """Costs, weight placement and the memory check (a token split: at a rank's share, with
+    the merge of the ranks' partials in every offloaded unit's costs)."""
     sched, m, L = req.schedule, req.micro_batches, spec.num_layers
     ov = sched.overlap(req.act_chunks)
     buffers = ov["lookahead"] + 1 if sched.offloads else 0
     mem_args = (spec, hw, req.batch_size, req.max_context, req.dtype, sched)
-    c = cost.layer_costs(spec, hw, req.batch_size // m, req.dtype, offloaded=sched.offloads)
+    c = cost.layer_costs(spec, hw, req.batch_size // m, req.dtype, offloaded=sched.offloads,
+                         shares=shares)
     if req.weight_stream_fraction is not None:
         streamed = tuple(float(w) for w in weights_for_fraction(L, req.weight_stream_fraction))
     else:
         streamed = place_weights(c, *mem_args, buffers, ov["lookahead"], ov["act_chunks"], m,
                                  req.recompute_fraction, deadline)
     if any(streamed):
-        c = cost.layer_costs(spec, hw, req.batch_size // m, req.dtype, offloaded=True)
+        c = cost.layer_costs(spec, hw, req.batch_size // m, req.dtype, offloaded=True, shares=shares)
     with_act = sched.recomputes and req.recompute_fraction != 0
     mem = check_memory(*mem_args, buffers=buffers, with_act=with_act, streamed=streamed,
                        micro_batches=m)
@@ -241,12 +299,17 @@ def _prepare(spec, hw, req: PlanRequest, deadline: float) -> _Job:
     if any(streamed) and req.weight_stream_fraction is None:
         notes["weights"] = (f"{sum(streamed):.2f} of {L} layers' weights stream from CPU: the LP's "
                             "per-layer fractions, rounded up to whole parameters")
-    return _Job(spec, hw, req, c, streamed, mem, notes, deadline, _lane(hw, req, notes))
+    return _Job(spec, hw, req, c, streamed, mem, notes, deadline, _lane(hw, req, notes, shares),
+                shares=shares)
 
 
-def _lane(hw, req: PlanRequest, notes: dict) -> str | float | None:
+def _lane(hw, req: PlanRequest, notes: dict, shares: int = 1) -> str | float | None:
     """What the plan may do with the CPU attention lane: None, "free" (the LP decides) or
     the forced fraction. A note says why not where the machine has a lane."""
+    if shares > 1:  # a token split (a forced fraction was refused by the request)
+        if hw.cpu_attn_gbps > 0 and req.schedule.offloads:
+            notes["cpu_attention"] = "off: not planned for parallel.split = tokens"
+        return None
     if req.cpu_attention_fraction is not None:
         if not req.cpu_lane_allowed:
             return None
@@ -271,6 +334,7 @@ def _forced(job: _Job) -> Plan:
                        cpu_fraction=job.lane if isinstance(job.lane, float) else None)
     plan = replace(plan, batch_size=r.batch_size, dtype=r.dtype, weights_streamed=job.streamed,
                    cuda_graphs=r.cuda_graphs, world_size=job.ranks,
+                   split="tokens" if job.shares > 1 else "rows",
                    cpu_threads=job.hw.cpu_attn_threads if plan.cpu_lane else 0)
     steps = evaluate(job.spec, job.hw, plan, np.asarray(r.workload_contexts), r.batch_size, r.dtype)[0]
     return replace(plan, predicted_step_ms=_ms(steps), notes={**job.notes, "forced": True})
@@ -297,7 +361,7 @@ def _fractions(job: _Job, resident, cpu=None):
     LP with the CPU lane, (l, c); a number: the lane's forced fraction, l at most n - c."""
     r, ctx = job.req, job.ctx
     recompute = np.zeros((job.L, len(ctx)), dtype=np.int64)
-    n = cost.layer_contexts(job.spec, ctx)
+    n = cost.layer_contexts(job.spec, ctx, job.shares)
     fixed_x = None
     if not r.schedule.recomputes or job.mem.get("recompute_disabled"):
         if job.mem.get("recompute_disabled"):
@@ -393,6 +457,24 @@ def _with_cpu_lane(job: _Job, plan: Plan, resident, recompute, steps):
     return recompute, cpu, steps
 
 
+def _window_shares(job: _Job, plan: Plan, recompute: np.ndarray, steps):
+    """A token split: the runtime reads a sliding-window unit's l at its own share m, which
+    stops growing at ceil((w - 1) / N) (sizes.layer_contexts), while the table's row m serves
+    the other layers' share m: a window layer's l at every longer share is its l at that
+    cap, so the table answers the same whichever share it is asked at. (l, steps)."""
+    n = cost.layer_contexts(job.spec, job.ctx, job.shares)
+    changed = False
+    for i in range(job.L):
+        if job.spec.window(i) is None:
+            continue
+        cap = int(n[i].max())
+        k = int(np.searchsorted(job.ctx, cap))  # the column of share `cap`
+        if k < len(job.ctx) - 1 and (recompute[i, k + 1:] != recompute[i, k]).any():
+            recompute[i, k + 1:] = recompute[i, k]
+            changed = True
+    return recompute, (job.steps(plan, recompute) if changed else steps)
+
+
 def _more_resident(job: _Job, plan: Plan, recompute: np.ndarray, steps, cpu):
     """Nothing recomputed (e.g. grouped-query models): the activation staging is not needed,
     and its memory holds more resident layers, which never slow a step. (plan, steps, cpu)."""
@@ -455,11 +537,12 @@ def search_policy(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest, batch_s
     throughput is the whole batch's, b * gen_len / sum of one rank's steps."""
     best, best_tps, last = None, -1.0, None
     ranks = req.world_size
+    tokens = req.tokens  # a token split: every rank decodes the whole batch
     for b in sorted(set(batch_sizes)):
-        if b < ranks:
+        if b < ranks and not tokens:
             continue
         for m in sorted(set(micro_batches)):
-            if -(-b // ranks) % m:
+            if (b if tokens else -(-b // ranks)) % m:
                 continue
             try:
                 plan = make_plan(spec, hw, req.but(batch_size=b, micro_batches=m))

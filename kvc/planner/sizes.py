@@ -10,15 +10,18 @@ from kvc.models.spec import ModelSpec
 GB = 1e9
 
 
-def layer_contexts(spec: ModelSpec, s) -> np.ndarray:
+def layer_contexts(spec: ModelSpec, s, shares: int = 1) -> np.ndarray:
     """[layers, *shape(s)]: the cached tokens each layer's decode step reads at context s (an
     int or an array): ModelSpec.cached_tokens, s itself but for a sliding-window layer. The
-    planner prices every layer's copies, recompute, attention and staging at this context."""
+    planner prices every layer's copies, recompute, attention and staging at this context.
+    `shares` > 1 (a token split, Plan.context_shares): s is a rank's share of the context and
+    a sliding-window layer's w - 1 cached tokens are cut into as many shares too, so it reads
+    at most ceil((w - 1) / shares) of them."""
     s = np.asarray(s, dtype=np.int64)
     out = np.empty((spec.num_layers,) + s.shape, dtype=np.int64)
     for i in range(spec.num_layers):
         w = spec.window(i)
-        out[i] = s if w is None else np.clip(s, 0, max(0, w - 1))
+        out[i] = s if w is None else np.clip(s, 0, max(0, -(-(w - 1) // shares)))
     return out
 
 
