@@ -23,6 +23,7 @@ from kvc.config import LIMITS, from_dict, hardware_from_dict
 from kvc.errors import KvcError
 from kvc.ir.modes import NAMES as MODE_NAMES
 from kvc.ir.plan import Plan
+from kvc.ir.request import SPLITS
 
 
 def read_manifest(path) -> dict:
@@ -135,6 +136,11 @@ def _check_plan(d: dict, spec, cfg, need) -> None:
     need(_int(n, 1, LIMITS["world_size"]),
          f"plan.world_size = {str(n)[:40]}; expected an integer 1..{LIMITS['world_size']}")
     need(n == cfg.parallel.world_size, "plan.world_size differs from the config's parallel.world_size")
+    split = d.get("split", "rows")  # absent: a row split or one GPU (every plan before tokens)
+    need(split in SPLITS, f"plan.split = {str(split)[:40]!r}; expected one of {list(SPLITS)}")
+    need(split == (cfg.parallel.split if n > 1 else "rows"),
+         "plan.split differs from the config's parallel.split")
+    shares = n if split == "tokens" else 1  # a token split's plan is a rank's share of contexts
     for key, lo, hi in (("prompt_len", 1, ctx), ("gen_len", 0, ctx), ("chunk_tokens", 1, LIMITS["chunk_tokens"]),
                         ("lookahead", 0, 8), ("act_chunks", 1, LIMITS["act_chunks"]),
                         ("batch_size", 0, LIMITS["batch_size"])):
@@ -142,8 +148,11 @@ def _check_plan(d: dict, spec, cfg, need) -> None:
             need(_int(d.get(key), lo, hi), f"plan.{key} = {str(d.get(key))[:40]}; expected an integer {lo}..{hi}")
     p, g = d["prompt_len"], d["gen_len"]
     need(p + g <= ctx, "plan: prompt_len + gen_len out of range")
-    need(p == cfg.workload.prompt_len and g == cfg.workload.gen_len,
-         "plan's prompt_len/gen_len differ from the config's workload")
+    P, G = cfg.workload.prompt_len, cfg.workload.gen_len
+    first, end = -(-P // shares), -(-(P + G) // shares)
+    need(p == first and g == end - first,
+         "plan's prompt_len/gen_len differ from the config's workload"
+         + (" (a rank's share of it)" if shares > 1 else ""))
     r = d.get("resident")
     need(isinstance(r, list) and len(r) == units and all(type(x) is bool for x in r),
          f"plan.resident is not {units} true/false flags")
@@ -152,7 +161,9 @@ def _check_plan(d: dict, spec, cfg, need) -> None:
     want = cfg.workload.max_context
     need(mc <= spec.max_positions or "max_context" not in d,
          f"plan.max_context = {mc} exceeds model_spec.max_positions ({spec.max_positions})")
-    need(want is None or mc == want, "plan.max_context differs from the config's workload.max_context")
+    need(want is None or mc == (want if shares == 1 else -(-want // shares) + 1),
+         "plan.max_context differs from the config's workload.max_context"
+         + (" (a rank's share of it)" if shares > 1 else ""))
     f = d.get("forced_fraction")
     need(f is None or _num(f, 0.0, 1.0), "plan.forced_fraction is not null or 0..1")
     if "recompute_runs" in d:  # issue 15: runs [first context, l per unit] covering ..max_context

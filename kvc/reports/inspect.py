@@ -29,7 +29,10 @@ def inspect_text(artifact) -> str:
            "checked at load)")
     measured = ", ".join(f"{k} {v}" for k, v in hw.measured.items()) or "a preset, not measured here"
     off = plan.offloaded_units
-    ls = [plan.recompute_tokens(i, s) for s in (P, P + G) for i in off]
+    # a token split's table is indexed by a rank's share of the context
+    ls = [plan.recompute_tokens(i, plan.share_context(s)) for s in (P, P + G) for i in off]
+    served = plan.context_range if plan.context_shares == 1 else \
+        (1, plan.notes.get("parallel", {}).get("max_context", plan.pool_context))
     out = [f"kvc inspect: {artifact}",
            (f"  built:    kvc {m.get('kvc_version')}, torch {m.get('torch_version')}, {m.get('created')}, "
             f"format {m['format_version']}, code {m['code_hash'][:12]}"),
@@ -37,7 +40,7 @@ def inspect_text(artifact) -> str:
            (f"            {spec.model_type}, {spec.num_layers} layers, hidden {spec.hidden_size}, heads "
             f"{spec.num_heads} ({spec.num_kv_heads} KV), vocab {spec.vocab_size}, {dtype}"),
            (f"  workload: batch {b}, prompt {P}, generate {G} (decode contexts {P}..{P + G}); the "
-            f"plan serves contexts {plan.context_range[0]}..{plan.context_range[1]}"),
+            f"plan serves contexts {served[0]}..{served[1]}"),
            *_parallel(hw, plan, b),
            (f"  machine:  {hw.name} ({hw.device}): H2D {hw.h2d_gbps:g} GB/s, GEMM {hw.gemm_tflops:g} "
             f"TFLOP/s, GPU memory {hw.gpu_mem_gb:g} GB; {measured}"),
@@ -54,6 +57,11 @@ def inspect_text(artifact) -> str:
     here = pred["predicted_step_ms"]
     gather = (f" (of which the logits all-gather {pred['gather_ms']:.3f} ms)"
               if plan.world_size > 1 else "")
+    if plan.context_shares > 1:
+        gather = (f" at a rank's share of {pred['share_context']} tokens (of which the ranks' "
+                  f"all-gather and merge of their partials {pred['merges_ms']:.3f} ms, "
+                  f"{pred['merge_ms']:.3f} per offloaded layer, and the token broadcast "
+                  f"{pred['gather_ms']:.3f} ms)")
     out.append(f"predicted decode step at context {P}: {here:.3f} ms{gather}; speed-up of this "
                "plan over:")
     for mode in MODES:
@@ -78,11 +86,18 @@ def _parallel(hw, plan, b: int) -> list[str]:
     from kvc.hardware import per_rank
 
     rank = per_rank(hw, plan.world_size)
-    return [f"  parallel: world size {plan.world_size} (one process per GPU, torchrun), "
-            f"{plan.batch_size} row{'s' if plan.batch_size > 1 else ''} per rank of the batch of "
-            f"{b}, each over its own link at H2D "
-            f"{rank.h2d_gbps:g} GB/s (host limit "
-            + (f"{hw.host_link_gbps:g} GB/s" if hw.host_link_gbps > 0 else "unknown") + ")"]
+    limit = f"{hw.host_link_gbps:g} GB/s" if hw.host_link_gbps > 0 else "unknown"
+    if plan.context_shares > 1:
+        return [f"  parallel: world size {plan.world_size}, a token split (parallel.split=tokens; "
+                f"one process per GPU, torchrun): every rank decodes all {plan.batch_size} "
+                f"row{'s' if plan.batch_size > 1 else ''} and attends to ~1/{plan.world_size} of "
+                f"each offloaded layer's context over its own link at H2D {rank.h2d_gbps:g} GB/s "
+                f"(host limit {limit}), the ranks' partials merged per layer; every rank's host "
+                f"pools are a full replica of the cache"]
+    return [f"  parallel: world size {plan.world_size}, a row split (parallel.split=rows; one "
+            f"process per GPU, torchrun), {plan.batch_size} row{'s' if plan.batch_size > 1 else ''}"
+            f" per rank of the batch of {b}, each over its own link at H2D {rank.h2d_gbps:g} GB/s "
+            f"(host limit {limit})"]
 
 
 def _cpu_lane(spec, hw, plan, P: int, G: int) -> str:

@@ -28,19 +28,25 @@ def plan_json(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest,
         raise KvcError(f"--context {s}: the plan covers contexts 1..{req.max_context or 'max_context'}"
                        " (workload.max_context)")
     plan = make_plan(spec, hw, req)
-    first, last = plan.context_range
-    if not plan.covers(s) or not first <= s <= last:
+    first, last = _served(plan)
+    if not _covers(plan, s) or not first <= s <= last:
         raise KvcError(f"--context {s}: the plan covers contexts {first}..{last} "
                        f"(workload.max_context; {plan.notes.get('max_context', last)})")
     pred = predict(spec, hw, plan, s, batch_size, dtype)
     p = cost.dtype_bytes(dtype)
     layers = []
+    shares = plan.context_shares
     for i in range(spec.num_layers):  # a layer's micro-batches share its split: show the first
         u = plan.layer_units(i)[0]
         res = plan.resident[u]
-        c = plan.cpu_tokens(u, spec.cached_tokens(i, s), s)  # the oldest it reads, on the CPU
-        l = min(plan.recompute_tokens(u, s), s - c)
-        kv = 0 if res else s - l - c
+        if shares > 1:  # a token split: the largest rank's share of the tokens the layer reads
+            n = -(-spec.cached_tokens(i, s) // shares)
+            c, l = 0, min(plan.recompute_tokens(u, n), n)
+            kv = 0 if res else n - l
+        else:
+            c = plan.cpu_tokens(u, spec.cached_tokens(i, s), s)  # the oldest it reads, on the CPU
+            l = min(plan.recompute_tokens(u, s), s - c)
+            kv = 0 if res else s - l - c
         layers.append({
             "layer": i, "recompute_tokens": l, "cpu_tokens": c, "kv_tokens": kv,
             "gpu_tokens": s if res else 0,
@@ -59,9 +65,9 @@ def plan_json(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest,
         except KvcError as e:
             modes[m] = {"predicted_step_ms": None, "infeasible": str(e)}
             continue
-        if not other.covers(s):  # its own default max_context is shorter (its memory)
+        if not _covers(other, s):  # its own default max_context is shorter (its memory)
             modes[m] = {"predicted_step_ms": None, "infeasible": f"its plan serves contexts "
-                        f"{other.context_range[0]}..{other.context_range[1]}, not {s}"}
+                        f"{_served(other)[0]}..{_served(other)[1]}, not {s}"}
             continue
         modes[m] = {"predicted_step_ms": predict(spec, hw, other, s, batch_size, dtype)["predicted_step_ms"]}
     base = pred["predicted_step_ms"]
@@ -75,8 +81,11 @@ def plan_json(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest,
         "mode": mode, "context": s, "batch_size": req.batch_size, "micro_batches": micro_batches,
         # several GPUs: the layers, bytes, step and memory below are one rank's
         **({"world_size": ranks, "rank_batch": batch_size} if ranks > 1 else {}),
-        "prompt_len": prompt_len, "gen_len": gen_len, "max_context": plan.max_context,
-        "context_range": list(plan.context_range),
+        # a token split: the plan's table is a rank's share of the context (plan.max_context)
+        **({"split": "tokens", "share_context": pred["share_context"],
+            "share_max_context": plan.max_context} if shares > 1 else {}),
+        "prompt_len": prompt_len, "gen_len": gen_len, "max_context": _served(plan)[1],
+        "context_range": list(_served(plan)),
         "chunk_tokens": req.chunk_tokens, "act_chunks": plan.act_chunks, "lookahead": plan.lookahead,
         "forced_fraction": plan.forced_fraction,
         "cpu_attention": {"lane": plan.cpu_lane, "threads": plan.cpu_threads,
@@ -91,12 +100,36 @@ def plan_json(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest,
         "notes": {k: v for k, v in plan.notes.items() if k not in ("memory_gb", "parallel")},
         "plan": plan.to_json(),  # what `kvc compile` with the same config stores
         # one-GPU reports stay as they were
-        **({"parallel": _parallel(req, rank_hw, pred)} if ranks > 1 else {}),
+        **({"parallel": _parallel(req, rank_hw, pred, plan)} if ranks > 1 else {}),
     }
 
 
-def _parallel(req: PlanRequest, rank_hw: HardwareConfig, pred: dict) -> dict:
+def _served(plan) -> tuple[int, int]:
+    """(first, last): the whole contexts the plan serves (a token split's table is indexed
+    by a rank's share; its notes keep the whole max_context)."""
+    if plan.context_shares == 1:
+        return plan.context_range
+    return 1, plan.notes.get("parallel", {}).get("max_context", plan.pool_context)
+
+
+def _covers(plan, s: int) -> bool:
+    """The plan answers the whole context s (a token split: at its share)."""
+    if plan.context_shares == 1:
+        return plan.covers(s)
+    return s <= _served(plan)[1] and plan.covers(plan.share_context(s))
+
+
+def _parallel(req: PlanRequest, rank_hw: HardwareConfig, pred: dict, plan=None) -> dict:
     """Several GPUs: the batch split and what one rank was planned with."""
+    if plan is not None and plan.context_shares > 1:  # a token split
+        return {"world_size": req.world_size, "split": "tokens", "batch_size": req.batch_size,
+                "rank_batch": req.rank_batch, "share_context": pred["share_context"],
+                "share_max_context": plan.max_context,
+                "h2d_gbps": rank_hw.h2d_gbps, "d2h_gbps": rank_hw.d2h_gbps,
+                "bidir_gbps": rank_hw.bidir_gbps, "host_link_gbps": rank_hw.host_link_gbps,
+                "cpu_mem_gb": round(rank_hw.cpu_mem_gb, 4), "gather_ms": pred["gather_ms"],
+                "merge_ms": pred["merge_ms"], "merges_ms": pred["merges_ms"],
+                "merged_layers": len(plan.offloaded_units) // plan.micro_batches}
     return {"world_size": req.world_size, "batch_size": req.batch_size,
             "rank_batch": req.rank_batch, "padded_rows": req.rank_batch * req.world_size - req.batch_size,
             "h2d_gbps": rank_hw.h2d_gbps, "d2h_gbps": rank_hw.d2h_gbps,
@@ -112,7 +145,12 @@ def plan_text(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest,
     s = d["context"]
     mb = f" in {micro_batches} micro-batches" if micro_batches > 1 else ""
     par = d.get("parallel")
-    if par:
+    tokens = bool(par) and par.get("split") == "tokens"
+    if tokens:
+        rows = "row" if par["rank_batch"] == 1 else "rows"
+        mb = (f" over {par['world_size']} GPUs, a token split"
+              + (f" in {micro_batches} micro-batches" if micro_batches > 1 else ""))
+    elif par:
         rows = "row" if par["rank_batch"] == 1 else "rows"
         mb = (f" over {par['world_size']} GPUs, {par['rank_batch']} {rows} per rank"
               + (f" ({par['padded_rows']} padding)" if par["padded_rows"] else "")
@@ -125,6 +163,18 @@ def plan_text(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest,
         share = (f"the lower of the host's {par['host_link_gbps']:g} GB/s over {par['world_size']} "
                  f"ranks and each GPU's {hw.h2d_gbps:g}" if par["host_link_gbps"] > 0 else
                  f"each GPU's {hw.h2d_gbps:g}: no shared host limit known, hardware.host_link_gbps 0")
+    if tokens:
+        n = par["world_size"]
+        out.append(f"  world size {n}, a token split (parallel.split=tokens, one process per GPU): "
+                   f"every rank decodes all {par['rank_batch']} {rows} (weights, dense compute and "
+                   f"prefill replicated) and attends to ~1/{n} of each offloaded layer's context, "
+                   f"its share: up to {par['share_context']} of the {s} cached tokens, over its own "
+                   f"link at H2D {par['h2d_gbps']:g} GB/s ({share}); the table, bytes and step below "
+                   f"are one rank's at its share (the table covers shares 1..{par['share_max_context']})")
+        out.append(f"  host memory: every rank's pinned pools are a full replica of the cache (every "
+                   f"row of every offloaded layer), {d['cpu_pool_gb']:g} GB each, against its share "
+                   f"of hardware.cpu_mem_gb = {hw.cpu_mem_gb:g}, {par['cpu_mem_gb']:g} GB")
+    elif par:
         out.append(f"  world size {par['world_size']} (a batch split, one process per GPU): each rank "
                    f"decodes {par['rank_batch']} {rows} over its own link at H2D {par['h2d_gbps']:g} "
                    f"GB/s ({share}), with {par['cpu_mem_gb']:g} GB of the "
@@ -155,7 +205,17 @@ def plan_text(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest,
     out.append(f"predicted decode step: {step:.3f} ms  (link busy {d['link_busy_ms']:.3f} ms, "
                f"GPU busy {d['gpu_busy_ms']:.3f} ms, GPU idle {d['gpu_idle_ms']:.3f} ms, "
                f"host issues it in {d['host_ms']:.3f} ms)")
-    if par:
+    if tokens:
+        part = par["rank_batch"] // max(1, micro_batches)
+        out.append(f"  of which per offloaded layer the all-gather of the ranks' partial (out, lse) "
+                   f"and their log-sum-exp merge: {par['merge_ms']:.3f} ms, x {par['merged_layers']}"
+                   f" layers{' x ' + str(micro_batches) + ' micro-batches' if micro_batches > 1 else ''}"
+                   f" = {par['merges_ms']:.3f} ms (hardware.collective_us {hw.collective_us:g} + "
+                   f"{par['world_size'] - 1} x {part} {'row' if part == 1 else 'rows'} x "
+                   f"{spec.num_heads} heads x ({spec.head_dim} + 1) x 4 bytes at collective_gbps "
+                   f"{hw.collective_gbps:g}, then the merge), and the token broadcast per step: "
+                   f"{par['gather_ms']:.3f} ms")
+    elif par:
         out.append(f"  of which the logits all-gather after the step: {par['gather_ms']:.3f} ms "
                    f"(hardware.collective_us {hw.collective_us:g} + {par['world_size'] - 1} x "
                    f"{par['rank_batch']} rows x {spec.vocab_size} logits at collective_gbps "

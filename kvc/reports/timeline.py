@@ -27,12 +27,14 @@ from kvc.planner.scheduler import step_terms
 LANES = ("copy-in", "compute", "copy-out", "cpu")  # cpu: the CPU attention lane (issue 17)
 COLORS = {"act_copy": "#4c9be8", "kv_copy": "#f28e2b", "recompute": "#59a14f",
           "compute": "#9c6ade", "writeback": "#e15759", "cpu_attn": "#edc948", "head": "#7f7f7f",
-          "gather": "#bab0ac"}
+          "gather": "#bab0ac", "merge": "#ff9da7", "broadcast": "#bab0ac"}
 LABELS = {"act_copy": "activation copy (H2D)", "kv_copy": "KV copy (H2D)",
           "recompute": "K/V recompute", "compute": "attention + MLP",
           "writeback": "write-back (D2H)", "weight_copy": "weight copy (H2D)",
           "cpu_attn": "attention on the CPU (oldest tokens)", "head": "final norm + LM head",
-          "gather": "logits all-gather (several GPUs)"}
+          "gather": "logits all-gather (several GPUs)",
+          "merge": "all-gather + merge of the ranks' partials (token split)",
+          "broadcast": "token broadcast (token split)"}
 
 
 def predicted_intervals(spec: ModelSpec, hw: HardwareConfig, plan: Plan, s: int,
@@ -40,8 +42,11 @@ def predicted_intervals(spec: ModelSpec, hw: HardwareConfig, plan: Plan, s: int,
     """Per-stream busy intervals (ms) of the decode step at context s under `plan` (per unit:
     with micro-batches, "layer" u is layer u // m on micro-batch u % m). Several GPUs: one
     rank's step (`hw` the host's, `batch_size` the rank's or the whole batch), then the
-    logits all-gather on the compute lane after the last interval."""
+    logits all-gather on the compute lane after the last interval. A token split: s is the
+    whole context, the step a rank's at its share (the merges in the walk), then the token
+    broadcast."""
     hw, batch_size = rank_view(hw, plan, batch_size)
+    s = plan.share_context(s)
     try:
         l = np.array([plan.recompute_tokens(u, s) for u in range(plan.num_units)])
     except ValueError as e:
@@ -51,8 +56,9 @@ def predicted_intervals(spec: ModelSpec, hw: HardwareConfig, plan: Plan, s: int,
     items = cost.intervals(*args, **kw)
     if plan.world_size > 1:
         end = max((it["end"] for it in items), default=0.0)
-        items.append({"lane": "compute", "kind": "gather", "layer": None, "start": end,
-                      "end": end + gather_ms(spec, hw, plan.world_size, batch_size, dtype)})
+        items.append({"lane": "compute", "kind": "broadcast" if plan.context_shares > 1 else "gather",
+                      "layer": None, "start": end,
+                      "end": end + gather_ms(spec, hw, plan.world_size, batch_size, dtype, plan.split)})
     return items
 
 
