@@ -308,3 +308,264 @@ def test_evaluate_arrays_adds_the_gather_per_context(opt_plans):
     with_g = evaluate(r.spec, rank_hw, plan, ctx, 16, "float16")[0]
     without = evaluate(r.spec, rank_hw, dataclasses.replace(plan, world_size=1), ctx, 16, "float16")[0]
     assert np.allclose(with_g - without, gather_ms(r.spec, rank_hw, 2, 16, "float16"))
+
+
+# --- a token split (parallel.split tokens): one long context over several GPUs ----------------
+
+# the issue's long-context row: a Llama-3.1-8B shape (128k positions) at context 65,536, batch
+# 1, every layer's cache offloaded (llama-3-8b's 8192 positions refuse this workload)
+LONG = {"model": {"preset": "llama-3.1-8b", "dtype": "float16"}, "hardware": "h200-pcie5",
+        "workload": {"batch_size": 1, "prompt_len": 65536, "gen_len": 32, "max_context": 65568},
+        "schedule": {"mode": "pipelined", "resident_cache": False}}
+
+
+def test_split_from_the_config_and_its_one_line_refusals():
+    assert load_config(OPT).parallel.split == "rows"
+    cfg = load_config(LONG, ["parallel.world_size=4", "parallel.split=tokens"])
+    req = PlanRequest.from_config(cfg)
+    assert (req.split, req.world_size, req.rank_batch, req.tokens) == ("tokens", 4, 1, True)
+    with pytest.raises(KvcError) as e:
+        load_config(LONG, ["parallel.split=columns"])
+    msg = str(e.value)
+    assert "\n" not in msg and "parallel.split = 'columns'" in msg and "rows" in msg and "tokens" in msg
+    base = PlanRequest(batch_size=1, prompt_len=8, gen_len=2, dtype="float16")
+    with pytest.raises(KvcError, match="parallel.split"):
+        base.but(split="cols")
+    # rows with more ranks than rows: the refusal suggests the token split
+    with pytest.raises(KvcError) as e:
+        base.but(world_size=2)
+    assert "parallel.split=tokens" in str(e.value) and "\n" not in str(e.value)
+    # tokens: more ranks than rows, every rank has every row, micro-batches divide the batch
+    assert base.but(world_size=8, split="tokens").rank_batch == 1
+    assert base.but(batch_size=6, world_size=4, split="tokens", micro_batches=2).rank_batch == 6
+    with pytest.raises(KvcError, match="workload.num_gpu_batches"):
+        base.but(batch_size=6, world_size=4, split="tokens", micro_batches=4)
+    for bad, needle in (({"mode": "gpu_resident"}, "schedule.mode = gpu_resident"),
+                        ({"cpu_attention_fraction": 0.5}, "schedule.cpu_attention_fraction = 0.5")):
+        with pytest.raises(KvcError) as e:
+            base.but(world_size=2, split="tokens", **bad)
+        assert needle in str(e.value) and "\n" not in str(e.value)
+    # one GPU ignores the split
+    assert base.but(split="tokens").rank_batch == 1 and not base.but(split="tokens").tokens
+
+
+def test_one_gpu_ignores_the_split():
+    r = resolve(load_config(TINY))
+    t = resolve(load_config(TINY, ["parallel.split=tokens"]))
+    a, b = (make_plan(x.spec, x.hardware, x.request) for x in (r, t))
+    assert b.split == "rows" and "split" not in b.to_json()
+    assert dataclasses.replace(a, notes={}) == dataclasses.replace(b, notes={})
+
+
+@pytest.fixture(scope="module")
+def long_plans():
+    out = {}
+    for n, split in ((1, "rows"), (2, "tokens"), (4, "tokens")):
+        r = resolve(load_config(LONG, [f"parallel.world_size={n}", f"parallel.split={split}"]))
+        out[n] = (r, make_plan(r.spec, r.hardware, r.request))
+    return out
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_a_token_plan_is_one_ranks_over_its_share(long_plans, n):
+    r, plan = long_plans[n]
+    share = -(-65568 // n) + 1
+    assert (plan.split, plan.world_size, plan.batch_size, plan.context_shares) == ("tokens", n, 1, n)
+    assert plan.max_context == share and plan.context_range == (1, share)
+    assert all(plan.covers(m) for m in (1, share // 2, share))
+    assert [plan.recompute_tokens(u, share) for u in plan.offloaded_units]  # answers the last
+    assert (plan.prompt_len, plan.gen_len) == (65536 // n, 65568 // n - 65536 // n)
+    assert len(plan.predicted_step_ms) == plan.gen_len + 1
+    assert not any(plan.resident) and not plan.cpu_lane
+    par = plan.notes["parallel"]
+    assert (par["split"], par["prompt_len"], par["gen_len"], par["max_context"]) == \
+        ("tokens", 65536, 32, 65568)
+    # the pools are a full replica: every row of the whole context, K,V and activations
+    from kvc.planner.memory import host_memory_gb
+    from kvc.planner.sizes import act_bytes, kv_bytes
+
+    assert plan.pool_context >= 65568
+    per_layer = kv_bytes(r.spec, 1, plan.pool_context, 2) + act_bytes(r.spec, 1, plan.pool_context, 2)
+    assert host_memory_gb(r.spec, plan, 1, "float16") == pytest.approx(32 * per_layer / 1e9)
+    # faster than one GPU, at every context of the workload
+    one = long_plans[1][1]
+    for s in (65536, 65568):
+        a = predict(r.spec, r.hardware, plan, s, 1, "float16")
+        b = predict(r.spec, r.hardware, one, s, 1, "float16")
+        assert a["predicted_step_ms"] < b["predicted_step_ms"]
+        assert a["share_context"] == -(-s // n) and a["h2d_bytes"] * n == pytest.approx(b["h2d_bytes"], rel=1e-3)
+    assert max(plan.predicted_step_ms) < min(one.predicted_step_ms)
+
+
+def test_the_per_layer_merge_is_in_the_step(long_plans):
+    """Raising collective_us by 1 ms: once the compute lane binds, the step grows by a merge
+    per offloaded layer and the token broadcast (33 ms); at the default 30 us the link binds
+    and the merges run under the next layers' copies (only the last one and the broadcast
+    show)."""
+    r, plan = long_plans[2]
+
+    def step(us):
+        hw = dataclasses.replace(r.hardware, collective_us=us)
+        return predict(r.spec, hw, plan, 65536, 1, "float16")["predicted_step_ms"]
+
+    assert step(4000) - step(3000) == pytest.approx((32 + 1) * 1.0, rel=1e-6)
+    assert step(1000) - step(30) == pytest.approx(2 * 0.97, rel=1e-6)
+    pred = predict(r.spec, r.hardware, plan, 65536, 1, "float16")
+    merge = 0.030 + 1 * 1 * 32 * 129 * 4 / 50e9 * 1e3  # the all-gather alone
+    assert merge < pred["merge_ms"] < merge + 0.02  # and the merge's small elementwise cost
+    assert pred["merges_ms"] == pytest.approx(32 * pred["merge_ms"])
+    assert pred["gather_ms"] == pytest.approx(0.030)  # the token broadcast, no logits
+    assert plan.notes["parallel"]["merge_ms"] == pytest.approx(pred["merge_ms"], abs=1e-6)
+    # the plan's own predictions are the walk with the merges
+    from kvc.planner.evaluate import evaluate
+
+    bare = dataclasses.replace(plan, split="rows", world_size=1)
+    ctx = np.array([plan.prompt_len])
+    rank_hw = per_rank(r.hardware, 2)
+    with_m = evaluate(r.spec, rank_hw, plan, ctx, 1, "float16")[0][0]
+    without = evaluate(r.spec, rank_hw, bare, ctx, 1, "float16")[0][0]
+    assert with_m == pytest.approx(plan.predicted_step_ms[0]) and with_m > without
+
+
+def test_the_lp_is_the_walk_with_the_merges():
+    from kvc.planner import cost, lanes, lp
+    from kvc.models import PRESETS
+
+    spec = PRESETS["opt-6.7b"]
+    hw = dataclasses.replace(load_config(OPT).hardware, collective_us=400.0)
+    c = cost.layer_costs(spec, hw, 4, "float16", shares=4)
+    assert c.merge > 0.4 and cost.layer_costs(spec, hw, 4, "float16").merge == 0.0
+    x, z, w, T, st = lp.solve(c, 4, 512, look=1, chunks=2, resident=(False, True, False, False),
+                              deadline=1e18, with_step=True, with_values=True)
+    assert st.merge == [c.merge, 0.0, c.merge, c.merge]  # a resident unit is not split
+    A, K, R, C, D = (np.asarray(v, dtype=float) for v in (st.A, st.K, st.R, st.C, st.D))
+    kw = dict(back=st.back, front=st.front, offloaded=st.offloaded, merge=st.merge)
+    step = cost.simulate(*(v[:, None] for v in (A, K, R, C, D)), st.head, 1, 2, **kw)[0][0]
+    assert step == pytest.approx(T, rel=1e-6)
+    items = cost.intervals(A, K, R, C, D, st.head, 1, 2, **kw)
+    assert max(it["end"] for it in items) == pytest.approx(T, rel=1e-6)
+    assert sum(it["kind"] == "merge" for it in items) == 3
+    # the slot is free once attention has read it, before the merge: lookahead 1 with a
+    # long merge lets the next unit's copies start before this unit ends
+    m = lanes.Step(A=[0, 0], K=[1.0, 10.0], R=[0, 0], C=[1.0, 1.0], D=[0, 0], W=[0, 0], head=0.0,
+                   offloaded=[True, True], streams=[False, False], lookahead=0, act_chunks=1,
+                   merge=[5.0, 5.0])
+    # unit 0: copy 0..1, attention 1..2, merge 2..7; unit 1's copy (one slot) waits for 2, not
+    # 7: 2..12, attention 12..13, merge 13..18
+    assert lanes.walk(lanes.IntervalOps(), m) == pytest.approx(18.0)
+
+
+def test_a_token_plans_json_round_trip(long_plans):
+    plan = long_plans[2][1]
+    d = plan.to_json()
+    assert d["split"] == "tokens" and d["world_size"] == 2
+    assert Plan.from_json(json.loads(json.dumps(d))) == plan
+    assert "split" not in long_plans[1][1].to_json()
+    assert Plan.from_json({k: v for k, v in d.items() if k != "split"}).split == "rows"
+
+
+def test_the_replica_must_fit_a_ranks_share_of_the_host(long_plans):
+    r, _ = long_plans[4]
+    small = resolve(load_config(LONG, ["parallel.world_size=4", "parallel.split=tokens",
+                                       "hardware.cpu_mem_gb=80"]))
+    with pytest.raises(KvcError) as e:  # 25.8 GB per rank > 80 / 4
+        make_plan(small.spec, small.hardware, small.request)
+    assert "full replica" in str(e.value) and "\n" not in str(e.value)
+    # max_context null: the longest whole context whose replica fits a rank's 20 GB
+    auto = resolve(load_config(LONG, ["parallel.world_size=4", "parallel.split=tokens",
+                                      "hardware.cpu_mem_gb=80", "workload.max_context=null",
+                                      "workload.prompt_len=1024"]))
+    plan = make_plan(auto.spec, auto.hardware, auto.request)
+    full = plan.notes["parallel"]["max_context"]
+    assert 1056 < full < 65568 and plan.max_context == -(-full // 4) + 1
+    from kvc.planner.memory import host_memory_gb
+
+    assert host_memory_gb(auto.spec, plan, 1, "float16") <= 20.0
+
+
+def test_window_layers_are_cut_into_shares_too():
+    from kvc.planner.sizes import layer_contexts
+
+    r = resolve(load_config({"model": {"preset": "tiny-gemma2", "dtype": "float32"},
+                             "hardware": "cpu", "workload": {"batch_size": 1, "prompt_len": 40,
+                                                             "gen_len": 4, "max_context": 48}},
+                            ["parallel.world_size=2", "parallel.split=tokens",
+                             "schedule.chunk_tokens=1", "schedule.recompute_fraction=null"]))
+    spec = r.spec  # sliding window 8 on layers 0 and 2: 7 cached tokens, 4 per share
+    assert layer_contexts(spec, np.array([3, 20]), 2).tolist() == [[3, 4], [3, 20], [3, 4], [3, 20]]
+    assert layer_contexts(spec, np.array([3, 20])).tolist() == [[3, 7], [3, 20], [3, 7], [3, 20]]
+    plan = make_plan(spec, r.hardware, r.request)
+    for u in (0, 2):  # past its cap a window unit's l is the cap's, whichever share asks
+        assert {plan.recompute_tokens(u, m) for m in range(4, plan.max_context + 1)} == \
+            {plan.recompute_tokens(u, 4)}
+    # (that plan recomputes nothing: the fix-up itself, on a table that does)
+    from types import SimpleNamespace
+
+    from kvc.planner.scheduler import _window_shares
+
+    job = SimpleNamespace(spec=spec, ctx=np.arange(1, 13), shares=2, L=4,
+                          steps=lambda plan, l: "walked again")
+    l = np.tile(np.arange(1, 13), (4, 1)) // 2
+    fixed, steps = _window_shares(job, None, l.copy(), "as it was")
+    assert steps == "walked again"
+    assert fixed[0].tolist() == fixed[2].tolist() == [0, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2]
+    assert (fixed[[1, 3]] == l[[1, 3]]).all()
+    assert _window_shares(job, None, fixed.copy(), "as it was")[1] == "as it was"
+
+
+def test_search_policy_may_split_one_row_by_tokens():
+    r = resolve(load_config(TINY, ["parallel.world_size=4", "parallel.split=tokens"]))
+    tried = []
+    plan, tps = search_policy(r.spec, r.hardware, r.request, batch_sizes=[1, 2], tried=tried,
+                              micro_batches=(1, 2))
+    assert {(t["batch"], t["micro_batches"]) for t in tried} == {(1, 1), (2, 1), (2, 2)}
+    assert plan.split == "tokens" and plan.batch_size in (1, 2)
+
+
+def test_kvc_plan_says_the_token_split(tmp_path, capsys):
+    path = tmp_path / "m.yaml"
+    path.write_text(json.dumps(LONG))
+    assert main(["plan", str(path), "parallel.world_size=2", "parallel.split=tokens", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert (d["split"], d["world_size"], d["rank_batch"], d["batch_size"]) == ("tokens", 2, 1, 1)
+    assert (d["prompt_len"], d["gen_len"], d["max_context"], d["context"]) == (65536, 32, 65568, 65536)
+    assert d["share_context"] == 32768 and d["share_max_context"] == 32785
+    assert d["plan"]["split"] == "tokens" and d["plan"]["max_context"] == 32785
+    par = d["parallel"]
+    assert par["split"] == "tokens" and par["merge_ms"] > 0 and par["merges_ms"] == pytest.approx(32 * par["merge_ms"])
+    assert d["cpu_pool_gb"] > par["cpu_mem_gb"] / 4 and d["modes"]["gpu_resident"]["predicted_step_ms"] is None
+    assert all(row["kv_tokens"] + row["recompute_tokens"] == 32768 for row in d["layers"])
+    r = resolve(load_config(TINY, ["parallel.world_size=3", "parallel.split=tokens"]))
+    from kvc.reports.plan import plan_text
+
+    text = plan_text(r.spec, r.hardware, r.request)
+    assert "batch 8 over 3 GPUs, a token split" in text
+    assert "attends to ~1/3 of each offloaded layer's context" in text
+    assert "full replica" in text and "all-gather of the ranks' partial" in text
+    # rows say what they said
+    rows = plan_text(r.spec, r.hardware, r.request.but(split="rows"))
+    assert "token split" not in rows and "3 rows per rank" in rows
+
+
+def test_a_token_artifact_is_read_and_inspected(tmp_path):
+    from kvc.api import compile_artifact
+    from kvc.artifact import read_manifest
+    from kvc.reports.inspect import inspect_text
+
+    cfg = {**TINY, "workload": {"batch_size": 1, "prompt_len": 16, "gen_len": 4, "max_context": 20}}
+    art = compile_artifact(cfg, ["parallel.world_size=3", "parallel.split=tokens"],
+                           output=tmp_path / "a.kvc")
+    m = read_manifest(art)
+    assert (m["plan"]["split"], m["plan"]["prompt_len"], m["plan"]["gen_len"],
+            m["plan"]["max_context"]) == ("tokens", 6, 1, 8)
+    text = inspect_text(art)
+    assert "a token split" in text and "full replica" in text and "contexts 1..20" in text
+    path = art / "manifest.json"
+    d = json.loads(path.read_text())
+    for bad, needle in (("cols", "plan.split"), ("rows", "plan.split differs")):
+        path.write_text(json.dumps({**d, "plan": {**d["plan"], "split": bad}}))
+        with pytest.raises(KvcError, match=needle):
+            read_manifest(art)
+    path.write_text(json.dumps({**d, "plan": {**d["plan"], "prompt_len": 16}}))
+    with pytest.raises(KvcError, match="prompt_len"):
+        read_manifest(art)
