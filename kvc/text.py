@@ -158,7 +158,7 @@ def _first_stop(text: str, stops: Sequence[str], start: int = 0) -> int:
 
 
 def _budget(model, req: Request, width: int) -> int:
-    n = model.plan.gen_len if req.max_new_tokens is None else req.max_new_tokens
+    n = model.workload[1] if req.max_new_tokens is None else req.max_new_tokens
     return max(1, min(n, model.max_context - width))
 
 

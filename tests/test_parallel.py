@@ -68,8 +68,8 @@ def _run(case, ranks: Ranks, eos=None, device="cpu"):
                        micro_batches=micro)
     if not ranks.single:  # a plan is one rank's: a row split's batch is the rank's share
         ranks = replace(ranks, split=split)
-        if split == "rows":
-            plan = replace(plan, batch_size=ranks.share(batch))
+        plan = replace(plan, world_size=ranks.world, split=split,
+                       batch_size=ranks.share(batch) if split == "rows" else batch)
     cm = assemble(lower(m, plan), plan, spec, torch.float32, torch.device(device), ranks=ranks)
     ids, mask = _inputs(spec, batch, padded)
     kw = dict(kw)
@@ -205,9 +205,10 @@ def test_merge_all_is_the_softmax_over_every_part():
 
 
 def test_kvc_run_nproc_2_writes_what_one_process_writes(tmp_path):
-    """The whole path: an artifact compiled for parallel.world_size=2, `kvc run --nproc 2`
-    (torchrun, 2 gloo processes on the CPU) on a JSONL job of mixed prompts, against the same
-    job through a 1-process artifact: the same output lines; one summary line, from rank 0."""
+    """The whole path: artifacts compiled for parallel.world_size=2 (split by rows, and by
+    tokens), `kvc run --nproc 2` (torchrun, 2 gloo processes on the CPU) on a JSONL job of
+    mixed prompts, against the same job through a 1-process artifact: the same output lines;
+    one summary line, from rank 0."""
     import json
     import subprocess
     import sys
@@ -218,8 +219,6 @@ def test_kvc_run_nproc_2_writes_what_one_process_writes(tmp_path):
     from kvc.cli import main
 
     one = compile_text_artifact(tmp_path / "one", batch_size=4, prompt_len=40, gen_len=6)
-    two = compile_text_artifact(tmp_path / "two", batch_size=4, prompt_len=40, gen_len=6,
-                                overrides=("parallel.world_size=2",))
     records = [{"id": k, "prompt_ids": list(range(3 + 5 * k, 3 + 11 * k + 4))} for k in range(5)]
     records += [{"id": 5, "prompt": "the cat sat on the mat", "stop": "the"},
                 {"id": 6, "prompt_ids": [7, 8, 9], "max_new_tokens": 2}]
@@ -227,14 +226,19 @@ def test_kvc_run_nproc_2_writes_what_one_process_writes(tmp_path):
     inp.write_text("".join(json.dumps(r) + "\n" for r in records))
     assert main(["run", str(one), "--input", str(inp), "--output", str(tmp_path / "one.jsonl"),
                  "--device", "cpu", "--no-progress"]) == 0
-    done = subprocess.run([sys.executable, "-m", "kvc", "--no-progress", "run", str(two), "--nproc", "2",
-                           "--device", "cpu", "--input", str(inp), "--output", str(tmp_path / "two.jsonl")],
-                          check=False, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
     want = (tmp_path / "one.jsonl").read_text().splitlines()
-    assert (tmp_path / "two.jsonl").read_text().splitlines() == want and len(want) == len(records)
-    assert not (tmp_path / "two.jsonl.partial").exists()
-    assert sum(line.startswith("kvc: 7 prompts") for line in done.stderr.splitlines()) == 1, done.stderr
+    assert len(want) == len(records)
+    for split in ("rows", "tokens"):
+        two = compile_text_artifact(tmp_path / split, batch_size=4, prompt_len=40, gen_len=6,
+                                    overrides=("parallel.world_size=2", f"parallel.split={split}"))
+        out = tmp_path / f"{split}.jsonl"
+        done = subprocess.run([sys.executable, "-m", "kvc", "--no-progress", "run", str(two), "--nproc", "2",
+                               "--device", "cpu", "--input", str(inp), "--output", str(out)],
+                              check=False, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert out.read_text().splitlines() == want, split
+        assert not out.with_name(out.name + ".partial").exists()
+        assert sum(line.startswith("kvc: 7 prompts") for line in done.stderr.splitlines()) == 1, done.stderr
     # the 2-process artifact in one process: one line naming the world size and how to run it
     bad = subprocess.run([sys.executable, "-m", "kvc", "run", str(two), "--device", "cpu",
                           "--prompt-ids", "1,2,3"], check=False, capture_output=True, text=True, timeout=120)

@@ -24,7 +24,7 @@ class StubModel:
 
     def __init__(self, batch_size=4, max_context=64, gen_len=5, vocab=50):
         self.plan = SimpleNamespace(batch_size=batch_size, gen_len=gen_len)
-        self.batch_size = batch_size
+        self.batch_size, self.workload = batch_size, (0, gen_len)
         self.spec = SimpleNamespace(vocab_size=vocab, eos_token_id=())
         self.max_context = max_context
         self.calls = []

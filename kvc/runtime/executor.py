@@ -69,13 +69,17 @@ class CompiledModel:
         return self.plan.batch_size * (self.ranks.world if self.ranks.splits_rows else 1)
 
     @property
+    def workload(self) -> tuple[int, int]:
+        """(prompt_len, gen_len) the artifact was compiled for (a token split's plan holds a
+        rank's share of them; its notes keep the whole)."""
+        whole = self.plan.notes.get("parallel", {})
+        return whole.get("prompt_len", self.plan.prompt_len), whole.get("gen_len", self.plan.gen_len)
+
+    @property
     def max_context(self) -> int:
-        """The most tokens a row may reach, prompt and new tokens together (p + n). A token
-        split's plan is one rank's, over its share of each context (shares up to
-        plan.max_context - 1)."""
-        if self.ranks.splits_tokens:
-            return min(self.spec.max_positions, (self.plan.max_context - 1) * self.ranks.world)
-        return min(self.spec.max_positions, self.plan.max_context)
+        """The most tokens a row may reach, prompt and new tokens together (p + n): what the
+        pools hold (a token split's plan is one rank's, over its share of each context)."""
+        return min(self.spec.max_positions, self.plan.pool_context)
 
     def _runtime(self, batch: int, prompt: int, tokens: int) -> tuple[OffloadedCache, int]:
         """The pools for `batch` sequences: with micro-batches, one set per unit of batch/m."""
@@ -89,7 +93,7 @@ class CompiledModel:
             grown = (min(self.max_context, 2 * c.max_tokens)
                      if c is not None and c.max_tokens < tokens else 0)
             self.close()
-            max_tokens = max(tokens, self.plan.prompt_len + self.plan.gen_len, grown)
+            max_tokens = max(tokens, sum(self.workload), grown)
             with bar("kvc: allocating KV/activation pools", total=1, unit="pool set") as shown:
                 c = self._allocate(batch, max_tokens, min(prompt, self.plan.prompt_len))
                 shown.update()
@@ -118,8 +122,7 @@ class CompiledModel:
 
     def _check_contexts(self, prompt: int, new: int) -> None:
         for s in {prompt, prompt + new - 2} if new > 1 else ():
-            # a token split's plan is looked up at a rank's share of the context
-            s = self.ranks.share(s) if self.ranks.splits_tokens else s
+            s = self.plan.share_context(s)  # a token split's table: a rank's share
             for layer in range(self.plan.num_units):
                 try:
                     self.plan.recompute_tokens(layer, s)
