@@ -244,3 +244,23 @@ def test_kvc_run_nproc_2_writes_what_one_process_writes(tmp_path):
                           "--prompt-ids", "1,2,3"], check=False, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
     assert "parallel.world_size = 2" in bad.stderr and "--nproc 2" in bad.stderr
+
+
+def test_a_rank_finds_its_gpus_numa_node(tmp_path, monkeypatch):
+    """gpu_cpus reads the GPU's PCI address from torch and its node's CPUs from sysfs; one
+    node (or no such file) means nothing to pin."""
+    from types import SimpleNamespace
+
+    from kvc.runtime import parallel
+
+    assert parallel.parse_cpulist("0-3,8,10-11\n") == {0, 1, 2, 3, 8, 10, 11}
+    (tmp_path / "devices/system/node/node0").mkdir(parents=True)
+    props = SimpleNamespace(pci_bus_id=0x1A, pci_device_id=0, pci_domain_id=0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    assert parallel.gpu_cpus(torch.device("cuda", 0), str(tmp_path)) is None  # one node
+    (tmp_path / "devices/system/node/node1").mkdir()
+    assert parallel.gpu_cpus(torch.device("cuda", 0), str(tmp_path)) is None  # no file
+    pci = tmp_path / "bus/pci/devices/0000:1a:00.0"
+    pci.mkdir(parents=True)
+    (pci / "local_cpulist").write_text("16-19,48\n")
+    assert parallel.gpu_cpus(torch.device("cuda", 0), str(tmp_path)) == {16, 17, 18, 19, 48}

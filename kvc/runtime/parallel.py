@@ -22,6 +22,7 @@ from __future__ import annotations
 import atexit
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -160,6 +161,9 @@ def join(device: torch.device | None) -> tuple[Ranks, torch.device | None]:
         device = torch.device("cuda", local)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        near = gpu_cpus(device)
+        if near:  # the rank's threads, and the pinned pools they first touch, on its GPU's node
+            os.sched_setaffinity(0, (near & os.sched_getaffinity(0)) or near)
     if not initialised:
         for key in ("MASTER_ADDR", "MASTER_PORT", "RANK"):
             if key not in os.environ:
@@ -168,6 +172,34 @@ def join(device: torch.device | None) -> tuple[Ranks, torch.device | None]:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         atexit.register(_leave)
     return Ranks(dist.get_world_size(), dist.get_rank()), device
+
+
+def parse_cpulist(text: str) -> set[int]:
+    """A kernel CPU list ("0-15,32-47") as a set of CPU numbers."""
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        if part:
+            lo, _, hi = part.partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def gpu_cpus(device: torch.device, sysfs: str = "/sys") -> set[int] | None:
+    """The CPUs of the NUMA node a GPU hangs off, on a host with several nodes (None: one
+    node, or the kernel does not say): where a rank's pinned pools should live."""
+    root = Path(sysfs)
+    if len(list((root / "devices/system/node").glob("node[0-9]*"))) < 2:
+        return None
+    props = torch.cuda.get_device_properties(device)
+    bus, dev = getattr(props, "pci_bus_id", None), getattr(props, "pci_device_id", None)
+    if bus is None or dev is None:
+        return None
+    name = f"{int(getattr(props, 'pci_domain_id', 0) or 0):04x}:{int(bus):02x}:{int(dev):02x}.0"
+    try:
+        cpus = parse_cpulist((root / "bus/pci/devices" / name / "local_cpulist").read_text())
+    except (OSError, ValueError):
+        return None
+    return cpus or None
 
 
 def _leave() -> None:
