@@ -49,14 +49,21 @@ def _check_replaceable(out: Path, missing_ok: bool = False) -> None:
         refuse("a symbolic link")
     if not stat.S_ISDIR(st.st_mode):
         refuse("not a folder")
-    other = sorted(set(os.listdir(out)) - set(FILES))
+    try:
+        other = sorted(set(os.listdir(out)) - set(FILES))
+    except FileNotFoundError:  # moved away since the lstat (another compile): as if absent
+        if missing_ok:
+            return
+        raise
     if other:
         refuse(f"it holds {', '.join(other[:3])}{', ...' if len(other) > 3 else ''}")
     try:
         m = json.loads(_read_member(out, MANIFEST, MAX_MANIFEST_BYTES))
     except FileNotFoundError:
-        if not os.path.lexists(out):
-            raise  # moved away meanwhile (another compile): the caller tries again
+        if _replaced_since(out, st):  # moved away meanwhile (another compile), maybe replaced
+            if missing_ok:
+                return
+            raise  # the caller tries again
         refuse(f"no {MANIFEST}")
     except KvcError as e:
         refuse(str(e).split(": ", 1)[-1])
@@ -65,6 +72,15 @@ def _check_replaceable(out: Path, missing_ok: bool = False) -> None:
     if not isinstance(m, dict) or not (m.get("format") == FORMAT or (
             "format" not in m and m.get("format_version") == 1 and "kvc_version" in m)):
         refuse(f"{MANIFEST} does not name kvc's format")
+
+
+def _replaced_since(out: Path, st: os.stat_result) -> bool:
+    """Whether `out` no longer names the folder `st` described (gone, or another one)."""
+    try:
+        now = os.lstat(out)
+    except FileNotFoundError:
+        return True
+    return (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev)
 
 
 def _place(tmp: Path, out: Path) -> None:
