@@ -4,7 +4,6 @@ for an MHA and a GQA family, with a left-padded uneven batch, micro-batches, sam
 seed, and EOS stopping (kvc.runtime.parallel)."""
 from __future__ import annotations
 
-import socket
 from dataclasses import replace
 
 import pytest
@@ -84,7 +83,7 @@ def _run(case, ranks: Ranks, eos=None, device="cpu"):
         cm.close()
 
 
-def _worker(rank, port, out, eos, cuda=False, backend="gloo"):
+def _worker(rank, out, eos, cuda=False, backend="gloo"):
     """One rank: on the CPU, or on cuda:rank (cuda:0 for every rank when `backend` is gloo:
     two processes sharing one GPU, which NCCL refuses)."""
     import torch.distributed as dist
@@ -94,17 +93,12 @@ def _worker(rank, port, out, eos, cuda=False, backend="gloo"):
     if cuda:
         device = f"cuda:{rank if backend == 'nccl' else 0}"
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    # a file store in the test's folder: no port to race other processes for
+    dist.init_process_group(backend, init_method=f"file://{out}/store", rank=rank, world_size=WORLD)
     try:
         torch.save({c[0]: _run(c, Ranks(WORLD, rank), eos, device) for c in CASES}, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +110,7 @@ def ranked(tmp_path_factory):
     eos = int(_run(eos_case, Ranks())[0][0, PROMPT + 2])
     single = {c[0]: _run(c, Ranks(), eos) for c in CASES}
     out = tmp_path_factory.mktemp("ranks")
-    mp.spawn(_worker, args=(_free_port(), str(out), eos), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(out), eos), nprocs=WORLD, join=True)
     return single, [torch.load(out / f"rank{r}.pt") for r in range(WORLD)], eos
 
 
@@ -167,7 +161,7 @@ def test_two_gpu_ranks_decode_what_one_gpu_decodes(tmp_path, backend):
     eos_case = next(c for c in CASES if "eos_token_id" in c[7])
     eos = int(_run(eos_case, Ranks(), device="cuda:0")[0][0, PROMPT + 2])
     single = {c[0]: _run(c, Ranks(), eos, "cuda:0") for c in CASES}
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), eos, True, backend), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp_path), eos, True, backend), nprocs=WORLD, join=True)
     for r in range(WORLD):
         got = torch.load(tmp_path / f"rank{r}.pt")
         for name, (want_tokens, want_logits, _) in single.items():

@@ -147,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         with progress.enabled(not args.no_progress and not rank), quiet(rank):
             rc = COMMANDS[args.command](args)
             sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+            if rc == 0:
+                from kvc.runtime.parallel import finish
+
+                finish()  # a multi-GPU job's ranks leave together
             return rc
     except BrokenPipeError:  # `kvc inspect X | head -1`: the reader is gone; so are we, quietly
         try:

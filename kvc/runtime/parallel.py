@@ -170,6 +170,7 @@ def join(device: torch.device | None) -> tuple[Ranks, torch.device | None]:
                 raise KvcError(f"WORLD_SIZE is {env_world()} but {key} is not set: start the job "
                                "with torchrun --nproc-per-node N (or kvc run --nproc N)")
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        _made.append(True)
         atexit.register(_leave)
     return Ranks(dist.get_world_size(), dist.get_rank()), device
 
@@ -200,6 +201,21 @@ def gpu_cpus(device: torch.device, sysfs: str = "/sys") -> set[int] | None:
     except (OSError, ValueError):
         return None
     return cpus or None
+
+
+def finish() -> None:
+    """End a job that went well: every rank waits for the others (a barrier), then leaves the
+    group kvc made. A rank that leaves while another still talks to it can take the process
+    down at exit ("terminate called without an active exception", gloo). Not at a failure:
+    the others may be inside another collective, and the launcher ends them."""
+    import torch.distributed as dist
+
+    if _made and dist.is_initialized():
+        dist.barrier()
+        _leave()
+
+
+_made: list[bool] = []  # kvc initialised the default group (torchrun's environment)
 
 
 def _leave() -> None:
