@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -147,11 +146,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = f"{datetime.date.today()}-{card.replace(' ', '-')}-cpu-lane"
-        (out / f"{stem}.md").write_text(text)
-        (out / f"{stem}.json").write_text(json.dumps({"kernels": kernels, "steps": steps}, indent=1))
+        env.write_results(args.out, card, "cpu-lane", text, {"kernels": kernels, "steps": steps})
     return 0
 
 

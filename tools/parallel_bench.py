@@ -164,14 +164,12 @@ def main(argv=None) -> int:
                 continue
             rows += json.loads(out.read_text())
     card = rows[0].get("card", "cpu") if rows else "cpu"
-    text = f"# Several GPUs, batch split by rows, {card}, {datetime.date.today()}\n\n" + table(rows)
+    text = f"# Several GPUs, {card}, {datetime.date.today()}\n\n" + table(rows)
     print(text)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = f"{datetime.date.today()}-{card.replace(' ', '-')}-parallel"
-        (out / f"{stem}.md").write_text(text)
-        (out / f"{stem}.json").write_text(json.dumps(rows, indent=1))
+        from benchlib.env import write_results
+
+        write_results(args.out, card, "parallel", text, rows)
     return 0
 
 

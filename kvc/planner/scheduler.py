@@ -116,13 +116,17 @@ def make_plan(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest) -> Plan:
         return replace(plan, notes=_token_notes(spec, hw, whole, req, plan, notes, full, why, t0))
     if ranks > 1:  # what one rank was planned with (one-GPU plans' notes stay as they were)
         notes["parallel"] = {
-            "world_size": ranks, "rank_batch": req.batch_size,
-            "h2d_gbps": hw.h2d_gbps, "d2h_gbps": hw.d2h_gbps, "bidir_gbps": hw.bidir_gbps,
-            "host_link_gbps": hw.host_link_gbps, "cpu_mem_gb": round(hw.cpu_mem_gb, 4),
+            "world_size": ranks, "rank_batch": req.batch_size, **_rank_machine(hw),
             "gather_ms": round(gather_ms(spec, hw, ranks, req.batch_size, req.dtype), 6)}
     if "solve_s" in notes:
         notes["solve_s"] = round(time.perf_counter() - t0, 4)  # both plans, end to end
     return replace(plan, notes=notes)
+
+
+def _rank_machine(hw) -> dict:
+    """What one rank was planned with (per_rank's links and share of the host's memory)."""
+    return {"h2d_gbps": hw.h2d_gbps, "d2h_gbps": hw.d2h_gbps, "bidir_gbps": hw.bidir_gbps,
+            "host_link_gbps": hw.host_link_gbps, "cpu_mem_gb": round(hw.cpu_mem_gb, 4)}
 
 
 def share_request(req: PlanRequest, shares: int) -> PlanRequest:
@@ -148,9 +152,7 @@ def _token_notes(spec, hw, whole: PlanRequest, req: PlanRequest, plan: Plan, not
     notes["parallel"] = {
         "world_size": n, "split": "tokens", "rank_batch": req.batch_size,
         "prompt_len": whole.prompt_len, "gen_len": whole.gen_len, "max_context": full,
-        "h2d_gbps": hw.h2d_gbps, "d2h_gbps": hw.d2h_gbps, "bidir_gbps": hw.bidir_gbps,
-        "host_link_gbps": hw.host_link_gbps, "cpu_mem_gb": round(hw.cpu_mem_gb, 4),
-        "merge_ms": round(c.merge, 6),
+        **_rank_machine(hw), "merge_ms": round(c.merge, 6),
         "gather_ms": round(gather_ms(spec, hw, n, req.batch_size, req.dtype, "tokens"), 6)}
     if "solve_s" in notes:
         notes["solve_s"] = round(time.perf_counter() - t0, 4)

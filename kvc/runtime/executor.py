@@ -186,7 +186,8 @@ class CompiledModel:
             row_pads = None if pads is None else torch.cat([pads, pads[-1:].expand(grow)])
         ids = ids[mine]
         if row_pads is not None:
-            row_pads = row_pads[mine] if bool(row_pads[mine].any()) else None
+            row_pads = row_pads[mine]
+            row_pads = row_pads if bool(row_pads.any()) else None
         # the block schedule splits the batch into equal micro-batches: a batch that does not
         # split is padded with copies of its last row, computed and dropped (cost, not error)
         pad = -k % self.plan.micro_batches

@@ -179,17 +179,21 @@ class OffloadedCache:
     def _split(self, unit: int, s: int) -> tuple[int, int, int]:
         """(lo, c, l): the unit attends to cached tokens [lo, s) (lo > 0 only with a window),
         the oldest c of them on the CPU, and recomputes the next l."""
-        l, w = self.plan.recompute_tokens(unit, s), self.windows[unit]
-        n = s if w is None else max(0, min(s, w - 1))
+        l, n = self.plan.recompute_tokens(unit, s), self._cached_count(unit, s)
         c = self.plan.cpu_tokens(unit, n, s) if self.lane is not None else 0
         return s - n, c, min(l, n - c)
+
+    def _cached_count(self, unit: int, s: int) -> int:
+        """How many of the s cached tokens the unit attends to, the last n (its layer's
+        window holds the new token too: ModelSpec.cached_tokens, per unit)."""
+        w = self.windows[unit]
+        return s if w is None else max(0, min(s, w - 1))
 
     def _share(self, unit: int, s: int) -> tuple[int, int, int]:
         """A token split's rank: (base, m, l): of the unit's cached tokens [lo, s) it attends
         to its share [base, base + m) and recomputes the first l (the plan's table is
         indexed by the share: l of m)."""
-        w = self.windows[unit]
-        n = s if w is None else max(0, min(s, w - 1))
+        n = self._cached_count(unit, s)
         base, end = self.split.bounds(n, self.split.rank)
         m = end - base
         return s - n + base, m, min(self.plan.recompute_tokens(unit, m), m) if m else 0

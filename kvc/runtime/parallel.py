@@ -99,12 +99,7 @@ class Ranks:
         rank order (a token split's ranks all hold the whole batch: `x` as it is)."""
         if not self.splits_rows:
             return x
-        import torch.distributed as dist
-
-        x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(self.world)]
-        dist.all_gather(parts, x)
-        return torch.cat(parts)
+        return self.gather_stacked(x).flatten(0, 1)
 
     def broadcast(self, obj):
         """Rank 0's `obj` (a picklable value) on every rank."""

@@ -3,7 +3,10 @@ costs that `bench.main` sets at the start (read them as `env.DEVICE` etc., never
 rebinds them)."""
 from __future__ import annotations
 
+import datetime
 import gc
+import json
+from pathlib import Path
 
 import torch
 
@@ -66,3 +69,13 @@ def free_memory() -> None:
         empty_host = getattr(torch._C, "_host_emptyCache", None)
         if empty_host is not None:  # pinned pools are cached by torch: give them back
             empty_host()
+
+
+def write_results(out, card: str, kind: str, text: str, data) -> Path:
+    """A call's table and numbers: <out>/<date>-<card>-<kind>.md and .json; the stem."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{datetime.date.today().isoformat()}-{card.replace(' ', '-')}-{kind}"
+    stem.with_suffix(".md").write_text(text if text.endswith("\n") else text + "\n")
+    stem.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+    return stem
