@@ -150,7 +150,10 @@ def main(argv: list[str] | None = None) -> int:
             if rc == 0:
                 from kvc.runtime.parallel import finish
 
-                finish()  # a multi-GPU job's ranks leave together
+                if finish():  # a multi-GPU job's ranks end together, past gloo's teardown
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(0)
             return rc
     except BrokenPipeError:  # `kvc inspect X | head -1`: the reader is gone; so are we, quietly
         try:

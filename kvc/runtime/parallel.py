@@ -198,16 +198,19 @@ def gpu_cpus(device: torch.device, sysfs: str = "/sys") -> set[int] | None:
     return cpus or None
 
 
-def finish() -> None:
-    """End a job that went well: every rank waits for the others (a barrier), then leaves the
-    group kvc made. A rank that leaves while another still talks to it can take the process
-    down at exit ("terminate called without an active exception", gloo). Not at a failure:
-    the others may be inside another collective, and the launcher ends them."""
+def finish() -> bool:
+    """A job that went well, at its end: every rank waits for the others (a barrier); True
+    when this process is a rank of a group kvc made, which the caller then ends at once
+    (`os._exit`, kvc.cli): gloo's worker threads torn down at exit can take a finished
+    process down ("terminate called without an active exception", about 1 launch in 10 on
+    a loaded 2-core machine, with or without destroy_process_group). Not at a failure: the
+    others may be inside another collective, and the launcher ends them."""
     import torch.distributed as dist
 
-    if _made and dist.is_initialized():
-        dist.barrier()
-        _leave()
+    if not (_made and dist.is_initialized()):
+        return False
+    dist.barrier()
+    return True
 
 
 _made: list[bool] = []  # kvc initialised the default group (torchrun's environment)
