@@ -113,9 +113,9 @@ def assemble(lowered, plan: Plan, spec: ModelSpec, dtype, device, manifest: dict
 
     device = torch.device(device)
     if cuda_graphs is None:
-        # the CPU attention lane runs eagerly for now: its fp16 agreement with the reference
-        # was shown eager (tests/test_gpu.py, H200 2026-11-28), not yet inside CUDA graphs
-        cuda_graphs = plan.cuda_graphs and device.type == "cuda" and not plan.cpu_lane
+        # the CPU attention lane's two nodes per unit (cpu_attn_begin, the attention that
+        # merges) are eager nodes of the partition like every kvc op: graphs around them
+        cuda_graphs = plan.cuda_graphs and device.type == "cuda"
     return (model_class or CompiledModel)(lowered, plan, spec, torch_dtype(dtype), device, manifest,
                                           partition=partition if cuda_graphs else None,
                                           ranks=ranks or SINGLE)

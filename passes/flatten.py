@@ -37,7 +37,7 @@ def flat_name(target: str) -> str:
 
 class Flatten(KvcPass):
     name = "flatten"
-    after = ("streams",)
+    after = ("streams", "handoff")
 
     def run(self, gm: torch.fx.GraphModule) -> bool:
         return flatten_targets(gm)

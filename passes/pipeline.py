@@ -9,6 +9,7 @@ from kvc.ir.plan import Plan
 
 from .annotate import Annotate
 from .flatten import Flatten
+from .handoff import Handoff
 from .microbatch import MicroBatch
 from .offload import Offload
 from .prefetch import Prefetch
@@ -16,12 +17,13 @@ from .recompute import Recompute
 from .streams import Streams
 from .weights import Weights
 
-ORDER = ("microbatch", "annotate", "offload", "recompute", "prefetch", "weights", "streams", "flatten")
+ORDER = ("microbatch", "annotate", "offload", "recompute", "prefetch", "weights", "streams", "handoff",
+         "flatten")
 
 
 def build_passes(plan: Plan) -> list:
     passes = [MicroBatch(plan), Annotate(), Offload(plan), Recompute(plan), Prefetch(plan), Weights(plan),
-              Streams(plan), Flatten()]
+              Streams(plan), Handoff(plan), Flatten()]
     assert tuple(p.name for p in passes) == ORDER
     return passes
 

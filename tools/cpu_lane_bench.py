@@ -5,13 +5,14 @@ over a layer's cache in place, and what the lane does to a decode step.
     python tools/cpu_lane_bench.py --out DIR                      # the H200 points below
     python tools/cpu_lane_bench.py --points tiny-opt:2:64 --device cpu --fractions 0.5   # smoke
 
-1. Kernel: kvc.runtime.cpu_attention.partial_attention over one layer's token-major pinned
-   K,V pool at each point's shape, fp16 and bf16, at several thread counts: ms and the K,V
-   GB/s it reads (the rate `hardware.cpu_attn_gbps` means).
+1. Kernel: kvc.runtime.cpu_attention.partial_attention over one layer's head-major K,V copy
+   (what the lane reads) at each point's shape, fp16 and bf16, at several thread counts,
+   alone and beside a pinned host-to-GPU copy loop: ms and the K,V GB/s it reads (beside the
+   copies: the rate `hardware.cpu_attn_gbps` means).
 2. Steps (tools/benchlib's timing: a sync after the prefill, steps timed as in use): at each
    point, full_offload and pipelined without the lane, pipelined with the lane forced to each
-   `--fractions` value (schedule.cpu_attention_fraction), and pipelined with
-   `schedule.cpu_attention=auto` planned with the kernel's measured rate; each row with the
+   `--fractions` value (schedule.cpu_attention_fraction), and pipelined and
+   full_offload with `schedule.cpu_attention=auto` planned with the kernel's measured rate; each row with the
    LP's prediction and, for the lane rows, the largest logit difference from the run without
    it over 8 steps (fp16: both round; tokens may differ at near-ties).
 Writes <date>-<card>-cpu-lane.{md,json} to --out.
@@ -33,31 +34,31 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 
 def kernel_rows(spec, batch, context, dtypes, threads_list, reps=5) -> list[dict]:
+    """partial_attention over one layer's head-major K,V copy (what the lane reads), alone
+    and beside a pinned host-to-GPU copy loop (as in a decode step): ms and K,V GB/s."""
+    from kvc.profiler.cpu_lane import _CopyLoop, _median_s
     from kvc.runtime.cpu_attention import partial_attention
 
-    pin = torch.cuda.is_available()  # the pools are pinned where there is a GPU
     rows = []
     kv_heads, d, h = spec.num_kv_heads, spec.head_dim, spec.num_heads
+    cuda = torch.cuda.is_available()
     for dtype in dtypes:
-        k = torch.randn(context, batch, kv_heads, d).to(dtype)
-        v = torch.randn(context, batch, kv_heads, d).to(dtype)
-        if pin:
-            k, v = k.pin_memory(), v.pin_memory()
+        k = torch.randn(batch, kv_heads, context, d).to(dtype)
+        v = torch.randn(batch, kv_heads, context, d).to(dtype)
         q = torch.randn(batch, h, d).to(dtype)
         nbytes = 2 * k.nbytes
         for threads in threads_list:
             torch.set_num_threads(threads)
-            partial_attention(q, k, v, d ** -0.5)
-            times = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                partial_attention(q, k, v, d ** -0.5)
-                times.append(time.perf_counter() - t0)
-            ms = statistics.median(times) * 1e3
-            rows.append({"dtype": str(dtype).replace("torch.", ""), "threads": threads,
-                         "kv_mb": round(nbytes / 1e6, 1), "ms": round(ms, 3),
-                         "gbps": round(nbytes / ms / 1e6, 2)})
-            print(f"kernel {spec.model_type} b={batch} s={context} {rows[-1]}", flush=True)
+            fn = lambda: partial_attention(q, k, v, d ** -0.5)  # noqa: E731
+            ms = _median_s(fn, reps) * 1e3
+            row = {"dtype": str(dtype).replace("torch.", ""), "threads": threads,
+                   "kv_mb": round(nbytes / 1e6, 1), "ms": round(ms, 3), "gbps": round(nbytes / ms / 1e6, 2)}
+            if cuda:
+                with _CopyLoop(torch.device("cuda")):
+                    ms2 = _median_s(fn, reps) * 1e3
+                row.update(ms_copying=round(ms2, 3), gbps_copying=round(nbytes / ms2 / 1e6, 2))
+            rows.append(row)
+            print(f"kernel {spec.model_type} b={batch} s={context} {row}", flush=True)
         del k, v
     torch.set_num_threads(os.cpu_count() or 1)
     return rows
@@ -68,6 +69,9 @@ def main(argv=None) -> int:
     ap.add_argument("--points", default="opt-6.7b:32:1024,llama-3-8b:32:2048,llama-2-7b:32:2048")
     ap.add_argument("--fractions", default="0.2,0.3,0.4")
     ap.add_argument("--threads", default="14,8")
+    ap.add_argument("--eager", action="store_true",
+                    help="also each forced fraction without CUDA graphs (schedule.cuda_graphs=false)")
+    ap.add_argument("--dtypes", default=None, help="kernel rows' dtypes (default: float16,bfloat16 on a GPU)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=2)
@@ -88,26 +92,43 @@ def main(argv=None) -> int:
     fractions = [float(f) for f in args.fractions.split(",") if f]
     card = env.card_name()
     kernels, steps = [], []
+    lane_fig = {}
+    if args.device == "cuda":  # the profiler's figures (kvc profile measures the same)
+        from kvc.profiler.cpu_lane import cpu_attention
+        lane_fig = cpu_attention(torch.device("cuda"), env.DTYPE, threads_list[0])
+        print(f"profile {lane_fig}", flush=True)
+    fixed = (f"hardware.cpu_attn_fixed_us={lane_fig['cpu_attn_fixed_us']:.1f}",) if lane_fig else ()
     for point in args.points.split(","):
         name, batch, context = point.split(":")
         batch, context = int(batch), int(context)
         spec = get_spec(name)
-        dtypes = [torch.float16, torch.bfloat16] if args.device == "cuda" else [torch.float32]
+        dtypes = ([getattr(torch, d) for d in args.dtypes.split(",")] if args.dtypes else
+                  [torch.float16, torch.bfloat16] if args.device == "cuda" else [torch.float32])
         k_rows = kernel_rows(spec, batch, context, dtypes, threads_list)
         kernels += [{"model": name, "batch": batch, "context": context, **r} for r in k_rows]
         best = max((r for r in k_rows if r["dtype"] == env.DTYPE_NAME and r["threads"] == threads_list[0]),
                    key=lambda r: r["gbps"], default=None)
-        rate = best["gbps"] if best else 0.0
+        rate = (best.get("gbps_copying") or best["gbps"]) if best else 0.0  # as in a step: beside the copies
         model = build_model(spec, env.DEVICE, env.DTYPE, seed=0)
         ids = torch.randint(0, spec.vocab_size, (batch, context), device=env.DEVICE)
         budget = point_budget_gb(spec, name, hw_name, batch, context)
         cases = [("full_offload", "off", ()), ("pipelined", "off", ("schedule.cpu_attention=off",))]
         cases += [("pipelined", f"forced {f}", (f"schedule.cpu_attention_fraction={f}",
-                                                f"hardware.cpu_attn_threads={threads_list[0]}"))
+                                                f"hardware.cpu_attn_gbps={rate}",
+                                                f"hardware.cpu_attn_threads={threads_list[0]}", *fixed))
                   for f in fractions]
+        if args.eager:
+            cases += [("pipelined", f"forced {f} eager", (f"schedule.cpu_attention_fraction={f}",
+                                                          f"hardware.cpu_attn_gbps={rate}",
+                                                          f"hardware.cpu_attn_threads={threads_list[0]}",
+                                                          "schedule.cuda_graphs=false", *fixed))
+                      for f in fractions]
         cases += [("pipelined", f"auto ({rate} GB/s)", ("schedule.cpu_attention=auto",
                                                         f"hardware.cpu_attn_gbps={rate}",
-                                                        f"hardware.cpu_attn_threads={threads_list[0]}"))]
+                                                        f"hardware.cpu_attn_threads={threads_list[0]}", *fixed))]
+        cases += [("full_offload", f"auto ({rate} GB/s)", ("schedule.cpu_attention=auto",
+                                                           f"hardware.cpu_attn_gbps={rate}",
+                                                           f"hardware.cpu_attn_threads={threads_list[0]}", *fixed))]
         base_logits = None
         for mode, lane, extra in cases:
             cm, r = compiled(model, spec, mode, batch, context, hw_name, budget, extra=extra)
@@ -133,9 +154,11 @@ def main(argv=None) -> int:
         env.free_memory()
     off = {(r["model"], r["mode"]): r["ms"] for r in steps if r["lane"] == "off"}
     lines = [f"# CPU attention lane, {card}, {datetime.date.today()}", "",
-             "| model | batch | context | dtype | threads | K,V MB | ms | GB/s |", "|---|---|---|---|---|---|---|---|"]
+             "| model | batch | context | dtype | threads | K,V MB | ms | GB/s | ms beside copies | GB/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['batch']} | {r['context']} | {r['dtype']} | {r['threads']} | "
-              f"{r['kv_mb']} | {r['ms']} | {r['gbps']} |" for r in kernels]
+              f"{r['kv_mb']} | {r['ms']} | {r['gbps']} | {r.get('ms_copying', '')} | {r.get('gbps_copying', '')} |"
+              for r in kernels]
     lines += ["", "| model | mode | lane | ms/token | LP ms | vs full_offload | CPU share (last step) | max logit diff |",
               "|---|---|---|---|---|---|---|---|"]
     for r in steps:
@@ -146,7 +169,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
-        env.write_results(args.out, card, "cpu-lane", text, {"kernels": kernels, "steps": steps})
+        env.write_results(args.out, card, "cpu-lane", text, {"kernels": kernels, "steps": steps, "profile": lane_fig})
     return 0
 
 

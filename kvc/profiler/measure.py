@@ -23,6 +23,7 @@ import torch
 from kvc import progress
 from kvc.errors import KvcError
 from kvc.hardware import HardwareConfig
+from kvc.profiler.cpu_lane import cpu_attention
 from kvc.profiler.host import host_us
 from kvc.runtime.attention import backends
 
@@ -31,7 +32,8 @@ GB = 1e9
 CUDA_SHAPE = {"h": 4096, "hkv": 4096, "rows": [16, 64, 256, 1024, 4096, 16384], "reps": 10}
 CPU_SHAPE = {"h": 1024, "hkv": 1024, "rows": [16, 64, 256, 1024, 2048], "reps": 7}
 STEPS = ("H2D copies", "D2H copies", "both directions", "GEMM rate", "attention",
-         "memory stream", "overlap", "kernel and host overhead", "all GPUs at once")
+         "memory stream", "overlap", "kernel and host overhead", "all GPUs at once",
+         "CPU attention")
 # several GPUs (issue 18): each GPU's H2D copy of this many bytes, all GPUs at once (>= 256 MB:
 # long enough that the host's shared limit, not the start of the copies, sets the time)
 HOST_LINK_BYTES = 1 << 28
@@ -175,6 +177,9 @@ def profile(device: str, progress: bool = True, dtype: str | None = None) -> Har
     stages.step(STEPS[8])
     multi = _several_gpus(timer) if cuda else {}
 
+    stages.step(STEPS[9])  # the CPU attention lane beside the link (a GPU's host only)
+    lane = cpu_attention(dev, dt) if cuda else {}
+
     stages.finish()
     if cuda:
         props = torch.cuda.get_device_properties(dev)
@@ -191,6 +196,7 @@ def profile(device: str, progress: bool = True, dtype: str | None = None) -> Har
         mem_margin_gb=2.0 if cuda else 1.0,
         compute_slowdown=_r(comp_slow, 3), copy_slowdown=_r(copy_slow, 3), launch_us=_r(launch_us),
         **{k: _r(v) for k, v in host.items()}, **{k: _r(v) for k, v in multi.items()},
+        **{k: v if isinstance(v, int) else _r(v) for k, v in lane.items()},
         measured={**machine_info(device), "dtype": str(dt).replace("torch.", ""),
                   "cuda_devices": torch.cuda.device_count() if cuda else 0,
                   "gemm_shape": f"[rows x {h}] @ [{h} x {2 * hkv}]",

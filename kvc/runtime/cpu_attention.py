@@ -1,13 +1,23 @@
 """The CPU attention lane (issue 17): decode attention over the oldest cached rows of an
-offloaded layer, computed by the CPU in place in the pinned pool, beside the copies.
+offloaded layer, computed by the CPU beside the copies.
 
 At a decode step an offloaded unit attends to its n cached tokens [lo, s). With the lane it
-attends to the oldest c of them on the CPU, straight out of the token-major pinned K,V pools
-(no copy of the cache), while the GPU attends to the rest (recomputed, copied, and the step's
-own token). Each side returns its softmax's log-sum-exp with its output, and
-kvc.models.attend.merge combines them exactly (the split-softmax merge of flash-decoding):
+attends to the oldest c of them on the CPU while the GPU attends to the rest (recomputed,
+copied, and the step's own token). Each side returns its softmax's log-sum-exp with its
+output, and kvc.models.attend.merge combines them exactly (the split-softmax merge of
+flash-decoding):
 
     out = (out_g * exp(lse_g - m) + out_c * exp(lse_c - m)) / (exp(lse_g - m) + exp(lse_c - m))
+
+The CPU does not read the token-major pinned pool [s, b, kv, hd] in place: one head's rows
+sit 64 KB apart there (llama-3-8b b32), every row a new page, and the kernel is bound by
+latency, 19 GB/s at llama-3-8b b32 s2048 with the link copying beside it on the H200's host
+(tools/cpu_kernel_probe.py, 2026-11-29). The lane keeps its own head-major copy of each
+unit's rows [b, kv, rows, hd] (contiguous per head; 50 GB/s there, the same op), filled from
+the pool by the worker: at the prefill, as soon as each unit's write-back has landed (hidden
+behind the prefill's later layers), and then one row at a time as the CPU's share grows.
+A row is written once per call (the cache only grows), so the copy never goes stale; the
+next prefill starts it over. Untouched rows cost no memory (pageable, allocated lazily).
 
 The query crosses to the host once per layer (b x heads x head_dim values) and the partial
 comes back (b x heads x (head_dim + 1)). On a CUDA device the CPU work runs in one worker
@@ -23,21 +33,21 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 
-def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+def partial_attention(q: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor, scale: float,
                       softcap: float = 0.0, real: torch.Tensor | None = None):
-    """One decode query per row against c cached rows. q [b, H, hd]; k, v [c, b, n_kv, hd]
-    (token-major views of a pool, read in place); `real` [b, c] bool (False: a padding row,
-    never attended). Returns (out [b, H, hd], lse [b, H]), float32; a row with no real key
-    gets lse = -inf and out = 0 (it weighs nothing in the merge).
+    """One decode query per row against c cached rows. q [b, H, hd]; kk, vv [b, n_kv, c, hd]
+    (head-major: each head's rows contiguous is what the CPU reads fast; any strides work);
+    `real` [b, c] bool (False: a padding row, never attended). Returns (out [b, H, hd],
+    lse [b, H]), float32; a row with no real key gets lse = -inf and out = 0 (it weighs
+    nothing in the merge).
 
     The query heads sharing a KV head are stacked as query rows ([b, n_kv, g, hd]: no K,V
-    repeated) and torch's CPU flash attention computes output and log-sum-exp in one pass
-    over the strided pool rows; a soft-capped model (Gemma 2) goes through two GEMMs and the
-    cap, which flash attention does not apply."""
+    repeated) and torch's CPU flash attention computes output and log-sum-exp in one pass;
+    a soft-capped model (Gemma 2) goes through two GEMMs and the cap, which flash attention
+    does not apply."""
     b, h, d = q.shape
-    n_kv = k.shape[2]
-    qg = q.reshape(b, n_kv, h // n_kv, d).to(k.dtype)
-    kk, vv = k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)  # [b, n_kv, c, hd], views
+    n_kv = kk.shape[1]
+    qg = q.reshape(b, n_kv, h // n_kv, d).to(kk.dtype)
     if not softcap:
         bias = None
         if real is not None:  # additive, in the query's dtype (the op's rule)
@@ -55,7 +65,7 @@ def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
         scores.masked_fill_(~real[:, None, None, :], -math.inf)
     lse = torch.logsumexp(scores, dim=-1)  # [b, n_kv, g]
     probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
-    out = torch.matmul(probs.to(v.dtype), vv).float()  # [b, n_kv, g, hd]
+    out = torch.matmul(probs.to(vv.dtype), vv).float()  # [b, n_kv, g, hd]
     return out.reshape(b, h, d), lse.reshape(b, h)
 
 
@@ -68,7 +78,11 @@ class CpuLane:
     """Per unit and step: `begin` hands the query to the CPU, `end` returns the partial on the
     device. Buffers are per unit: a unit's next query is copied only after its last partial
     was waited for, and the copy of a partial up precedes, on the compute stream, the copy
-    down of the query the worker next waits for, so no buffer is overwritten in use."""
+    down of the query the worker next waits for, so no buffer is overwritten in use.
+
+    Per unit, the head-major copy of its pool's rows (`rows`: K and V [b, kv, max_tokens,
+    hd], token r at row r) and how many tokens it holds (`filled`): only the worker touches
+    them (or the caller on a CPU device), in the order the jobs were handed over."""
 
     def __init__(self, device: torch.device, num_units: int, threads: int = 0):
         self.device = torch.device(device)
@@ -79,7 +93,67 @@ class CpuLane:
         self.host: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.ready: dict[int, torch.cuda.Event] = {}
         self.written: dict[int, torch.cuda.Event] = {}
+        self.rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.filled: dict[int, int] = {}
+        self.chores: list[Future] = []  # the copies into `rows` still in the worker
         self._threads_set = False
+
+    def _run(self, job, *events) -> Future | object:
+        """Run `job` after `events` (CUDA events recorded by the caller): in the worker on a
+        GPU (which waits for them there, not the host), at once on a CPU device."""
+        if not self.cuda:
+            return job()
+
+        def after():
+            if not self._threads_set:
+                torch.set_num_threads(self.threads)
+                self._threads_set = True
+            for ev in events:
+                ev.synchronize()  # the GIL is released while it waits
+            with torch.inference_mode():  # as the caller's (inference mode is per thread)
+                return job()
+        return self.worker.submit(after)
+
+    def _landed(self, stream) -> tuple:
+        """An event after the work issued so far on `stream` (None: nothing to wait for)."""
+        if not self.cuda or stream is None:
+            return ()
+        ev = torch.cuda.Event()
+        ev.record(stream)
+        return (ev,)
+
+    def _fill(self, unit: int, k_pool: torch.Tensor, v_pool: torch.Tensor, end: int) -> None:
+        """Copy the pool's tokens [filled, end) into the unit's head-major rows (in the
+        worker, once they have landed in the pool)."""
+        have = self.filled.get(unit, 0)
+        if end <= have:
+            return
+        if unit not in self.rows:
+            shape = (k_pool.shape[1], k_pool.shape[2], k_pool.shape[0], k_pool.shape[3])
+            self.rows[unit] = (torch.empty(shape, dtype=k_pool.dtype), torch.empty(shape, dtype=v_pool.dtype))
+        k_hm, v_hm = self.rows[unit]
+        k_hm[:, :, have:end].copy_(k_pool[have:end].permute(1, 2, 0, 3))
+        v_hm[:, :, have:end].copy_(v_pool[have:end].permute(1, 2, 0, 3))
+        self.filled[unit] = end
+
+    def restart(self) -> None:
+        """A new call's prefill rewrites the pools: every unit's copy starts over."""
+        self._chore(self._run(self.filled.clear))
+
+    def prepare(self, unit: int, k_pool, v_pool, end: int, written=None) -> None:
+        """At the prefill: copy the unit's tokens [0, end) (what its first decode step reads
+        on the CPU) once the write-back on stream `written` has landed, behind the GPU's work."""
+        if end > 0:
+            self._chore(self._run(lambda: self._fill(unit, k_pool, v_pool, end), *self._landed(written)))
+
+    def _chore(self, done) -> None:
+        """Keep a worker's chore until it is done; one that failed raises at the next `end`."""
+        if isinstance(done, Future):
+            self.chores.append(done)
+
+    def _reap(self) -> None:
+        while self.chores and self.chores[0].done():
+            self.chores.pop(0).result()
 
     def _buffers(self, unit: int, q: torch.Tensor):
         """The unit's pinned query, output and lse buffers (made on first use, and anew for
@@ -93,14 +167,19 @@ class CpuLane:
                 torch.empty((b, h), dtype=torch.float32, pin_memory=True))
         return bufs
 
-    def begin(self, unit: int, q: torch.Tensor, k, v, scale: float, softcap: float, real,
-              written=None) -> None:
-        """q [b, H, hd] on the device; k, v [c, b, n_kv, hd] and real [b, c] (or None) on the
-        host. On a GPU the query is copied down on the current stream and the worker waits
-        for that copy, not the host, and for `written` (the write-back stream: the pool rows
-        it reads may have been written by copies still in flight, the prefill's above all)."""
+    def begin(self, unit: int, q: torch.Tensor, k_pool, v_pool, lo: int, c: int, scale: float,
+              softcap: float, real, written=None) -> None:
+        """q [b, H, hd] on the device; the unit's token-major pools k_pool, v_pool [rows, b,
+        n_kv, hd] (token r at row r) and real [b, c] (or None) on the host: attend to tokens
+        [lo, lo + c). On a GPU the query is copied down on the current stream and the worker
+        waits for that copy, not the host, and for `written` (the write-back stream: rows it
+        copies from the pool may have been written by copies still in flight)."""
+        def attend(qh):
+            self._fill(unit, k_pool, v_pool, lo + c)
+            k_hm, v_hm = self.rows[unit]
+            return partial_attention(qh, k_hm[:, :, lo:lo + c], v_hm[:, :, lo:lo + c], scale, softcap, real)
         if not self.cuda:
-            self.pending[unit] = partial_attention(q, k, v, scale, softcap, real)
+            self.pending[unit] = attend(q)
             return
         q_host, out_host, lse_host = self._buffers(unit, q)
         q_host.copy_(q, non_blocking=True)
@@ -110,21 +189,15 @@ class CpuLane:
         landed.record(written)
 
         def job():
-            if not self._threads_set:
-                torch.set_num_threads(self.threads)
-                self._threads_set = True
-            ev.synchronize()  # the query has landed (the GIL is released while it waits)
-            landed.synchronize()  # and every write-back issued before it
-            with torch.inference_mode():  # as the caller's (inference mode is per thread)
-                out, lse = partial_attention(q_host, k, v, scale, softcap, real)
-                out_host.copy_(out)
-                lse_host.copy_(lse)
+            out, lse = attend(q_host)
+            out_host.copy_(out)
+            lse_host.copy_(lse)
             return out_host, lse_host
-
-        self.pending[unit] = self.worker.submit(job)
+        self.pending[unit] = self._run(job, ev, landed)
 
     def end(self, unit: int):
         """(out [b, H, hd], lse [b, H]) float32 on the device, or None: no CPU part this step."""
+        self._reap()
         part = self.pending.pop(unit, None)
         if part is None or not self.cuda:
             return part
@@ -132,9 +205,10 @@ class CpuLane:
         return out.to(self.device, non_blocking=True), lse.to(self.device, non_blocking=True)
 
     def close(self) -> None:
-        for part in self.pending.values():
+        for part in [*self.chores, *self.pending.values()]:
             if isinstance(part, Future):
                 part.result()
         self.pending.clear()
+        self.chores.clear()
         if self.worker is not None:
             self.worker.shutdown(wait=True)

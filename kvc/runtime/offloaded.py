@@ -97,7 +97,7 @@ class OffloadedCache:
         # the CPU lane reads the oldest rows and recomputes the next, a token split's shares
         # move with the context: every row is kept
         keep_all = plan.cpu_lane or self.split is not None
-        if keep_all:
+        if keep_all:  # (pool row r holds token r: the lane's copies index the pools by token)
             self.kv_lo, full_act = 0, max_tokens
         for i in self.offloaded:
             if self.windows[i] is None or keep_all:
@@ -248,6 +248,8 @@ class OffloadedCache:
         self.resident.s = s
         if s == 0:
             self.bounds = {}
+            if self.lane is not None:  # the prefill rewrites the pools the lane copies from
+                self.lane.restart()
             return
         chunks = self.plan.act_chunks
         for i in self.offloaded:
@@ -296,11 +298,11 @@ class OffloadedCache:
         lo, c = self.cpu_rows[layer]
         if not c:
             return -1
-        w, a = self.views[layer], lo - self.kv_base[layer]
+        w = self.views[layer]
         real = None
         if self.padding is not None:
             real = self.padding.real_host[self._batch_rows(layer), lo:lo + c]
-        self.lane.begin(layer, q[:, :, 0], w.k_pool[a:a + c], w.v_pool[a:a + c], scale, softcap, real,
+        self.lane.begin(layer, q[:, :, 0], w.k_pool, w.v_pool, lo, c, scale, softcap, real,
                         written=self.streams.streams.get(OFFLOAD))
         return layer
 
@@ -341,6 +343,9 @@ class OffloadedCache:
         w, lo = self.views[layer], self.kv_base[layer]
         self._to_pool(w.k_pool, k, stream, lo)
         self._to_pool(w.v_pool, v, stream, lo)
+        if self.lane is not None and self.s == 0:  # the first step's CPU rows, behind the prefill
+            first, c, _ = self._split(layer, self.t)
+            self.lane.prepare(layer, w.k_pool, w.v_pool, first + c, self.streams.streams.get(stream))
 
     # --- prefetch: CPU pools -> staging --------------------------------------------------
     def prefetch_act(self, stream: int, layer: int, chunk: int) -> None:

@@ -1,0 +1,113 @@
+"""The CPU attention lane's figures (issue 17): `hardware.cpu_attn_gbps` and
+`cpu_attn_fixed_us`, measured the way the lane runs.
+
+- Rate: kvc.runtime.cpu_attention.partial_attention over a layer's head-major K,V copy (what
+  the lane reads) at two contexts, with `threads` intra-op threads, while a pinned host-to-GPU
+  copy loop runs beside it: in a decode step the link copies the rest of the cache at the same
+  time, from the same host memory (on the H200's host the kernel alone reads 60 GB/s at
+  llama-3-8b b32, 50 beside the copies; 16 threads beside the copies fall to 22: the thread
+  copying and the host thread need their cores). Fitted time = fixed + K,V bytes / rate.
+- Fixed part: one unit's whole hand-off through kvc.runtime.cpu_attention.CpuLane for a few
+  rows (query down, the worker, the partial up), median wall time, plus the kernel's fixed
+  part from the fit.
+Only on a GPU: on a CPU device there is no second lane (the "device" is the CPU itself).
+"""
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+
+import torch
+
+from kvc.runtime.cpu_attention import CpuLane, default_threads, partial_attention
+
+GB = 1e9
+# a llama-3-8b layer at batch 32 (GQA 32/8): the shape the lane serves most
+SHAPE = {"b": 32, "kv": 8, "heads": 32, "hd": 128}
+CONTEXTS = (512, 2048)
+
+
+class _CopyLoop:
+    """Pinned host -> GPU copies in a thread, for as long as the block runs."""
+
+    def __init__(self, device: torch.device, nbytes: int = 1 << 28):
+        self.src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        self.dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        self.stream = torch.cuda.Stream(device)
+        self.stop = threading.Event()
+
+    def _run(self):
+        with torch.cuda.stream(self.stream):
+            while not self.stop.is_set():
+                self.dst.copy_(self.src, non_blocking=True)
+                self.stream.synchronize()
+
+    def __enter__(self):
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def _median_s(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def cpu_attention(device: torch.device, dtype: torch.dtype, threads: int = 0, reps: int = 7,
+                  contexts=CONTEXTS) -> dict[str, float]:
+    """{cpu_attn_gbps, cpu_attn_fixed_us, cpu_attn_threads} of this host beside `device`'s link."""
+    threads = threads or default_threads()
+    b, kv, heads, hd = SHAPE["b"], SHAPE["kv"], SHAPE["heads"], SHAPE["hd"]
+    q = torch.randn(b, heads, hd).to(dtype)
+    was = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        nbytes, times = [], []
+        with _CopyLoop(device):
+            for s in contexts:
+                k = torch.randn(b, kv, s, hd).to(dtype)
+                v = torch.randn(b, kv, s, hd).to(dtype)
+                times.append(_median_s(lambda: partial_attention(q, k, v, hd ** -0.5), reps))
+                nbytes.append(k.nbytes + v.nbytes)
+                del k, v
+        per_byte = (times[-1] - times[0]) / (nbytes[-1] - nbytes[0])
+        fixed = max(0.0, times[0] - per_byte * nbytes[0])
+        hand_off = _hand_off_s(device, dtype, threads, reps)
+    finally:
+        torch.set_num_threads(was)
+    return {"cpu_attn_gbps": 1 / per_byte / GB, "cpu_attn_fixed_us": (fixed + hand_off) * 1e6,
+            "cpu_attn_threads": threads}
+
+
+def _hand_off_s(device: torch.device, dtype: torch.dtype, threads: int, reps: int) -> float:
+    """One unit's query down, worker, partial up, for 16 rows: the wall time past the kernel."""
+    b, kv, heads, hd = SHAPE["b"], SHAPE["kv"], SHAPE["heads"], SHAPE["hd"]
+    rows = 16
+    pool = torch.randn(rows, b, kv, hd).to(dtype)
+    q = torch.randn(b, heads, hd, device=device).to(dtype)
+    lane = CpuLane(device, 1, threads)
+    try:
+        lane.prepare(0, pool, pool, rows)
+
+        def once():
+            lane.begin(0, q, pool, pool, 0, rows, hd ** -0.5, 0.0, None)
+            out, _ = lane.end(0)
+            torch.cuda.current_stream(device).synchronize()
+            return out
+        with torch.inference_mode():
+            total = _median_s(once, reps)
+            kernel = _median_s(lambda: partial_attention(q.cpu(), pool.permute(1, 2, 0, 3),
+                                                         pool.permute(1, 2, 0, 3), hd ** -0.5), reps)
+    finally:
+        lane.close()
+    return max(0.0, total - kernel)
