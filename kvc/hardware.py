@@ -35,10 +35,11 @@ class HardwareConfig:
     # a CUDA graph segment of the step (kvc.passes.cudagraphs): its input copy and replay
     host_graph_us: float = 30.0
     # the CPU attention lane (issue 17): decode attention over a slice of an offloaded layer's
-    # cache, on the CPU, in place in the pinned pools, beside the copies. K,V bytes (in the
-    # model's dtype) it attends over per second with `cpu_attn_threads` threads (0: no lane:
-    # the planner never uses it), and its fixed cost per layer and step (the query's copy
-    # down, the hand-off to the worker, the partial's copy up, the merge)
+    # cache, on the CPU (over the lane's head-major copy of the rows), beside the copies. K,V
+    # bytes (in the model's dtype) it attends over per second with `cpu_attn_threads` threads
+    # while the link copies (0: no lane: the planner never uses it; kvc.profiler.cpu_lane
+    # measures it), and its fixed cost per layer and step (the query's copy down, the
+    # hand-off to the worker, the partial's copy up, the merge)
     cpu_attn_gbps: float = 0.0
     cpu_attn_fixed_us: float = 150.0
     cpu_attn_threads: int = 0  # 0: the machine's cores minus two (the host thread, the OS)

@@ -252,3 +252,13 @@ def test_fp16_cpu_lane_matches_reference(name, mode, fraction, cpu_fraction, see
         assert_agrees(t, logits, ref_t, ref_l, 64, 2e-2, f"{name} {mode} seed {seed} call {call}")
     assert sum(c for _, c in cm._cache.cpu_rows.values()) > 0
     cm.close()
+
+
+def test_the_profiler_measures_the_cpu_lane():
+    """kvc.profiler.cpu_lane on this GPU's host: the kernel's rate beside a copy loop and the
+    hand-off, positive and plausible (the H200's host: 38-55 GB/s, ~260 us, 2026-11-29)."""
+    from kvc.profiler.cpu_lane import cpu_attention
+
+    got = cpu_attention(torch.device("cuda"), torch.float16, reps=3, contexts=(256, 1024))
+    assert 0.5 < got["cpu_attn_gbps"] < 1000 and 0 < got["cpu_attn_fixed_us"] < 100_000
+    assert got["cpu_attn_threads"] >= 1

@@ -33,6 +33,8 @@ def test_cpu_profile_is_quick_and_positive(cpu_profile):
     assert hw.bidir_gbps <= min(hw.h2d_gbps, hw.d2h_gbps)
     for k in ("machine", "date", "torch", "device_name"):
         assert hw.measured[k]
+    # no CPU attention lane beside a CPU "device" (it is the CPU itself): the planner plans none
+    assert hw.cpu_attn_gbps == 0
 
 
 def test_profile_yaml_round_trips_and_is_a_flat_hardware_mapping(cpu_profile, tmp_path):

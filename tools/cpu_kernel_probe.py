@@ -21,7 +21,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -157,7 +156,6 @@ def probe_point(name, b, s, kv, h, hd, dtypes, threads, dma, T_list):
                 if LOG:
                     with open(LOG, "a") as f:
                         f.write(json.dumps(row) + "\n")
-        del k, v, hm_k, hm_v
     torch.set_num_threads(os.cpu_count())
     return rows
 

@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -59,7 +57,6 @@ def kernel_rows(spec, batch, context, dtypes, threads_list, reps=5) -> list[dict
                 row.update(ms_copying=round(ms2, 3), gbps_copying=round(nbytes / ms2 / 1e6, 2))
             rows.append(row)
             print(f"kernel {spec.model_type} b={batch} s={context} {row}", flush=True)
-        del k, v
     torch.set_num_threads(os.cpu_count() or 1)
     return rows
 

@@ -26,11 +26,14 @@ How a plan is made (`make_plan`):
    recompute nothing: the LP's slope says so, no special case.
 5. The CPU attention lane (issue 17; schedule.cpu_attention auto, a machine with
    hardware.cpu_attn_gbps > 0, a mode that offloads): the same buckets are solved again with
-   a CPU fraction y_i per offloaded layer (x_i + y_i + z_i <= 1; the lane's fixed part charged
-   to every offloaded unit, since an LP cannot switch it off with its work), c_i interpolated
-   and rounded like l_i. At every context the faster of the plan without the lane, the lane's
-   (l, c) and the lane's c with nothing recomputed is kept, so auto is never predicted slower
-   than off. A plan with CPU tokens keeps every host pool row (memory.host_memory_gb); where
+   a CPU fraction y_i per offloaded layer and nothing recomputed (y_i + z_i <= 1; the lane's
+   fixed part charged to every offloaded unit, since an LP cannot switch it off with its
+   work), c_i interpolated and rounded like l_i; the lane's plan (nothing recomputed at any
+   context, c where it beats recomputing nothing) is kept only if it is predicted no slower
+   than the plan without it at every decode context of the workload, so auto is never
+   predicted slower than off there. auto never pairs the lane with recompute, not even at
+   different contexts (measured: a plan pairing them at a context ran at twice its
+   prediction; `_with_cpu_lane`); a forced fraction may. A plan with CPU tokens keeps every host pool row (memory.host_memory_gb); where
    that does not fit the host, the plan goes without the lane.
 6. Several GPUs (issue 18, parallel.world_size N > 1; a batch split): each rank decodes
    ceil(batch / N) rows over its own link with the weights replicated, so the plan is ONE
@@ -357,14 +360,15 @@ def _residency(job: _Job) -> tuple[bool, ...]:
     return tuple(i in keep for i in range(L))
 
 
-def _fractions(job: _Job, resident, cpu=None):
+def _fractions(job: _Job, resident, cpu=None, lane_alone: bool = False):
     """l per layer and context ([layers, contexts]): the LP's split at a few contexts
     (`_buckets`), interpolated linearly in s and rounded to whole chunks. `cpu` "free": the
-    LP with the CPU lane, (l, c); a number: the lane's forced fraction, l at most n - c."""
+    LP with the CPU lane, (l, c) (`lane_alone`: with l = 0); a number: the lane's forced
+    fraction, l at most n - c."""
     r, ctx = job.req, job.ctx
     recompute = np.zeros((job.L, len(ctx)), dtype=np.int64)
     n = cost.layer_contexts(job.spec, ctx, job.shares)
-    fixed_x = None
+    fixed_x = 0.0 if lane_alone and cpu == "free" else None
     if not r.schedule.recomputes or job.mem.get("recompute_disabled"):
         if job.mem.get("recompute_disabled"):
             job.notes["recompute_disabled"] = job.mem["recompute_disabled"]
@@ -440,23 +444,42 @@ def _drop_slower_recompute(job: _Job, plan: Plan, recompute: np.ndarray):
 
 
 def _with_cpu_lane(job: _Job, plan: Plan, resident, recompute, steps):
-    """The LP again with the CPU lane; at each context the fastest of the plan without it,
-    the lane's (l, c) and the lane's c with nothing recomputed (the LP charged every fixed
-    cost). (l, c, steps), [layers, contexts] each."""
-    l_on, c_on = _fractions(job, resident, cpu="free")
-    cpu = np.zeros_like(recompute)
+    """The LP again with the CPU lane and nothing recomputed: per context the lane's c where
+    it is predicted faster than recomputing nothing; then ONE plan for every context, the
+    lane's (l = 0 everywhere) or the plan without the lane (the LP charged every fixed cost):
+    the lane's only if it is predicted no slower than the plan without it at every decode
+    context of the workload (workload.prompt_len .. + gen_len); at other contexts the
+    artifact serves it may be predicted slower. (l, c, steps), [layers, contexts] each.
+
+    auto never pairs the lane with recompute, not even at different contexts. Measured on
+    the H200 (2026-11-29, docs/BENCHMARKS.md): a plan that did ran at twice its
+    prediction and slower than the plan without the lane (OPT-6.7B b32 s1024, l and c both
+    > 0: 250 ms against 125 predicted and 158 without the lane), while the lane alone at a
+    forced fraction (llama-3-8b b32 s2048, l = 0 everywhere) came within 10% of it. The host
+    waits for each unit's CPU part in its attention node, and only then issues the next
+    unit's recompute: the walk does not see that. Mixing them at different contexts was not
+    measured on its own; it is left out too, since a graph that recomputes anywhere carries
+    the recompute nodes at every step. A forced fraction (schedule.cpu_attention_fraction)
+    still pairs them where the user asks."""
+    _, c_on = _fractions(job, resident, cpu="free", lane_alone=True)
+    none = np.zeros_like(recompute)
     if not c_on.any():
         job.notes["cpu_attention"] = "auto: the LP put no tokens on the CPU lane"
-        return recompute, cpu, steps
-    for l in (l_on, np.zeros_like(l_on)):
-        st = job.steps(plan, l, c_on)
-        better = st < steps
-        recompute[:, better], cpu[:, better] = l[:, better], c_on[:, better]
-        steps = np.where(better, st, steps)
-    on = cpu.any(axis=0)
-    job.notes["cpu_attention"] = (f"auto: on at {int(on.sum())} of {len(on)} contexts" if on.any()
-                                  else "auto: off, the lane's plans were predicted no faster")
-    return recompute, cpu, steps
+        return recompute, none, steps
+    bare, lane = job.steps(plan, none), job.steps(plan, none, c_on)
+    better = lane < bare
+    cpu = np.where(better, c_on, 0)
+    lane = np.where(better, lane, bare)
+    r = job.req
+    decode = (job.ctx >= r.prompt_len) & (job.ctx < r.prompt_len + max(1, r.gen_len))
+    if not decode.any():
+        decode = np.ones_like(better)
+    if better[decode].any() and np.all(lane[decode] <= steps[decode]):
+        job.notes["cpu_attention"] = (f"auto: on at {int(better.sum())} of {len(better)} contexts, "
+                                      "nothing recomputed")
+        return none, cpu, lane
+    job.notes["cpu_attention"] = "auto: off, the lane's plan was predicted no faster"
+    return recompute, none, steps
 
 
 def _window_shares(job: _Job, plan: Plan, recompute: np.ndarray, steps):

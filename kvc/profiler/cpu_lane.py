@@ -75,11 +75,8 @@ def cpu_attention(device: torch.device, dtype: torch.dtype, threads: int = 0, re
         nbytes, times = [], []
         with _CopyLoop(device):
             for s in contexts:
-                k = torch.randn(b, kv, s, hd).to(dtype)
-                v = torch.randn(b, kv, s, hd).to(dtype)
-                times.append(_median_s(lambda: partial_attention(q, k, v, hd ** -0.5), reps))
-                nbytes.append(k.nbytes + v.nbytes)
-                del k, v
+                times.append(_kernel_s(q, (b, kv, s, hd), dtype, reps))
+                nbytes.append(2 * b * kv * s * hd * q.element_size())
         per_byte = (times[-1] - times[0]) / (nbytes[-1] - nbytes[0])
         fixed = max(0.0, times[0] - per_byte * nbytes[0])
         hand_off = _hand_off_s(device, dtype, threads, reps)
@@ -87,6 +84,12 @@ def cpu_attention(device: torch.device, dtype: torch.dtype, threads: int = 0, re
         torch.set_num_threads(was)
     return {"cpu_attn_gbps": 1 / per_byte / GB, "cpu_attn_fixed_us": (fixed + hand_off) * 1e6,
             "cpu_attn_threads": threads}
+
+
+def _kernel_s(q: torch.Tensor, shape, dtype: torch.dtype, reps: int) -> float:
+    """The lane's kernel over a head-major K,V of `shape` [b, kv, s, hd]: median seconds."""
+    k, v = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+    return _median_s(lambda: partial_attention(q, k, v, shape[-1] ** -0.5), reps)
 
 
 def _hand_off_s(device: torch.device, dtype: torch.dtype, threads: int, reps: int) -> float:
