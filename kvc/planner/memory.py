@@ -80,12 +80,13 @@ def host_pool_bytes(spec: ModelSpec, b: int, max_tokens: int, p: int, offloaded:
 # --- the plan's memory: host pools, checks, weight placement --------------------------------------
 
 def host_memory_gb(spec: ModelSpec, plan: Plan, b: int, dtype: str) -> float:
-    """Pinned host memory the runtime allocates for the plan by default: the offloaded
+    """Host memory the runtime allocates for the plan by default: the pinned offloaded
     units' cache pools (each of b / micro_batches sequences) for contexts up to
     plan.max_context, trimmed to the rows the plan reads back from prompts of at least
     prompt_len (pool_rows; untrimmed when the plan has a CPU attention lane), and the
-    streamed weights. A token split: one rank's pools, a full replica (every row of the
-    whole context, Plan.pool_context: K,V and activations of all)."""
+    streamed weights; with the CPU lane, its copies of the rows it reads (lane_copy_bytes). A
+    token split: one rank's pools, a full replica (every row of the whole context,
+    Plan.pool_context: K,V and activations of all)."""
     s_max = plan.max_context
     p = dtype_bytes(dtype)
     off = [u for u, r in enumerate(plan.resident) if not r]
@@ -97,7 +98,22 @@ def host_memory_gb(spec: ModelSpec, plan: Plan, b: int, dtype: str) -> float:
     else:
         act_rows, kv_rows = (s_max, s_max) if plan.cpu_lane else pool_rows(spec, plan, s_max)
     pools = host_pool_bytes(spec, b // plan.micro_batches, kv_rows, p, len(off), act_rows)
+    pools += lane_copy_bytes(spec, plan, b // plan.micro_batches, p)
     return (pools + sum(plan.weights_streamed) * layer_weight_bytes(spec, p)) / GB
+
+
+def lane_copy_bytes(spec: ModelSpec, plan: Plan, b: int, p: int) -> int:
+    """The CPU attention lane's head-major copies of the rows it reads (kvc.runtime.cpu_attention:
+    host memory, not pinned): per offloaded unit its tokens [0, lo + c), at most the largest
+    c any context gives (a sliding-window unit's lo moves with s: every row, to be safe)."""
+    if not plan.cpu_lane:
+        return 0
+    s_max = plan.max_context
+    most = (round(plan.cpu_fraction * s_max) if plan.cpu_fraction is not None
+            else max((c for row in plan.cpu for c in row), default=0))
+    rows = [s_max if spec.window(plan.unit_layer(u)) is not None else min(s_max, most)
+            for u, r in enumerate(plan.resident) if not r]
+    return sum(kv_bytes(spec, b, n, p) for n in rows)
 
 
 def pool_rows(spec: ModelSpec, plan: Plan, s_max: int) -> tuple[int, int]:
@@ -143,8 +159,9 @@ def check_host_memory(spec: ModelSpec, hw: HardwareConfig, plan: Plan, b: int, d
             f"{plan.pool_context}; lower workload.max_context or the batch, use fewer ranks, or "
             "raise cpu_mem_gb if the machine has the memory")
     if need > hw.cpu_mem_gb:
+        what = "the pinned CPU pools and the CPU lane's copies" if plan.cpu_lane else "the pinned CPU pools"
         raise KvcError(
-            f"{plan.mode}: the pinned CPU pools need {need:.1f} GB, more than hardware.cpu_mem_gb = "
+            f"{plan.mode}: {what} need {need:.1f} GB, more than hardware.cpu_mem_gb = "
             f"{hw.cpu_mem_gb:g}, at workload.max_context = {plan.max_context}; lower "
             "workload.batch_size or the context, or raise cpu_mem_gb if the machine has the memory")
 
