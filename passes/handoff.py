@@ -14,15 +14,16 @@ the CPU attends.
 
 What may not be crossed (fences): a node of the query's past that touches the runtime (a
 cache verb such as a resident layer's kv_read, which reads what a kv_write wrote without a
-data edge between them; the previous layer's attention, which merges the lane's partial); an event awaited on the compute stream (a weight-streamed
-layer's parameters are ready only after it), and one recorded there that another stream's
-copy waits for before it may start: a staging slot's or a weight slot's release (moving
-kernels above it would start the next copies later, as the partition's rule says). Crossing
-anything else is safe: prefetch and write-back nodes run on other streams and read no value
-of the query's path; the write-back's own records (new activations, new K,V) follow a few
-more small kernels, and nothing waits for them within the step; the worker reads only cached
-rows below s, whose write-backs were issued in earlier steps (the new row's write-back,
-which may now be issued after the hand-off, is never read by the CPU).
+data edge between them; the previous layer's attention, which merges the lane's partial); an
+event awaited on the compute stream (a weight-streamed layer's parameters are ready only
+after it); and one recorded there that another stream's copy waits for before it may start:
+a staging slot's or a weight slot's release (moving kernels above it would start the next
+copies later, as the partition's rule says). Crossing anything else is safe: prefetch and
+write-back nodes run on other streams and read no value of the query's path; the
+write-back's own records (new activations, new K,V) follow a few more small kernels, and
+nothing waits for them within the step; the worker reads only cached rows below s, whose
+write-backs were issued in earlier steps (the new row's write-back, which may now be issued
+after the hand-off, is never read by the CPU).
 A plan without the lane (Plan.cpu_lane false: no unit ever attends on the CPU) keeps the
 traced order, so do graphs without `cpu_attn_begin`.
 """
