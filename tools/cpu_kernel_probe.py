@@ -13,6 +13,11 @@ Per point (a layer's K,V at batch b, context s), per dtype and thread count, the
   hm-append  building the head-major copy from the token-major pool (the conversion cost)
 With --dma, each kernel row is also taken while a pinned->GPU copy loop runs beside it, and
 the copy's GB/s is reported (what the lane and the link get when they share host memory).
+Rows are appended to DIR/cpu-kernel-probe.jsonl as they are measured.
+
+`--wait-value` runs only the flag-wait probe. On the H200 machine (2026-11-29) it HUNG in two
+calls (the stream never saw the host's write to pinned torch memory): run it last, in its own
+`timeout`, e.g. `timeout 25 python tools/cpu_kernel_probe.py --wait-value`.
 """
 from __future__ import annotations
 
