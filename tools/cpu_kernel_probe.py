@@ -26,27 +26,20 @@ import json
 import os
 import statistics
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import torch
+
+from kvc.profiler.cpu_lane import CopyLoop, median_s
 
 
 LOG = None
 REPS = 7
 
 
-def med_ms(fn, reps=None, warm=1):
-    reps = reps or REPS
-    for _ in range(warm):
-        fn()
-    t = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        t.append(time.perf_counter() - t0)
-    return statistics.median(t) * 1e3
+def med_ms(fn):
+    return median_s(fn, REPS) * 1e3
 
 
 def flash(q, k, v, scale):
@@ -71,38 +64,6 @@ def blk_flash(q, kb, vb, scale):
     m = torch.logsumexp(lse, 0)
     w = torch.exp(lse - m)
     return (out * w[..., None]).sum(0), m
-
-
-class Dma:
-    """A pinned->GPU copy loop in a thread, counting bytes."""
-
-    def __init__(self, mb=1024):
-        self.src = torch.empty(mb << 20, dtype=torch.uint8, pin_memory=True)
-        self.dst = torch.empty_like(self.src, device="cuda")
-        self.stream = torch.cuda.Stream()
-        self.stop = threading.Event()
-        self.bytes = 0
-
-    def run(self):
-        with torch.cuda.stream(self.stream):
-            while not self.stop.is_set():
-                self.dst.copy_(self.src, non_blocking=True)
-                self.stream.synchronize()
-                self.bytes += self.src.nbytes
-
-    def __enter__(self):
-        self.stop.clear()
-        self.bytes = 0
-        self.t0 = time.perf_counter()
-        self.th = threading.Thread(target=self.run)
-        self.th.start()
-        time.sleep(0.05)
-        return self
-
-    def __exit__(self, *a):
-        self.stop.set()
-        self.th.join()
-        self.gbps = self.bytes / (time.perf_counter() - self.t0) / 1e9
 
 
 def probe_point(name, b, s, kv, h, hd, dtypes, threads, dma, T_list):
@@ -153,7 +114,7 @@ def probe_point(name, b, s, kv, h, hd, dtypes, threads, dma, T_list):
                        "mb": round(nbytes / 1e6, 1), "ms": round(ms, 3), "gbps": round(nbytes / ms / 1e6, 1),
                        "max_err": round(err, 5)}
                 if dma and kname in ("tm-flash", "hm-flash", "hm-mm", "read") or (dma and kname.startswith("blk")):
-                    with Dma() as d:
+                    with CopyLoop(torch.device("cuda"), 1 << 30) as d:
                         ms2 = med_ms(fn)
                     row.update(ms_dma=round(ms2, 3), gbps_dma=round(nbytes / ms2 / 1e6, 1), dma_gbps=round(d.gbps, 1))
                 rows.append(row)

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 def kernel_rows(spec, batch, context, dtypes, threads_list, reps=5) -> list[dict]:
     """partial_attention over one layer's head-major K,V copy (what the lane reads), alone
     and beside a pinned host-to-GPU copy loop (as in a decode step): ms and K,V GB/s."""
-    from kvc.profiler.cpu_lane import _CopyLoop, _median_s
+    from kvc.profiler.cpu_lane import CopyLoop, median_s
     from kvc.runtime.cpu_attention import partial_attention
 
     rows = []
@@ -48,12 +48,12 @@ def kernel_rows(spec, batch, context, dtypes, threads_list, reps=5) -> list[dict
         for threads in threads_list:
             torch.set_num_threads(threads)
             fn = lambda: partial_attention(q, k, v, d ** -0.5)  # noqa: E731
-            ms = _median_s(fn, reps) * 1e3
+            ms = median_s(fn, reps) * 1e3
             row = {"dtype": str(dtype).replace("torch.", ""), "threads": threads,
                    "kv_mb": round(nbytes / 1e6, 1), "ms": round(ms, 3), "gbps": round(nbytes / ms / 1e6, 2)}
             if cuda:
-                with _CopyLoop(torch.device("cuda")):
-                    ms2 = _median_s(fn, reps) * 1e3
+                with CopyLoop(torch.device("cuda")):
+                    ms2 = median_s(fn, reps) * 1e3
                 row.update(ms_copying=round(ms2, 3), gbps_copying=round(nbytes / ms2 / 1e6, 2))
             rows.append(row)
             print(f"kernel {spec.model_type} b={batch} s={context} {row}", flush=True)

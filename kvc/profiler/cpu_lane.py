@@ -28,22 +28,27 @@ SHAPE = {"b": 32, "kv": 8, "heads": 32, "hd": 128}
 CONTEXTS = (512, 2048)
 
 
-class _CopyLoop:
-    """Pinned host -> GPU copies in a thread, for as long as the block runs."""
+class CopyLoop:
+    """Pinned host -> GPU copies in a thread, for as long as the block runs; `gbps` after it:
+    the rate they kept."""
 
     def __init__(self, device: torch.device, nbytes: int = 1 << 28):
         self.src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
         self.dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
         self.stream = torch.cuda.Stream(device)
         self.stop = threading.Event()
+        self.bytes, self.gbps = 0, 0.0
 
     def _run(self):
         with torch.cuda.stream(self.stream):
             while not self.stop.is_set():
                 self.dst.copy_(self.src, non_blocking=True)
                 self.stream.synchronize()
+                self.bytes += self.src.nbytes
 
     def __enter__(self):
+        self.stop.clear()
+        self.bytes, self.t0 = 0, time.perf_counter()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
         return self
@@ -51,10 +56,13 @@ class _CopyLoop:
     def __exit__(self, *exc):
         self.stop.set()
         self.thread.join()
+        self.gbps = self.bytes / (time.perf_counter() - self.t0) / GB
 
 
-def _median_s(fn, reps: int) -> float:
-    fn()
+def median_s(fn, reps: int, warm: int = 1) -> float:
+    """Median wall seconds of `fn` over `reps` calls after `warm` unmeasured ones."""
+    for _ in range(warm):
+        fn()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -73,7 +81,7 @@ def cpu_attention(device: torch.device, dtype: torch.dtype, threads: int = 0, re
     torch.set_num_threads(threads)
     try:
         nbytes, times = [], []
-        with _CopyLoop(device):
+        with CopyLoop(device):
             for s in contexts:
                 times.append(_kernel_s(q, (b, kv, s, hd), dtype, reps))
                 nbytes.append(2 * b * kv * s * hd * q.element_size())
@@ -89,7 +97,7 @@ def cpu_attention(device: torch.device, dtype: torch.dtype, threads: int = 0, re
 def _kernel_s(q: torch.Tensor, shape, dtype: torch.dtype, reps: int) -> float:
     """The lane's kernel over a head-major K,V of `shape` [b, kv, s, hd]: median seconds."""
     k, v = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
-    return _median_s(lambda: partial_attention(q, k, v, shape[-1] ** -0.5), reps)
+    return median_s(lambda: partial_attention(q, k, v, shape[-1] ** -0.5), reps)
 
 
 def _hand_off_s(device: torch.device, dtype: torch.dtype, threads: int, reps: int) -> float:
@@ -108,8 +116,8 @@ def _hand_off_s(device: torch.device, dtype: torch.dtype, threads: int, reps: in
             torch.cuda.current_stream(device).synchronize()
             return out
         with torch.inference_mode():
-            total = _median_s(once, reps)
-            kernel = _median_s(lambda: partial_attention(q.cpu(), pool.permute(1, 2, 0, 3),
+            total = median_s(once, reps)
+            kernel = median_s(lambda: partial_attention(q.cpu(), pool.permute(1, 2, 0, 3),
                                                          pool.permute(1, 2, 0, 3), hd ** -0.5), reps)
     finally:
         lane.close()
