@@ -33,8 +33,9 @@ How a plan is made (`make_plan`):
    than the plan without it at every decode context of the workload, so auto is never
    predicted slower than off there. auto never pairs the lane with recompute, not even at
    different contexts (measured: a plan pairing them at a context ran at twice its
-   prediction; `_with_cpu_lane`); a forced fraction may. A plan with CPU tokens keeps every host pool row (memory.host_memory_gb); where
-   that does not fit the host, the plan goes without the lane.
+   prediction; `_with_cpu_lane`); a forced fraction may. A plan with CPU tokens keeps every
+   host pool row (memory.host_memory_gb); where that does not fit the host, the plan goes
+   without the lane.
 6. Several GPUs (issue 18, parallel.world_size N > 1; a batch split): each rank decodes
    ceil(batch / N) rows over its own link with the weights replicated, so the plan is ONE
    rank's: made for the rank's rows on the machine a rank sees (kvc.hardware.per_rank: its
@@ -360,21 +361,20 @@ def _residency(job: _Job) -> tuple[bool, ...]:
     return tuple(i in keep for i in range(L))
 
 
-def _fractions(job: _Job, resident, cpu=None, lane_alone: bool = False):
+def _fractions(job: _Job, resident, cpu=None):
     """l per layer and context ([layers, contexts]): the LP's split at a few contexts
     (`_buckets`), interpolated linearly in s and rounded to whole chunks. `cpu` "free": the
-    LP with the CPU lane, (l, c) (`lane_alone`: with l = 0); a number: the lane's forced
-    fraction, l at most n - c."""
+    LP with the CPU lane and nothing recomputed, (l = 0, c) (auto never pairs the two:
+    `_with_cpu_lane`); a number: the lane's forced fraction, l at most n - c."""
     r, ctx = job.req, job.ctx
     recompute = np.zeros((job.L, len(ctx)), dtype=np.int64)
     n = cost.layer_contexts(job.spec, ctx, job.shares)
-    fixed_x = 0.0 if lane_alone and cpu == "free" else None
+    fixed_x = 0.0 if cpu == "free" else None  # the lane alone: c from the LP, l = 0
     if not r.schedule.recomputes or job.mem.get("recompute_disabled"):
         if job.mem.get("recompute_disabled"):
             job.notes["recompute_disabled"] = job.mem["recompute_disabled"]
         if cpu != "free":
             return recompute
-        fixed_x = 0.0  # the lane alone (full_offload: c from the LP, l = 0)
     if all(resident):  # everything fits on the GPU: nothing left to split
         return recompute if cpu != "free" else (recompute, recompute.copy())
     reps, tokens = _buckets(job, resident, cpu, fixed_x)
@@ -461,7 +461,7 @@ def _with_cpu_lane(job: _Job, plan: Plan, resident, recompute, steps):
     measured on its own; it is left out too, since a graph that recomputes anywhere carries
     the recompute nodes at every step. A forced fraction (schedule.cpu_attention_fraction)
     still pairs them where the user asks."""
-    _, c_on = _fractions(job, resident, cpu="free", lane_alone=True)
+    _, c_on = _fractions(job, resident, cpu="free")
     none = np.zeros_like(recompute)
     if not c_on.any():
         job.notes["cpu_attention"] = "auto: the LP put no tokens on the CPU lane"
