@@ -6,8 +6,10 @@ the lane's hand-off, per unit, median over the decode steps of one generate call
 
 Printed per unit (ms, medians): host issue from `begin` to `end` (the GPU's own attention
 part), the worker's wake after `begin` (the query's copy down), its copy of new rows into the
-head-major store, the kernel, the host's wait in `end`, and the host's issue from `end` to the
-next unit's `begin` (the layer's rest and the next layer's front).
+head-major store, the kernel, the host's wait in `end`,
+the host's issue from `end` to the next unit's `begin` (the layer's rest and the next layer's
+front), and the worker's idle time from one unit's kernel to the next unit's (the
+GPU's merge, the layer's rest, the next query, its copy down: the lane's critical path).
 """
 from __future__ import annotations
 
@@ -85,7 +87,8 @@ def main() -> int:
     fills = [e for e in log if e[0] == "fill"]
     kernels = [e for e in log if e[0] == "kernel"]
     rows = {"issue begin->end": [], "wake (begin->fill start)": [], "fill": [], "kernel": [],
-            "host waits in end": [], "end->next begin": [], "unit total (begin->next begin)": []}
+            "host waits in end": [], "end->next begin": [], "unit total (begin->next begin)": [],
+            "worker idle (kernel end->next kernel)": []}
     # decode-step units only: the lane's fills made at the prefill come before the first begin
     fills = [f for f in fills if f[1] >= begins[0][1]]
     for k, bg in enumerate(begins):
@@ -100,6 +103,8 @@ def main() -> int:
         if k + 1 < len(begins) and begins[k + 1][2] > bg[2]:  # the same step
             rows["end->next begin"].append(begins[k + 1][1] - en[2])
             rows["unit total (begin->next begin)"].append(begins[k + 1][1] - bg[1])
+            if k + 1 < len(kernels):  # kernel k is begin k's; the CPU's gap, its critical path
+                rows["worker idle (kernel end->next kernel)"].append(kernels[k + 1][1] - kernels[k][2])
     print(f"{args.point} {args.mode} fraction {args.fraction} graphs {not args.eager}: "
           f"{len(begins)} lane units, generate({args.steps}) {total * 1e3:.1f} ms")
     for key, xs in rows.items():
