@@ -6,10 +6,10 @@ the lane's hand-off, per unit, median over the decode steps of one generate call
 
 Printed per unit (ms, medians): host issue from `begin` to `end` (the GPU's own attention
 part), the worker's wake after `begin` (the query's copy down), its copy of new rows into the
-head-major store, the kernel, the host's wait in `end`,
-the host's issue from `end` to the next unit's `begin` (the layer's rest and the next layer's
-front), and the worker's idle time from one unit's kernel to the next unit's (the
-GPU's merge, the layer's rest, the next query, its copy down: the lane's critical path).
+head-major store, the kernel, the host's wait in `end`, the host's issue from `end` to the
+next unit's `begin` (the layer's rest and the next layer's front), and the worker's idle time
+from one unit's kernel to the next unit's (the GPU's merge, the layer's rest, the next query,
+its copy down: the lane's critical path).
 """
 from __future__ import annotations
 
