@@ -1,6 +1,7 @@
 """HardwareConfig: what the cost model knows about a machine (a preset, a profile, or overrides)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields, replace
 
 
@@ -73,9 +74,12 @@ class HardwareConfig:
 def per_rank(hw: HardwareConfig, world_size: int) -> HardwareConfig:
     """The machine one of `world_size` ranks (one process per GPU, all copying at once) sees:
     each link's rate capped at its share of the host's summed rate (host_link_gbps / N, where
-    measured) and the host's pinned memory shared (cpu_mem_gb / N). world_size 1: `hw` itself.
-    The rates are idempotent (a rank's config asked again gives the same rates); the memory is
-    not, so call it once on the host's config."""
+    measured), the host's pinned memory shared (cpu_mem_gb / N), and so are the CPU attention
+    lane's cores and rate (every rank's lane runs at once on the same host: cpu_attn_threads
+    // N threads, cpu_attn_gbps / N; no lane where that leaves a rank no thread).
+    world_size 1: `hw` itself. The link rates are idempotent (a rank's config asked again
+    gives the same rates); the memory and the lane's share are not, so call it once on the
+    host's config."""
     if world_size == 1:
         return hw
     if world_size < 1:
@@ -83,4 +87,9 @@ def per_rank(hw: HardwareConfig, world_size: int) -> HardwareConfig:
     share = hw.host_link_gbps / world_size if hw.host_link_gbps > 0 else None
     rates = {k: min(getattr(hw, k), share) if share is not None else getattr(hw, k)
              for k in ("h2d_gbps", "d2h_gbps", "bidir_gbps")}
-    return replace(hw, cpu_mem_gb=hw.cpu_mem_gb / world_size, **rates)
+    lane = {}
+    if hw.cpu_attn_gbps > 0:
+        threads = (hw.cpu_attn_threads or max(1, (os.cpu_count() or 2) - 2)) // world_size
+        lane = {"cpu_attn_threads": threads,
+                "cpu_attn_gbps": hw.cpu_attn_gbps / world_size if threads else 0.0}
+    return replace(hw, cpu_mem_gb=hw.cpu_mem_gb / world_size, **rates, **lane)

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from kvc_fixtures import hw as preset_hw
 
 from kvc.api import resolve
 from kvc.cli import main
@@ -15,6 +16,7 @@ from kvc.config import load_config
 from kvc.config.validate import from_dict, hardware_from_dict
 from kvc.errors import KvcError
 from kvc.hardware import HardwareConfig, per_rank
+from kvc.models import PRESETS
 from kvc.ir.plan import Plan
 from kvc.ir.request import PlanRequest
 from kvc.planner.evaluate import gather_ms
@@ -46,6 +48,28 @@ def test_per_rank_shares_the_host_link_and_the_pinned_memory():
     # nothing else changes
     assert dataclasses.replace(four, h2d_gbps=56.5, d2h_gbps=54.0, bidir_gbps=50.0,
                                cpu_mem_gb=128.0) == hw
+
+
+def test_per_rank_shares_the_cpu_lane():
+    """Every rank's CPU attention lane runs at once on one host: the cores and the rate are
+    shared, and a rank left without a thread gets no lane."""
+    hw = HardwareConfig(cpu_mem_gb=128.0, cpu_attn_gbps=40.0, cpu_attn_threads=14)
+    two, four = per_rank(hw, 2), per_rank(hw, 4)
+    assert (two.cpu_attn_threads, two.cpu_attn_gbps) == (7, 20.0)
+    assert (four.cpu_attn_threads, four.cpu_attn_gbps) == (3, 10.0)
+    assert per_rank(dataclasses.replace(hw, cpu_attn_threads=3), 4).cpu_attn_gbps == 0.0
+    assert per_rank(HardwareConfig(), 4).cpu_attn_gbps == 0.0  # no lane stays none
+    # a llama-3-8b row split over 4 ranks on the H200 host (h200-pcie5: 40 GB/s, 14 threads):
+    # each rank's lane is planned at its share and carries its share of the threads
+    plan = make_plan(PRESETS["llama-3-8b"], preset_hw("h200-pcie5"),
+                     PlanRequest(batch_size=32, prompt_len=2048, gen_len=4, dtype="float16",
+                                 resident_cache=False, max_context=2064, world_size=4))
+    assert plan.cpu_lane and plan.cpu_threads == 3
+    assert (plan.notes["parallel"]["cpu_attn_threads"], plan.notes["parallel"]["cpu_attn_gbps"]) == (3, 10.0)
+    one = make_plan(PRESETS["llama-3-8b"], preset_hw("h200-pcie5"),
+                    PlanRequest(batch_size=8, prompt_len=2048, gen_len=4, dtype="float16",
+                                resident_cache=False, max_context=2064))
+    assert one.cpu_threads == 14  # one rank of batch 8 alone on the host: all the lane's threads
 
 
 def test_hardware_fields_are_checked():
@@ -431,7 +455,6 @@ def test_the_per_layer_merge_is_in_the_step(long_plans):
 
 def test_the_lp_is_the_walk_with_the_merges():
     from kvc.planner import cost, lanes, lp
-    from kvc.models import PRESETS
 
     spec = PRESETS["opt-6.7b"]
     hw = dataclasses.replace(load_config(OPT).hardware, collective_us=400.0)

@@ -39,7 +39,8 @@ How a plan is made (`make_plan`):
 6. Several GPUs (issue 18, parallel.world_size N > 1; a batch split): each rank decodes
    ceil(batch / N) rows over its own link with the weights replicated, so the plan is ONE
    rank's: made for the rank's rows on the machine a rank sees (kvc.hardware.per_rank: its
-   share of the host's summed link rate and of its pinned memory), its steps plus the logits
+   share of the host's summed link rate, of its pinned memory and of the CPU lane's threads
+   and rate), its steps plus the logits
    all-gather after each one (kvc.planner.evaluate.gather_ms, added where the step is formed).
 7. A token split (parallel.split tokens, N > 1; a batch too small to split by rows): every
    rank decodes every row (weights, dense compute and prefill replicated) and attends to
@@ -128,9 +129,12 @@ def make_plan(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest) -> Plan:
 
 
 def _rank_machine(hw) -> dict:
-    """What one rank was planned with (per_rank's links and share of the host's memory)."""
+    """What one rank was planned with (per_rank's links and shares of the host's memory and
+    of its CPU lane)."""
+    lane = {"cpu_attn_gbps": round(hw.cpu_attn_gbps, 4), "cpu_attn_threads": hw.cpu_attn_threads} \
+        if hw.cpu_attn_gbps > 0 else {}
     return {"h2d_gbps": hw.h2d_gbps, "d2h_gbps": hw.d2h_gbps, "bidir_gbps": hw.bidir_gbps,
-            "host_link_gbps": hw.host_link_gbps, "cpu_mem_gb": round(hw.cpu_mem_gb, 4)}
+            "host_link_gbps": hw.host_link_gbps, "cpu_mem_gb": round(hw.cpu_mem_gb, 4), **lane}
 
 
 def share_request(req: PlanRequest, shares: int) -> PlanRequest:
