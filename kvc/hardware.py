@@ -89,6 +89,7 @@ def per_rank(hw: HardwareConfig, world_size: int) -> HardwareConfig:
              for k in ("h2d_gbps", "d2h_gbps", "bidir_gbps")}
     lane = {}
     if hw.cpu_attn_gbps > 0:
+        # 0: the runtime's default, the cores less two (kvc.runtime.cpu_attention)
         threads = (hw.cpu_attn_threads or max(1, (os.cpu_count() or 2) - 2)) // world_size
         lane = {"cpu_attn_threads": threads,
                 "cpu_attn_gbps": hw.cpu_attn_gbps / world_size if threads else 0.0}

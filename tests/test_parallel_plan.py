@@ -16,9 +16,9 @@ from kvc.config import load_config
 from kvc.config.validate import from_dict, hardware_from_dict
 from kvc.errors import KvcError
 from kvc.hardware import HardwareConfig, per_rank
-from kvc.models import PRESETS
 from kvc.ir.plan import Plan
 from kvc.ir.request import PlanRequest
+from kvc.models import PRESETS
 from kvc.planner.evaluate import gather_ms
 from kvc.planner.scheduler import make_plan, predict, search_policy
 
@@ -65,7 +65,8 @@ def test_per_rank_shares_the_cpu_lane():
                      PlanRequest(batch_size=32, prompt_len=2048, gen_len=4, dtype="float16",
                                  resident_cache=False, max_context=2064, world_size=4))
     assert plan.cpu_lane and plan.cpu_threads == 3
-    assert (plan.notes["parallel"]["cpu_attn_threads"], plan.notes["parallel"]["cpu_attn_gbps"]) == (3, 10.0)
+    par = plan.notes["parallel"]
+    assert (par["cpu_attn_threads"], par["cpu_attn_gbps"]) == (3, 10.0)
     one = make_plan(PRESETS["llama-3-8b"], preset_hw("h200-pcie5"),
                     PlanRequest(batch_size=8, prompt_len=2048, gen_len=4, dtype="float16",
                                 resident_cache=False, max_context=2064))

@@ -40,8 +40,8 @@ How a plan is made (`make_plan`):
    ceil(batch / N) rows over its own link with the weights replicated, so the plan is ONE
    rank's: made for the rank's rows on the machine a rank sees (kvc.hardware.per_rank: its
    share of the host's summed link rate, of its pinned memory and of the CPU lane's threads
-   and rate), its steps plus the logits
-   all-gather after each one (kvc.planner.evaluate.gather_ms, added where the step is formed).
+   and rate), its steps plus the logits all-gather after each one
+   (kvc.planner.evaluate.gather_ms, added where the step is formed).
 7. A token split (parallel.split tokens, N > 1; a batch too small to split by rows): every
    rank decodes every row (weights, dense compute and prefill replicated) and attends to
    its share of each offloaded layer's cached tokens, 1/N of them, over its own link. The
