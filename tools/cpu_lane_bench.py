@@ -110,23 +110,16 @@ def main(argv=None) -> int:
         ids = torch.randint(0, spec.vocab_size, (batch, context), device=env.DEVICE)
         budget = point_budget_gb(spec, name, hw_name, batch, context)
         off = ("schedule.cpu_attention=off",)  # the card's preset may carry a lane
+        lane_hw = (f"hardware.cpu_attn_gbps={rate}", f"hardware.cpu_attn_threads={threads_list[0]}", *fixed)
         cases = [("full_offload", "off", off), ("pipelined", "off", off)]
-        cases += [("pipelined", f"forced {f}", (f"schedule.cpu_attention_fraction={f}",
-                                                f"hardware.cpu_attn_gbps={rate}",
-                                                f"hardware.cpu_attn_threads={threads_list[0]}", *fixed))
+        cases += [("pipelined", f"forced {f}", (f"schedule.cpu_attention_fraction={f}", *lane_hw))
                   for f in fractions]
         if args.eager:
-            cases += [("pipelined", f"forced {f} eager", (f"schedule.cpu_attention_fraction={f}",
-                                                          f"hardware.cpu_attn_gbps={rate}",
-                                                          f"hardware.cpu_attn_threads={threads_list[0]}",
-                                                          "schedule.cuda_graphs=false", *fixed))
+            cases += [("pipelined", f"forced {f} eager", (f"schedule.cpu_attention_fraction={f}", *lane_hw,
+                                                          "schedule.cuda_graphs=false"))
                       for f in fractions]
-        cases += [("pipelined", f"auto ({rate} GB/s)", ("schedule.cpu_attention=auto",
-                                                        f"hardware.cpu_attn_gbps={rate}",
-                                                        f"hardware.cpu_attn_threads={threads_list[0]}", *fixed))]
-        cases += [("full_offload", f"auto ({rate} GB/s)", ("schedule.cpu_attention=auto",
-                                                           f"hardware.cpu_attn_gbps={rate}",
-                                                           f"hardware.cpu_attn_threads={threads_list[0]}", *fixed))]
+        cases += [(mode, f"auto ({rate} GB/s)", ("schedule.cpu_attention=auto", *lane_hw))
+                  for mode in ("pipelined", "full_offload")]
         base_logits = None
         for mode, lane, extra in cases:
             cm, r = compiled(model, spec, mode, batch, context, hw_name, budget, extra=extra)

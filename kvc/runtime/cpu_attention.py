@@ -183,9 +183,11 @@ class CpuLane:
             return
         q_host, out_host, lse_host = self._buffers(unit, q)
         q_host.copy_(q, non_blocking=True)
-        ev = self.ready.setdefault(unit, torch.cuda.Event())
+        # one event pair per unit, made once (the host waits in `end`, so never re-recorded
+        # while the worker may still wait for the last record)
+        ev = self.ready.get(unit) or self.ready.setdefault(unit, torch.cuda.Event())
         ev.record()
-        landed = self.written.setdefault(unit, torch.cuda.Event())
+        landed = self.written.get(unit) or self.written.setdefault(unit, torch.cuda.Event())
         landed.record(written)
 
         def job():
