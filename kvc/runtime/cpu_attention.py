@@ -27,10 +27,11 @@ thread goes on issuing the GPU's work; `end` waits for it. On a CPU device it ru
 from __future__ import annotations
 
 import math
-import os
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
+
+from kvc.hardware import default_cpu_attn_threads
 
 
 def partial_attention(q: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor, scale: float,
@@ -71,7 +72,7 @@ def partial_attention(q: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor, scale
 
 def default_threads() -> int:
     """The lane's threads: the cores less two (the host thread issuing the GPU's work, the OS)."""
-    return max(1, (os.cpu_count() or 2) - 2)
+    return default_cpu_attn_threads()
 
 
 class CpuLane:
@@ -185,9 +186,11 @@ class CpuLane:
         q_host.copy_(q, non_blocking=True)
         # one event pair per unit, made once (the host waits in `end`, so never re-recorded
         # while the worker may still wait for the last record)
-        ev = self.ready.get(unit) or self.ready.setdefault(unit, torch.cuda.Event())
+        if unit not in self.ready:
+            self.ready[unit], self.written[unit] = torch.cuda.Event(), torch.cuda.Event()
+        ev = self.ready[unit]
         ev.record()
-        landed = self.written.get(unit) or self.written.setdefault(unit, torch.cuda.Event())
+        landed = self.written[unit]
         landed.record(written)
 
         def job():
