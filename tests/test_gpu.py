@@ -262,3 +262,82 @@ def test_the_profiler_measures_the_cpu_lane():
     got = cpu_attention(torch.device("cuda"), torch.float16, reps=3, contexts=(256, 1024))
     assert 0.5 < got["cpu_attn_gbps"] < 1000 and 0 < got["cpu_attn_fixed_us"] < 100_000
     assert got["cpu_attn_threads"] >= 1
+
+
+def test_a_stream_waits_for_a_flag_and_the_host_does_not():
+    """kvc.runtime.flagwait: work queued behind the poll runs only once the host has written
+    the flag, a copy on another stream goes on beside it, and the host thread that queued it
+    went on at once."""
+    import time
+
+    from kvc.runtime import flagwait
+
+    assert flagwait.available()
+    flags, stream, other = flagwait.FlagWait(2), torch.cuda.Stream(), torch.cuda.Stream()
+    src = torch.arange(1 << 20, dtype=torch.float32).pin_memory()
+    dst, beside = torch.zeros(1 << 20, device="cuda"), torch.zeros(1 << 20, device="cuda")
+    t0 = time.perf_counter()
+    flags.wait(1, 1, stream)
+    with torch.cuda.stream(stream):
+        dst.copy_(src, non_blocking=True)
+    assert time.perf_counter() - t0 < 0.5
+    with torch.cuda.stream(other):
+        beside.copy_(src, non_blocking=True)
+    other.synchronize()  # not held back by the poll
+    time.sleep(0.2)
+    assert not stream.query() and torch.equal(beside.cpu(), src)
+    flags.post(0, 5)  # another slot: still waiting
+    time.sleep(0.1)
+    assert not stream.query()
+    flags.post(1, 1)
+    stream.synchronize()
+    assert torch.equal(dst.cpu(), src)
+
+
+def _lane_run(monkeypatch, wrap, name="tiny-llama-gqa"):
+    """Tokens and logits of a pipelined fp16 plan with the lane, partial_attention wrapped."""
+    import kvc.runtime.cpu_attention as ca
+
+    spec = preset(name)
+    model = build_model(spec, "cuda", torch.float16, seed=0)
+    plan = forced_plan("pipelined", spec.num_layers, 64, 16, 64, 0.3, act_chunks=4, cpu_fraction=0.4)
+    cm = assemble(lower(model, plan), plan, spec, torch.float16, torch.device("cuda"))
+    ids = torch.randint(0, spec.vocab_size, (4, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    with monkeypatch.context() as m:
+        m.setattr(ca, "partial_attention", wrap(ca.partial_attention))
+        try:
+            return cm.generate(ids, 12, return_logits=True)
+        finally:
+            cm.close()
+
+
+def test_a_slow_cpu_part_changes_no_logit(monkeypatch):
+    """The host does not wait for the lane's partials: with a CPU part 3 ms slower per unit
+    (the host ahead of the GPU, every copy up behind its poll) the logits are bit for bit
+    those of the lane at full speed."""
+    import time
+
+    def slow(fn):
+        def run(*a, **k):
+            time.sleep(0.003)
+            return fn(*a, **k)
+        return run
+    t_fast, l_fast = _lane_run(monkeypatch, lambda fn: fn)
+    t_slow, l_slow = _lane_run(monkeypatch, slow)
+    assert torch.equal(t_fast, t_slow) and torch.equal(l_fast, l_slow)
+
+
+def test_a_failing_cpu_part_raises_and_nothing_hangs(monkeypatch):
+    """A CPU part that fails writes its flag all the same (the stream does not hang) and the
+    generate call raises the failure."""
+    calls = []
+
+    def failing(fn):
+        def run(*a, **k):
+            calls.append(1)
+            if len(calls) == 5:
+                raise RuntimeError("injected CPU lane failure")
+            return fn(*a, **k)
+        return run
+    with pytest.raises(RuntimeError, match="injected CPU lane failure"):
+        _lane_run(monkeypatch, failing)
