@@ -231,7 +231,9 @@ class CpuLane:
         flags = self.flags
 
         def job():
-            try:
+            try:  # the events' waits inside: whatever fails, the flag is written
+                ev.synchronize()  # the GIL is released while it waits
+                landed.synchronize()
                 out, lse = attend(q_host)
                 out_host.copy_(out)
                 lse_host.copy_(lse)
@@ -242,7 +244,7 @@ class CpuLane:
             finally:
                 if flags is not None:
                     flags.post(unit, seq)
-        self.pending[unit] = self._run(job, ev, landed)
+        self.pending[unit] = self._run(job)
 
     def end(self, unit: int):
         """(out [b, H, hd], lse [b, H]) float32 on the device, or None: no CPU part this step.

@@ -24,29 +24,41 @@ import functools
 
 import torch
 
-_SOURCE = r"""
+_WAIT = r"""
 extern "C" __global__ void kvc_wait_flag(const volatile int* flag, int want) {
     while (*flag < want) {
         __nanosleep(1000);
     }
 }
 """
+_READ = r"""
+extern "C" __global__ void kvc_read_flag(const volatile int* flag, int* out) {
+    *out = *flag;
+}
+"""
 
 
 @functools.cache
 def _kernel():
-    return torch.cuda._compile_kernel(_SOURCE, "kvc_wait_flag")
+    return torch.cuda._compile_kernel(_WAIT, "kvc_wait_flag")
 
 
+@functools.cache
 def available() -> bool:
-    """Whether this torch and GPU can compile and run the poll."""
+    """Whether this torch and GPU can compile the poll and the device reads, through its host
+    pointer, what a host thread wrote to pinned memory (checked once with a kernel that reads
+    the flag and returns: a check that cannot hang)."""
     if not torch.cuda.is_available() or not hasattr(torch.cuda, "_compile_kernel"):
         return False
     try:
         _kernel()
+        read = torch.cuda._compile_kernel(_READ, "kvc_read_flag")
+        probe, seen = FlagWait(1), torch.zeros(1, dtype=torch.int32, device="cuda")
+        probe.post(0, 12345)
+        read(grid=(1, 1, 1), block=(1, 1, 1), args=[probe.flags, seen])
+        return int(seen.item()) == 12345
     except Exception:  # noqa: BLE001 - no NVRTC, another API: the lane waits on the host
         return False
-    return True
 
 
 class FlagWait:
