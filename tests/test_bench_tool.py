@@ -36,3 +36,21 @@ def test_bench_reads_the_run_state_from_env():
 def test_bench_modules_stay_small():
     for path in [TOOLS / "bench.py", *sorted((TOOLS / "benchlib").glob("*.py"))]:
         assert len(path.read_text().splitlines()) < 400, path
+
+
+def test_lane_rows_compare_logits_only_along_the_same_tokens():
+    """Two exact schedules in fp16 may pick different tokens at a near tie; after that a row's
+    logits follow another text: the lane bench compares each row up to its first other token
+    (that step's logits included) and counts the rows that agree throughout."""
+    import torch
+    from benchlib.check import same_path_diff
+
+    base_t = torch.tensor([[9, 1, 2, 3], [9, 1, 2, 3]])  # a prompt of 1, then 3 steps
+    base_l = torch.zeros(2, 3, 5)
+    t = torch.tensor([[9, 1, 2, 3], [9, 1, 7, 3]])  # row 1 parts at step 1
+    logits = base_l.clone()
+    logits[0, 2, 0] = 0.01
+    logits[1, 1, 0] = 0.5  # the step that picked the other token: compared
+    logits[1, 2, 0] = 9.0  # after it: not
+    assert same_path_diff(t, logits, base_t, base_l) == (0.5, 0.5)
+    assert same_path_diff(base_t, base_l, base_t, base_l) == (0.0, 1.0)

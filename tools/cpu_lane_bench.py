@@ -13,8 +13,10 @@ over a layer's cache in place, and what the lane does to a decode step.
    point, full_offload and pipelined without the lane, pipelined with the lane forced to each
    `--fractions` value (schedule.cpu_attention_fraction), and pipelined and
    full_offload with `schedule.cpu_attention=auto` planned with the kernel's measured rate; each row with the
-   LP's prediction and, for the lane rows, the largest logit difference from the run without
-   it over 8 steps (fp16: both round; tokens may differ at near-ties).
+   LP's prediction and, for the lane rows, against pipelined without the lane over 8 greedy
+   steps: the largest logit difference while both decoded the same tokens, and the share of
+   rows whose tokens all agree (fp16: both round, so a near tie may pick another token;
+   benchlib.check.same_path_diff).
 Writes <date>-<card>-cpu-lane.{md,json} to --out.
 """
 from __future__ import annotations
@@ -70,12 +72,15 @@ def main(argv=None) -> int:
                     help="also each forced fraction without CUDA graphs (schedule.cuda_graphs=false)")
     ap.add_argument("--dtypes", default=None, help="kernel rows' dtypes (default: float16,bfloat16 on a GPU)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--auto-modes", default="pipelined,full_offload",
+                    help="the modes planned with schedule.cpu_attention=auto (comma separated; empty: none)")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
     from benchlib import env
+    from benchlib.check import same_path_diff
     from benchlib.plan import compiled, get_spec, point_budget_gb
     from benchlib.timing import compiled_decode_ms
     from kvc.models import build_model
@@ -119,23 +124,24 @@ def main(argv=None) -> int:
                                                           "schedule.cuda_graphs=false"))
                       for f in fractions]
         cases += [(mode, f"auto ({rate} GB/s)", ("schedule.cpu_attention=auto", *lane_hw))
-                  for mode in ("pipelined", "full_offload")]
-        base_logits = None
+                  for mode in args.auto_modes.split(",") if mode]
+        base = None
         for mode, lane, extra in cases:
             cm, r = compiled(model, spec, mode, batch, context, hw_name, budget, extra=extra)
             pred = predict(spec, r.hardware, cm.plan, context, batch, env.DTYPE_NAME)["predicted_step_ms"]
             ms = compiled_decode_ms(cm, ids, args.steps, args.repeats)
-            _, logits = cm.generate(ids, 8, return_logits=True)
+            tokens, logits = cm.generate(ids, 8, return_logits=True)
             if mode == "pipelined" and lane == "off":
-                base_logits = logits
-            diff = None if base_logits is None or lane == "off" else \
-                round((logits - base_logits).abs().max().item(), 4)
+                base = tokens, logits
+            diff, same = (None, None) if base is None or lane == "off" else \
+                same_path_diff(tokens, logits, *base)
             cpu = cm._cache.cpu_rows if cm._cache is not None else {}
             frac = (round(sum(c for _, c in cpu.values()) / max(1, len(cpu)) / (context + 8), 3)
                     if cpu else 0.0)
             row = {"model": name, "batch": batch, "context": context, "mode": mode, "lane": lane,
                    "ms": round(ms, 2), "lp_ms": round(pred, 2), "cpu_fraction_last_step": frac,
-                   "max_logit_diff_vs_off": diff, "threads": threads_list[0]}
+                   "max_logit_diff_vs_off": None if diff is None else round(diff, 4),
+                   "rows_same_tokens": None if same is None else round(same, 3), "threads": threads_list[0]}
             steps.append(row)
             print(f"step {row}", flush=True)
             cm.close()
@@ -150,13 +156,13 @@ def main(argv=None) -> int:
     lines += [f"| {r['model']} | {r['batch']} | {r['context']} | {r['dtype']} | {r['threads']} | "
               f"{r['kv_mb']} | {r['ms']} | {r['gbps']} | {r.get('ms_copying', '')} | {r.get('gbps_copying', '')} |"
               for r in kernels]
-    lines += ["", "| model | mode | lane | ms/token | LP ms | vs full_offload | CPU share (last step) | max logit diff |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| model | mode | lane | ms/token | LP ms | vs full_offload | CPU share (last step) | max logit diff, same tokens | rows same tokens |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in steps:
         ref = off.get((r["model"], "full_offload"))
         lines.append(f"| {r['model']} b{r['batch']} s{r['context']} | {r['mode']} | {r['lane']} | {r['ms']} | "
                      f"{r['lp_ms']} | {r['ms'] / ref:.3f} | {r['cpu_fraction_last_step']} | "
-                     f"{r['max_logit_diff_vs_off']} |" if ref else "")
+                     f"{r['max_logit_diff_vs_off']} | {r['rows_same_tokens']} |" if ref else "")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
