@@ -4,8 +4,9 @@
     python tools/lane_hang_diag.py llama-3-8b:32:2048 pipelined 0.4 [seconds]
 
 After `seconds` (default 100) without the probe ending: the lane's jobs (pending, in flight,
-chores: done or not), its flags and the values the polls wait for, whether the compute
-stream is idle, every Python thread's stack; then the process exits 3.
+chores: done or not), its flags of each kind and the values waited for, whether a poll gave
+up, every Python thread's stack (all read without a CUDA call: a deadlock may hold the
+context's lock); then the process exits 3.
 """
 import faulthandler
 import os
@@ -14,8 +15,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-
-import torch
 
 import kvc.runtime.cpu_attention as ca
 
@@ -35,12 +34,16 @@ wait_s = float(sys.argv[4]) if len(sys.argv) > 4 else 100.0
 
 def watch():
     time.sleep(wait_s)
+    # no CUDA call here: a deadlock may hold the context's lock (host memory reads only)
     for lane in lanes[-1:]:
         if lane.flags is not None:
-            print("DIAG flags", lane.flags.flags.tolist(), "want", lane.seq, flush=True)
+            n, f = lane.num_units, lane.flags.flags.tolist()
+            for kind, name in zip(ca._KINDS, ("posted", "query", "landed", "prefilled")):
+                print(f"DIAG flags {name}", f[kind * n:(kind + 1) * n], flush=True)
+            print("DIAG want (seq)", lane.seq, "prefills", lane.prefills, flush=True)
+            print("DIAG poll gave up:", lane.flags.timed_out(), flush=True)
         print("DIAG pending", list(lane.pending), "inflight", [f.done() for f in lane.inflight],
               "chores", [f.done() for f in lane.chores], flush=True)
-    print("DIAG compute idle", torch.cuda.default_stream().query(), flush=True)
     faulthandler.dump_traceback(all_threads=True)
     os._exit(3)
 

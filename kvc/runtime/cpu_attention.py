@@ -26,10 +26,12 @@ thread does not wait for it (unless it is AHEAD units ahead): `end` queues, on t
 stream, a poll of a flag the worker writes once the partial is in pinned memory
 (kvc.runtime.flagwait: a one-thread kernel, device work like any other), then the partial's
 copy up. So the layer's rest and the next layers' work are already issued when the CPU's
-part lands. (On main until now `end` blocked the host: each unit's CPU part was followed,
-serially, by the host issuing the layer's rest and the next layer's front, 0.6-0.8 ms a unit
-at llama-3-8b b32 on the H200.) Without NVRTC the host waits, as before. On a CPU device the
-lane runs inline.
+part lands. (On main `end` blocks the host: each unit's CPU part is followed, serially, by
+the host issuing the layer's rest and the next layer's front, 0.6-0.8 ms a unit at
+llama-3-8b b32 on the H200.) The worker learns that the query and the pools' rows have landed
+from flags the GPU's streams write, never from CUDA events: a worker blocked in any CUDA call
+while a module loads can deadlock with the poll (flagwait's docstring). Without NVRTC the
+host waits and the worker waits on events, as on main. On a CPU device the lane runs inline.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
 
+from kvc.errors import KvcError
 from kvc.runtime import flagwait
 
 
@@ -85,6 +88,12 @@ def partial_attention(q: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor, scale
 # spin on a core the kernel's threads use.
 AHEAD = 2
 
+# the lane's flags per unit (kvc.runtime.flagwait): the partial is in pinned memory (the worker
+# posts, the compute stream's poll waits), the query has reached the host (the compute stream
+# signals, the worker waits), the step's write-back and the prefill's have landed in the pools
+# (their stream signals, the worker waits). One writer per flag, so values only grow.
+_KINDS = POSTED, QUERY, LANDED, PREFILLED = range(4)
+
 
 def default_threads() -> int:
     """The lane's threads: the cores less two (the host thread issuing the GPU's work, the OS)."""
@@ -109,9 +118,12 @@ class CpuLane:
         self.pending: dict[int, Future | tuple] = {}  # begun, not yet ended
         self.inflight: list[Future] = []  # ended (the partial's copy up is queued), not reaped
         self.host: dict[int, tuple[torch.Tensor, ...]] = {}
-        # per unit, how many partials were handed over: the flag value the poll waits for
+        # per unit, how many queries were handed over (the flag values of this step's
+        # signals) and how many prefills' write-backs the worker copied rows after
         self.seq: dict[int, int] = {}
-        self.flags = flagwait.FlagWait(num_units) if self.cuda and flagwait.available() else None
+        self.prefills: dict[int, int] = {}
+        self.num_units = num_units
+        self.flags = flagwait.FlagWait(len(_KINDS) * num_units) if self.cuda and flagwait.available() else None
         self.rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.filled: dict[int, int] = {}
         self.chores: list[Future] = []  # the copies into `rows` still in the worker
@@ -168,8 +180,24 @@ class CpuLane:
     def prepare(self, unit: int, k_pool, v_pool, end: int, written=None) -> None:
         """At the prefill: copy the unit's tokens [0, end) (what its first decode step reads
         on the CPU) once the write-back on stream `written` has landed, behind the GPU's work."""
-        if end > 0:
-            self._chore(self._run(lambda: self._fill(unit, k_pool, v_pool, end), *self._landed(written)))
+        if end <= 0:
+            return
+        fill = lambda: self._fill(unit, k_pool, v_pool, end)
+        if self.flags is None or written is None:
+            self._chore(self._run(fill, *self._landed(written)))
+            return
+        n = self.prefills[unit] = self.prefills.get(unit, 0) + 1
+        slot, flags = self._slot(PREFILLED, unit), self.flags
+        flags.signal(slot, n, written)
+
+        def after_write_back():
+            flags.await_(slot, n, "the prefill's write-back to the pools")
+            fill()
+        self._chore(self._run(after_write_back))
+
+    def _slot(self, kind: int, unit: int) -> int:
+        """The unit's flag of one kind (_KINDS)."""
+        return kind * self.num_units + unit
 
     def _chore(self, done) -> None:
         """Keep a worker's chore until it is done; one that failed raises at the next `end`."""
@@ -177,7 +205,9 @@ class CpuLane:
             self.chores.append(done)
 
     def _reap(self) -> None:
-        """Raise the first failure among the worker's finished jobs (it does not wait)."""
+        """Raise the first failure among the worker's finished jobs (it does not wait), or a
+        poll that gave up waiting."""
+        self._stalled()
         for jobs in (self.chores, self.inflight):
             while jobs and jobs[0].done():
                 jobs.pop(0).result()
@@ -188,6 +218,13 @@ class CpuLane:
         for jobs in (self.chores, self.inflight):
             while jobs:
                 jobs.pop(0).result()
+        self._stalled()
+
+    def _stalled(self) -> None:
+        why = self.flags.timed_out() if self.flags is not None else None
+        if why:
+            raise KvcError(f"the CPU attention lane stalled: {why} (its partial was merged "
+                           "unfinished); run with schedule.cpu_attention=off")
 
     def _buffers(self, unit: int, q: torch.Tensor):
         """The unit's pinned query, output and lse buffers and, on the device, the partial's
@@ -220,20 +257,28 @@ class CpuLane:
             return
         q_host, out_host, lse_host = self._buffers(unit, q)[:3]
         q_host.copy_(q, non_blocking=True)
-        # fresh events each step: the worker may wait for them after the host has begun the
-        # unit's next step, and a re-recorded event would make this job wait for that one
-        # (which waits for this partial's merge). Blocking: the worker sleeps while it waits,
-        # its core free for the kernel's threads.
-        ev, landed = torch.cuda.Event(blocking=True), torch.cuda.Event(blocking=True)
-        ev.record()
-        landed.record(written)
         seq = self.seq[unit] = self.seq.get(unit, 0) + 1
-        flags = self.flags
+        flags, posted = self.flags, self._slot(POSTED, unit)
+        if flags is not None:  # the GPU tells the worker through flags: the worker calls no CUDA
+            flags.signal(self._slot(QUERY, unit), seq, torch.cuda.current_stream(self.device))
+            waits = [(self._slot(QUERY, unit), seq, "the query's copy to the host")]
+            if written is not None:
+                flags.signal(self._slot(LANDED, unit), seq, written)
+                waits.append((self._slot(LANDED, unit), seq, "the write-back to the pools"))
+        else:  # fresh events each step (a re-recorded event would make this job wait for the
+            # unit's next step); blocking: the worker sleeps while it waits
+            ev, landed = torch.cuda.Event(blocking=True), torch.cuda.Event(blocking=True)
+            ev.record()
+            landed.record(written)
 
         def job():
-            try:  # the events' waits inside: whatever fails, the flag is written
-                ev.synchronize()  # the GIL is released while it waits
-                landed.synchronize()
+            try:  # the waits inside: whatever fails, the flag is written
+                if flags is None:
+                    ev.synchronize()  # the GIL is released while it waits
+                    landed.synchronize()
+                else:
+                    for slot, value, what in waits:
+                        flags.await_(slot, value, what)
                 out, lse = attend(q_host)
                 out_host.copy_(out)
                 lse_host.copy_(lse)
@@ -243,7 +288,7 @@ class CpuLane:
                 raise
             finally:
                 if flags is not None:
-                    flags.post(unit, seq)
+                    flags.post(posted, seq)
         self.pending[unit] = self._run(job)
 
     def end(self, unit: int):
@@ -261,7 +306,7 @@ class CpuLane:
         self.inflight.append(part)
         while len(self.inflight) > AHEAD:  # the host runs at most AHEAD units ahead of the CPU
             self.inflight.pop(0).result()
-        self.flags.wait(unit, self.seq[unit], torch.cuda.current_stream(self.device))
+        self.flags.wait(self._slot(POSTED, unit), self.seq[unit], torch.cuda.current_stream(self.device))
         out.copy_(out_host, non_blocking=True)
         lse.copy_(lse_host, non_blocking=True)
         return out, lse
