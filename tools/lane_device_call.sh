@@ -1,22 +1,28 @@
 #!/usr/bin/env bash
-# One device call for the CPU lane's flag poll (branch lane-gpu-poll), each part in its own
+# Two device calls for the CPU lane's flag poll (branch lane-gpu-poll), each part in its own
 # timeout, output under $OUT as it goes. From the repository root on the device, after the
-# wheels are installed and kvc is on PYTHONPATH (../shared/DEVICE.md).
+# wheels are installed and kvc is on PYTHONPATH (../shared/DEVICE.md):
+#   bash tools/lane_device_call.sh check   # ~4 min: the lazy-load probe, GPU tests, both points under a watchdog
+#   bash tools/lane_device_call.sh bench   # ~9 min: the three points of issue 17, with and without the lane
 out="${OUT:-/tmp/out}"; mkdir -p "$out"
-date -u | tee "$out/call.txt"
-echo "== does a module load deadlock a poll with a worker that calls CUDA? (session 11's stall)" | tee -a "$out/call.txt"
-timeout 90 python3 -P tools/lane_lazy_load_probe.py --timeout 5 2>&1 | tail -8 | tee -a "$out/call.txt"
-echo "== GPU tests (the lane's, the flags')" | tee -a "$out/call.txt"
-timeout 240 python3 -P -X faulthandler -m pytest -q -p no:cacheprovider tests/test_gpu.py \
-  -k "flag or poll or module or stall or slow_cpu or failing_cpu or cpu_lane or profiler_measures" 2>&1 \
-  | tail -25 | tee -a "$out/call.txt"
-for point in opt-6.7b:32:1024:0.3 llama-3-8b:32:2048:0.4; do
-  IFS=: read -r name b s f <<< "$point"
-  echo "== probe $name pipelined $f (the row that stalled in session 11 first)" | tee -a "$out/call.txt"
-  timeout 150 python3 -P tools/lane_hang_diag.py "$name:$b:$s" pipelined "$f" 120 2>&1 \
-    | grep -v "site-packages\|importlib\|frozen" | tail -40 | tee -a "$out/call.txt"
-done
-echo "== bench" | tee -a "$out/call.txt"
-timeout 480 python3 -P tools/cpu_lane_bench.py --points opt-6.7b:32:1024,llama-2-7b:32:2048,llama-3-8b:32:2048 \
-  --fractions 0.3 --dtypes float16 --threads 14 --steps 8 --repeats 2 --auto-modes pipelined --out "$out" 2>&1 \
-  | grep -v "^kernel" | tee "$out/bench.txt" | grep "^step" | cut -c1-260 | tee -a "$out/call.txt"
+date -u | tee -a "$out/call.txt"
+if [ "$1" = check ]; then
+  echo "== does a module load deadlock a poll with a worker that calls CUDA? (session 11's stall)" | tee -a "$out/call.txt"
+  timeout 90 python3 -P tools/lane_lazy_load_probe.py --timeout 5 2>&1 | tail -8 | tee -a "$out/call.txt"
+  echo "== GPU tests (the lane's, the flags')" | tee -a "$out/call.txt"
+  timeout 240 python3 -P -X faulthandler -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+    -k "flag or poll or module or stall or slow_cpu or failing_cpu or cpu_lane or profiler_measures" 2>&1 \
+    | tail -25 | tee -a "$out/call.txt"
+  for point in opt-6.7b:32:1024:0.3 llama-3-8b:32:2048:0.4; do
+    IFS=: read -r name b s f <<< "$point"
+    echo "== probe $name pipelined $f (OPT 0.3: the row that stalled in session 11)" | tee -a "$out/call.txt"
+    timeout 150 python3 -P tools/lane_hang_diag.py "$name:$b:$s" pipelined "$f" 120 2>&1 \
+      | grep -v "site-packages\|importlib\|frozen" | tail -40 | tee -a "$out/call.txt"
+  done
+elif [ "$1" = bench ]; then
+  timeout 570 python3 -P tools/cpu_lane_bench.py --points opt-6.7b:32:1024,llama-3-8b:32:2048,llama-2-7b:32:2048 \
+    --fractions 0.3 --dtypes float16 --threads 14 --steps 8 --repeats 2 --auto-modes pipelined --out "$out" 2>&1 \
+    | grep -v "^kernel" | tee "$out/bench.txt" | grep "^step" | cut -c1-260 | tee -a "$out/call.txt"
+else
+  echo "usage: bash tools/lane_device_call.sh check|bench" >&2; exit 2
+fi
