@@ -372,6 +372,7 @@ def test_a_poll_gives_up_and_says_what_it_waited_for(monkeypatch):
     flags.wait(2, 7, stream)
     stream.synchronize()  # returns: the poll gave up
     assert flags.timed_out() == "a GPU stream waited 0 s for flag 2 to reach 7 (it was 4)"
+    assert flags.timed_out(clear=True) and flags.timed_out() is None  # said once
     with pytest.raises(KvcError, match="for the query's copy .*flag 1 at 0, expected 1"):
         flags.await_(1, 1, "the query's copy")
 

@@ -233,7 +233,7 @@ class CpuLane:
         self._stalled()
 
     def _stalled(self) -> None:
-        why = self.flags.timed_out() if self.flags is not None else None
+        why = self.flags.timed_out(clear=True) if self.flags is not None else None  # once a stall
         if why:
             raise KvcError(f"the CPU attention lane stalled: {why} (its partial was merged "
                            "unfinished); run with schedule.cpu_attention=off")

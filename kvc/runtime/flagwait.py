@@ -156,9 +156,12 @@ class FlagWait:
             time.sleep(pause)
             pause = min(pause * 2, 5e-5)
 
-    def timed_out(self) -> str | None:
-        """None, or what the first poll that gave up waited for (its stream went on)."""
+    def timed_out(self, clear: bool = False) -> str | None:
+        """None, or what a poll that gave up waited for (its stream went on); `clear`: forget
+        it once said (the next gives up anew)."""
         if not self._report[0]:
             return None
         slot, want, seen = (int(x) for x in self._report[1:])
+        if clear:
+            self._report[0] = 0
         return f"a GPU stream waited {TIMEOUT_S:.0f} s for flag {slot} to reach {want} (it was {seen})"
