@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import faulthandler
 import os
 import sys
 from pathlib import Path
@@ -74,6 +75,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--auto-modes", default="pipelined,full_offload",
                     help="the modes planned with schedule.cpu_attention=auto (comma separated; empty: none)")
+    ap.add_argument("--row-timeout", type=float, default=0.0,
+                    help="seconds a step row may take; past them every thread's stack is printed and "
+                         "the run exits 3 (a stalled lane: the rows before it are printed already)")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default=None)
@@ -127,6 +131,9 @@ def main(argv=None) -> int:
                   for mode in args.auto_modes.split(",") if mode]
         base = None
         for mode, lane, extra in cases:
+            if args.row_timeout:  # no CUDA call in the dump: a stall may hold the context's lock
+                print(f"row {name} {mode} {lane}", flush=True)
+                faulthandler.dump_traceback_later(args.row_timeout, exit=True)
             cm, r = compiled(model, spec, mode, batch, context, hw_name, budget, extra=extra)
             pred = predict(spec, r.hardware, cm.plan, context, batch, env.DTYPE_NAME)["predicted_step_ms"]
             ms = compiled_decode_ms(cm, ids, args.steps, args.repeats)
@@ -142,6 +149,7 @@ def main(argv=None) -> int:
                    "ms": round(ms, 2), "lp_ms": round(pred, 2), "cpu_fraction_last_step": frac,
                    "max_logit_diff_vs_off": None if diff is None else round(diff, 4),
                    "rows_same_tokens": None if same is None else round(same, 3), "threads": threads_list[0]}
+            faulthandler.cancel_dump_traceback_later()
             steps.append(row)
             print(f"step {row}", flush=True)
             cm.close()
