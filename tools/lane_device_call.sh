@@ -3,7 +3,7 @@
 # timeout, output under $OUT as it goes. From the repository root on the device, after the
 # wheels are installed and kvc is on PYTHONPATH (../shared/DEVICE.md):
 #   bash tools/lane_device_call.sh check   # ~4 min: the lazy-load probe, GPU tests, both points under a watchdog
-#   bash tools/lane_device_call.sh bench   # ~9 min: the three points of issue 17, with and without the lane
+#   bash tools/lane_device_call.sh bench   # <= 9.5 min: the three points of issue 17, with and without the lane
 out="${OUT:-/tmp/out}"; mkdir -p "$out"
 date -u | tee -a "$out/call.txt"
 if [ "$1" = check ]; then
@@ -20,9 +20,13 @@ if [ "$1" = check ]; then
       | grep -v "site-packages\|importlib\|frozen" | tail -40 | tee -a "$out/call.txt"
   done
 elif [ "$1" = bench ]; then
-  timeout 570 python3 -P tools/cpu_lane_bench.py --points opt-6.7b:32:1024,llama-3-8b:32:2048,llama-2-7b:32:2048 \
-    --fractions 0.3 --dtypes float16 --threads 14 --steps 8 --repeats 2 --auto-modes pipelined --out "$out" 2>&1 \
-    | grep -v "^kernel" | tee "$out/bench.txt" | grep "^step" | cut -c1-260 | tee -a "$out/call.txt"
+  # one process per point (a stall costs its point only), each row under a watchdog that
+  # prints every thread's stack
+  for point in opt-6.7b:32:1024 llama-3-8b:32:2048 llama-2-7b:32:2048; do
+    timeout 190 python3 -P tools/cpu_lane_bench.py --points "$point" --fractions 0.3 --dtypes float16 \
+      --threads 14 --steps 8 --repeats 2 --auto-modes pipelined --row-timeout 100 --out "$out/${point%%:*}" 2>&1 \
+      | grep -v "^kernel" | tee -a "$out/bench.txt" | grep "^step\|^Timeout\|^row" | cut -c1-260 | tee -a "$out/call.txt"
+  done
 else
   echo "usage: bash tools/lane_device_call.sh check|bench" >&2; exit 2
 fi
