@@ -75,6 +75,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--auto-modes", default="pipelined,full_offload",
                     help="the modes planned with schedule.cpu_attention=auto (comma separated; empty: none)")
+    ap.add_argument("--sweep-threads", action="store_true",
+                    help="also the first fraction with each other --threads count (its own measured rate): "
+                         "how many of the host's cores the lane should take")
     ap.add_argument("--row-timeout", type=float, default=0.0,
                     help="seconds a step row may take; past them every thread's stack is printed and "
                          "the run exits 3 (a stalled lane: the rows before it are printed already)")
@@ -112,22 +115,30 @@ def main(argv=None) -> int:
                   [torch.float16, torch.bfloat16] if args.device == "cuda" else [torch.float32])
         k_rows = kernel_rows(spec, batch, context, dtypes, threads_list)
         kernels += [{"model": name, "batch": batch, "context": context, **r} for r in k_rows]
-        best = max((r for r in k_rows if r["dtype"] == env.DTYPE_NAME and r["threads"] == threads_list[0]),
-                   key=lambda r: r["gbps"], default=None)
-        rate = (best.get("gbps_copying") or best["gbps"]) if best else 0.0  # as in a step: beside the copies
+        rates = {}  # per thread count: the kernel's best rate, as in a step (beside the copies)
+        for t in threads_list:
+            best = max((r for r in k_rows if r["dtype"] == env.DTYPE_NAME and r["threads"] == t),
+                       key=lambda r: r["gbps"], default=None)
+            rates[t] = (best.get("gbps_copying") or best["gbps"]) if best else 0.0
+        rate = rates[threads_list[0]]
         model = build_model(spec, env.DEVICE, env.DTYPE, seed=0)
         ids = torch.randint(0, spec.vocab_size, (batch, context), device=env.DEVICE)
         budget = point_budget_gb(spec, name, hw_name, batch, context)
         off = ("schedule.cpu_attention=off",)  # the card's preset may carry a lane
-        lane_hw = (f"hardware.cpu_attn_gbps={rate}", f"hardware.cpu_attn_threads={threads_list[0]}", *fixed)
+        def lane_hw(t):
+            return (f"hardware.cpu_attn_gbps={rates[t]}", f"hardware.cpu_attn_threads={t}", *fixed)
         cases = [("full_offload", "off", off), ("pipelined", "off", off)]
-        cases += [("pipelined", f"forced {f}", (f"schedule.cpu_attention_fraction={f}", *lane_hw))
+        cases += [("pipelined", f"forced {f}", (f"schedule.cpu_attention_fraction={f}", *lane_hw(threads_list[0])))
                   for f in fractions]
+        if args.sweep_threads:  # the first fraction at the other thread counts
+            cases += [("pipelined", f"forced {fractions[0]}, {t} threads",
+                       (f"schedule.cpu_attention_fraction={fractions[0]}", *lane_hw(t)))
+                      for t in threads_list[1:] if fractions]
         if args.eager:
-            cases += [("pipelined", f"forced {f} eager", (f"schedule.cpu_attention_fraction={f}", *lane_hw,
+            cases += [("pipelined", f"forced {f} eager", (f"schedule.cpu_attention_fraction={f}", *lane_hw(threads_list[0]),
                                                           "schedule.cuda_graphs=false"))
                       for f in fractions]
-        cases += [(mode, f"auto ({rate} GB/s)", ("schedule.cpu_attention=auto", *lane_hw))
+        cases += [(mode, f"auto ({rate} GB/s)", ("schedule.cpu_attention=auto", *lane_hw(threads_list[0])))
                   for mode in args.auto_modes.split(",") if mode]
         base = None
         for mode, lane, extra in cases:
@@ -148,7 +159,8 @@ def main(argv=None) -> int:
             row = {"model": name, "batch": batch, "context": context, "mode": mode, "lane": lane,
                    "ms": round(ms, 2), "lp_ms": round(pred, 2), "cpu_fraction_last_step": frac,
                    "max_logit_diff_vs_off": None if diff is None else round(diff, 4),
-                   "rows_same_tokens": None if same is None else round(same, 3), "threads": threads_list[0]}
+                   "rows_same_tokens": None if same is None else round(same, 3),
+                   "threads": cm.plan.cpu_threads if cm.plan.cpu_lane else None}
             faulthandler.cancel_dump_traceback_later()
             steps.append(row)
             print(f"step {row}", flush=True)
