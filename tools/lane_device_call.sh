@@ -4,6 +4,7 @@
 # wheels are installed and kvc is on PYTHONPATH (../shared/DEVICE.md):
 #   bash tools/lane_device_call.sh check   # ~4 min: the lazy-load probe, GPU tests, both points under a watchdog
 #   bash tools/lane_device_call.sh bench   # <= 9.5 min: the three points of issue 17, with and without the lane
+#   bash tools/lane_device_call.sh threads # ~5 min: llama-3-8b's lane at 14, 12, 10 and 8 threads
 out="${OUT:-/tmp/out}"; mkdir -p "$out"
 date -u | tee -a "$out/call.txt"
 if [ "$1" = check ]; then
@@ -27,6 +28,10 @@ elif [ "$1" = bench ]; then
       --threads 14 --steps 8 --repeats 2 --auto-modes pipelined --row-timeout 100 --out "$out/${point%%:*}" 2>&1 \
       | grep -v "^kernel" | tee -a "$out/bench.txt" | grep "^step\|^Timeout\|^row" | cut -c1-260 | tee -a "$out/call.txt"
   done
+elif [ "$1" = threads ]; then
+  timeout 570 python3 -P tools/cpu_lane_bench.py --points llama-3-8b:32:2048 --fractions 0.4 --dtypes float16 \
+    --threads 14,12,10,8 --sweep-threads --steps 8 --repeats 2 --auto-modes "" --row-timeout 100 --out "$out/threads" 2>&1 \
+    | grep -v "^kernel" | tee -a "$out/bench.txt" | grep "^step\|^Timeout\|^row" | cut -c1-260 | tee -a "$out/call.txt"
 else
-  echo "usage: bash tools/lane_device_call.sh check|bench" >&2; exit 2
+  echo "usage: bash tools/lane_device_call.sh check|bench|threads" >&2; exit 2
 fi
