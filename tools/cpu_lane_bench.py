@@ -125,7 +125,7 @@ def main(argv=None) -> int:
         ids = torch.randint(0, spec.vocab_size, (batch, context), device=env.DEVICE)
         budget = point_budget_gb(spec, name, hw_name, batch, context)
         off = ("schedule.cpu_attention=off",)  # the card's preset may carry a lane
-        def lane_hw(t):
+        def lane_hw(t, rates=rates):
             return (f"hardware.cpu_attn_gbps={rates[t]}", f"hardware.cpu_attn_threads={t}", *fixed)
         cases = [("full_offload", "off", off), ("pipelined", "off", off)]
         cases += [("pipelined", f"forced {f}", (f"schedule.cpu_attention_fraction={f}", *lane_hw(threads_list[0])))
