@@ -60,8 +60,10 @@ def test_dict_and_path_agree(tmp_path):
     ({}, ["schedule.mode=fastest"], "unknown schedule option 'fastest'"),
     ({}, ["schedule.cpu_attention=on"], "schedule.cpu_attention = 'on'; expected one of ['auto', 'off']"),
     ({}, ["schedule.cpu_attention_fraction=2"], "schedule.cpu_attention_fraction = 2.0; expected null or 0..1"),
-    ({}, ["schedule.cpu_attention=off", "schedule.cpu_attention_fraction=0.5"],
-     "schedule.cpu_attention_fraction = 0.5 with schedule.cpu_attention = off"),
+    # YAML 1.1 reads an unquoted off as false: the line says to quote it
+    ({"schedule": {"cpu_attention": False}}, [],
+     ('schedule.cpu_attention = False: YAML reads an unquoted off/on/no/yes as a boolean; expected a '
+      'string: quote it (cpu_attention: "off")')),
     ({}, ["schedule.mode=gpu_resident", "schedule.cpu_attention_fraction=0.5"],
      "keeps the cache on the GPU"),
     ({}, ["schedule.recompute_fraction=0.75", "schedule.cpu_attention_fraction=0.5"],

@@ -63,13 +63,14 @@ def test_per_rank_shares_the_cpu_lane():
     # each rank's lane is planned at its share and carries its share of the threads
     plan = make_plan(PRESETS["llama-3-8b"], preset_hw("h200-pcie5"),
                      PlanRequest(batch_size=32, prompt_len=2048, gen_len=4, dtype="float16",
-                                 resident_cache=False, max_context=2064, world_size=4))
+                                 resident_cache=False, max_context=2064, world_size=4,
+                                 cpu_attention="auto"))
     assert plan.cpu_lane and plan.cpu_threads == 3
     par = plan.notes["parallel"]
     assert (par["cpu_attn_threads"], par["cpu_attn_gbps"]) == (3, 10.0)
     one = make_plan(PRESETS["llama-3-8b"], preset_hw("h200-pcie5"),
                     PlanRequest(batch_size=8, prompt_len=2048, gen_len=4, dtype="float16",
-                                resident_cache=False, max_context=2064))
+                                resident_cache=False, max_context=2064, cpu_attention="auto"))
     assert one.cpu_threads == 14  # one rank of batch 8 alone on the host: all the lane's threads
 
 

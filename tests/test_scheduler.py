@@ -220,7 +220,7 @@ def test_32_layer_8192_context_solve_time(capsys, cpu_gbps):
     # most layers offloaded: the split matters
     h = hw("h200-pcie5", gpu_mem_gb=40.0, cpu_attn_gbps=cpu_gbps)
     req = PlanRequest(batch_size=16, prompt_len=1024, gen_len=32, dtype="float16",
-                      mode="pipelined", max_context=8192)
+                      mode="pipelined", max_context=8192, cpu_attention="auto")
     pl, dt, rows_s = _timed_plan(spec, h, req)
     msg = (f"[solve time] llama-2-7b (32 layers), contexts 1..8192, pipelined, cpu lane "
            f"{cpu_gbps:g} GB/s: {dt:.3f} s "

@@ -73,10 +73,15 @@ class ScheduleConfig:
     cuda_graphs: bool = True
     # the CPU attention lane (issue 17): auto, the LP decides per layer how many of the oldest
     # cached tokens the CPU attends to in place (none when it does not pay, or when
-    # hardware.cpu_attn_gbps is 0); off: never
-    cpu_attention: str = "auto"
+    # hardware.cpu_attn_gbps is 0); off: never. Off by default until the hand-off where the
+    # host does not wait lands (docs/wip/lane-gpu-poll.patch): with today's lane, where the
+    # host waits for each unit's CPU part, auto measured slower than off on the H200 (OPT-6.7B
+    # b32 s1024: 249.9 ms against 158.2; llama-3-8b b32 s2048: 118.5-168.5 against 136,
+    # docs/BENCHMARKS.md, session 9)
+    cpu_attention: str = "off"
     # set: force c = round(fraction * n) of every offloaded layer's n cached tokens onto the
-    # CPU lane (tests and experiments, like recompute_fraction); null: the LP's
+    # CPU lane, whatever cpu_attention says (tests and experiments, like recompute_fraction);
+    # null: the LP's (cpu_attention auto) or none (off)
     cpu_attention_fraction: float | None = None
 
 

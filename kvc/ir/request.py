@@ -33,10 +33,11 @@ class PlanRequest:
     # kvc.planner.memory.default_max_context)
     max_context: int | None = None
     # the CPU attention lane (issue 17): "auto", the LP decides per layer (none when it does
-    # not pay or the machine has none, hardware.cpu_attn_gbps 0), or "off"; a set fraction
-    # forces c = round(fraction * n) of every offloaded unit's n cached tokens (tests and
-    # experiments, like recompute_fraction)
-    cpu_attention: str = "auto"
+    # not pay or the machine has none, hardware.cpu_attn_gbps 0), or "off" (the default for
+    # now: kvc.config.schema says why); a set fraction forces c = round(fraction * n) of every
+    # offloaded unit's n cached tokens whatever cpu_attention says (tests and experiments,
+    # like recompute_fraction)
+    cpu_attention: str = "off"
     cpu_attention_fraction: float | None = None
     # several GPUs (issue 18, parallel.world_size): each of world_size ranks decodes
     # rank_batch = ceil(batch_size / world_size) rows (the last rank's short share padded with
@@ -184,9 +185,6 @@ def check_cpu_attention(value, fraction, recompute_fraction, mode: Mode) -> None
         raise KvcError(f"schedule.cpu_attention = {value!r}; expected one of {list(CPU_ATTENTION)}")
     if fraction is None or fraction == 0:
         return
-    if value == "off":
-        raise KvcError(f"schedule.cpu_attention_fraction = {fraction} with schedule.cpu_attention"
-                       " = off; set the fraction to null, or cpu_attention to auto")
     if not mode.offloads:
         raise KvcError(f"schedule.cpu_attention_fraction = {fraction}: schedule.mode = {mode.name}"
                        " keeps the cache on the GPU, there is nothing to attend to on the CPU; "
