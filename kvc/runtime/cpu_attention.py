@@ -134,7 +134,10 @@ class CpuLane:
         self.seq: dict[int, int] = {}
         self.prefills: dict[int, int] = {}
         self.num_units = num_units
-        self.flags = flagwait.FlagWait(len(_KINDS) * num_units) if self.cuda and flagwait.available() else None
+        index = self.device.index if self.device.index is not None else (
+            torch.cuda.current_device() if self.cuda else 0)
+        self.flags = (flagwait.FlagWait(len(_KINDS) * num_units, index)
+                      if self.cuda and flagwait.available(index) else None)
         self.rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.filled: dict[int, int] = {}
         self.chores: list[Future] = []  # the copies into `rows` still in the worker

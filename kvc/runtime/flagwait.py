@@ -89,26 +89,33 @@ extern "C" __global__ void kvc_read_flag(const volatile int* flag, int* out) {
 
 
 @functools.cache
-def _kernels():
-    return {name: torch.cuda._compile_kernel(_SRC, name)
-            for name in ("kvc_wait_flag", "kvc_set_flag", "kvc_read_flag")}
+def _kernels(device: int):
+    """The kernels, loaded into `device`'s context (a function handle serves one device)."""
+    with torch.cuda.device(device):
+        return {name: torch.cuda._compile_kernel(_SRC, name)
+                for name in ("kvc_wait_flag", "kvc_set_flag", "kvc_read_flag")}
 
 
 @functools.cache
-def available() -> bool:
-    """Whether this torch and GPU can compile the kernels and the device reads, through its
-    host pointer, what a host thread wrote to pinned memory and the reverse (checked once,
-    with kernels that return at once: a check that cannot hang)."""
+def available(device: int | None = None) -> bool:
+    """Whether this torch and GPU (`device`: an index, None: the current one) can compile the
+    kernels and the device reads, through its host pointer, what a host thread wrote to pinned
+    memory and the reverse (checked once, with kernels that return at once: a check that
+    cannot hang)."""
     if not torch.cuda.is_available() or not hasattr(torch.cuda, "_compile_kernel"):
         return False
+    device = torch.cuda.current_device() if device is None else device
     try:
-        k = _kernels()
-        probe, seen = FlagWait(2), torch.zeros(1, dtype=torch.int32, device="cuda")
-        probe.post(0, 12345)
-        k["kvc_read_flag"](grid=(1, 1, 1), block=(1, 1, 1), args=[probe.flags[0:1], seen])
-        probe.signal(1, 678, torch.cuda.current_stream())
-        torch.cuda.current_stream().synchronize()
-        return int(seen.item()) == 12345 and probe.value(1) == 678
+        with torch.cuda.device(device):
+            k = _kernels(device)
+            probe = FlagWait(2, device)
+            seen = torch.zeros(1, dtype=torch.int32, device=f"cuda:{device}")
+            probe.post(0, 12345)
+            stream = torch.cuda.current_stream(device)
+            k["kvc_read_flag"](grid=(1, 1, 1), block=(1, 1, 1), args=[probe.flags[0:1], seen], stream=stream)
+            probe.signal(1, 678, stream)
+            stream.synchronize()
+            return int(seen.item()) == 12345 and probe.value(1) == 678
     except Exception:  # noqa: BLE001 - no NVRTC, another API: the lane waits on the host
         return False
 
@@ -118,7 +125,8 @@ class FlagWait:
     own signals), so a wait for v is met by v or anything later. One writer per slot: a host
     thread (`post`) or one stream (`signal`, in the stream's order)."""
 
-    def __init__(self, slots: int):
+    def __init__(self, slots: int, device: int | None = None):
+        self.device = torch.cuda.current_device() if device is None else device
         self.flags = torch.zeros(slots, dtype=torch.int32, pin_memory=True)
         self._host = self.flags.numpy()  # plain loads and stores from host threads
         # a timed-out poll's record: [given up, its slot, the value it wanted, the last seen]
@@ -135,12 +143,12 @@ class FlagWait:
 
     def wait(self, slot: int, value: int, stream) -> None:
         """`stream`'s later work waits until the flag is >= value (TIMEOUT_S at most)."""
-        _kernels()["kvc_wait_flag"](grid=(1, 1, 1), block=(1, 1, 1), stream=stream, args=[
+        _kernels(self.device)["kvc_wait_flag"](grid=(1, 1, 1), block=(1, 1, 1), stream=stream, args=[
             self.flags, int(slot), int(value), self.report, int(TIMEOUT_S * 1e6)])
 
     def signal(self, slot: int, value: int, stream) -> None:
         """Once `stream`'s work queued so far is done, the flag becomes `value`."""
-        _kernels()["kvc_set_flag"](grid=(1, 1, 1), block=(1, 1, 1), stream=stream,
+        _kernels(self.device)["kvc_set_flag"](grid=(1, 1, 1), block=(1, 1, 1), stream=stream,
                                    args=[self.flags[slot:slot + 1], int(value)])
 
     def await_(self, slot: int, value: int, what: str = "the GPU") -> None:
