@@ -76,8 +76,8 @@ class ScheduleConfig:
     # hardware.cpu_attn_gbps is 0); off: never. Off by default until the hand-off where the
     # host does not wait lands (docs/wip/lane-gpu-poll.patch): with today's lane, where the
     # host waits for each unit's CPU part, auto measured slower than off on the H200 (OPT-6.7B
-    # b32 s1024: 249.9 ms against 158.2; llama-3-8b b32 s2048: 118.5-168.5 against 136,
-    # docs/BENCHMARKS.md, session 9)
+    # b32 s1024: 249.9 ms against 158.2; llama-3-8b b32 s2048 in two of three calls: 139.3 and
+    # 168.5 against 136-138; docs/BENCHMARKS.md, session 9) and the LP was 50% optimistic
     cpu_attention: str = "off"
     # set: force c = round(fraction * n) of every offloaded layer's n cached tokens onto the
     # CPU lane, whatever cpu_attention says (tests and experiments, like recompute_fraction);

@@ -67,8 +67,9 @@ def _check_type(hint, value, key: str, where: str):
     if hint in (int, str, bool) and type(value) is hint:
         return value
     if hint is str and isinstance(value, bool):  # YAML 1.1: an unquoted off, on, no, yes
+        word = "off" if value is False else "on"
         raise KvcError(f"{where}: {key} = {value!r}: YAML reads an unquoted off/on/no/yes as a "
-                       f"boolean; expected a string: quote it ({key.rsplit('.', 1)[-1]}: \"off\")")
+                       f"boolean; expected a string: quote it ({key.rsplit('.', 1)[-1]}: \"{word}\")")
     expected = getattr(hint, "__name__", str(hint))
     raise KvcError(f"{where}: {key} = {value!r} has the wrong type; expected {expected}")
 
