@@ -71,6 +71,12 @@ class HardwareConfig:
         return cls(**d)
 
 
+def default_cpu_attn_threads() -> int:
+    """The CPU attention lane's threads where hardware.cpu_attn_threads is 0: the cores less
+    two (the host thread issuing the GPU's work, the OS)."""
+    return max(1, (os.cpu_count() or 2) - 2)
+
+
 def per_rank(hw: HardwareConfig, world_size: int) -> HardwareConfig:
     """The machine one of `world_size` ranks (one process per GPU, all copying at once) sees:
     each link's rate capped at its share of the host's summed rate (host_link_gbps / N, where
@@ -89,8 +95,7 @@ def per_rank(hw: HardwareConfig, world_size: int) -> HardwareConfig:
              for k in ("h2d_gbps", "d2h_gbps", "bidir_gbps")}
     lane = {}
     if hw.cpu_attn_gbps > 0:
-        # 0: the runtime's default, the cores less two (kvc.runtime.cpu_attention)
-        threads = (hw.cpu_attn_threads or max(1, (os.cpu_count() or 2) - 2)) // world_size
+        threads = (hw.cpu_attn_threads or default_cpu_attn_threads()) // world_size
         lane = {"cpu_attn_threads": threads,
                 "cpu_attn_gbps": hw.cpu_attn_gbps / world_size if threads else 0.0}
     return replace(hw, cpu_mem_gb=hw.cpu_mem_gb / world_size, **rates, **lane)

@@ -36,12 +36,12 @@ host waits and the worker waits on events, as on main. On a CPU device the lane 
 from __future__ import annotations
 
 import math
-import os
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
 
 from kvc.errors import KvcError
+from kvc.hardware import default_cpu_attn_threads
 from kvc.runtime import flagwait
 
 
@@ -108,7 +108,7 @@ def _fine_sleeps() -> None:
 
 def default_threads() -> int:
     """The lane's threads: the cores less two (the host thread issuing the GPU's work, the OS)."""
-    return max(1, (os.cpu_count() or 2) - 2)
+    return default_cpu_attn_threads()
 
 
 class CpuLane:
