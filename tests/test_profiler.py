@@ -123,6 +123,6 @@ def test_the_cpu_lanes_kernel_reads_a_ring_larger_than_the_caches(monkeypatch):
     monkeypatch.setattr(cpu_lane, "RING_BYTES", 1 << 20)
     monkeypatch.setattr(cpu_lane, "partial_attention", lambda q, k, v, scale: seen.append(k.data_ptr()))
     shape = (2, 2, 64, 16)  # K,V 16 KB each in float32: a 1 MB ring holds 32 pairs
-    cpu_lane._kernel_s(torch.randn(2, 4, 16), shape, torch.float32, reps=5)
+    cpu_lane.kernel_s(torch.randn(2, 4, 16), shape, torch.float32, reps=5)
     assert len(set(seen)) == 32 and len(seen) == 32 + 5
     assert seen[32:] == seen[:5]  # after one turn of warm-up, the least recently read first

@@ -36,28 +36,26 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 
 def kernel_rows(spec, batch, context, dtypes, threads_list, reps=5) -> list[dict]:
-    """partial_attention over one layer's head-major K,V copy (what the lane reads), alone
-    and beside a pinned host-to-GPU copy loop (as in a decode step): ms and K,V GB/s."""
-    from kvc.profiler.cpu_lane import CopyLoop, median_s
-    from kvc.runtime.cpu_attention import partial_attention
+    """partial_attention over one layer's head-major K,V copy (what the lane reads; each call
+    over K,V not read for a while, kvc.profiler.cpu_lane.kernel_s), alone and beside a pinned
+    host-to-GPU copy loop (as in a decode step): ms and K,V GB/s."""
+    from kvc.profiler.cpu_lane import CopyLoop, kernel_s
 
     rows = []
     kv_heads, d, h = spec.num_kv_heads, spec.head_dim, spec.num_heads
     cuda = torch.cuda.is_available()
+    shape = (batch, kv_heads, context, d)
     for dtype in dtypes:
-        k = torch.randn(batch, kv_heads, context, d).to(dtype)
-        v = torch.randn(batch, kv_heads, context, d).to(dtype)
         q = torch.randn(batch, h, d).to(dtype)
-        nbytes = 2 * k.nbytes
+        nbytes = 2 * batch * kv_heads * context * d * q.element_size()
         for threads in threads_list:
             torch.set_num_threads(threads)
-            fn = lambda: partial_attention(q, k, v, d ** -0.5)  # noqa: E731
-            ms = median_s(fn, reps) * 1e3
+            ms = kernel_s(q, shape, dtype, reps) * 1e3
             row = {"dtype": str(dtype).replace("torch.", ""), "threads": threads,
                    "kv_mb": round(nbytes / 1e6, 1), "ms": round(ms, 3), "gbps": round(nbytes / ms / 1e6, 2)}
             if cuda:
                 with CopyLoop(torch.device("cuda")):
-                    ms2 = median_s(fn, reps) * 1e3
+                    ms2 = kernel_s(q, shape, dtype, reps) * 1e3
                 row.update(ms_copying=round(ms2, 3), gbps_copying=round(nbytes / ms2 / 1e6, 2))
             rows.append(row)
             print(f"kernel {spec.model_type} b={batch} s={context} {row}", flush=True)
