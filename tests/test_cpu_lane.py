@@ -200,3 +200,14 @@ def test_handoff_issues_the_query_before_the_layers_copies(streamed):
     kinds = ("prefetch", "offload", "record", "wait", "staged", "put")
     ops = lambda gm: [n.name for n in gm.graph.nodes if n.name.startswith(kinds)]  # noqa: E731
     assert ops(moved) == ops(traced)
+
+
+def test_a_lane_without_a_gpu_has_no_flag_poll():
+    """The flag poll (kvc.runtime.flagwait) is a GPU kernel: on a CPU device the lane runs
+    inline, with no flags (the GPU side is tests/test_gpu.py's)."""
+    from kvc.runtime import flagwait
+
+    assert not flagwait.available() or torch.cuda.is_available()
+    lane = CpuLane(torch.device("cpu"), 2)
+    assert lane.flags is None
+    lane.close()

@@ -22,8 +22,7 @@ from kvc.planner.evaluate import cpu_table, evaluate, predict
 from kvc.planner.scheduler import host_memory_gb, make_plan
 
 OPT = PRESETS["opt-6.7b"]
-# full_offload: auto gives OPT's pipelined and kvpr plans no lane (it never pairs the lane
-# with recompute, and the lane alone is predicted slower than recomputing there)
+# full_offload: the lane alone; OPT's pipelined and kvpr plans pair it with recompute
 REQ = PlanRequest(batch_size=32, prompt_len=1024, gen_len=8, dtype="float16",
                   resident_cache=False, max_context=2048, mode="full_offload", cpu_attention="auto")
 FAST = hw("h200-pcie5", cpu_attn_gbps=40.0)  # the issue's OPT-6.7B row: 537 MB in ~13 ms
@@ -74,19 +73,24 @@ def test_auto_is_never_slower_than_off(mode, spec_name):
         h = hw("h200-pcie5", cpu_attn_gbps=gbps)
         on = make_plan(spec, h, REQ.but(mode=mode))
         off = make_plan(spec, h, REQ.but(mode=mode, cpu_attention="off"))
-        assert not (on.cpu_lane and any(l for row in on.recompute for l in row))  # never paired
         ctx = np.arange(1, 2049) if mode == "full_offload" else np.arange(1024, 1032)
         a = evaluate(spec, h, on, ctx, 32, "float16")[0]
         b = evaluate(spec, h, off, ctx, 32, "float16")[0]
         assert np.all(a <= b * (1 + 1e-9)), gbps
 
 
-def test_auto_leaves_the_lane_off_where_the_plan_recomputes():
-    """OPT-6.7B pipelined: recomputing from activations beats the lane alone there, and auto
-    never pairs the two (measured: such plans ran at up to twice their prediction)."""
+def test_auto_pairs_the_lane_with_recompute_where_that_is_fastest():
+    """OPT-6.7B pipelined: recomputing from activations beats the lane alone there; the LP with
+    both (l and c per layer) is predicted faster than either, so auto plans the pair, and
+    predicts it for the table as it runs."""
     on, off = _plan(mode="pipelined"), _plan(mode="pipelined", cpu_attention="off")
-    assert not on.cpu_lane and on.recompute == off.recompute
-    assert "auto: off" in on.notes["cpu_attention"]
+    s = REQ.prompt_len
+    assert on.cpu_lane and "beside recompute" in on.notes["cpu_attention"]
+    assert any(on.recompute_tokens(u, s) > 0 for u in range(on.num_units))
+    assert any(on.cpu_tokens(u, s, s) > 0 for u in range(on.num_units))
+    assert sum(on.predicted_step_ms) < 0.9 * sum(off.predicted_step_ms)
+    ctx = np.arange(s, s + len(on.predicted_step_ms))
+    assert np.allclose(evaluate(OPT, FAST, on, ctx, 32, "float16")[0], on.predicted_step_ms, rtol=1e-4)
 
 
 def test_a_lane_that_does_not_pay_is_left_off():

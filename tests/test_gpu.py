@@ -262,3 +262,166 @@ def test_the_profiler_measures_the_cpu_lane():
     got = cpu_attention(torch.device("cuda"), torch.float16, reps=3, contexts=(256, 1024))
     assert 0.5 < got["cpu_attn_gbps"] < 1000 and 0 < got["cpu_attn_fixed_us"] < 100_000
     assert got["cpu_attn_threads"] >= 1
+
+
+def test_a_stream_waits_for_a_flag_and_the_host_does_not():
+    """kvc.runtime.flagwait: work queued behind the poll runs only once the host has written
+    the flag, a copy on another stream goes on beside it, and the host thread that queued it
+    went on at once."""
+    import time
+
+    from kvc.runtime import flagwait
+
+    assert flagwait.available()
+    flags, stream, other = flagwait.FlagWait(2), torch.cuda.Stream(), torch.cuda.Stream()
+    src = torch.arange(1 << 20, dtype=torch.float32).pin_memory()
+    dst, beside = torch.zeros(1 << 20, device="cuda"), torch.zeros(1 << 20, device="cuda")
+    t0 = time.perf_counter()
+    flags.wait(1, 1, stream)
+    with torch.cuda.stream(stream):
+        dst.copy_(src, non_blocking=True)
+    assert time.perf_counter() - t0 < 0.5
+    with torch.cuda.stream(other):
+        beside.copy_(src, non_blocking=True)
+    other.synchronize()  # not held back by the poll
+    time.sleep(0.2)
+    assert not stream.query() and torch.equal(beside.cpu(), src)
+    flags.post(0, 5)  # another slot: still waiting
+    time.sleep(0.1)
+    assert not stream.query()
+    flags.post(1, 1)
+    stream.synchronize()
+    assert torch.equal(dst.cpu(), src)
+
+
+def _lane_run(monkeypatch, wrap, name="tiny-llama-gqa"):
+    """Tokens and logits of a pipelined fp16 plan with the lane, partial_attention wrapped."""
+    import kvc.runtime.cpu_attention as ca
+
+    spec = preset(name)
+    model = build_model(spec, "cuda", torch.float16, seed=0)
+    plan = forced_plan("pipelined", spec.num_layers, 64, 16, 64, 0.3, act_chunks=4, cpu_fraction=0.4)
+    cm = assemble(lower(model, plan), plan, spec, torch.float16, torch.device("cuda"))
+    ids = torch.randint(0, spec.vocab_size, (4, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    with monkeypatch.context() as m:
+        m.setattr(ca, "partial_attention", wrap(ca.partial_attention))
+        try:
+            return cm.generate(ids, 12, return_logits=True)
+        finally:
+            cm.close()
+
+
+def test_a_slow_cpu_part_changes_no_logit(monkeypatch):
+    """The host does not wait for the lane's partials: with a CPU part 3 ms slower per unit
+    (the host ahead of the GPU, every copy up behind its poll) the logits are bit for bit
+    those of the lane at full speed."""
+    import time
+
+    def slow(fn):
+        def run(*a, **k):
+            time.sleep(0.003)
+            return fn(*a, **k)
+        return run
+    t_fast, l_fast = _lane_run(monkeypatch, lambda fn: fn)
+    t_slow, l_slow = _lane_run(monkeypatch, slow)
+    assert torch.equal(t_fast, t_slow) and torch.equal(l_fast, l_slow)
+
+
+def test_a_failing_cpu_part_raises_and_nothing_hangs(monkeypatch):
+    """A CPU part that fails writes its flag all the same (the stream does not hang) and the
+    generate call raises the failure."""
+    calls = []
+
+    def failing(fn):
+        def run(*a, **k):
+            calls.append(1)
+            if len(calls) == 5:
+                raise RuntimeError("injected CPU lane failure")
+            return fn(*a, **k)
+        return run
+    with pytest.raises(RuntimeError, match="injected CPU lane failure"):
+        _lane_run(monkeypatch, failing)
+
+
+def test_a_stream_signals_the_host_through_a_flag():
+    """flagwait.signal: the flag changes only once the stream's earlier work is done, and
+    await_ (which calls no CUDA) sees it."""
+    import time
+
+    from kvc.runtime import flagwait
+
+    flags, stream = flagwait.FlagWait(2), torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU clock
+    flags.signal(1, 3, stream)
+    assert flags.value(1) == 0
+    t0 = time.perf_counter()
+    flags.await_(1, 3)
+    assert flags.value(1) == 3 and stream.query() and time.perf_counter() - t0 < 10
+
+
+def test_a_poll_gives_up_and_says_what_it_waited_for(monkeypatch):
+    """A flag never written: the poll lets its stream go on after TIMEOUT_S and records the
+    slot, the value it wanted and the last it saw; a host wait raises one line."""
+    from kvc.errors import KvcError
+    from kvc.runtime import flagwait
+
+    monkeypatch.setattr(flagwait, "TIMEOUT_S", 0.3)
+    flags, stream = flagwait.FlagWait(3), torch.cuda.Stream()
+    flags.post(2, 4)
+    flags.wait(2, 7, stream)
+    stream.synchronize()  # returns: the poll gave up
+    assert flags.timed_out() == "a GPU stream waited 0 s for flag 2 to reach 7 (it was 4)"
+    assert flags.timed_out(clear=True) and flags.timed_out() is None  # said once
+    with pytest.raises(KvcError, match="for the query's copy .*flag 1 at 0, expected 1"):
+        flags.await_(1, 1, "the query's copy")
+
+
+def test_a_module_loaded_while_a_poll_waits_does_not_deadlock(monkeypatch):
+    """Under lazy module loading a kernel's first launch loads its module holding the
+    context's lock until the GPU's queued work, a pending poll included, has drained (the
+    stall of session 11). A poster that calls no CUDA releases the poll, and the load ends;
+    the poll never needed its timeout."""
+    import threading
+    import time
+
+    from kvc.runtime import flagwait
+
+    monkeypatch.setattr(flagwait, "TIMEOUT_S", 20.0)
+    flags, stream = flagwait.FlagWait(1), torch.cuda.current_stream()
+    flags.wait(0, 1, stream)
+    poster = threading.Thread(target=lambda: (time.sleep(0.5), flags.post(0, 1)))
+    poster.start()
+    t0 = time.perf_counter()
+    name = f"kvc_fresh_{time.time_ns() % 10**9}"
+    src = f'extern "C" __global__ void {name}(int* x) {{ *x += 1; }}'
+    fresh = torch.cuda._compile_kernel(src, name)  # a module load
+    x = torch.zeros(1, dtype=torch.int32, device="cuda")
+    fresh(grid=(1, 1, 1), block=(1, 1, 1), args=[x])
+    torch.special.bessel_j1(torch.ones(4, device="cuda"))  # a kernel this process never ran
+    stream.synchronize()
+    poster.join()
+    assert x.item() == 1 and flags.timed_out() is None and time.perf_counter() - t0 < 15
+
+
+def test_a_stalled_lane_raises_instead_of_hanging(monkeypatch):
+    """A CPU part that outlasts the poll's timeout: the step goes on with the partial
+    unfinished, and the generate call raises one line naming the lane (never a frozen
+    process)."""
+    import time
+
+    from kvc.errors import KvcError
+    from kvc.runtime import flagwait
+
+    monkeypatch.setattr(flagwait, "TIMEOUT_S", 0.3)
+    calls = []
+
+    def stalling(fn):
+        def run(*a, **k):
+            calls.append(1)
+            if len(calls) == 3:
+                time.sleep(1.5)
+            return fn(*a, **k)
+        return run
+    with pytest.raises(KvcError, match="CPU attention lane stalled"):
+        _lane_run(monkeypatch, stalling)

@@ -112,3 +112,17 @@ def test_cuda_profile():
     hw = profiler.profile("cuda", progress=False)
     assert hw.device == "cuda" and hw.h2d_gbps > 1 and hw.gemm_tflops > 1
     assert hw.measured["cuda"] and hw.gpu_mem_gb > 1
+
+
+def test_the_cpu_lanes_kernel_reads_a_ring_larger_than_the_caches(monkeypatch):
+    """kvc.profiler.cpu_lane times each call over the next K,V of a ring of at least
+    RING_BYTES (a step reads every layer's rows once, never from a warm cache)."""
+    from kvc.profiler import cpu_lane
+
+    seen = []
+    monkeypatch.setattr(cpu_lane, "RING_BYTES", 1 << 20)
+    monkeypatch.setattr(cpu_lane, "partial_attention", lambda q, k, v, scale: seen.append(k.data_ptr()))
+    shape = (2, 2, 64, 16)  # K,V 16 KB each in float32: a 1 MB ring holds 32 pairs
+    cpu_lane.kernel_s(torch.randn(2, 4, 16), shape, torch.float32, reps=5)
+    assert len(set(seen)) == 32 and len(seen) == 32 + 5
+    assert seen[32:] == seen[:5]  # after one turn of warm-up, the least recently read first

@@ -230,7 +230,7 @@ def test_32_layer_8192_context_solve_time(capsys, cpu_gbps):
         print("\n" + msg)
     assert pl.context_range == (1, 8192) and len(pl.predicted_step_ms) == 33
     assert any(l > 0 for row in pl.recompute for l in row)
-    # the lane's LP ran too (auto leaves it off here: it never pairs the lane with recompute)
+    # the lane's LP ran too
     assert (cpu_gbps > 0) == pl.notes.get("cpu_attention", "").startswith("auto:")
     # with the lane a run is 2 rows (l and c) and c moves in chunks too: one row a context
     # would be ~1.6 MB

@@ -12,7 +12,8 @@ over a layer's cache in place, and what the lane does to a decode step.
 2. Steps (tools/benchlib's timing: a sync after the prefill, steps timed as in use): at each
    point, full_offload and pipelined without the lane, pipelined with the lane forced to each
    `--fractions` value (schedule.cpu_attention_fraction), and pipelined and
-   full_offload with `schedule.cpu_attention=auto` planned with the kernel's measured rate; each row with the
+   full_offload with `schedule.cpu_attention=auto` planned with the kernel's measured rate
+   and/or the profiler's (`--auto-rates`); each row with the
    LP's prediction and, for the lane rows, against pipelined without the lane over 8 greedy
    steps: the largest logit difference while both decoded the same tokens, and the share of
    rows whose tokens all agree (fp16: both round, so a near tie may pick another token;
@@ -35,28 +36,26 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 
 def kernel_rows(spec, batch, context, dtypes, threads_list, reps=5) -> list[dict]:
-    """partial_attention over one layer's head-major K,V copy (what the lane reads), alone
-    and beside a pinned host-to-GPU copy loop (as in a decode step): ms and K,V GB/s."""
-    from kvc.profiler.cpu_lane import CopyLoop, median_s
-    from kvc.runtime.cpu_attention import partial_attention
+    """partial_attention over one layer's head-major K,V copy (what the lane reads; each call
+    over K,V not read for a while, kvc.profiler.cpu_lane.kernel_s), alone and beside a pinned
+    host-to-GPU copy loop (as in a decode step): ms and K,V GB/s."""
+    from kvc.profiler.cpu_lane import CopyLoop, kernel_s
 
     rows = []
     kv_heads, d, h = spec.num_kv_heads, spec.head_dim, spec.num_heads
     cuda = torch.cuda.is_available()
+    shape = (batch, kv_heads, context, d)
     for dtype in dtypes:
-        k = torch.randn(batch, kv_heads, context, d).to(dtype)
-        v = torch.randn(batch, kv_heads, context, d).to(dtype)
         q = torch.randn(batch, h, d).to(dtype)
-        nbytes = 2 * k.nbytes
+        nbytes = 2 * batch * kv_heads * context * d * q.element_size()
         for threads in threads_list:
             torch.set_num_threads(threads)
-            fn = lambda: partial_attention(q, k, v, d ** -0.5)  # noqa: E731
-            ms = median_s(fn, reps) * 1e3
+            ms = kernel_s(q, shape, dtype, reps) * 1e3
             row = {"dtype": str(dtype).replace("torch.", ""), "threads": threads,
                    "kv_mb": round(nbytes / 1e6, 1), "ms": round(ms, 3), "gbps": round(nbytes / ms / 1e6, 2)}
             if cuda:
                 with CopyLoop(torch.device("cuda")):
-                    ms2 = median_s(fn, reps) * 1e3
+                    ms2 = kernel_s(q, shape, dtype, reps) * 1e3
                 row.update(ms_copying=round(ms2, 3), gbps_copying=round(nbytes / ms2 / 1e6, 2))
             rows.append(row)
             print(f"kernel {spec.model_type} b={batch} s={context} {row}", flush=True)
@@ -75,6 +74,10 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--auto-modes", default="pipelined,full_offload",
                     help="the modes planned with schedule.cpu_attention=auto (comma separated; empty: none)")
+    ap.add_argument("--auto-rates", default="kernel,profile",
+                    help="the rates the auto rows are planned with (comma separated): kernel (this point's "
+                         "own layer, measured above) and/or profile (kvc.profiler.cpu_lane's, what "
+                         "`kvc profile` gives a user)")
     ap.add_argument("--sweep-threads", action="store_true",
                     help="also the first fraction with each other --threads count (its own measured rate): "
                          "how many of the host's cores the lane should take")
@@ -138,8 +141,12 @@ def main(argv=None) -> int:
             cases += [("pipelined", f"forced {f} eager", (f"schedule.cpu_attention_fraction={f}", *lane_hw(threads_list[0]),
                                                           "schedule.cuda_graphs=false"))
                       for f in fractions]
-        cases += [(mode, f"auto ({rate} GB/s)", ("schedule.cpu_attention=auto", *lane_hw(threads_list[0])))
-                  for mode in args.auto_modes.split(",") if mode]
+        auto_rates = {"kernel": rate, "profile": round(lane_fig.get("cpu_attn_gbps", 0.0), 2)}
+        cases += [(mode, f"auto ({which} {auto_rates[which]} GB/s)",
+                   ("schedule.cpu_attention=auto", f"hardware.cpu_attn_gbps={auto_rates[which]}",
+                    f"hardware.cpu_attn_threads={threads_list[0]}", *fixed))
+                  for mode in args.auto_modes.split(",") if mode
+                  for which in args.auto_rates.split(",") if which and auto_rates[which] > 0]
         base = None
         for mode, lane, extra in cases:
             if args.row_timeout:  # no CUDA call in the dump: a stall may hold the context's lock

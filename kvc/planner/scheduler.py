@@ -26,16 +26,14 @@ How a plan is made (`make_plan`):
    recompute nothing: the LP's slope says so, no special case.
 5. The CPU attention lane (issue 17; schedule.cpu_attention auto, a machine with
    hardware.cpu_attn_gbps > 0, a mode that offloads): the same buckets are solved again with
-   a CPU fraction y_i per offloaded layer and nothing recomputed (y_i + z_i <= 1; the lane's
-   fixed part charged to every offloaded unit, since an LP cannot switch it off with its
-   work), c_i interpolated and rounded like l_i; the lane's plan (nothing recomputed at any
-   context, c where it beats recomputing nothing) is kept only if it is predicted no slower
-   than the plan without it at every decode context of the workload, so auto is never
-   predicted slower than off there. auto never pairs the lane with recompute, not even at
-   different contexts (measured: a plan pairing them at a context ran at twice its
-   prediction; `_with_cpu_lane`); a forced fraction may. A plan with CPU tokens keeps every
-   host pool row (memory.host_memory_gb); where that does not fit the host, the plan goes
-   without the lane.
+   a CPU fraction y_i per offloaded layer (y_i + z_i <= 1; the lane's fixed part charged to
+   every offloaded unit, since an LP cannot switch it off with its work), twice where the
+   mode recomputes: nothing recomputed (x_i = 0), and x_i free beside y_i; c_i interpolated
+   and rounded like l_i. The candidate predicted fastest over the workload's decode contexts
+   is kept only if it is predicted no slower than the plan without the lane at every one of
+   them, so auto is never predicted slower than off there (`_with_cpu_lane`). A plan with
+   CPU tokens keeps every host pool row (memory.host_memory_gb); where that does not fit the
+   host, the plan goes without the lane.
 6. Several GPUs (issue 18, parallel.world_size N > 1; a batch split): each rank decodes
    ceil(batch / N) rows over its own link with the weights replicated, so the plan is ONE
    rank's: made for the rank's rows on the machine a rank sees (kvc.hardware.per_rank: its
@@ -365,15 +363,15 @@ def _residency(job: _Job) -> tuple[bool, ...]:
     return tuple(i in keep for i in range(L))
 
 
-def _fractions(job: _Job, resident, cpu=None):
+def _fractions(job: _Job, resident, cpu=None, paired: bool = False):
     """l per layer and context ([layers, contexts]): the LP's split at a few contexts
     (`_buckets`), interpolated linearly in s and rounded to whole chunks. `cpu` "free": the
-    LP with the CPU lane and nothing recomputed, (l = 0, c) (auto never pairs the two:
-    `_with_cpu_lane`); a number: the lane's forced fraction, l at most n - c."""
+    LP with the CPU lane, (l, c): l = 0 (the lane alone) unless `paired` (the LP picks both);
+    a number: the lane's forced fraction, l at most n - c."""
     r, ctx = job.req, job.ctx
     recompute = np.zeros((job.L, len(ctx)), dtype=np.int64)
     n = cost.layer_contexts(job.spec, ctx, job.shares)
-    fixed_x = 0.0 if cpu == "free" else None  # the lane alone: c from the LP, l = 0
+    fixed_x = 0.0 if cpu == "free" and not paired else None
     if not r.schedule.recomputes or job.mem.get("recompute_disabled"):
         if job.mem.get("recompute_disabled"):
             job.notes["recompute_disabled"] = job.mem["recompute_disabled"]
@@ -448,42 +446,50 @@ def _drop_slower_recompute(job: _Job, plan: Plan, recompute: np.ndarray):
 
 
 def _with_cpu_lane(job: _Job, plan: Plan, resident, recompute, steps):
-    """The LP again with the CPU lane and nothing recomputed: per context the lane's c where
-    it is predicted faster than recomputing nothing; then ONE plan for every context, the
-    lane's (l = 0 everywhere) or the plan without the lane (the LP charged every fixed cost):
-    the lane's only if it is predicted no slower than the plan without it at every decode
-    context of the workload (workload.prompt_len .. + gen_len); at other contexts the
-    artifact serves it may be predicted slower. (l, c, steps), [layers, contexts] each.
+    """The LP again with the CPU lane, twice where the mode recomputes: the lane alone
+    (nothing recomputed) and the lane beside recompute (the LP picks l and c together).
+    For each, per context, the lane's split where it is predicted faster than the same
+    candidate's plan without it; then ONE plan for every context: the candidate predicted
+    fastest over the workload's decode contexts (workload.prompt_len .. + gen_len), kept
+    only if it is predicted no slower than the plan without the lane at every one of them
+    (at other contexts the artifact serves it may be), its steps predicted for the table as
+    it will run (a unit that recomputes at any context carries its recompute nodes at every
+    step). (l, c, steps), [layers, contexts] each.
 
-    auto never pairs the lane with recompute, not even at different contexts. Measured on
-    the H200 (2026-11-29, docs/BENCHMARKS.md): a plan that did ran at twice its
-    prediction and slower than the plan without the lane (OPT-6.7B b32 s1024, l and c both
-    > 0: 250 ms against 125 predicted and 158 without the lane), while the lane alone at a
-    forced fraction (llama-3-8b b32 s2048, l = 0 everywhere) came within 10% of it. The host
-    waits for each unit's CPU part in its attention node, and only then issues the next
-    unit's recompute: the walk does not see that. Mixing them at different contexts was not
-    measured on its own; it is left out too, since a graph that recomputes anywhere carries
-    the recompute nodes at every step. A forced fraction (schedule.cpu_attention_fraction)
-    still pairs them where the user asks."""
-    _, c_on = _fractions(job, resident, cpu="free")
-    none = np.zeros_like(recompute)
-    if not c_on.any():
-        job.notes["cpu_attention"] = "auto: the LP put no tokens on the CPU lane"
-        return recompute, none, steps
-    bare, lane = job.steps(plan, none), job.steps(plan, none, c_on)
-    better = lane < bare
-    cpu = np.where(better, c_on, 0)
-    lane = np.where(better, lane, bare)
+    While the host waited for each unit's CPU part in its attention node (before the flag
+    poll, kvc.runtime.flagwait), auto never paired the lane with recompute: the host issued
+    the next unit's recompute only after the wait, so OPT-6.7B b32 s1024 with l and c both
+    > 0 ran at 250 ms against 125 predicted (H200, 2026-11-29). With the poll the walk's
+    order is the runtime's: the recompute is queued behind the merge, the CPU part beside
+    it. (Unmeasured: the poll's first device call decides.)"""
     r = job.req
     decode = (job.ctx >= r.prompt_len) & (job.ctx < r.prompt_len + max(1, r.gen_len))
     if not decode.any():
-        decode = np.ones_like(better)
-    if better[decode].any() and np.all(lane[decode] <= steps[decode]):
-        job.notes["cpu_attention"] = (f"auto: on at {int(better.sum())} of {len(better)} contexts, "
-                                      "nothing recomputed")
-        return none, cpu, lane
-    job.notes["cpu_attention"] = "auto: off, the lane's plan was predicted no faster"
-    return recompute, none, steps
+        decode = np.ones(len(job.ctx), dtype=bool)
+    none = np.zeros_like(recompute)
+    pairs = r.schedule.recomputes and not job.mem.get("recompute_disabled")
+    best = None
+    for paired in (False, True) if pairs else (False,):
+        l_on, c_on = _fractions(job, resident, cpu="free", paired=paired)
+        if not c_on.any():
+            continue
+        # where the lane does not pay: the lane alone falls back to recomputing nothing (its
+        # graph has no recompute nodes), the pair to the plan without the lane
+        l_off = recompute if paired else none
+        bare = steps if paired else job.steps(plan, none)
+        better = job.steps(plan, l_on, c_on) < bare
+        l, c = np.where(better, l_on, l_off), np.where(better, c_on, 0)
+        mixed = job.steps(plan, l, c)  # the table as it will run (host nodes included)
+        if better[decode].any() and np.all(mixed[decode] <= steps[decode]) and (
+                best is None or mixed[decode].mean() < best[2][decode].mean()):
+            best = (l, c, mixed)
+            how = "beside recompute" if l.any() else "nothing recomputed"
+    if best is None:
+        job.notes["cpu_attention"] = "auto: off, the lane's plan was predicted no faster"
+        return recompute, none, steps
+    on = int((best[1] > 0).any(axis=0).sum())
+    job.notes["cpu_attention"] = f"auto: on at {on} of {len(job.ctx)} contexts, {how}"
+    return best
 
 
 def _window_shares(job: _Job, plan: Plan, recompute: np.ndarray, steps):

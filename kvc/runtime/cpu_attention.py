@@ -21,17 +21,28 @@ next prefill starts it over. Untouched rows cost no memory (pageable, allocated 
 
 The query crosses to the host once per layer (b x heads x head_dim values) and the partial
 comes back (b x heads x (head_dim + 1)). On a CUDA device the CPU work runs in one worker
-thread (torch's CPU kernels release the GIL and use the intra-op thread pool), so the host
-thread goes on issuing the GPU's work; `end` waits for it. On a CPU device it runs inline.
+thread (torch's CPU kernels release the GIL and use the intra-op thread pool), and the host
+thread does not wait for it (unless it is AHEAD units ahead): `end` queues, on the compute
+stream, a poll of a flag the worker writes once the partial is in pinned memory
+(kvc.runtime.flagwait: a one-thread kernel, device work like any other), then the partial's
+copy up. So the layer's rest and the next layers' work are already issued when the CPU's
+part lands. (On main `end` blocks the host: each unit's CPU part is followed, serially, by
+the host issuing the layer's rest and the next layer's front, 0.6-0.8 ms a unit at
+llama-3-8b b32 on the H200.) The worker learns that the query and the pools' rows have landed
+from flags the GPU's streams write, never from CUDA events: a worker blocked in any CUDA call
+while a module loads can deadlock with the poll (flagwait's docstring). Without NVRTC the
+host waits and the worker waits on events, as on main. On a CPU device the lane runs inline.
 """
 from __future__ import annotations
 
 import math
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
 
+from kvc.errors import KvcError
 from kvc.hardware import default_cpu_attn_threads
+from kvc.runtime import flagwait
 
 
 def partial_attention(q: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor, scale: float,
@@ -70,6 +81,31 @@ def partial_attention(q: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor, scale
     return out.reshape(b, h, d), lse.reshape(b, h)
 
 
+# The most units whose partials the host has queued (`end`) before the CPU has computed
+# them. The GPU's work after a unit's merge (the layer's rest, the next layer's front) is
+# issued AHEAD units before it can run, so it never waits for the host; beyond that the host
+# sleeps (a future's wait) instead of running ahead into CUDA's launch queue, where it would
+# spin on a core the kernel's threads use.
+AHEAD = 2
+
+# the lane's flags per unit (kvc.runtime.flagwait): the partial is in pinned memory (the worker
+# posts, the compute stream's poll waits), the query has reached the host (the compute stream
+# signals, the worker waits), the step's write-back and the prefill's have landed in the pools
+# (their stream signals, the worker waits). One writer per flag, so values only grow.
+_KINDS = POSTED, QUERY, LANDED, PREFILLED = range(4)
+
+
+def _fine_sleeps() -> None:
+    """Let this thread's short sleeps end on time (Linux: a timer slack of 1 us, not 50): the
+    worker sleeps on the GPU's flags between checks (flagwait.await_), and each wake-up on the
+    lane's critical path would otherwise come up to 50 us late."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(29, 1000, 0, 0, 0)  # PR_SET_TIMERSLACK, ns
+    except (OSError, AttributeError):  # not Linux: the default slack
+        pass
+
+
 def default_threads() -> int:
     """The lane's threads: the cores less two (the host thread issuing the GPU's work, the OS)."""
     return default_cpu_attn_threads()
@@ -77,9 +113,9 @@ def default_threads() -> int:
 
 class CpuLane:
     """Per unit and step: `begin` hands the query to the CPU, `end` returns the partial on the
-    device. Buffers are per unit: a unit's next query is copied only after its last partial
-    was waited for, and the copy of a partial up precedes, on the compute stream, the copy
-    down of the query the worker next waits for, so no buffer is overwritten in use.
+    device. Buffers are per unit: a unit's next query is copied down on the compute stream
+    after its last partial was merged there, and the worker waits for that copy before it
+    writes the unit's partial again, so no buffer is overwritten in use.
 
     Per unit, the head-major copy of its pool's rows (`rows`: K and V [b, kv, max_tokens,
     hd], token r at row r) and how many tokens it holds (`filled`): only the worker touches
@@ -90,10 +126,18 @@ class CpuLane:
         self.threads = threads or default_threads()
         self.cuda = self.device.type == "cuda"
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="kvc-cpu-attention") if self.cuda else None
-        self.pending: dict[int, Future | tuple] = {}
-        self.host: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self.ready: dict[int, torch.cuda.Event] = {}
-        self.written: dict[int, torch.cuda.Event] = {}
+        self.pending: dict[int, Future | tuple] = {}  # begun, not yet ended
+        self.inflight: list[Future] = []  # ended (the partial's copy up is queued), not reaped
+        self.host: dict[int, tuple[torch.Tensor, ...]] = {}
+        # per unit, how many queries were handed over (the flag values of this step's
+        # signals) and how many prefills' write-backs the worker copied rows after
+        self.seq: dict[int, int] = {}
+        self.prefills: dict[int, int] = {}
+        self.num_units = num_units
+        index = self.device.index if self.device.index is not None else (
+            torch.cuda.current_device() if self.cuda else 0)
+        self.flags = (flagwait.FlagWait(len(_KINDS) * num_units, index)
+                      if self.cuda and flagwait.available(index) else None)
         self.rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.filled: dict[int, int] = {}
         self.chores: list[Future] = []  # the copies into `rows` still in the worker
@@ -108,6 +152,7 @@ class CpuLane:
         def after():
             if not self._threads_set:
                 torch.set_num_threads(self.threads)
+                _fine_sleeps()
                 self._threads_set = True
             for ev in events:
                 ev.synchronize()  # the GIL is released while it waits
@@ -119,7 +164,7 @@ class CpuLane:
         """An event after the work issued so far on `stream` (None: nothing to wait for)."""
         if not self.cuda or stream is None:
             return ()
-        ev = torch.cuda.Event()
+        ev = torch.cuda.Event(blocking=True)
         ev.record(stream)
         return (ev,)
 
@@ -138,14 +183,36 @@ class CpuLane:
         self.filled[unit] = end
 
     def restart(self) -> None:
-        """A new call's prefill rewrites the pools: every unit's copy starts over."""
+        """A new call's prefill rewrites the pools: every unit's copy starts over. A unit begun
+        and never ended (a step that failed half way) is settled first (its flag counts on:
+        the next poll waits for the next partial)."""
+        for part in self.pending.values():
+            if isinstance(part, Future):
+                wait([part])
+        self.pending.clear()
         self._chore(self._run(self.filled.clear))
 
     def prepare(self, unit: int, k_pool, v_pool, end: int, written=None) -> None:
         """At the prefill: copy the unit's tokens [0, end) (what its first decode step reads
         on the CPU) once the write-back on stream `written` has landed, behind the GPU's work."""
-        if end > 0:
-            self._chore(self._run(lambda: self._fill(unit, k_pool, v_pool, end), *self._landed(written)))
+        if end <= 0:
+            return
+        fill = lambda: self._fill(unit, k_pool, v_pool, end)
+        if self.flags is None or written is None:
+            self._chore(self._run(fill, *self._landed(written)))
+            return
+        n = self.prefills[unit] = self.prefills.get(unit, 0) + 1
+        slot, flags = self._slot(PREFILLED, unit), self.flags
+        flags.signal(slot, n, written)
+
+        def after_write_back():
+            flags.await_(slot, n, "the prefill's write-back to the pools")
+            fill()
+        self._chore(self._run(after_write_back))
+
+    def _slot(self, kind: int, unit: int) -> int:
+        """The unit's flag of one kind (_KINDS)."""
+        return kind * self.num_units + unit
 
     def _chore(self, done) -> None:
         """Keep a worker's chore until it is done; one that failed raises at the next `end`."""
@@ -153,19 +220,40 @@ class CpuLane:
             self.chores.append(done)
 
     def _reap(self) -> None:
-        while self.chores and self.chores[0].done():
-            self.chores.pop(0).result()
+        """Raise the first failure among the worker's finished jobs (it does not wait), or a
+        poll that gave up waiting."""
+        self._stalled()
+        for jobs in (self.chores, self.inflight):
+            while jobs and jobs[0].done():
+                jobs.pop(0).result()
+
+    def finish(self) -> None:
+        """Wait for every job handed to the worker and raise the first failure: the end of a
+        generate call (the host never waits for a partial before)."""
+        for jobs in (self.chores, self.inflight):
+            while jobs:
+                jobs.pop(0).result()
+        self._stalled()
+
+    def _stalled(self) -> None:
+        why = self.flags.timed_out(clear=True) if self.flags is not None else None  # once a stall
+        if why:
+            raise KvcError(f"the CPU attention lane stalled: {why} (its partial was merged "
+                           "unfinished); run with schedule.cpu_attention=off")
 
     def _buffers(self, unit: int, q: torch.Tensor):
-        """The unit's pinned query, output and lse buffers (made on first use, and anew for
-        another batch)."""
+        """The unit's pinned query, output and lse buffers and, on the device, the partial's
+        (made on first use, and anew for another batch: in `begin`, before the event the
+        worker waits for, so no kernel issued before still uses the device buffers' memory)."""
         bufs = self.host.get(unit)
         if bufs is None or bufs[0].shape != q.shape or bufs[0].dtype != q.dtype:
             b, h, _ = q.shape
             bufs = self.host[unit] = (
                 torch.empty(q.shape, dtype=q.dtype, pin_memory=True),
                 torch.empty(q.shape, dtype=torch.float32, pin_memory=True),
-                torch.empty((b, h), dtype=torch.float32, pin_memory=True))
+                torch.empty((b, h), dtype=torch.float32, pin_memory=True),
+                torch.empty(q.shape, dtype=torch.float32, device=self.device),
+                torch.empty((b, h), dtype=torch.float32, device=self.device))
         return bufs
 
     def begin(self, unit: int, q: torch.Tensor, k_pool, v_pool, lo: int, c: int, scale: float,
@@ -182,38 +270,70 @@ class CpuLane:
         if not self.cuda:
             self.pending[unit] = attend(q)
             return
-        q_host, out_host, lse_host = self._buffers(unit, q)
+        q_host, out_host, lse_host = self._buffers(unit, q)[:3]
         q_host.copy_(q, non_blocking=True)
-        # one event pair per unit, made once (the host waits in `end`, so never re-recorded
-        # while the worker may still wait for the last record)
-        if unit not in self.ready:
-            self.ready[unit], self.written[unit] = torch.cuda.Event(), torch.cuda.Event()
-        ev = self.ready[unit]
-        ev.record()
-        landed = self.written[unit]
-        landed.record(written)
+        seq = self.seq[unit] = self.seq.get(unit, 0) + 1
+        flags, posted = self.flags, self._slot(POSTED, unit)
+        if flags is not None:  # the GPU tells the worker through flags: the worker calls no CUDA
+            flags.signal(self._slot(QUERY, unit), seq, torch.cuda.current_stream(self.device))
+            waits = [(self._slot(QUERY, unit), seq, "the query's copy to the host")]
+            if written is not None:
+                flags.signal(self._slot(LANDED, unit), seq, written)
+                waits.append((self._slot(LANDED, unit), seq, "the write-back to the pools"))
+        else:  # fresh events each step (a re-recorded event would make this job wait for the
+            # unit's next step); blocking: the worker sleeps while it waits
+            ev, landed = torch.cuda.Event(blocking=True), torch.cuda.Event(blocking=True)
+            ev.record()
+            landed.record(written)
 
         def job():
-            out, lse = attend(q_host)
-            out_host.copy_(out)
-            lse_host.copy_(lse)
-            return out_host, lse_host
-        self.pending[unit] = self._run(job, ev, landed)
+            try:  # the waits inside: whatever fails, the flag is written
+                if flags is None:
+                    ev.synchronize()  # the GIL is released while it waits
+                    landed.synchronize()
+                else:
+                    for slot, value, what in waits:
+                        flags.await_(slot, value, what)
+                out, lse = attend(q_host)
+                out_host.copy_(out)
+                lse_host.copy_(lse)
+            except BaseException:  # the stream waiting for this partial must not hang:
+                out_host.fill_(math.nan)  # it merges NaN, and the failure raises at the reap
+                lse_host.fill_(math.nan)
+                raise
+            finally:
+                if flags is not None:
+                    flags.post(posted, seq)
+        self.pending[unit] = self._run(job)
 
     def end(self, unit: int):
-        """(out [b, H, hd], lse [b, H]) float32 on the device, or None: no CPU part this step."""
+        """(out [b, H, hd], lse [b, H]) float32 on the device, or None: no CPU part this step.
+        On a GPU with the flag poll the host does not wait (only when it is AHEAD units ahead
+        of the worker): the compute stream does. Without it (no NVRTC) the host waits."""
         self._reap()
         part = self.pending.pop(unit, None)
         if part is None or not self.cuda:
             return part
-        out, lse = part.result()
-        return out.to(self.device, non_blocking=True), lse.to(self.device, non_blocking=True)
+        _, out_host, lse_host, out, lse = self.host[unit]
+        if self.flags is None:
+            part.result()
+            return out_host.to(self.device, non_blocking=True), lse_host.to(self.device, non_blocking=True)
+        self.inflight.append(part)
+        while len(self.inflight) > AHEAD:  # the host runs at most AHEAD units ahead of the CPU
+            self.inflight.pop(0).result()
+        self.flags.wait(self._slot(POSTED, unit), self.seq[unit], torch.cuda.current_stream(self.device))
+        out.copy_(out_host, non_blocking=True)
+        lse.copy_(lse_host, non_blocking=True)
+        return out, lse
 
     def close(self) -> None:
-        for part in [*self.chores, *self.pending.values()]:
+        for part in [*self.chores, *self.inflight, *self.pending.values()]:
             if isinstance(part, Future):
-                part.result()
+                wait([part])
         self.pending.clear()
         self.chores.clear()
+        self.inflight.clear()
+        if self.cuda:  # no poll may still read the flags
+            torch.cuda.current_stream(self.device).synchronize()
         if self.worker is not None:
             self.worker.shutdown(wait=True)

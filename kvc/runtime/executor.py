@@ -241,6 +241,7 @@ class CompiledModel:
                 if on_token is not None:
                     stopping.finish(on_token(step, tok))
                 steps.update()
+        cache.finish()
         out = torch.cat([prompt, torch.stack(tokens, 1)], 1)
         if head is not None:
             out = torch.cat([head.to(out.device), out], 1)

@@ -236,6 +236,12 @@ class OffloadedCache:
         """Bytes of the CPU pools (what cost.host_pool_bytes predicts)."""
         return sum(p.nbytes for p in (self.act_pool, self.k_pool, self.v_pool))
 
+    def finish(self) -> None:
+        """The end of a generate call: raise a failure of the work the host did not wait for
+        (the CPU lane's partials)."""
+        if self.lane is not None:
+            self.lane.finish()
+
     def close(self) -> None:
         """Wait for the copies still reading or writing the pools, so they can be freed."""
         if self.lane is not None:
