@@ -73,11 +73,11 @@ class ScheduleConfig:
     cuda_graphs: bool = True
     # the CPU attention lane (issue 17): auto, the LP decides per layer how many of the oldest
     # cached tokens the CPU attends to in place (none when it does not pay, or when
-    # hardware.cpu_attn_gbps is 0); off: never. Off by default until the hand-off where the
-    # host does not wait lands (docs/wip/lane-gpu-poll.patch): with today's lane, where the
-    # host waits for each unit's CPU part, auto measured slower than off on the H200 (OPT-6.7B
-    # b32 s1024: 249.9 ms against 158.2; llama-3-8b b32 s2048 in two of three calls: 139.3 and
-    # 168.5 against 136-138; docs/BENCHMARKS.md, session 9) and the LP was 50% optimistic
+    # hardware.cpu_attn_gbps is 0); off: never. Off by default: on the H200's host (a shared
+    # VM) the CPU kernel inside the steps reads 25-40 GB/s and moves from one timing to the
+    # next, below the 43-48 the profiler measures, so auto's plans run lane-bound: 23-30% over
+    # the LP, and planned with a cache-warm rate (55) 1.18x slower than off (docs/BENCHMARKS.md,
+    # session 12)
     cpu_attention: str = "off"
     # set: force c = round(fraction * n) of every offloaded layer's n cached tokens onto the
     # CPU lane, whatever cpu_attention says (tests and experiments, like recompute_fraction);
