@@ -167,7 +167,11 @@ def main(argv=None) -> int:
                    "ms": round(ms, 2), "lp_ms": round(pred, 2), "cpu_fraction_last_step": frac,
                    "max_logit_diff_vs_off": None if diff is None else round(diff, 4),
                    "rows_same_tokens": None if same is None else round(same, 3),
-                   "threads": cm.plan.cpu_threads if cm.plan.cpu_lane else None}
+                   "threads": cm.plan.cpu_threads if cm.plan.cpu_lane else None,
+                   # an auto plan's lane: the share of its CPU tokens it took at the end, and
+                   # the rate its parts ran at in the steps (kvc.runtime.offloaded._follow_lane)
+                   "cpu_scale": round(cm._cache.cpu_scale, 3) if cm._cache is not None else None,
+                   "cpu_gbps_seen": round(cm._cache.cpu_seen_gbps, 2) if cm._cache is not None else None}
             faulthandler.cancel_dump_traceback_later()
             steps.append(row)
             print(f"step {row}", flush=True)
