@@ -282,29 +282,53 @@ def test_a_plan_with_cpu_rows_round_trips_through_the_manifest(lane_artifact):
     m = art.read_manifest(lane_artifact)
     d = m["plan"]
     assert len(d["cpu"]) == len(d["recompute_runs"]) and d["cpu_threads"] == 2
+    assert d["cpu_gbps"] == 0.001  # the rate the LP planned with: the runtime measures against it
     assert any(c > 0 for row in d["cpu"] for c in row)
     plan = Plan.from_json(d)
     assert plan.cpu_lane and Plan.from_json(json.loads(plan.dumps())) == plan
     assert json.loads(plan.dumps()) == json.loads(json.dumps(d, sort_keys=True))
     from kvc.reports.inspect import inspect_text
-    assert "cpu lane: on (chosen by the LP)" in inspect_text(lane_artifact)
+    assert "cpu lane: on (chosen by the LP, fewer where the host runs slower than 0.001 GB/s)" \
+        in inspect_text(lane_artifact)
 
 
 def test_a_planned_lane_decodes_as_the_reference(lane_artifact):
     """The LP's table of CPU tokens (what auto plans: c in whole chunks, moving with s), loaded
     and run end to end on the CPU: the reference's tokens, logits within 1e-5."""
+    assert _decode(lane_artifact)[0] > 0  # the CPU attended to some rows
+
+
+def _decode(artifact, steps=8):
+    """(tokens, logits, the CPU tokens of the last step, the lane's share) of the lane
+    artifact's model, loaded from `artifact`, against the reference decoder's."""
     from kvc.models import build_model, preset
     from kvc.runtime.reference import ReferenceDecoder
 
-    model = kvc.load(lane_artifact, device="cpu")
+    model = kvc.load(artifact, device="cpu")
     ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(1))
-    tokens, logits = model.generate(ids, 8, return_logits=True)
+    tokens, logits = model.generate(ids, steps, return_logits=True)
     spec = preset("tiny-opt")
     ref_tokens, ref_logits = ReferenceDecoder(build_model(spec, "cpu", torch.float32, seed=0), spec).generate(
-        ids, 8, return_logits=True)
+        ids, steps, return_logits=True)
     assert torch.equal(tokens, ref_tokens)
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
-    assert sum(c for _, c in model._cache.cpu_rows.values()) > 0  # the CPU attended to some rows
+    return sum(c for _, c in model._cache.cpu_rows.values()), model._cache.cpu_scale
+
+
+def test_a_lane_slower_than_planned_takes_fewer_tokens_and_decodes_the_same(lane_artifact, tmp_path,
+                                                                           monkeypatch):
+    """An auto plan's lane follows the rate it runs at (kvc.runtime.offloaded._follow_lane):
+    planned at 0.001 GB/s this CPU is faster, so it takes the plan's tokens; planned at 10^5 it
+    is slower, so from the second step it takes fewer, and the link the rest: the same tokens
+    and logits either way."""
+    from kvc.runtime import offloaded
+
+    monkeypatch.setattr(offloaded, "FOLLOW_MIN_S", 0.0)  # the tiny model's parts all count
+    planned, scale = _decode(lane_artifact)
+    assert planned > 0 and scale == 1.0
+    fast = _edited(lane_artifact, tmp_path, ["plan", "cpu_gbps"], 1e5)
+    got, scale = _decode(fast)
+    assert scale < 0.6 and got < planned
 
 
 def _edited(src, tmp_path, keys, value):
@@ -335,6 +359,8 @@ def _edited(src, tmp_path, keys, value):
     (["plan", "cpu_threads"], -1, "plan.cpu_threads = -1"),
     (["plan", "cpu_threads"], True, "plan.cpu_threads = True"),
     (["hardware", "cpu_attn_gbps"], -3, "hardware.cpu_attn_gbps = -3"),
+    (["plan", "cpu_gbps"], -1, "plan.cpu_gbps = -1"),
+    (["plan", "cpu_gbps"], "fast", "plan.cpu_gbps = fast"),
 ])
 def test_damaged_cpu_fields_are_refused_in_one_line(lane_artifact, tmp_path, keys, value, needle):
     a = _edited(lane_artifact, tmp_path, keys, value)

@@ -13,7 +13,8 @@ over a layer's cache in place, and what the lane does to a decode step.
    point, full_offload and pipelined without the lane, pipelined with the lane forced to each
    `--fractions` value (schedule.cpu_attention_fraction), and pipelined and
    full_offload with `schedule.cpu_attention=auto` planned with the kernel's measured rate
-   and/or the profiler's (`--auto-rates`); each row with the
+   and/or the profiler's (`--auto-rates`), the lane following its measured rate or the LP's
+   split kept (`--follow`); each row with the
    LP's prediction and, for the lane rows, against pipelined without the lane over 8 greedy
    steps: the largest logit difference while both decoded the same tokens, and the share of
    rows whose tokens all agree (fp16: both round, so a near tie may pick another token;
@@ -27,6 +28,7 @@ import datetime
 import faulthandler
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -78,6 +80,9 @@ def main(argv=None) -> int:
                     help="the rates the auto rows are planned with (comma separated): kernel (this point's "
                          "own layer, measured above) and/or profile (kvc.profiler.cpu_lane's, what "
                          "`kvc profile` gives a user)")
+    ap.add_argument("--follow", default="on",
+                    help="auto rows with the lane following its measured rate (on), with the LP's split "
+                         "kept (off: Plan.cpu_gbps 0), or both (on,off)")
     ap.add_argument("--sweep-threads", action="store_true",
                     help="also the first fraction with each other --threads count (its own measured rate): "
                          "how many of the host's cores the lane should take")
@@ -142,17 +147,19 @@ def main(argv=None) -> int:
                                                           "schedule.cuda_graphs=false"))
                       for f in fractions]
         auto_rates = {"kernel": rate, "profile": round(lane_fig.get("cpu_attn_gbps", 0.0), 2)}
-        cases += [(mode, f"auto ({which} {auto_rates[which]} GB/s)",
+        cases += [(mode, f"auto ({which} {auto_rates[which]} GB/s{'' if follow == 'on' else ', split kept'})",
                    ("schedule.cpu_attention=auto", f"hardware.cpu_attn_gbps={auto_rates[which]}",
                     f"hardware.cpu_attn_threads={threads_list[0]}", *fixed))
                   for mode in args.auto_modes.split(",") if mode
-                  for which in args.auto_rates.split(",") if which and auto_rates[which] > 0]
+                  for which in args.auto_rates.split(",") if which and auto_rates[which] > 0
+                  for follow in args.follow.split(",") if follow]
         base = None
         for mode, lane, extra in cases:
             if args.row_timeout:  # no CUDA call in the dump: a stall may hold the context's lock
                 print(f"row {name} {mode} {lane}", flush=True)
                 faulthandler.dump_traceback_later(args.row_timeout, exit=True)
-            cm, r = compiled(model, spec, mode, batch, context, hw_name, budget, extra=extra)
+            keep = (lambda p: replace(p, cpu_gbps=0.0)) if "split kept" in lane else None
+            cm, r = compiled(model, spec, mode, batch, context, hw_name, budget, extra=extra, edit=keep)
             pred = predict(spec, r.hardware, cm.plan, context, batch, env.DTYPE_NAME)["predicted_step_ms"]
             ms = compiled_decode_ms(cm, ids, args.steps, args.repeats)
             tokens, logits = cm.generate(ids, 8, return_logits=True)
@@ -167,7 +174,11 @@ def main(argv=None) -> int:
                    "ms": round(ms, 2), "lp_ms": round(pred, 2), "cpu_fraction_last_step": frac,
                    "max_logit_diff_vs_off": None if diff is None else round(diff, 4),
                    "rows_same_tokens": None if same is None else round(same, 3),
-                   "threads": cm.plan.cpu_threads if cm.plan.cpu_lane else None}
+                   "threads": cm.plan.cpu_threads if cm.plan.cpu_lane else None,
+                   # an auto plan's lane: the share of its CPU tokens it took at the end, and
+                   # the rate its parts ran at in the steps (kvc.runtime.offloaded._follow_lane)
+                   "cpu_scale": round(cm._cache.cpu_scale, 3) if cm._cache is not None else None,
+                   "cpu_gbps_seen": round(cm._cache.cpu_seen_gbps, 2) if cm._cache is not None else None}
             faulthandler.cancel_dump_traceback_later()
             steps.append(row)
             print(f"step {row}", flush=True)

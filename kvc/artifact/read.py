@@ -210,7 +210,8 @@ def _check_cpu_lane(d: dict, units: int, mc: int, need) -> None:
     """The CPU attention lane (issue 17): `cpu`, one row of CPU tokens per unit for each run
     of the table (the runs of recompute_runs; the _check_plan above checked their shape),
     c + l at most the run's first context; `cpu_fraction` null
-    or 0..1 (with a forced recompute fraction, their sum at most 1); `cpu_threads`."""
+    or 0..1 (with a forced recompute fraction, their sum at most 1); `cpu_threads`; `cpu_gbps`,
+    the rate the LP planned it with."""
     f = d.get("cpu_fraction")
     need(f is None or _num(f, 0.0, 1.0), "plan.cpu_fraction is not null or 0..1")
     lf = d.get("forced_fraction")
@@ -219,6 +220,8 @@ def _check_cpu_lane(d: dict, units: int, mc: int, need) -> None:
     need(_int(d.get("cpu_threads", 0), 0, LIMITS["cpu_threads"]),
          f"plan.cpu_threads = {str(d.get('cpu_threads'))[:40]}; expected an integer "
          f"0..{LIMITS['cpu_threads']}")
+    need(_num(d.get("cpu_gbps", 0.0), 0.0, 1e6),
+         f"plan.cpu_gbps = {str(d.get('cpu_gbps'))[:40]}; expected a number 0..1e6")
     if "cpu" not in d:
         return
     rows, runs = d["cpu"], d.get("recompute_runs")

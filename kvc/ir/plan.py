@@ -75,6 +75,10 @@ class Plan:
     cpu: tuple[tuple[int, ...], ...] = ()
     cpu_fraction: float | None = None  # set: c = round(fraction * n) of the n cached tokens, any s
     cpu_threads: int = 0  # the lane's torch threads (0: the runtime's default)
+    # the lane's rate the LP planned `cpu` with (hardware.cpu_attn_gbps; 0: not planned, a
+    # forced fraction or no lane): the runtime's lane follows its measured rate against it
+    # (kvc.runtime.offloaded: c scaled down where the CPU runs slower, never up)
+    cpu_gbps: float = 0.0
     # several GPUs (issue 18): the plan of ONE of world_size ranks, each decoding batch_size
     # rows (the rank's share, ceil(whole batch / world_size)) over its own link, checked
     # against its share of the host (kvc.hardware.per_rank); predicted_step_ms includes the
@@ -293,7 +297,7 @@ class Plan:
         d["notes"] = json.loads(json.dumps(self.notes))
         if self.cpu:
             d["cpu"] = [list(r) for r in self.cpu]
-        for name, none in (("cpu", ()), ("cpu_fraction", None), ("cpu_threads", 0)):
+        for name, none in (("cpu", ()), ("cpu_fraction", None), ("cpu_threads", 0), ("cpu_gbps", 0.0)):
             if getattr(self, name) == none:  # plans without the CPU lane stay as they were
                 del d[name]
         if self.weights_streamed:

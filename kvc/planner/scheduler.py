@@ -259,8 +259,8 @@ def _make_plan(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest, ranks: int
     cpu = np.zeros_like(recompute)
     if job.lane == "free":
         recompute, cpu, steps = _with_cpu_lane(job, plan, resident, recompute, steps)
-    if cpu.any():
-        plan = replace(plan, cpu_threads=hw.cpu_attn_threads)
+    if cpu.any():  # what the runtime measures its lane against
+        plan = replace(plan, cpu_threads=hw.cpu_attn_threads, cpu_gbps=float(hw.cpu_attn_gbps))
     if shares > 1:
         recompute, steps = _window_shares(job, plan, recompute, steps)
     plan, steps, cpu = _more_resident(job, plan, recompute, steps, cpu)

@@ -36,6 +36,8 @@ host waits and the worker waits on events, as on main. On a CPU device the lane 
 from __future__ import annotations
 
 import math
+import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
@@ -141,6 +143,10 @@ class CpuLane:
         self.rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.filled: dict[int, int] = {}
         self.chores: list[Future] = []  # the copies into `rows` still in the worker
+        # (seconds, K,V bytes) of each CPU part computed since `timings` last took them: its
+        # new rows' copy and the kernel, the lane's own time (not its waits)
+        self.timed: list[tuple[float, int]] = []
+        self.timed_lock = threading.Lock()
         self._threads_set = False
 
     def _run(self, job, *events) -> Future | object:
@@ -210,6 +216,12 @@ class CpuLane:
             fill()
         self._chore(self._run(after_write_back))
 
+    def timings(self) -> list[tuple[float, int]]:
+        """(seconds, K,V bytes) of each CPU part computed since the last call, oldest first."""
+        with self.timed_lock:
+            got, self.timed = self.timed, []
+        return got
+
     def _slot(self, kind: int, unit: int) -> int:
         """The unit's flag of one kind (_KINDS)."""
         return kind * self.num_units + unit
@@ -264,9 +276,13 @@ class CpuLane:
         waits for that copy, not the host, and for `written` (the write-back stream: rows it
         copies from the pool may have been written by copies still in flight)."""
         def attend(qh):
+            t0 = time.perf_counter()
             self._fill(unit, k_pool, v_pool, lo + c)
             k_hm, v_hm = self.rows[unit]
-            return partial_attention(qh, k_hm[:, :, lo:lo + c], v_hm[:, :, lo:lo + c], scale, softcap, real)
+            part = partial_attention(qh, k_hm[:, :, lo:lo + c], v_hm[:, :, lo:lo + c], scale, softcap, real)
+            with self.timed_lock:
+                self.timed.append((time.perf_counter() - t0, 2 * c * k_hm[:, :, 0].numel() * k_hm.element_size()))
+            return part
         if not self.cuda:
             self.pending[unit] = attend(q)
             return

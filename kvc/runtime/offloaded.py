@@ -43,6 +43,9 @@ from kvc.runtime.padding import Padding
 from kvc.runtime.pinned import check_host_memory, pinned_empty
 from kvc.runtime.streams import StreamSet
 
+# the lane's parts planned to take less than this do not move its share (_follow_lane)
+FOLLOW_MIN_S = 1e-3
+
 
 class _Views(NamedTuple):
     """One offloaded layer's staging slot and CPU pool rows (OffloadedCache.views)."""
@@ -150,6 +153,8 @@ class OffloadedCache:
         # the CPU attention lane (issue 17): per unit, the first token and count of the cached
         # rows the CPU attends to this step (the oldest c, before the GPU's base)
         self.cpu_rows: dict[int, tuple[int, int]] = {}
+        self.cpu_scale = 1.0  # the share of the plan's CPU tokens taken (_follow_lane)
+        self.cpu_seen_gbps = 0.0  # the rate the lane's counted parts ran at, the last step seen
 
     def _window_rows(self, unit: int, max_tokens: int) -> tuple[int, int, int, int]:
         """A windowed unit over the contexts the cache serves: (first and end token of the
@@ -176,12 +181,35 @@ class OffloadedCache:
         lo, c, l = self._split(unit, s)
         return lo + c, l
 
-    def _split(self, unit: int, s: int) -> tuple[int, int, int]:
+    def _split(self, unit: int, s: int, scale: float = 1.0) -> tuple[int, int, int]:
         """(lo, c, l): the unit attends to cached tokens [lo, s) (lo > 0 only with a window),
-        the oldest c of them on the CPU, and recomputes the next l."""
+        the oldest c of them on the CPU (`scale` of the plan's: _follow_lane), and recomputes
+        the next l."""
         l, n = self.plan.recompute_tokens(unit, s), self._cached_count(unit, s)
-        c = self.plan.cpu_tokens(unit, n, s) if self.lane is not None else 0
+        c = int(self.plan.cpu_tokens(unit, n, s) * scale) if self.lane is not None else 0
         return s - n, c, min(l, n - c)
+
+    def _follow_lane(self) -> float:
+        """The share of an auto plan's CPU tokens this step takes: a running mean of the rate
+        the lane's parts ran at since the last step over the rate the LP planned with
+        (plan.cpu_gbps), at most 1. A host that reads slower than it was measured (on the
+        H200's, 25-40 GB/s inside the steps against the profiler's 43-48, moving between
+        runs: docs/BENCHMARKS.md, session 12) leaves the lane on the step's critical path; a
+        smaller c moves the rest to the link, and never more than the plan's goes to the CPU.
+        Parts planned under FOLLOW_MIN_S do not count (their fixed costs, not the rate, would
+        set their time). A forced fraction and a plan made before keep their c."""
+        p = self.plan
+        if self.lane is None or p.cpu_fraction is not None or p.cpu_gbps <= 0:
+            return 1.0
+        planned = took = 0.0
+        for t, nbytes in self.lane.timings():
+            want = nbytes / (p.cpu_gbps * 1e9)
+            if want >= FOLLOW_MIN_S:
+                planned, took = planned + want, took + t
+        if took > 0:
+            self.cpu_seen_gbps = planned / took * p.cpu_gbps
+            self.cpu_scale = min(1.0, 0.5 * self.cpu_scale + 0.5 * planned / took)
+        return self.cpu_scale
 
     def _cached_count(self, unit: int, s: int) -> int:
         """How many of the s cached tokens the unit attends to, the last n (its layer's
@@ -258,13 +286,14 @@ class OffloadedCache:
                 self.lane.restart()
             return
         chunks = self.plan.act_chunks
+        scale = self._follow_lane()
         for i in self.offloaded:
             if self.split is not None:
                 base, m, l = self._share(i, s)
                 self.cpu_rows[i] = (base, 0)
                 self.base[i], self.cached[i] = base, m
             else:
-                lo, c, l = self._split(i, s)
+                lo, c, l = self._split(i, s, scale)
                 self.cpu_rows[i] = (lo, c)
                 self.base[i], self.cached[i] = lo + c, s - lo - c
             self.bounds[i] = chunk_bounds(l, chunks)

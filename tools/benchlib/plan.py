@@ -44,8 +44,12 @@ def point_budget_gb(spec, name, hw_name, batch, context) -> float:
     return offload_budget_gb(spec, hw, batch, context + GEN_LEN)
 
 
-def compiled(model, spec, mode, batch, context, hw_name, budget, fraction=None, extra=()):
+def compiled(model, spec, mode, batch, context, hw_name, budget, fraction=None, extra=(), edit=None):
+    """(compiled module, resolved config) of one bench row; `edit` (Plan -> Plan), if given,
+    changes the plan before it is lowered (an experiment's variant of what make_plan chose)."""
     plan, r = planned(spec_name(spec), mode, batch, context, hw_name, budget, fraction, extra)
+    if edit is not None:
+        plan = edit(plan)
     return assemble(lower(model, plan), plan, spec, env.DTYPE, torch.device(env.DEVICE)), r
 
 
