@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Two device calls for the CPU lane's flag poll (branch lane-gpu-poll), each part in its own
+# Device calls for the CPU attention lane (issue 17), each part in its own
 # timeout, output under $OUT as it goes. From the repository root on the device, after the
 # wheels are installed and kvc is on PYTHONPATH (../shared/DEVICE.md):
 #   bash tools/lane_device_call.sh check   # ~4 min: the lazy-load probe, GPU tests, both points under a watchdog
 #   bash tools/lane_device_call.sh bench   # <= 9.5 min: the three points of issue 17, with and without the lane
 #   bash tools/lane_device_call.sh final   # ~8 min: the profiler's test; each point off and auto at the profiler's
 #                                          # rate, the lane following its measured rate and the LP's split kept
+#   bash tools/lane_device_call.sh variance # ~5 min: OPT 0.25 and llama-3-8b 0.4, where the steps' time goes
 #   bash tools/lane_device_call.sh threads # ~5 min: llama-3-8b's lane at 14, 12, 10 and 8 threads
 out="${OUT:-/tmp/out}"; mkdir -p "$out"
 date -u | tee -a "$out/call.txt"
@@ -41,10 +42,18 @@ elif [ "$1" = final ]; then
       --row-timeout 100 --out "$out/${point%%:*}" 2>&1 \
       | grep -v "^kernel" | tee -a "$out/bench.txt" | grep "^step\|^Timeout\|^row\|^profile" | cut -c1-260 | tee -a "$out/call.txt"
   done
+elif [ "$1" = variance ]; then
+  # one split compiled twice, timed three times each: the kernel's rate in the steps, the GPU's
+  # waits at the merges and the worker's waits for the GPU (why OPT's steps move, session 12)
+  for pt in opt-6.7b:32:1024:0.25 llama-3-8b:32:2048:0.4; do
+    IFS=: read -r n b s f <<< "$pt"
+    timeout 140 python3 -P tools/lane_variance_probe.py --point "$n:$b:$s" --fraction "$f" --compiles 2 \
+      --rounds 3 2>&1 | grep -v Warning | tail -7 | tee -a "$out/call.txt"
+  done
 elif [ "$1" = threads ]; then
   timeout 570 python3 -P tools/cpu_lane_bench.py --points llama-3-8b:32:2048 --fractions 0.4 --dtypes float16 \
     --threads 14,12,10,8 --sweep-threads --steps 8 --repeats 2 --auto-modes "" --row-timeout 100 --out "$out/threads" 2>&1 \
     | grep -v "^kernel" | tee -a "$out/bench.txt" | grep "^step\|^Timeout\|^row" | cut -c1-260 | tee -a "$out/call.txt"
 else
-  echo "usage: bash tools/lane_device_call.sh check|bench|final|threads" >&2; exit 2
+  echo "usage: bash tools/lane_device_call.sh check|bench|final|variance|threads" >&2; exit 2
 fi
