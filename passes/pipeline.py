@@ -29,8 +29,11 @@ def build_passes(plan: Plan) -> list:
 
 
 def run_pipeline(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
+    passes = build_passes(plan)
+    for p in passes:  # the PassManager recompiles after each pass
+        p.recompiles = False
     try:
-        result = PassManager(passes=build_passes(plan))(gm)
+        result = PassManager(passes=passes)(gm)
     except Exception as e:
         # PassManager wraps a pass's error in a bare Exception naming the pass: keep the cause
         # (e.g. annotate's "K,V cannot be recomputed") as the error callers see
