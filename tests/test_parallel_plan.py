@@ -59,15 +59,16 @@ def test_per_rank_shares_the_cpu_lane():
     assert (four.cpu_attn_threads, four.cpu_attn_gbps) == (3, 10.0)
     assert per_rank(dataclasses.replace(hw, cpu_attn_threads=3), 4).cpu_attn_gbps == 0.0
     assert per_rank(HardwareConfig(), 4).cpu_attn_gbps == 0.0  # no lane stays none
-    # a llama-3-8b row split over 4 ranks on the H200 host (h200-pcie5: 40 GB/s, 14 threads):
-    # each rank's lane is planned at its share and carries its share of the threads
-    plan = make_plan(PRESETS["llama-3-8b"], preset_hw("h200-pcie5"),
+    # a llama-3-8b row split over 4 ranks on the H200 host (h200-pcie5: 14 threads): each
+    # rank's lane is planned at its share of the rate and carries its share of the threads
+    h200 = preset_hw("h200-pcie5")
+    plan = make_plan(PRESETS["llama-3-8b"], h200,
                      PlanRequest(batch_size=32, prompt_len=2048, gen_len=4, dtype="float16",
                                  resident_cache=False, max_context=2064, world_size=4,
                                  cpu_attention="auto"))
     assert plan.cpu_lane and plan.cpu_threads == 3
     par = plan.notes["parallel"]
-    assert (par["cpu_attn_threads"], par["cpu_attn_gbps"]) == (3, 10.0)
+    assert (par["cpu_attn_threads"], par["cpu_attn_gbps"]) == (3, round(h200.cpu_attn_gbps / 4, 4))
     one = make_plan(PRESETS["llama-3-8b"], preset_hw("h200-pcie5"),
                     PlanRequest(batch_size=8, prompt_len=2048, gen_len=4, dtype="float16",
                                 resident_cache=False, max_context=2064, cpu_attention="auto"))
