@@ -6,7 +6,8 @@
 #   bash tools/lane_device_call.sh bench   # <= 9.5 min: the three points of issue 17, with and without the lane
 #   bash tools/lane_device_call.sh final   # ~8 min: the profiler's test; each point off and auto at the profiler's
 #                                          # rate, the lane following its measured rate and the LP's split kept
-#   bash tools/lane_device_call.sh variance # ~5 min: OPT 0.25 and llama-3-8b 0.4, where the steps' time goes
+#   bash tools/lane_device_call.sh variance # ~6 min: OPT 0.25 and llama-3-8b 0.4, where the steps' time goes,
+#                                          # with OpenMP's threads spinning (the default) and passive
 #   bash tools/lane_device_call.sh threads # ~5 min: llama-3-8b's lane at 14, 12, 10 and 8 threads
 out="${OUT:-/tmp/out}"; mkdir -p "$out"
 date -u | tee -a "$out/call.txt"
@@ -45,10 +46,15 @@ elif [ "$1" = final ]; then
 elif [ "$1" = variance ]; then
   # one split compiled twice, timed three times each: the kernel's rate in the steps, the GPU's
   # waits at the merges and the worker's waits for the GPU (why OPT's steps move, session 12)
-  for pt in opt-6.7b:32:1024:0.25 llama-3-8b:32:2048:0.4; do
-    IFS=: read -r n b s f <<< "$pt"
-    timeout 140 python3 -P tools/lane_variance_probe.py --point "$n:$b:$s" --fraction "$f" --compiles 2 \
-      --rounds 3 2>&1 | grep -v Warning | tail -7 | tee -a "$out/call.txt"
+  # and again with OpenMP's threads sleeping at once after each parallel region instead of
+  # spinning (OMP_WAIT_POLICY=passive): the host thread's team and the worker's share 16 cores
+  for policy in "" PASSIVE; do
+    for pt in opt-6.7b:32:1024:0.25 llama-3-8b:32:2048:0.4; do
+      IFS=: read -r n b s f <<< "$pt"
+      echo "== $n $f OMP_WAIT_POLICY=${policy:-(unset)}" | tee -a "$out/call.txt"
+      env ${policy:+OMP_WAIT_POLICY=$policy} timeout 120 python3 -P tools/lane_variance_probe.py --point "$n:$b:$s" \
+        --fraction "$f" --compiles 1 --rounds 3 2>&1 | grep -v Warning | tail -4 | tee -a "$out/call.txt"
+    done
   done
 elif [ "$1" = threads ]; then
   timeout 570 python3 -P tools/cpu_lane_bench.py --points llama-3-8b:32:2048 --fractions 0.4 --dtypes float16 \
