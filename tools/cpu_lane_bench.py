@@ -147,19 +147,23 @@ def main(argv=None) -> int:
                                                           "schedule.cuda_graphs=false"))
                       for f in fractions]
         auto_rates = {"kernel": rate, "profile": round(lane_fig.get("cpu_attn_gbps", 0.0), 2)}
-        cases += [(mode, f"auto ({which} {auto_rates[which]} GB/s{'' if follow == 'on' else ', split kept'})",
-                   ("schedule.cpu_attention=auto", f"hardware.cpu_attn_gbps={auto_rates[which]}",
-                    f"hardware.cpu_attn_threads={threads_list[0]}", *fixed))
-                  for mode in args.auto_modes.split(",") if mode
-                  for which in args.auto_rates.split(",") if which and auto_rates[which] > 0
-                  for follow in args.follow.split(",") if follow]
+        edits = {}  # per row label: how its plan differs from make_plan's (none: as made)
+        for mode in filter(None, args.auto_modes.split(",")):
+            for which in filter(None, args.auto_rates.split(",")):
+                for follow in filter(None, args.follow.split(",")):
+                    if auto_rates[which] <= 0:
+                        continue
+                    lane = f"auto ({which} {auto_rates[which]} GB/s{'' if follow == 'on' else ', split kept'})"
+                    cases.append((mode, lane, ("schedule.cpu_attention=auto", f"hardware.cpu_attn_gbps={auto_rates[which]}",
+                                               f"hardware.cpu_attn_threads={threads_list[0]}", *fixed)))
+                    if follow != "on":  # the LP's split kept: no planned rate to follow
+                        edits[lane] = lambda p: replace(p, cpu_gbps=0.0)
         base = None
         for mode, lane, extra in cases:
             if args.row_timeout:  # no CUDA call in the dump: a stall may hold the context's lock
                 print(f"row {name} {mode} {lane}", flush=True)
                 faulthandler.dump_traceback_later(args.row_timeout, exit=True)
-            keep = (lambda p: replace(p, cpu_gbps=0.0)) if "split kept" in lane else None
-            cm, r = compiled(model, spec, mode, batch, context, hw_name, budget, extra=extra, edit=keep)
+            cm, r = compiled(model, spec, mode, batch, context, hw_name, budget, extra=extra, edit=edits.get(lane))
             pred = predict(spec, r.hardware, cm.plan, context, batch, env.DTYPE_NAME)["predicted_step_ms"]
             ms = compiled_decode_ms(cm, ids, args.steps, args.repeats)
             tokens, logits = cm.generate(ids, 8, return_logits=True)

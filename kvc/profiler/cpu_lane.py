@@ -18,14 +18,16 @@ Only on a GPU: on a CPU device there is no second lane (the "device" is the CPU 
 """
 from __future__ import annotations
 
+import itertools
 import statistics
 import threading
 import time
 
 import torch
 
+from kvc.hardware import default_cpu_attn_threads
 from kvc.profiler.fit import fit_affine
-from kvc.runtime.cpu_attention import CpuLane, default_threads, partial_attention
+from kvc.runtime.cpu_attention import CpuLane, partial_attention
 
 GB = 1e9
 # a llama-3-8b layer at batch 32 (GQA 32/8): the shape the lane serves most
@@ -81,7 +83,7 @@ def median_s(fn, reps: int, warm: int = 1) -> float:
 def cpu_attention(device: torch.device, dtype: torch.dtype, threads: int = 0, reps: int = 7,
                   contexts=CONTEXTS) -> dict[str, float]:
     """{cpu_attn_gbps, cpu_attn_fixed_us, cpu_attn_threads} of this host beside `device`'s link."""
-    threads = threads or default_threads()
+    threads = threads or default_cpu_attn_threads()
     b, kv, heads, hd = SHAPE["b"], SHAPE["kv"], SHAPE["heads"], SHAPE["hd"]
     q = torch.randn(b, heads, hd).to(dtype)
     was = torch.get_num_threads()
@@ -106,11 +108,10 @@ def kernel_s(q: torch.Tensor, shape, dtype: torch.dtype, reps: int) -> float:
     k = torch.randn(shape).to(dtype)
     copies = min(256, max(2, -(-RING_BYTES // (2 * k.nbytes))))  # a smoke run's tiny K,V: 256
     ring = [(k, k.clone())] + [(k.clone(), k.clone()) for _ in range(copies - 1)]
-    turn = iter(range(1 << 62))
+    turn = itertools.cycle(ring)
 
     def once():
-        kk, vv = ring[next(turn) % len(ring)]
-        partial_attention(q, kk, vv, shape[-1] ** -0.5)
+        partial_attention(q, *next(turn), shape[-1] ** -0.5)
     return median_s(once, reps, warm=len(ring))
 
 

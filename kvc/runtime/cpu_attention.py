@@ -26,12 +26,12 @@ thread does not wait for it (unless it is AHEAD units ahead): `end` queues, on t
 stream, a poll of a flag the worker writes once the partial is in pinned memory
 (kvc.runtime.flagwait: a one-thread kernel, device work like any other), then the partial's
 copy up. So the layer's rest and the next layers' work are already issued when the CPU's
-part lands. (On main `end` blocks the host: each unit's CPU part is followed, serially, by
-the host issuing the layer's rest and the next layer's front, 0.6-0.8 ms a unit at
-llama-3-8b b32 on the H200.) The worker learns that the query and the pools' rows have landed
+part lands. (Before the poll `end` blocked the host: each unit's CPU part was followed,
+serially, by the host issuing the layer's rest and the next layer's front, 0.6-0.8 ms a unit
+at llama-3-8b b32 on the H200.) The worker learns that the query and the pools' rows have landed
 from flags the GPU's streams write, never from CUDA events: a worker blocked in any CUDA call
 while a module loads can deadlock with the poll (flagwait's docstring). Without NVRTC the
-host waits and the worker waits on events, as on main. On a CPU device the lane runs inline.
+host waits and the worker waits on events. On a CPU device the lane runs inline.
 """
 from __future__ import annotations
 
@@ -108,11 +108,6 @@ def _fine_sleeps() -> None:
         pass
 
 
-def default_threads() -> int:
-    """The lane's threads: the cores less two (the host thread issuing the GPU's work, the OS)."""
-    return default_cpu_attn_threads()
-
-
 class CpuLane:
     """Per unit and step: `begin` hands the query to the CPU, `end` returns the partial on the
     device. Buffers are per unit: a unit's next query is copied down on the compute stream
@@ -123,9 +118,9 @@ class CpuLane:
     hd], token r at row r) and how many tokens it holds (`filled`): only the worker touches
     them (or the caller on a CPU device), in the order the jobs were handed over."""
 
-    def __init__(self, device: torch.device, num_units: int, threads: int = 0):
+    def __init__(self, device: torch.device, num_units: int, threads: int = 0, timed: bool = False):
         self.device = torch.device(device)
-        self.threads = threads or default_threads()
+        self.threads = threads or default_cpu_attn_threads()
         self.cuda = self.device.type == "cuda"
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="kvc-cpu-attention") if self.cuda else None
         self.pending: dict[int, Future | tuple] = {}  # begun, not yet ended
@@ -143,9 +138,10 @@ class CpuLane:
         self.rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.filled: dict[int, int] = {}
         self.chores: list[Future] = []  # the copies into `rows` still in the worker
-        # (seconds, K,V bytes) of each CPU part computed since `timings` last took them: its
-        # new rows' copy and the kernel, the lane's own time (not its waits)
-        self.timed: list[tuple[float, int]] = []
+        # `timed`: (seconds, K,V bytes) of each CPU part computed since `timings` last took
+        # them (its new rows' copy and the kernel, the lane's own time, not its waits); None:
+        # not kept (no one reads them)
+        self.timed: list[tuple[float, int]] | None = [] if timed else None
         self.timed_lock = threading.Lock()
         self._threads_set = False
 
@@ -218,6 +214,8 @@ class CpuLane:
 
     def timings(self) -> list[tuple[float, int]]:
         """(seconds, K,V bytes) of each CPU part computed since the last call, oldest first."""
+        if self.timed is None:
+            return []
         with self.timed_lock:
             got, self.timed = self.timed, []
         return got
@@ -280,8 +278,9 @@ class CpuLane:
             self._fill(unit, k_pool, v_pool, lo + c)
             k_hm, v_hm = self.rows[unit]
             part = partial_attention(qh, k_hm[:, :, lo:lo + c], v_hm[:, :, lo:lo + c], scale, softcap, real)
-            with self.timed_lock:
-                self.timed.append((time.perf_counter() - t0, 2 * c * k_hm[:, :, 0].numel() * k_hm.element_size()))
+            if self.timed is not None:
+                with self.timed_lock:
+                    self.timed.append((time.perf_counter() - t0, 2 * c * k_hm[:, :, 0].numel() * k_hm.element_size()))
             return part
         if not self.cuda:
             self.pending[unit] = attend(q)

@@ -84,7 +84,10 @@ class OffloadedCache:
             raise ValueError(f"{len(self.windows)} windows for {num_layers} units")
         self.offloaded = list(plan.offloaded_units)
         n_off = len(self.offloaded)
-        self.lane = CpuLane(self.device, num_layers, plan.cpu_threads) if plan.cpu_lane else None
+        # an auto plan's lane follows the rate it runs at (_follow_lane): it times its parts
+        self.follows = bool(plan.cpu_lane) and plan.cpu_fraction is None and plan.cpu_gbps > 0
+        self.lane = CpuLane(self.device, num_layers, plan.cpu_threads, timed=self.follows) \
+            if plan.cpu_lane else None
         self.split = ranks if ranks is not None and ranks.splits_tokens else None
         # a token split's rank adds the step's own rows only on the last rank (one owner)
         self.owns_new = self.split is None or self.split.rank == self.split.world - 1
@@ -198,9 +201,9 @@ class OffloadedCache:
         smaller c moves the rest to the link, and never more than the plan's goes to the CPU.
         Parts planned under FOLLOW_MIN_S do not count (their fixed costs, not the rate, would
         set their time). A forced fraction and a plan made before keep their c."""
-        p = self.plan
-        if self.lane is None or p.cpu_fraction is not None or p.cpu_gbps <= 0:
+        if not self.follows:
             return 1.0
+        p = self.plan
         planned = took = 0.0
         for t, nbytes in self.lane.timings():
             want = nbytes / (p.cpu_gbps * 1e9)
