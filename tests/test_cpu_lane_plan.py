@@ -112,6 +112,20 @@ def test_gqa_uses_the_lane_where_it_never_recomputes():
     assert on.predicted_step_ms[0] < 0.8 * off.predicted_step_ms[0]
 
 
+def test_a_plan_with_more_resident_layers_keeps_the_rate_its_lane_follows():
+    """A GQA plan that recomputes nothing trades the activations' staging for more resident
+    layers (scheduler._more_resident): the plan it remakes keeps the lane's figures, the rate
+    included, or its lane would never follow the rate it runs at (llama-3-8b's never did on
+    the H200, session 13)."""
+    spec = PRESETS["llama-3-8b"]
+    req = PlanRequest(batch_size=32, prompt_len=2048, gen_len=4, dtype="float16",
+                      max_context=2056, cpu_attention="auto")
+    on = make_plan(spec, hw("h200-pcie5", cpu_attn_gbps=50.0, gpu_mem_gb=22.0), req)
+    assert on.cpu_lane and 0 < sum(on.resident) < spec.num_layers
+    assert on.notes["memory_gb"]["staging_for"] == "kv"
+    assert on.cpu_gbps == 50.0 and on.cpu_threads > 0
+
+
 def _lp_instance(seed):
     rng = np.random.default_rng(seed)
     spec = PRESETS[str(rng.choice(["opt-6.7b", "llama-2-7b", "llama-3-8b"]))]

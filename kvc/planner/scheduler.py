@@ -526,7 +526,7 @@ def _more_resident(job: _Job, plan: Plan, recompute: np.ndarray, steps, cpu):
     extra = [i for i in range(L) if not resident[i]][:max(0, n_max - sum(resident))]
     if not extra:
         return plan, steps, cpu
-    lane = {f: getattr(plan, f) for f in ("cpu_fraction", "cpu_threads")}
+    lane = {f: getattr(plan, f) for f in ("cpu_fraction", "cpu_threads", "cpu_gbps")}
     plan = replace(job.plan(tuple(res or i in extra for i, res in enumerate(resident))), **lane)
     cpu = np.where(np.array(plan.resident[::r.micro_batches])[:, None], 0, cpu)
     job.notes["memory_gb"] = _round({**bare, "staging_for": "kv"})
