@@ -345,6 +345,33 @@ def test_a_lane_slower_than_planned_takes_fewer_tokens_and_decodes_the_same(lane
     assert scale < 0.6 and got < planned
 
 
+def test_tokens_a_slower_lane_gives_back_keep_the_plans_mix(tmp_path, monkeypatch):
+    """A plan pairing the lane with recompute (tiny-opt's second layer), planned at 10^5 GB/s
+    so its lane follows down to a smaller c: the tokens it gives back are recomputed and
+    copied in the plan's proportion of the rest, not all copied as K,V (twice the bytes of an
+    MHA model's activations), and the decode is the reference's."""
+    from kvc.runtime import offloaded
+
+    monkeypatch.setattr(offloaded, "FOLLOW_MIN_S", 0.0)  # the tiny model's parts all count
+    paired = kvc.compile(TINY, overrides=["schedule=pipelined", *LANE[1:]], output=tmp_path / "p.kvc")
+    plan = Plan.from_json(art.read_manifest(paired)["plan"])
+    assert "beside recompute" in plan.notes["cpu_attention"]
+    fast = _edited(paired, tmp_path, ["plan", "cpu_gbps"], 1e5)
+    assert _decode(fast)[1] < 0.6  # the reference's tokens and logits, the lane followed down
+    model = kvc.load(fast, device="cpu")
+    model.generate(torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(1)), 8)
+    cache = model._cache
+    s = cache.s - 1  # the last step's context
+    got = {u: (plan.cpu_tokens(u, s, s), plan.recompute_tokens(u, s), c, cache.bounds[u][-1])
+           for u, (_, c) in cache.cpu_rows.items()}
+    paired = {u: g for u, g in got.items() if g[0] and g[1]}
+    assert paired, got
+    for u, (planned, l_planned, c, l) in paired.items():
+        # l of the s - c non-CPU tokens, as l_planned of s - planned (to the token below)
+        assert c < planned and l > l_planned and c + l <= s, got
+        assert 0 <= l_planned * (s - c) - l * (s - planned) < s - planned, got
+
+
 def _edited(src, tmp_path, keys, value):
     a = tmp_path / "x.kvc"
     shutil.copytree(src, a)

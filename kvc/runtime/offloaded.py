@@ -187,9 +187,22 @@ class OffloadedCache:
     def _split(self, unit: int, s: int, scale: float = 1.0) -> tuple[int, int, int]:
         """(lo, c, l): the unit attends to cached tokens [lo, s) (lo > 0 only with a window),
         the oldest c of them on the CPU (`scale` of the plan's: _follow_lane), and recomputes
-        the next l."""
+        the next l.
+
+        The tokens a slower lane gives back (c under the plan's) keep the plan's mix of the
+        rest: l grows in proportion. The LP pairs the lane with the cheaper of the other two
+        sources, so they go where the plan sends the rest: OPT-6.7B's, which recomputes all
+        it does not give the CPU, recomputes them (as its plan without the lane does: scale 0
+        is that plan), a GQA model's copies them as K,V. Given to the link as K,V instead,
+        an MHA model's cost twice the bytes of their activations (session 13). The staging
+        holds every row with a lane (OffloadedCache.__init__: keep_all)."""
         l, n = self.plan.recompute_tokens(unit, s), self._cached_count(unit, s)
-        c = int(self.plan.cpu_tokens(unit, n, s) * scale) if self.lane is not None else 0
+        if self.lane is None:
+            return s - n, 0, min(l, n)
+        planned = self.plan.cpu_tokens(unit, n, s)
+        c = int(planned * scale)
+        if c < planned and l and n > planned:
+            l = l * (n - c) // (n - planned)
         return s - n, c, min(l, n - c)
 
     def _follow_lane(self) -> float:
