@@ -89,6 +89,10 @@ def main(argv=None) -> int:
     ap.add_argument("--row-timeout", type=float, default=0.0,
                     help="seconds a step row may take; past them every thread's stack is printed and "
                          "the run exits 3 (a stalled lane: the rows before it are printed already)")
+    ap.add_argument("--switch-intervals", default="",
+                    help="also each lane row with Python's GIL switch interval at these seconds (comma "
+                         "separated; sys.setswitchinterval): how long the lane's worker waits for the GIL "
+                         "the host thread holds between its torch ops")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default=None)
@@ -158,8 +162,17 @@ def main(argv=None) -> int:
                                                f"hardware.cpu_attn_threads={threads_list[0]}", *fixed)))
                     if follow != "on":  # the LP's split kept: no planned rate to follow
                         edits[lane] = lambda p: replace(p, cpu_gbps=0.0)
+        switch = {}  # per row label: its GIL switch interval (none: Python's, 5 ms)
+        for x in filter(None, args.switch_intervals.split(",")):
+            more = [(m, f"{lane}, switch {float(x) * 1e3:g} ms", extra) for m, lane, extra in cases if lane != "off"]
+            edits.update({label: edits[lane] for (_, lane, _), (_, label, _) in
+                          zip([c for c in cases if c[1] != "off"], more) if lane in edits})
+            switch.update({label: float(x) for _, label, _ in more})
+            cases += more
+        default_switch = sys.getswitchinterval()
         base = None
         for mode, lane, extra in cases:
+            sys.setswitchinterval(switch.get(lane, default_switch))
             if args.row_timeout:  # no CUDA call in the dump: a stall may hold the context's lock
                 print(f"row {name} {mode} {lane}", flush=True)
                 faulthandler.dump_traceback_later(args.row_timeout, exit=True)
@@ -179,6 +192,7 @@ def main(argv=None) -> int:
                    "max_logit_diff_vs_off": None if diff is None else round(diff, 4),
                    "rows_same_tokens": None if same is None else round(same, 3),
                    "threads": cm.plan.cpu_threads if cm.plan.cpu_lane else None,
+                   "switch_ms": round(sys.getswitchinterval() * 1e3, 3),
                    # an auto plan's lane: the share of its CPU tokens it took at the end, and
                    # the rate its parts ran at in the steps (kvc.runtime.offloaded._follow_lane)
                    "cpu_scale": round(cm._cache.cpu_scale, 3) if cm._cache is not None else None,
@@ -187,6 +201,7 @@ def main(argv=None) -> int:
             steps.append(row)
             print(f"step {row}", flush=True)
             cm.close()
+            sys.setswitchinterval(default_switch)
             del cm
             env.free_memory()
         del model

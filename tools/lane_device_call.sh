@@ -35,7 +35,7 @@ elif [ "$1" = bench ]; then
 elif [ "$1" = final ]; then
   # the build that lands: the profiler's test, then each point with auto planned with the
   # profiler's rate (what a user's `kvc profile` gives), following the measured rate and not
-  timeout 120 python3 -P -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "profiler_measures or flag" 2>&1 \
+  timeout 120 python3 -P -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "profiler_measures or flag or follows" 2>&1 \
     | tail -4 | tee -a "$out/call.txt"
   for point in opt-6.7b:32:1024 llama-3-8b:32:2048 llama-2-7b:32:2048; do
     timeout 180 python3 -P tools/cpu_lane_bench.py --points "$point" --fractions "" --dtypes float16 \
