@@ -27,3 +27,22 @@ def perturb_small_params(model: torch.nn.Module, seed: int = 1) -> torch.nn.Modu
         elif p.dim() == 1:  # norm weights
             p.copy_(1 + torch.randn(p.shape, generator=gen) * 0.1)
     return model
+
+
+def guard_a_slow_lane(monkeypatch, seconds: float) -> None:
+    """An auto plan's lane, every CPU part `seconds` slower and its c kept (no following),
+    under a guard of short rounds (2 steps of each arm, 6 in use): what the guard must drop
+    (kvc.runtime.lane_guard)."""
+    import time
+
+    from kvc.runtime import cpu_attention, lane_guard, offloaded
+
+    monkeypatch.setattr(lane_guard, "BLOCK", 2)
+    monkeypatch.setattr(lane_guard, "EVERY", 6)
+    monkeypatch.setattr(offloaded, "FOLLOW_MIN_S", 1e9)
+    real = cpu_attention.partial_attention
+
+    def slow_part(*a, **k):
+        time.sleep(seconds)
+        return real(*a, **k)
+    monkeypatch.setattr(cpu_attention, "partial_attention", slow_part)

@@ -302,11 +302,20 @@ def test_a_plan_with_cpu_rows_round_trips_through_the_manifest(lane_artifact):
     assert plan.cpu_lane and Plan.from_json(json.loads(plan.dumps())) == plan
     assert json.loads(plan.dumps()) == json.loads(json.dumps(d, sort_keys=True))
     from kvc.reports.inspect import inspect_text
-    assert "cpu lane: on (chosen by the LP, fewer where the host runs slower than 0.001 GB/s)" \
+    assert ("cpu lane: on (chosen by the LP, fewer where the host runs slower than 0.001 GB/s, "
+            "none while the steps run faster without it)") \
         in inspect_text(lane_artifact)
 
 
-def test_a_planned_lane_decodes_as_the_reference(lane_artifact):
+@pytest.fixture
+def unguarded(monkeypatch):
+    """An auto plan's lane at every step: its guard never tries a step without it (the
+    tiny model's steps on this CPU may well be faster without: lane_guard)."""
+    from kvc.runtime import lane_guard
+    monkeypatch.setattr(lane_guard, "BLOCK", 10 ** 9)
+
+
+def test_a_planned_lane_decodes_as_the_reference(lane_artifact, unguarded):
     """The LP's table of CPU tokens (what auto plans: c in whole chunks, moving with s), loaded
     and run end to end on the CPU: the reference's tokens, logits within 1e-5."""
     assert _decode(lane_artifact)[0] > 0  # the CPU attended to some rows
@@ -330,7 +339,7 @@ def _decode(artifact, steps=8):
 
 
 def test_a_lane_slower_than_planned_takes_fewer_tokens_and_decodes_the_same(lane_artifact, tmp_path,
-                                                                           monkeypatch):
+                                                                           monkeypatch, unguarded):
     """An auto plan's lane follows the rate it runs at (kvc.runtime.offloaded._follow_lane):
     planned at 0.001 GB/s this CPU is faster, so it takes the plan's tokens; planned at 10^5 it
     is slower, so from the second step it takes fewer, and the link the rest: the same tokens
@@ -345,11 +354,13 @@ def test_a_lane_slower_than_planned_takes_fewer_tokens_and_decodes_the_same(lane
     assert scale < 0.6 and got < planned
 
 
-def test_tokens_a_slower_lane_gives_back_keep_the_plans_mix(tmp_path, monkeypatch):
+def test_a_following_lane_keeps_the_plans_l_and_a_step_without_it_gives_back_to_its_mix(
+        tmp_path, monkeypatch, unguarded):
     """A plan pairing the lane with recompute (tiny-opt's second layer), planned at 10^5 GB/s
-    so its lane follows down to a smaller c: the tokens it gives back are recomputed and
-    copied in the plan's proportion of the rest, not all copied as K,V (twice the bytes of an
-    MHA model's activations), and the decode is the reference's."""
+    so its lane follows down to a smaller c: l stays the plan's (the shapes its CUDA graphs
+    were captured for), the decode is the reference's. A step without the lane (the guard's
+    bare arm, scale 0) gives the CPU's tokens back in the plan's proportion of the rest, in
+    whole chunks, not all to the link as K,V (twice the bytes of an MHA model's activations)."""
     from kvc.runtime import offloaded
 
     monkeypatch.setattr(offloaded, "FOLLOW_MIN_S", 0.0)  # the tiny model's parts all count
@@ -361,15 +372,25 @@ def test_tokens_a_slower_lane_gives_back_keep_the_plans_mix(tmp_path, monkeypatc
     model = kvc.load(fast, device="cpu")
     model.generate(torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(1)), 8)
     cache = model._cache
-    s = cache.s - 1  # the last step's context
+    s, chunk = cache.s - 1, plan.chunk_tokens  # the last step's context
     got = {u: (plan.cpu_tokens(u, s, s), plan.recompute_tokens(u, s), c, cache.bounds[u][-1])
            for u, (_, c) in cache.cpu_rows.items()}
     paired = {u: g for u, g in got.items() if g[0] and g[1]}
     assert paired, got
     for u, (planned, l_planned, c, l) in paired.items():
-        # l of the s - c non-CPU tokens, as l_planned of s - planned (to the token below)
-        assert c < planned and l > l_planned and c + l <= s, got
-        assert 0 <= l_planned * (s - c) - l * (s - planned) < s - planned, got
+        assert c < planned and l == l_planned, got
+    grew = 0
+    for u in paired:
+        for n in range(8, 300):
+            planned, l_planned = plan.cpu_tokens(u, n, n), plan.recompute_tokens(u, n)
+            if not (planned and l_planned):
+                continue
+            _, c0, l0 = cache._split(u, n, 0.0)
+            share = l_planned * n / (n - planned)  # l's share of the rest, over all n tokens
+            assert c0 == 0 and l_planned <= l0 <= share < max(l0, l_planned // chunk * chunk) + chunk
+            assert l0 == l_planned or l0 % chunk == 0
+            grew += l0 > l_planned
+    assert grew, "the bare arm never recomputed more than the plan"
 
 
 def _edited(src, tmp_path, keys, value):

@@ -34,11 +34,12 @@ from typing import NamedTuple
 import torch
 
 from kvc.errors import KvcError
-from kvc.ir.ops import OFFLOAD
+from kvc.ir.ops import COMPUTE, OFFLOAD
 from kvc.ir.plan import Plan
 from kvc.models.attend import merge
 from kvc.runtime.cpu_attention import CpuLane
 from kvc.runtime.device_cache import DeviceCache
+from kvc.runtime.lane_guard import LaneGuard, StepClock
 from kvc.runtime.padding import Padding
 from kvc.runtime.pinned import check_host_memory, pinned_empty
 from kvc.runtime.streams import StreamSet
@@ -88,6 +89,8 @@ class OffloadedCache:
         self.follows = bool(plan.cpu_lane) and plan.cpu_fraction is None and plan.cpu_gbps > 0
         self.lane = CpuLane(self.device, num_layers, plan.cpu_threads, timed=self.follows) \
             if plan.cpu_lane else None
+        # and runs only where the steps are faster with it than without (lane_guard)
+        self.guard = LaneGuard(StepClock(self.streams.streams.get(COMPUTE))) if self.follows else None
         self.split = ranks if ranks is not None and ranks.splits_tokens else None
         # a token split's rank adds the step's own rows only on the last rank (one owner)
         self.owns_new = self.split is None or self.split.rank == self.split.world - 1
@@ -189,20 +192,23 @@ class OffloadedCache:
         the oldest c of them on the CPU (`scale` of the plan's: _follow_lane), and recomputes
         the next l.
 
-        The tokens a slower lane gives back (c under the plan's) keep the plan's mix of the
-        rest: l grows in proportion. The LP pairs the lane with the cheaper of the other two
-        sources, so they go where the plan sends the rest: OPT-6.7B's, which recomputes all
-        it does not give the CPU, recomputes them (as its plan without the lane does: scale 0
-        is that plan), a GQA model's copies them as K,V. Given to the link as K,V instead,
-        an MHA model's cost twice the bytes of their activations (session 13). The staging
-        holds every row with a lane (OffloadedCache.__init__: keep_all)."""
+        A lane following a slower rate (0 < scale < 1) gives the tokens it drops to the link
+        as K,V; l stays the plan's, whose values the recompute's CUDA graphs were captured
+        for (a segment captures once per shape: an l moving every step captured every step,
+        244 ms a step against 148 with the split kept at OPT-6.7B, session 13). A step without
+        the lane (scale 0, lane_guard's bare arm) gives them back to the plan's mix: l grows
+        in proportion, to whole chunks (Plan.chunk_tokens, as the LP's l), which is the plan
+        without the lane where the LP paired it with recompute (OPT-6.7B's recomputes all it
+        does not give the CPU; a GQA model's copies them). The staging holds every row with
+        a lane (OffloadedCache.__init__: keep_all)."""
         l, n = self.plan.recompute_tokens(unit, s), self._cached_count(unit, s)
         if self.lane is None:
             return s - n, 0, min(l, n)
         planned = self.plan.cpu_tokens(unit, n, s)
         c = int(planned * scale)
-        if c < planned and l and n > planned:
-            l = l * (n - c) // (n - planned)
+        if scale == 0 and l and n > planned:
+            chunk = max(1, self.plan.chunk_tokens)
+            l = max(l, l * n // (n - planned) // chunk * chunk)
         return s - n, c, min(l, n - c)
 
     def _follow_lane(self) -> float:
@@ -300,9 +306,16 @@ class OffloadedCache:
             self.bounds = {}
             if self.lane is not None:  # the prefill rewrites the pools the lane copies from
                 self.lane.restart()
+            if self.guard is not None:
+                self.guard.restart()
             return
         chunks = self.plan.act_chunks
         scale = self._follow_lane()
+        if self.guard is not None:
+            if t != 1:  # not a decode step: the time up to it is no decode step's
+                self.guard.restart()
+            if not (self.guard.step() if t == 1 else self.guard.on):
+                scale = 0.0  # a step without the lane: its tokens go back to the plan's mix (_split)
         for i in self.offloaded:
             if self.split is not None:
                 base, m, l = self._share(i, s)
