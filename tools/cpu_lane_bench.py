@@ -65,6 +65,14 @@ def kernel_rows(spec, batch, context, dtypes, threads_list, reps=5) -> list[dict
     return rows
 
 
+def guard_fig(cache) -> dict | None:
+    g = getattr(cache, "guard", None)
+    if g is None:
+        return None
+    return {"lane": g.on, "switches": g.switches, "steps": g.n,
+            **{("lane_ms" if arm else "bare_ms"): round(t * 1e3, 2) for arm, t in g.means.items()}}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--points", default="opt-6.7b:32:1024,llama-3-8b:32:2048,llama-2-7b:32:2048")
@@ -196,7 +204,10 @@ def main(argv=None) -> int:
                    # an auto plan's lane: the share of its CPU tokens it took at the end, and
                    # the rate its parts ran at in the steps (kvc.runtime.offloaded._follow_lane)
                    "cpu_scale": round(cm._cache.cpu_scale, 3) if cm._cache is not None else None,
-                   "cpu_gbps_seen": round(cm._cache.cpu_seen_gbps, 2) if cm._cache is not None else None}
+                   "cpu_gbps_seen": round(cm._cache.cpu_seen_gbps, 2) if cm._cache is not None else None,
+                   # its guard (kvc.runtime.lane_guard): the arm in use at the end, how often
+                   # it changed, and the last round's mean step of each arm
+                   "guard": guard_fig(cm._cache)}
             faulthandler.cancel_dump_traceback_later()
             steps.append(row)
             print(f"step {row}", flush=True)
