@@ -1,6 +1,7 @@
 """kvc.runtime.lane_guard: an auto plan's CPU lane runs only where the decode steps are faster
 with it. The policy on a clock the test sets (which arm each step ran, what it cost, when its
 time is known), the host clock, and the guard in a decode on the CPU whose lane is slow."""
+import itertools
 import time
 
 import torch
@@ -60,6 +61,22 @@ def test_a_slower_lane_is_dropped_and_still_probed():
     assert arms[11:22] == [False] * 3 + [True] * 3 + [False] * 5
     assert sum(arms[7:]) == 6  # two probe blocks of 3 in 26 steps
     assert guard.means == {True: 2.0, False: 1.0}
+
+
+def test_an_arm_that_keeps_losing_is_probed_ever_less_often():
+    """The steps between probes double each round the other arm loses again, up to
+    EVERY x BACKOFF (a much slower arm costs ever less), and a switch still comes."""
+    clock = FakeClock()
+    guard = LaneGuard(clock, block=2, every=4)
+    arms = run(guard, clock, 400, lambda i, arm: 2.0 if arm else 1.0)
+    assert not guard.on and guard.switches == 1
+    probes = [i for i in range(8, 400) if arms[i] and not arms[i - 1]]  # each probe block's start
+    gaps = [b - a for a, b in itertools.pairwise(probes)]
+    # rounds of 2 + 2 + wait: wait 4 (after the switch), 8, 16, 32, then at most 4 x 8
+    assert gaps[:4] == [8, 12, 20, 36] and set(gaps[4:]) == {36}, gaps
+    assert sum(arms[100:]) == 2 * len([p for p in probes if p >= 100])
+    run(guard, clock, 80, lambda i, arm: 0.5 if arm else 1.0)  # the lane is faster now
+    assert guard.on and guard.switches == 2
 
 
 def test_a_lane_that_becomes_faster_comes_back():

@@ -8,15 +8,17 @@ from one process to the next (against the profiler's 42-44), and the same plan r
 161 ms in one process while the plan without the lane ran 138 (session 13, docs/BENCHMARKS.md).
 So the runtime compares: it runs the decode in rounds of
 
-    [the arm in use] x BLOCK, [the other arm] x BLOCK, [the arm in use] x EVERY
+    [the arm in use] x BLOCK, [the other arm] x BLOCK, [the arm in use] x wait
 
-and after each round's two blocks have been timed keeps the arm whose median step was faster
-(the first step of a block is not counted: it overlaps the last arm's work; the median
-passes over one step that captured a CUDA graph for a new shape, kvc.runtime.segments). The arm without
-the lane is the plan's own without its CPU tokens: they go back to the plan's mix of
-recompute and copy (OffloadedCache._split), which is the plan without the lane where the LP
-paired them or gave the lane the link's tokens. A step costs at most one probe block in
-2 * BLOCK + EVERY steps of the slower arm's time.
+and after each round's two blocks have been timed keeps the arm whose median step was
+faster (the first step of a block is not counted: it overlaps the last arm's work; the
+median passes over one step that captured a CUDA graph for a new shape,
+kvc.runtime.segments). The arm without the lane is the plan's own without its CPU tokens:
+they go back to the plan's mix of recompute and copy (OffloadedCache._split), which is the
+plan without the lane where the LP paired them or gave the lane the link's tokens. `wait` is
+EVERY, doubled each round the other arm loses again, up to EVERY x BACKOFF, and EVERY again
+after a switch: an arm much slower than the other costs its extra time for BLOCK steps in
+2 x BLOCK + 384, about 1% of the difference.
 
 A step's time is the time from its start to the next step's start on the compute stream,
 read from CUDA events once they have completed (the host never waits for one), or the host's
@@ -31,7 +33,8 @@ from collections import deque
 import torch
 
 BLOCK = 4  # steps of one arm in a row; the first of each block is not timed
-EVERY = 48  # steps of the arm in use between two probes of the other
+EVERY = 48  # steps of the arm in use between two probes of the other, at first
+BACKOFF = 8  # at most EVERY x BACKOFF of them, while the other arm keeps losing
 
 
 class StepClock:
@@ -87,19 +90,28 @@ class LaneGuard:
         self.every = EVERY if every is None else every
         self.on = True  # the arm in use: the lane's (what the LP planned) to begin with
         self.n = 0  # decode steps so far
+        # steps of the arm in use after the next round's blocks: `every`, doubled each time
+        # the other arm loses again, up to every x BACKOFF (a probe of a much slower arm
+        # costs its block's extra time once per round)
+        self.wait = self.every
+        self.round, self.start, self.length = 0, 0, 2 * self.block + self.every
         self.arms: dict[int, tuple[int, bool]] = {}  # per step in a timed block: (round, arm)
         self.sums: dict[tuple[int, bool], list[float]] = {}  # per (round, arm): its steps' times
+        self.blocks_end: dict[int, int] = {0: 2 * self.block}  # per round: the step after its blocks
         self.means: dict[bool, float] = {}  # per arm: its last timed block's median step time
         self.switches = 0
 
     def step(self) -> bool:
         """This decode step's arm (True: with the lane); marks its start."""
         self._settle()
-        period = 2 * self.block + self.every
-        rnd, k = divmod(self.n, period)
+        if self.n - self.start >= self.length:  # the next round
+            self.round, self.start = self.round + 1, self.n
+            self.length = 2 * self.block + self.wait
+            self.blocks_end[self.round] = self.n + 2 * self.block
+        k = self.n - self.start
         arm = self.on if k < self.block or k >= 2 * self.block else not self.on
         if 0 < k < 2 * self.block and k != self.block:  # a timed step of one of the two blocks
-            self.arms[self.n] = (rnd, arm)
+            self.arms[self.n] = (self.round, arm)
         self.clock.mark(self.n)
         self.n += 1
         return arm
@@ -116,15 +128,17 @@ class LaneGuard:
             got = self.arms.pop(step, None)
             if got is not None:
                 self.sums.setdefault(got, []).append(seconds)
-        period = 2 * self.block + self.every
         for rnd in sorted({r for r, _ in self.sums}):
-            issued = self.n >= rnd * period + 2 * self.block  # both blocks' steps
+            issued = self.n >= self.blocks_end[rnd]  # both blocks' steps
             if not issued or any(r == rnd for r, _ in self.arms.values()):
                 break
+            del self.blocks_end[rnd]
             both = [self.sums.pop((rnd, arm), None) for arm in (True, False)]
             if all(both):
                 lane, bare = (statistics.median(t) for t in both)
                 self.means = {True: lane, False: bare}
                 keep = lane <= bare
-                self.switches += keep != self.on
-                self.on = keep
+                if keep != self.on:
+                    self.switches, self.on, self.wait = self.switches + 1, keep, self.every
+                else:
+                    self.wait = min(2 * self.wait, BACKOFF * self.every)
