@@ -207,7 +207,9 @@ def main(argv=None) -> int:
                    "cpu_gbps_seen": round(cm._cache.cpu_seen_gbps, 2) if cm._cache is not None else None,
                    # its guard (kvc.runtime.lane_guard): the arm in use at the end, how often
                    # it changed, and the last round's mean step of each arm
-                   "guard": guard_fig(cm._cache)}
+                   "guard": guard_fig(cm._cache),
+                   # CUDA graphs captured in all (a shape the recompute never had captures anew)
+                   "graphs_captured": getattr(getattr(cm, "graphs", None), "captured", None)}
             faulthandler.cancel_dump_traceback_later()
             steps.append(row)
             print(f"step {row}", flush=True)

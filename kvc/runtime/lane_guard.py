@@ -132,7 +132,8 @@ class LaneGuard:
             issued = self.n >= self.blocks_end[rnd]  # both blocks' steps
             if not issued or any(r == rnd for r, _ in self.arms.values()):
                 break
-            del self.blocks_end[rnd]
+            for r in [r for r in self.blocks_end if r <= rnd]:  # and rounds that lost every time
+                del self.blocks_end[r]
             both = [self.sums.pop((rnd, arm), None) for arm in (True, False)]
             if all(both):
                 lane, bare = (statistics.median(t) for t in both)

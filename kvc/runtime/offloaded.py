@@ -194,8 +194,9 @@ class OffloadedCache:
 
         A lane following a slower rate (0 < scale < 1) gives the tokens it drops to the link
         as K,V; l stays the plan's, whose values the recompute's CUDA graphs were captured
-        for (a segment captures once per shape: an l moving every step captured every step,
-        244 ms a step against 148 with the split kept at OPT-6.7B, session 13). A step without
+        for (a segment captures once per shape: an l moving every step would capture every
+        step, the likeliest cause of 244 ms a step against 148 with the split kept at
+        OPT-6.7B, session 13, when l moved with c; the bench now counts captures). A step without
         the lane (scale 0, lane_guard's bare arm) gives them back to the plan's mix: l grows
         in proportion, to whole chunks (Plan.chunk_tokens, as the LP's l), which is the plan
         without the lane where the LP paired it with recompute (OPT-6.7B's recomputes all it
