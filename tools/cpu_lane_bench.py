@@ -171,12 +171,14 @@ def main(argv=None) -> int:
                     if follow != "on":  # the LP's split kept: no planned rate to follow
                         edits[lane] = lambda p: replace(p, cpu_gbps=0.0)
         switch = {}  # per row label: its GIL switch interval (none: Python's, 5 ms)
-        for x in filter(None, args.switch_intervals.split(",")):
-            more = [(m, f"{lane}, switch {float(x) * 1e3:g} ms", extra) for m, lane, extra in cases if lane != "off"]
-            edits.update({label: edits[lane] for (_, lane, _), (_, label, _) in
-                          zip([c for c in cases if c[1] != "off"], more) if lane in edits})
-            switch.update({label: float(x) for _, label, _ in more})
-            cases += more
+        lane_rows = [row for row in cases if row[1] != "off"]
+        for x in (float(x) for x in args.switch_intervals.split(",") if x):
+            for mode, lane, extra in lane_rows:
+                label = f"{lane}, switch {x * 1e3:g} ms"
+                cases.append((mode, label, extra))
+                switch[label] = x
+                if lane in edits:
+                    edits[label] = edits[lane]
         default_switch = sys.getswitchinterval()
         base = None
         for mode, lane, extra in cases:

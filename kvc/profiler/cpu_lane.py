@@ -2,15 +2,17 @@
 `cpu_attn_fixed_us`, measured the way the lane runs.
 
 - Rate: kvc.runtime.cpu_attention.partial_attention over a layer's head-major K,V copy (what
-  the lane reads) at two contexts, with `threads` intra-op threads, while a pinned host-to-GPU
+  the lane reads) at three contexts, with `threads` intra-op threads, while a pinned host-to-GPU
   copy loop runs beside it: in a decode step the link copies the rest of the cache at the same
   time, from the same host memory (on the H200's host, one llama-3-8b b32 layer timed again
   and again, warm in its 300 MB L3: 60 GB/s alone, 50 beside the copies; 16 threads beside
   the copies fall to 22: the thread copying and the host thread need their cores). Each call
   reads K,V it has not read for a while (a ring of copies larger than any last-level cache),
   as the lane does: a step reads every layer's rows once. Inside the steps the kernel read
-  less still, 25-40 GB/s (docs/BENCHMARKS.md, session 12): the runtime follows what it sees. Fitted time = fixed + K,V bytes / rate over the contexts
-  (kvc.profiler.fit: noise that tilts the fit cannot give a rate the kernel never showed).
+  less still, 25-40 GB/s (docs/BENCHMARKS.md, sessions 12-13): the runtime follows what it
+  sees, and its guard keeps the lane only where the steps are faster with it. Fitted time =
+  fixed + K,V bytes / rate over the contexts (kvc.profiler.fit: noise that tilts the fit
+  cannot give a rate the kernel never showed).
 - Fixed part: one unit's whole hand-off through kvc.runtime.cpu_attention.CpuLane for a few
   rows (query down, the worker, the partial up), median wall time, plus the kernel's fixed
   part from the fit.

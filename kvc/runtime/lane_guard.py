@@ -59,7 +59,7 @@ class StepClock:
     def restart(self) -> list[int]:
         """A prefill comes next: the last step's time would include it. The steps whose
         times are lost so."""
-        self.done += self.times()  # keep what has completed
+        self._close()  # keep what has completed
         lost = [step for step, _ in self.marks]
         self.marks.clear()
         return lost
@@ -67,6 +67,12 @@ class StepClock:
     def times(self) -> list[tuple[int, float]]:
         """(step, seconds) of the steps whose next step has started and, on a GPU, whose
         events have completed, since the last call."""
+        self._close()
+        got, self.done = self.done, []
+        return got
+
+    def _close(self) -> None:
+        """Move the steps whose times are known from `marks` to `done`."""
         while len(self.marks) >= 2:
             (step, a), (_, b) = self.marks[0], self.marks[1]
             if self.stream is None:
@@ -77,8 +83,6 @@ class StepClock:
                 break
             self.done.append((step, seconds))
             self.marks.popleft()
-        got, self.done = self.done, []
-        return got
 
 
 class LaneGuard:
@@ -94,10 +98,10 @@ class LaneGuard:
         # the other arm loses again, up to every x BACKOFF (a probe of a much slower arm
         # costs its block's extra time once per round)
         self.wait = self.every
-        self.round, self.start, self.length = 0, 0, 2 * self.block + self.every
+        self.round, self.start, self.length = -1, 0, 0  # the first step opens round 0
         self.arms: dict[int, tuple[int, bool]] = {}  # per step in a timed block: (round, arm)
         self.sums: dict[tuple[int, bool], list[float]] = {}  # per (round, arm): its steps' times
-        self.blocks_end: dict[int, int] = {0: 2 * self.block}  # per round: the step after its blocks
+        self.blocks_end: dict[int, int] = {}  # per round: the step after its two blocks
         self.means: dict[bool, float] = {}  # per arm: its last timed block's median step time
         self.switches = 0
 
