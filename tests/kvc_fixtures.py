@@ -30,16 +30,14 @@ def perturb_small_params(model: torch.nn.Module, seed: int = 1) -> torch.nn.Modu
 
 
 def guard_a_slow_lane(monkeypatch, seconds: float) -> None:
-    """An auto plan's lane, every CPU part `seconds` slower and its c kept (no following),
-    under a guard of short rounds (2 steps of each arm, 6 in use): what the guard must drop
+    """An auto plan's lane, every CPU part `seconds` slower, under a guard of short rounds (2 steps of each arm, 6 in use): what the guard must drop
     (kvc.runtime.lane_guard)."""
     import time
 
-    from kvc.runtime import cpu_attention, lane_guard, offloaded
+    from kvc.runtime import cpu_attention, lane_guard
 
     monkeypatch.setattr(lane_guard, "BLOCK", 2)
     monkeypatch.setattr(lane_guard, "EVERY", 6)
-    monkeypatch.setattr(offloaded, "FOLLOW_MIN_S", 1e9)
     real = cpu_attention.partial_attention
 
     def slow_part(*a, **k):

@@ -152,23 +152,6 @@ def test_no_lane_without_cpu_tokens():
     assert not forced_plan("gpu_resident", 2, 8, 8, 64, 0.0, cpu_fraction=0.5).cpu_lane
 
 
-def test_the_lane_times_its_parts_only_when_asked():
-    """CpuLane(timed=True) (an auto plan that follows its rate) keeps each part's seconds and
-    K,V bytes until `timings` takes them; a lane nobody reads keeps nothing, step after step."""
-    k_pool, v_pool = torch.randn(20, 2, 2, 8), torch.randn(20, 2, 2, 8)
-    q = torch.randn(2, 4, 8)
-    for timed in (True, False):
-        lane = CpuLane(torch.device("cpu"), 1, timed=timed)
-        for c in (6, 9):
-            lane.begin(0, q, k_pool, v_pool, 0, c, 0.3, 0.0, None)
-            lane.end(0)
-        got = lane.timings()
-        assert [n for _, n in got] == ([2 * c * 2 * 2 * 8 * 4 for c in (6, 9)] if timed else [])
-        assert all(t > 0 for t, _ in got) and lane.timings() == []
-        assert (lane.timed is None) != timed
-        lane.close()
-
-
 # --- the handoff pass: the query goes to the CPU before the layer's copies are issued --------
 
 def _lowered_order(spec, plan, skip_handoff=False):

@@ -13,8 +13,8 @@ over a layer's cache in place, and what the lane does to a decode step.
    point, full_offload and pipelined without the lane, pipelined with the lane forced to each
    `--fractions` value (schedule.cpu_attention_fraction), and pipelined and
    full_offload with `schedule.cpu_attention=auto` planned with the kernel's measured rate
-   and/or the profiler's (`--auto-rates`), the lane following its measured rate or the LP's
-   split kept (`--follow`); each row with the
+   and/or the profiler's (`--auto-rates`), under the lane guard (kvc.runtime.lane_guard) and/or
+   with the lane at every step (`--guard`); each row with the
    LP's prediction and, for the lane rows, against pipelined without the lane over 8 greedy
    steps: the largest logit difference while both decoded the same tokens, and the share of
    rows whose tokens all agree (fp16: both round, so a near tie may pick another token;
@@ -88,9 +88,9 @@ def main(argv=None) -> int:
                     help="the rates the auto rows are planned with (comma separated): kernel (this point's "
                          "own layer, measured above) and/or profile (kvc.profiler.cpu_lane's, what "
                          "`kvc profile` gives a user)")
-    ap.add_argument("--follow", default="on",
-                    help="auto rows with the lane following its measured rate (on), with the LP's split "
-                         "kept (off: Plan.cpu_gbps 0), or both (on,off)")
+    ap.add_argument("--guard", default="on",
+                    help="auto rows under the lane guard (on: what a user runs), with the lane at every "
+                         "step (off: what the guard costs or saves), or both (on,off)")
     ap.add_argument("--sweep-threads", action="store_true",
                     help="also the first fraction with each other --threads count (its own measured rate): "
                          "how many of the host's cores the lane should take")
@@ -162,13 +162,13 @@ def main(argv=None) -> int:
         edits = {}  # per row label: how its plan differs from make_plan's (none: as made)
         for mode in filter(None, args.auto_modes.split(",")):
             for which in filter(None, args.auto_rates.split(",")):
-                for follow in filter(None, args.follow.split(",")):
+                for guard in filter(None, args.guard.split(",")):
                     if auto_rates[which] <= 0:
                         continue
-                    lane = f"auto ({which} {auto_rates[which]} GB/s{'' if follow == 'on' else ', split kept'})"
+                    lane = f"auto ({which} {auto_rates[which]} GB/s{'' if guard == 'on' else ', unguarded'})"
                     cases.append((mode, lane, ("schedule.cpu_attention=auto", f"hardware.cpu_attn_gbps={auto_rates[which]}",
                                                f"hardware.cpu_attn_threads={threads_list[0]}", *fixed)))
-                    if follow != "on":  # the LP's split kept: no planned rate to follow
+                    if guard != "on":  # a plan not priced at a rate runs its lane every step
                         edits[lane] = lambda p: replace(p, cpu_gbps=0.0)
         switch = {}  # per row label: its GIL switch interval (none: Python's, 5 ms)
         lane_rows = [row for row in cases if row[1] != "off"]
@@ -203,10 +203,6 @@ def main(argv=None) -> int:
                    "rows_same_tokens": None if same is None else round(same, 3),
                    "threads": cm.plan.cpu_threads if cm.plan.cpu_lane else None,
                    "switch_ms": round(sys.getswitchinterval() * 1e3, 3),
-                   # an auto plan's lane: the share of its CPU tokens it took at the end, and
-                   # the rate its parts ran at in the steps (kvc.runtime.offloaded._follow_lane)
-                   "cpu_scale": round(cm._cache.cpu_scale, 3) if cm._cache is not None else None,
-                   "cpu_gbps_seen": round(cm._cache.cpu_seen_gbps, 2) if cm._cache is not None else None,
                    # its guard (kvc.runtime.lane_guard): the arm in use at the end, how often
                    # it changed, and the last round's mean step of each arm
                    "guard": guard_fig(cm._cache),

@@ -4,9 +4,11 @@
 # wheels are installed and kvc is on PYTHONPATH (../shared/DEVICE.md):
 #   bash tools/lane_device_call.sh check   # ~4 min: the lazy-load probe, GPU tests, both points under a watchdog
 #   bash tools/lane_device_call.sh bench   # <= 9.5 min: the three points of issue 17, with and without the lane
-#   bash tools/lane_device_call.sh final   # ~8 min: the GPU tests of the profiler, flags, following and the guard;
-#                                          # each point off and auto at the profiler's rate, guarded and following
-#                                          # (32 steps a timing: the guard's rounds), and the LP's split kept
+#   bash tools/lane_device_call.sh final   # ~8 min: the GPU tests of the profiler, flags and the guard; each
+#                                          # point off and auto at the profiler's rate, guarded (32 steps a
+#                                          # timing: the guard's rounds) and with the lane at every step;
+#                                          # POINTS="name:b:s ..." picks points, NO_TESTS=1 skips the tests,
+#                                          # GUARD=on times the guarded rows only
 #   bash tools/lane_device_call.sh variance # ~6 min: OPT 0.25 and llama-3-8b 0.4, where the steps' time goes,
 #                                          # with OpenMP's threads spinning (the default) and passive
 #   bash tools/lane_device_call.sh threads # ~5 min: llama-3-8b's lane at 14, 12, 10 and 8 threads
@@ -35,12 +37,13 @@ elif [ "$1" = bench ]; then
   done
 elif [ "$1" = final ]; then
   # the build that lands: the profiler's test, then each point with auto planned with the
-  # profiler's rate (what a user's `kvc profile` gives), following the measured rate and not
-  timeout 120 python3 -P -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "profiler_measures or flag or follows or guard" 2>&1 \
+  # profiler's rate (what a user's `kvc profile` gives), under the guard and not
+  [ -n "$NO_TESTS" ] || timeout 120 python3 -P -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "profiler_measures or flag or guard" 2>&1 \
     | tail -4 | tee -a "$out/call.txt"
-  for point in opt-6.7b:32:1024 llama-3-8b:32:2048 llama-2-7b:32:2048; do
-    timeout 200 python3 -P tools/cpu_lane_bench.py --points "$point" --fractions "" --dtypes float16 \
-      --threads 14 --steps 32 --repeats 2 --auto-modes pipelined --auto-rates profile --follow on,off \
+  for point in ${POINTS:-opt-6.7b:32:1024 llama-3-8b:32:2048 llama-2-7b:32:2048}; do
+    t=200; [ "${point%%:*}" = llama-2-7b ] && t=340  # its full_offload steps alone take 45 s
+    timeout $t python3 -P tools/cpu_lane_bench.py --points "$point" --fractions "" --dtypes float16 \
+      --threads 14 --steps 32 --repeats 2 --auto-modes pipelined --auto-rates profile --guard "${GUARD:-on,off}" \
       --row-timeout 100 --out "$out/${point%%:*}" 2>&1 \
       | grep -v "^kernel" | tee -a "$out/bench.txt" | grep "^step\|^Timeout\|^row\|^profile" | cut -c1-260 | tee -a "$out/call.txt"
   done

@@ -209,7 +209,8 @@ def _check_plan(d: dict, spec, cfg, need) -> None:
 def _check_cpu_lane(d: dict, units: int, mc: int, need) -> None:
     """The CPU attention lane (issue 17): `cpu`, one row of CPU tokens per unit for each run
     of the table (the runs of recompute_runs; the _check_plan above checked their shape),
-    c + l at most the run's first context; `cpu_fraction` null
+    c + l at most the run's first context; `bare`, l without the lane, likewise per run, at
+    most its first context and only with `cpu`; `cpu_fraction` null
     or 0..1 (with a forced recompute fraction, their sum at most 1); `cpu_threads`; `cpu_gbps`,
     the rate the LP planned it with."""
     f = d.get("cpu_fraction")
@@ -222,6 +223,7 @@ def _check_cpu_lane(d: dict, units: int, mc: int, need) -> None:
          f"0..{LIMITS['cpu_threads']}")
     need(_num(d.get("cpu_gbps", 0.0), 0.0, 1e6),
          f"plan.cpu_gbps = {str(d.get('cpu_gbps'))[:40]}; expected a number 0..1e6")
+    need("bare" not in d or "cpu" in d, "plan.bare without plan.cpu rows")
     if "cpu" not in d:
         return
     rows, runs = d["cpu"], d.get("recompute_runs")
@@ -233,3 +235,10 @@ def _check_cpu_lane(d: dict, units: int, mc: int, need) -> None:
              f"plan.cpu rows must hold {units} token counts 0..{mc}")
         need(all(c + l <= run[0] for c, l in zip(row, run[1])),
              "plan.cpu: a unit's CPU and recomputed tokens exceed its run's first context")
+    if "bare" in d:
+        bare = d["bare"]
+        need(isinstance(bare, list) and len(bare) == len(runs),
+             "plan.bare must hold one row per run of plan.recompute_runs")
+        for row, run in zip(bare, runs):
+            need(isinstance(row, list) and len(row) == units and all(_int(x, 0, run[0]) for x in row),
+                 f"plan.bare rows must hold {units} token counts 0..the run's first context")

@@ -76,9 +76,14 @@ class Plan:
     cpu_fraction: float | None = None  # set: c = round(fraction * n) of the n cached tokens, any s
     cpu_threads: int = 0  # the lane's torch threads (0: the runtime's default)
     # the lane's rate the LP planned `cpu` with (hardware.cpu_attn_gbps; 0: not planned, a
-    # forced fraction or no lane): the runtime's lane follows its measured rate against it
-    # (kvc.runtime.offloaded: c scaled down where the CPU runs slower, never up)
+    # forced fraction or no lane); a plan priced at a rate runs its lane under the guard
+    # (kvc.runtime.lane_guard: only while the steps are faster with it)
     cpu_gbps: float = 0.0
+    # bare[k][u]: l for unit u in run k without the lane, the plan the LP made before it
+    # added the lane (0 where this plan's graph has no recompute nodes for u): the guard's
+    # arm without the lane (kvc.runtime.lane_guard) runs it. Empty: no auto lane, or a plan
+    # made before session 14 (its lane runs at every step).
+    bare: tuple[tuple[int, ...], ...] = ()
     # several GPUs (issue 18): the plan of ONE of world_size ranks, each decoding batch_size
     # rows (the rank's share, ceil(whole batch / world_size)) over its own link, checked
     # against its share of the host (kvc.hardware.per_rank); predicted_step_ms includes the
@@ -171,6 +176,10 @@ class Plan:
         if not self.cpu:
             return 0
         return min(n, self.cpu[self._row(n if s is None else s)][unit])
+
+    def bare_tokens(self, unit: int, s: int) -> int:
+        """l for `unit` at context s in a step without the lane (`bare`; 0 when resident)."""
+        return 0 if self.resident[unit] else self.bare[self._row(s)][unit]
 
     @property
     def cpu_lane(self) -> bool:
@@ -297,7 +306,10 @@ class Plan:
         d["notes"] = json.loads(json.dumps(self.notes))
         if self.cpu:
             d["cpu"] = [list(r) for r in self.cpu]
-        for name, none in (("cpu", ()), ("cpu_fraction", None), ("cpu_threads", 0), ("cpu_gbps", 0.0)):
+        if self.bare:
+            d["bare"] = [list(r) for r in self.bare]
+        for name, none in (("cpu", ()), ("cpu_fraction", None), ("cpu_threads", 0), ("cpu_gbps", 0.0),
+                           ("bare", ())):
             if getattr(self, name) == none:  # plans without the CPU lane stay as they were
                 del d[name]
         if self.weights_streamed:
@@ -328,6 +340,7 @@ class Plan:
             d["recompute"] = tuple(tuple(r) for r in d.get("recompute", ()))
         d["predicted_step_ms"] = tuple(d.get("predicted_step_ms", ()))
         d["cpu"] = tuple(tuple(r) for r in d.get("cpu", ()))
+        d["bare"] = tuple(tuple(r) for r in d.get("bare", ()))
         d["weights_streamed"] = tuple(float(x) for x in d.get("weights_streamed", ()))
         return cls(**d)
 

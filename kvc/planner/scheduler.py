@@ -256,9 +256,13 @@ def _make_plan(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest, ranks: int
     else:
         recompute = _fractions(job, resident)
     recompute, steps = _drop_slower_recompute(job, plan, recompute)
-    cpu = np.zeros_like(recompute)
+    cpu, bare = np.zeros_like(recompute), None
     if job.lane == "free":
+        without = recompute
         recompute, cpu, steps = _with_cpu_lane(job, plan, resident, recompute, steps)
+        # the plan without the lane, for the runtime's guard (lane_guard): a unit whose
+        # graph has no recompute nodes (l 0 at every context with the lane) copies all
+        bare = np.where(recompute.any(axis=1, keepdims=True), without, 0) if cpu.any() else None
     if cpu.any():  # what the runtime measures its lane against
         plan = replace(plan, cpu_threads=hw.cpu_attn_threads, cpu_gbps=float(hw.cpu_attn_gbps))
     if shares > 1:
@@ -267,10 +271,14 @@ def _make_plan(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest, ranks: int
     job.notes["solve_s"] = round(time.perf_counter() - t0, 4)
     m = req.micro_batches
     units = cost.per_unit(recompute, m)
-    starts, rows = _runs(np.concatenate([units, cost.per_unit(cpu, m)]), first=int(job.ctx[0]))
-    cpu_rows = tuple(r[len(units):] for r in rows) if cpu.any() else ()
-    return replace(plan, recompute=tuple(r[:len(units)] for r in rows), recompute_from=starts,
-                   cpu=cpu_rows, predicted_step_ms=_ms(steps[job.workload]), notes=job.notes)
+    tables = [units, cost.per_unit(cpu, m)] + ([cost.per_unit(bare, m)] if cpu.any() and bare is not None else [])
+    starts, rows = _runs(np.concatenate(tables), first=int(job.ctx[0]))
+    n = len(units)
+    cpu_rows = tuple(r[n:2 * n] for r in rows) if cpu.any() else ()
+    bare_rows = tuple(r[2 * n:] for r in rows) if len(tables) == 3 else ()
+    return replace(plan, recompute=tuple(r[:n] for r in rows), recompute_from=starts,
+                   cpu=cpu_rows, bare=bare_rows, predicted_step_ms=_ms(steps[job.workload]),
+                   notes=job.notes)
 
 
 def _runs(l: np.ndarray, first: int) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
@@ -463,7 +471,7 @@ def _with_cpu_lane(job: _Job, plan: Plan, resident, recompute, steps):
     order is the runtime's: the recompute is queued behind the merge, the CPU part beside
     it. Measured with the poll (H200, 2026-11-29, session 12): OPT-6.7B's paired plans ran
     137.7-156.7 ms against 158-160 without the lane, none stalled, up to 30% over their
-    prediction: the host's CPU rate inside the steps (kvc.runtime.offloaded._follow_lane)."""
+    prediction: the host's CPU rate inside the steps, below the profiler's (kvc.runtime.lane_guard)."""
     r = job.req
     decode = (job.ctx >= r.prompt_len) & (job.ctx < r.prompt_len + max(1, r.gen_len))
     if not decode.any():

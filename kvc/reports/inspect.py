@@ -115,8 +115,8 @@ def _cpu_lane(spec, hw, plan, P: int, G: int) -> str:
     c = [a for a, _ in share]
     frac = [a / n for a, n in share if n]
     how = (f"forced fraction {plan.cpu_fraction:g}" if plan.cpu_fraction is not None
-           else "chosen by the LP, fewer where the host runs slower than "
-                f"{plan.cpu_gbps:g} GB/s, none while the steps run faster without it"
+           else f"chosen by the LP at {plan.cpu_gbps:g} GB/s, "
+                "none while the steps run faster without it"
            if plan.cpu_gbps > 0 else "chosen by the LP")
     threads = plan.cpu_threads or "the default number of"
     return (f"on ({how}): {min(c)}..{max(c)} of the oldest cached tokens per offloaded layer at "

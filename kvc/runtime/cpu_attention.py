@@ -36,8 +36,6 @@ host waits and the worker waits on events. On a CPU device the lane runs inline.
 from __future__ import annotations
 
 import math
-import threading
-import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
@@ -118,7 +116,7 @@ class CpuLane:
     hd], token r at row r) and how many tokens it holds (`filled`): only the worker touches
     them (or the caller on a CPU device), in the order the jobs were handed over."""
 
-    def __init__(self, device: torch.device, num_units: int, threads: int = 0, timed: bool = False):
+    def __init__(self, device: torch.device, num_units: int, threads: int = 0):
         self.device = torch.device(device)
         self.threads = threads or default_cpu_attn_threads()
         self.cuda = self.device.type == "cuda"
@@ -138,11 +136,6 @@ class CpuLane:
         self.rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.filled: dict[int, int] = {}
         self.chores: list[Future] = []  # the copies into `rows` still in the worker
-        # `timed`: (seconds, K,V bytes) of each CPU part computed since `timings` last took
-        # them (its new rows' copy and the kernel, the lane's own time, not its waits); None:
-        # not kept (no one reads them)
-        self.timed: list[tuple[float, int]] | None = [] if timed else None
-        self.timed_lock = threading.Lock()
         self._threads_set = False
 
     def _run(self, job, *events) -> Future | object:
@@ -212,14 +205,6 @@ class CpuLane:
             fill()
         self._chore(self._run(after_write_back))
 
-    def timings(self) -> list[tuple[float, int]]:
-        """(seconds, K,V bytes) of each CPU part computed since the last call, oldest first."""
-        if self.timed is None:
-            return []
-        with self.timed_lock:
-            got, self.timed = self.timed, []
-        return got
-
     def _slot(self, kind: int, unit: int) -> int:
         """The unit's flag of one kind (_KINDS)."""
         return kind * self.num_units + unit
@@ -274,14 +259,9 @@ class CpuLane:
         waits for that copy, not the host, and for `written` (the write-back stream: rows it
         copies from the pool may have been written by copies still in flight)."""
         def attend(qh):
-            t0 = time.perf_counter()
             self._fill(unit, k_pool, v_pool, lo + c)
             k_hm, v_hm = self.rows[unit]
-            part = partial_attention(qh, k_hm[:, :, lo:lo + c], v_hm[:, :, lo:lo + c], scale, softcap, real)
-            if self.timed is not None:
-                with self.timed_lock:
-                    self.timed.append((time.perf_counter() - t0, 2 * c * k_hm[:, :, 0].numel() * k_hm.element_size()))
-            return part
+            return partial_attention(qh, k_hm[:, :, lo:lo + c], v_hm[:, :, lo:lo + c], scale, softcap, real)
         if not self.cuda:
             self.pending[unit] = attend(q)
             return

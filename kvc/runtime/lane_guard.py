@@ -1,21 +1,23 @@
 """The guard of an auto plan's CPU attention lane: whether each decode step runs with the
 lane, decided from the steps' own times.
 
-The LP plans the lane with the host's rate as `kvc profile` measured it, and the lane follows
-the rate its parts run at (kvc.runtime.offloaded._follow_lane). Neither says what the whole
-step costs: on the H200's host the lane's rate inside the steps moved between 12 and 40 GB/s
-from one process to the next (against the profiler's 42-44), and the same plan ran 115 and
-161 ms in one process while the plan without the lane ran 138 (session 13, docs/BENCHMARKS.md).
-So the runtime compares: it runs the decode in rounds of
+The LP plans the lane with the host's rate as `kvc profile` measured it, which does not say
+what the whole step costs: on the H200's host the lane's rate inside the steps moved between
+12 and 40 GB/s from one process to the next (against the profiler's 42-52), and the same plan
+ran 115 and 161 ms in one process while the plan without the lane ran 138 (session 13,
+docs/BENCHMARKS.md). Scaling the lane's share down to the rate its parts ran at (sessions
+12-13) lost to the LP's share kept at every point it ran (session 14: OPT-6.7B 156 against
+134 ms, llama-3-8b 112 against 96): the parts' rate is not the step's. So the runtime
+compares whole steps: it runs the decode in rounds of
 
     [the arm in use] x BLOCK, [the other arm] x BLOCK, [the arm in use] x wait
 
 and after each round's two blocks have been timed keeps the arm whose median step was
 faster (the first step of a block is not counted: it overlaps the last arm's work; the
 median passes over one step that captured a CUDA graph for a new shape,
-kvc.runtime.segments). The arm without the lane is the plan's own without its CPU tokens:
-they go back to the plan's mix of recompute and copy (OffloadedCache._split), which is the
-plan without the lane where the LP paired them or gave the lane the link's tokens. `wait` is
+kvc.runtime.segments). The arm without the lane runs the plan the LP made before it added
+the lane (Plan.bare, OffloadedCache._split): the plan `schedule.cpu_attention=off` gives,
+except that a unit whose lane plan recomputes nothing copies all its tokens. `wait` is
 EVERY, doubled each round the other arm loses again, up to EVERY x BACKOFF, and EVERY again
 after a switch: an arm much slower than the other costs its extra time for BLOCK steps in
 2 x BLOCK + 384, about 1% of the difference.

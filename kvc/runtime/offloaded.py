@@ -44,9 +44,6 @@ from kvc.runtime.padding import Padding
 from kvc.runtime.pinned import check_host_memory, pinned_empty
 from kvc.runtime.streams import StreamSet
 
-# the lane's parts planned to take less than this do not move its share (_follow_lane)
-FOLLOW_MIN_S = 1e-3
-
 
 class _Views(NamedTuple):
     """One offloaded layer's staging slot and CPU pool rows (OffloadedCache.views)."""
@@ -85,12 +82,12 @@ class OffloadedCache:
             raise ValueError(f"{len(self.windows)} windows for {num_layers} units")
         self.offloaded = list(plan.offloaded_units)
         n_off = len(self.offloaded)
-        # an auto plan's lane follows the rate it runs at (_follow_lane): it times its parts
-        self.follows = bool(plan.cpu_lane) and plan.cpu_fraction is None and plan.cpu_gbps > 0
-        self.lane = CpuLane(self.device, num_layers, plan.cpu_threads, timed=self.follows) \
-            if plan.cpu_lane else None
-        # and runs only where the steps are faster with it than without (lane_guard)
-        self.guard = LaneGuard(StepClock(self.streams.streams.get(COMPUTE))) if self.follows else None
+        self.lane = CpuLane(self.device, num_layers, plan.cpu_threads) if plan.cpu_lane else None
+        # an auto plan's lane runs only while the steps are faster with it than without
+        # (lane_guard: the arm without it runs Plan.bare); a forced fraction, or a plan made
+        # before Plan.bare, runs it every step
+        guarded = bool(plan.cpu_lane) and plan.cpu_fraction is None and bool(plan.bare)
+        self.guard = LaneGuard(StepClock(self.streams.streams.get(COMPUTE))) if guarded else None
         self.split = ranks if ranks is not None and ranks.splits_tokens else None
         # a token split's rank adds the step's own rows only on the last rank (one owner)
         self.owns_new = self.split is None or self.split.rank == self.split.world - 1
@@ -159,8 +156,6 @@ class OffloadedCache:
         # the CPU attention lane (issue 17): per unit, the first token and count of the cached
         # rows the CPU attends to this step (the oldest c, before the GPU's base)
         self.cpu_rows: dict[int, tuple[int, int]] = {}
-        self.cpu_scale = 1.0  # the share of the plan's CPU tokens taken (_follow_lane)
-        self.cpu_seen_gbps = 0.0  # the rate the lane's counted parts ran at, the last step seen
 
     def _window_rows(self, unit: int, max_tokens: int) -> tuple[int, int, int, int]:
         """A windowed unit over the contexts the cache serves: (first and end token of the
@@ -187,52 +182,24 @@ class OffloadedCache:
         lo, c, l = self._split(unit, s)
         return lo + c, l
 
-    def _split(self, unit: int, s: int, scale: float = 1.0) -> tuple[int, int, int]:
+    def _split(self, unit: int, s: int, lane: bool = True) -> tuple[int, int, int]:
         """(lo, c, l): the unit attends to cached tokens [lo, s) (lo > 0 only with a window),
-        the oldest c of them on the CPU (`scale` of the plan's: _follow_lane), and recomputes
-        the next l.
+        the oldest c of them on the CPU, and recomputes the next l.
 
-        A lane following a slower rate (0 < scale < 1) gives the tokens it drops to the link
-        as K,V; l stays the plan's, whose values the recompute's CUDA graphs were captured
-        for (a segment captures once per shape: an l moving every step would capture every
-        step, the likeliest cause of 244 ms a step against 148 with the split kept at
-        OPT-6.7B, session 13, when l moved with c; the bench now counts captures). A step without
-        the lane (scale 0, lane_guard's bare arm) gives them back to the plan's mix: l grows
-        in proportion, to whole chunks (Plan.chunk_tokens, as the LP's l), which is the plan
-        without the lane where the LP paired it with recompute (OPT-6.7B's recomputes all it
-        does not give the CPU; a GQA model's copies them). The staging holds every row with
-        a lane (OffloadedCache.__init__: keep_all)."""
-        l, n = self.plan.recompute_tokens(unit, s), self._cached_count(unit, s)
+        A step without the lane (`lane` False: lane_guard's arm without it) runs the plan
+        the LP made before it added the lane (Plan.bare): c 0 and that plan's l, shapes the
+        recompute's CUDA graphs capture once each (kvc.runtime.segments). Session 14 gave the
+        CPU's tokens back in the lane plan's proportion, rounded down to whole chunks: at
+        OPT-6.7B that copied a chunk the plan without the lane recomputes, and the arm ran
+        176 ms a step against that plan's 162 (H200). The staging holds every row with a
+        lane (OffloadedCache.__init__: keep_all)."""
+        n = self._cached_count(unit, s)
         if self.lane is None:
-            return s - n, 0, min(l, n)
-        planned = self.plan.cpu_tokens(unit, n, s)
-        c = int(planned * scale)
-        if scale == 0 and l and n > planned:
-            chunk = max(1, self.plan.chunk_tokens)
-            l = max(l, l * n // (n - planned) // chunk * chunk)
-        return s - n, c, min(l, n - c)
-
-    def _follow_lane(self) -> float:
-        """The share of an auto plan's CPU tokens this step takes: a running mean of the rate
-        the lane's parts ran at since the last step over the rate the LP planned with
-        (plan.cpu_gbps), at most 1. A host that reads slower than it was measured (on the
-        H200's, 25-40 GB/s inside the steps against the profiler's 43-48, moving between
-        runs: docs/BENCHMARKS.md, session 12) leaves the lane on the step's critical path; a
-        smaller c moves the rest to the link, and never more than the plan's goes to the CPU.
-        Parts planned under FOLLOW_MIN_S do not count (their fixed costs, not the rate, would
-        set their time). A forced fraction and a plan made before keep their c."""
-        if not self.follows:
-            return 1.0
-        p = self.plan
-        planned = took = 0.0
-        for t, nbytes in self.lane.timings():
-            want = nbytes / (p.cpu_gbps * 1e9)
-            if want >= FOLLOW_MIN_S:
-                planned, took = planned + want, took + t
-        if took > 0:
-            self.cpu_seen_gbps = planned / took * p.cpu_gbps
-            self.cpu_scale = min(1.0, 0.5 * self.cpu_scale + 0.5 * planned / took)
-        return self.cpu_scale
+            return s - n, 0, min(self.plan.recompute_tokens(unit, s), n)
+        if not lane:
+            return s - n, 0, min(self.plan.bare_tokens(unit, s), n)
+        c = self.plan.cpu_tokens(unit, n, s)
+        return s - n, c, min(self.plan.recompute_tokens(unit, s), n - c)
 
     def _cached_count(self, unit: int, s: int) -> int:
         """How many of the s cached tokens the unit attends to, the last n (its layer's
@@ -311,19 +278,19 @@ class OffloadedCache:
                 self.guard.restart()
             return
         chunks = self.plan.act_chunks
-        scale = self._follow_lane()
+        lane = True
         if self.guard is not None:
             if t != 1:  # not a decode step: the time up to it is no decode step's
                 self.guard.restart()
-            if not (self.guard.step() if t == 1 else self.guard.on):
-                scale = 0.0  # a step without the lane: its tokens go back to the plan's mix (_split)
+            # a step without the lane: its tokens go back to the plan's mix (_split)
+            lane = self.guard.step() if t == 1 else self.guard.on
         for i in self.offloaded:
             if self.split is not None:
                 base, m, l = self._share(i, s)
                 self.cpu_rows[i] = (base, 0)
                 self.base[i], self.cached[i] = base, m
             else:
-                lo, c, l = self._split(i, s, scale)
+                lo, c, l = self._split(i, s, lane)
                 self.cpu_rows[i] = (lo, c)
                 self.base[i], self.cached[i] = lo + c, s - lo - c
             self.bounds[i] = chunk_bounds(l, chunks)
