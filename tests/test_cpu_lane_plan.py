@@ -422,11 +422,13 @@ def test_config_keys_reach_the_plan():
     from kvc.api import resolve
     from kvc.config import load_config
 
-    # off by default until the hand-off where the host does not wait lands (kvc.config.schema)
-    assert dataclasses.asdict(load_config(TINY).schedule)["cpu_attention"] == "off"
+    # auto by default, under the guard (kvc.config.schema says why)
+    assert dataclasses.asdict(load_config(TINY).schedule)["cpu_attention"] == "auto"
     default = [x for x in LANE if "cpu_attention" not in x]
-    assert not api_plan(resolve(load_config(TINY, default))).cpu_lane
+    assert api_plan(resolve(load_config(TINY, default))).cpu_lane
     assert api_plan(resolve(load_config(TINY, LANE))).cpu_lane  # auto
+    # a machine without a measured lane (hardware.cpu_attn_gbps 0, the cpu preset's) gets none
+    assert not api_plan(resolve(load_config(TINY, [x for x in default if "cpu_attn_gbps" not in x]))).cpu_lane
     off = api_plan(resolve(load_config(TINY, LANE + ["schedule.cpu_attention=off"])))
     assert not off.cpu_lane
     # a forced fraction turns the lane on whatever cpu_attention says

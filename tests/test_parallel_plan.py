@@ -134,9 +134,11 @@ def test_request_rank_batch_and_its_refusals():
 
 @pytest.fixture(scope="module")
 def opt_plans():
+    """Each rank's plan without the CPU lane: these tests are of the link each rank shares
+    (the lane's per-rank share: test_per_rank_shares_the_cpu_lane)."""
     out = {}
     for n in (1, 2, 4):
-        r = resolve(load_config(OPT, [f"parallel.world_size={n}"]))
+        r = resolve(load_config(OPT, [f"parallel.world_size={n}", "schedule.cpu_attention=off"]))
         out[n] = (r, make_plan(r.spec, r.hardware, r.request))
     return out
 

@@ -73,12 +73,13 @@ class ScheduleConfig:
     cuda_graphs: bool = True
     # the CPU attention lane (issue 17): auto, the LP decides per layer how many of the oldest
     # cached tokens the CPU attends to in place (none when it does not pay, or when
-    # hardware.cpu_attn_gbps is 0); off: never. Off by default: on the H200's host (a shared
-    # VM) the CPU kernel inside the steps reads 25-40 GB/s and moves from one timing to the
-    # next, below the 43-48 the profiler measures, so auto's plans run lane-bound: 23-30% over
-    # the LP, and planned with a cache-warm rate (55) 1.18x slower than off (docs/BENCHMARKS.md,
-    # session 12)
-    cpu_attention: str = "off"
+    # hardware.cpu_attn_gbps is 0: every preset but h200-pcie5, and `kvc profile` measures
+    # it), and the decode steps run with the lane only while they time faster with it than
+    # with the plan without it (kvc.runtime.lane_guard); off: never. Auto by default since
+    # session 14: with the guard it ran 0.83-0.88x off at the three H200 points of issue 17
+    # in one call, where the host's rate inside the steps had made unguarded auto up to
+    # 1.18x slower than off (docs/BENCHMARKS.md)
+    cpu_attention: str = "auto"
     # set: force c = round(fraction * n) of every offloaded layer's n cached tokens onto the
     # CPU lane, whatever cpu_attention says (tests and experiments, like recompute_fraction);
     # null: the LP's (cpu_attention auto) or none (off)

@@ -33,11 +33,11 @@ class PlanRequest:
     # kvc.planner.memory.default_max_context)
     max_context: int | None = None
     # the CPU attention lane (issue 17): "auto", the LP decides per layer (none when it does
-    # not pay or the machine has none, hardware.cpu_attn_gbps 0), or "off" (the default for
-    # now: kvc.config.schema says why); a set fraction forces c = round(fraction * n) of every
+    # not pay or the machine has none, hardware.cpu_attn_gbps 0; the default:
+    # kvc.config.schema says why), or "off"; a set fraction forces c = round(fraction * n) of every
     # offloaded unit's n cached tokens whatever cpu_attention says (tests and experiments,
     # like recompute_fraction)
-    cpu_attention: str = "off"
+    cpu_attention: str = "auto"
     cpu_attention_fraction: float | None = None
     # several GPUs (issue 18, parallel.world_size): each of world_size ranks decodes
     # rank_batch = ceil(batch_size / world_size) rows (the last rank's short share padded with
