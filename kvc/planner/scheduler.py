@@ -271,11 +271,12 @@ def _make_plan(spec: ModelSpec, hw: HardwareConfig, req: PlanRequest, ranks: int
     job.notes["solve_s"] = round(time.perf_counter() - t0, 4)
     m = req.micro_batches
     units = cost.per_unit(recompute, m)
-    tables = [units, cost.per_unit(cpu, m)] + ([cost.per_unit(bare, m)] if cpu.any() and bare is not None else [])
+    lane = bool(cpu.any())  # (_more_resident may have made every lane unit resident)
+    tables = [units, cost.per_unit(cpu, m)] + ([cost.per_unit(bare, m)] if lane else [])
     starts, rows = _runs(np.concatenate(tables), first=int(job.ctx[0]))
     n = len(units)
-    cpu_rows = tuple(r[n:2 * n] for r in rows) if cpu.any() else ()
-    bare_rows = tuple(r[2 * n:] for r in rows) if len(tables) == 3 else ()
+    cpu_rows = tuple(r[n:2 * n] for r in rows) if lane else ()
+    bare_rows = tuple(r[2 * n:] for r in rows) if lane else ()
     return replace(plan, recompute=tuple(r[:n] for r in rows), recompute_from=starts,
                    cpu=cpu_rows, bare=bare_rows, predicted_step_ms=_ms(steps[job.workload]),
                    notes=job.notes)

@@ -188,10 +188,10 @@ class OffloadedCache:
 
         A step without the lane (`lane` False: lane_guard's arm without it) runs the plan
         the LP made before it added the lane (Plan.bare): c 0 and that plan's l, shapes the
-        recompute's CUDA graphs capture once each (kvc.runtime.segments). Session 14 gave the
-        CPU's tokens back in the lane plan's proportion, rounded down to whole chunks: at
-        OPT-6.7B that copied a chunk the plan without the lane recomputes, and the arm ran
-        176 ms a step against that plan's 162 (H200). The staging holds every row with a
+        recompute's CUDA graphs capture once each (kvc.runtime.segments). Until session 14 the
+        arm gave the CPU's tokens back in the lane plan's proportion, rounded down to whole
+        chunks: at OPT-6.7B that copied a chunk the plan without the lane recomputes, and the
+        arm ran 176 ms a step against that plan's 162 (H200). The staging holds every row with a
         lane (OffloadedCache.__init__: keep_all)."""
         n = self._cached_count(unit, s)
         if self.lane is None:
