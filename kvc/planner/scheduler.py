@@ -31,8 +31,10 @@ How a plan is made (`make_plan`):
    mode recomputes: nothing recomputed (x_i = 0), and x_i free beside y_i; c_i interpolated
    and rounded like l_i. The candidate predicted fastest over the workload's decode contexts
    is kept only if it is predicted no slower than the plan without the lane at every one of
-   them, so auto is never predicted slower than off there (`_with_cpu_lane`). A plan with
-   CPU tokens keeps every host pool row (memory.host_memory_gb); where that does not fit the
+   them, so auto is never predicted slower than off there (`_with_cpu_lane`); the table
+   without the lane stays beside it as Plan.bare, which the runtime's guard runs in the
+   steps it times without the lane (kvc.runtime.lane_guard). A plan with CPU tokens keeps
+   every host pool row (memory.host_memory_gb); where that does not fit the
    host, the plan goes without the lane.
 6. Several GPUs (issue 18, parallel.world_size N > 1; a batch split): each rank decodes
    ceil(batch / N) rows over its own link with the weights replicated, so the plan is ONE

@@ -9,8 +9,8 @@
   the copies fall to 22: the thread copying and the host thread need their cores). Each call
   reads K,V it has not read for a while (a ring of copies larger than any last-level cache),
   as the lane does: a step reads every layer's rows once. Inside the steps the kernel read
-  less still, 25-40 GB/s (docs/BENCHMARKS.md, sessions 12-13): the runtime follows what it
-  sees, and its guard keeps the lane only where the steps are faster with it. Fitted time =
+  less still, 25-40 GB/s (docs/BENCHMARKS.md, sessions 12-14): the runtime's guard keeps
+  the lane only while the steps are faster with it (kvc.runtime.lane_guard). Fitted time =
   fixed + K,V bytes / rate over the contexts (kvc.profiler.fit: noise that tilts the fit
   cannot give a rate the kernel never showed).
 - Fixed part: one unit's whole hand-off through kvc.runtime.cpu_attention.CpuLane for a few

@@ -282,7 +282,7 @@ class OffloadedCache:
         if self.guard is not None:
             if t != 1:  # not a decode step: the time up to it is no decode step's
                 self.guard.restart()
-            # a step without the lane: its tokens go back to the plan's mix (_split)
+            # a step without the lane runs the plan without it (Plan.bare, _split)
             lane = self.guard.step() if t == 1 else self.guard.on
         for i in self.offloaded:
             if self.split is not None:
